@@ -1,0 +1,557 @@
+//! The Deployments service: create, read, update, soft delete, undelete, scale and purge
+//! deployments. Until a runtime drives them, new deployments stay CREATING; the state
+//! machine below is the one the runtime will move along.
+
+use std::collections::BTreeMap;
+
+use chrono::Utc;
+use hearth_api::duration::ProtoDuration;
+use hearth_api::names::{validate_id, Collection, ResourceName};
+use hearth_api::resources::{
+    AutoscalingPolicy, DeployedModel, Deployment, DeploymentState, DirectRouteType, HotLoadBucketType, ModelKind,
+    ModelState, Precision, ScaleDeploymentRequest,
+};
+use serde_json::Value;
+
+use crate::auth::Principal;
+use crate::error::{ControlError, Result};
+use crate::listing::{paginate, render, ListPage, ListRequest, Listable};
+use crate::patch::{self, Patchable};
+use crate::records::{random_id, Doc, DEPLOYED_MODELS, DEPLOYMENTS};
+use crate::ControlPlane;
+
+/// Replica counts above this are refused: a typo, not a plan, on any machine hearth runs on.
+pub const MAX_REPLICAS: i32 = 1000;
+
+pub const DEFAULT_SCALE_UP_WINDOW: u64 = 30;
+pub const DEFAULT_SCALE_DOWN_WINDOW: u64 = 600;
+pub const DEFAULT_SCALE_TO_ZERO_WINDOW: u64 = 3600;
+pub const MIN_SCALE_TO_ZERO_WINDOW: u64 = 300;
+pub const MAX_SCALE_WINDOW: u64 = 3600;
+pub const DEFAULT_LOAD_TARGET: f32 = 0.8;
+
+pub(crate) const DEPLOYMENT_LIST: Listable = Listable {
+    fields: &[
+        "name",
+        "displayName",
+        "description",
+        "createTime",
+        "updateTime",
+        "deleteTime",
+        "purgeTime",
+        "state",
+        "baseModel",
+        "minReplicaCount",
+        "maxReplicaCount",
+        "desiredReplicaCount",
+        "replicaCount",
+        "acceleratorType",
+        "acceleratorCount",
+        "precision",
+        "enableAddons",
+        "enableHotReloadLatestAddon",
+        "numPeftDeviceCached",
+        "deploymentShape",
+    ],
+    default_order: "createTime",
+};
+
+const DEPLOYMENT_PATCH: Patchable = Patchable {
+    resource: "deployment",
+    output_only: &[
+        "name",
+        "createTime",
+        "updateTime",
+        "purgeTime",
+        "deleteTime",
+        "state",
+        "status",
+        "desiredReplicaCount",
+        "replicaCount",
+        "cluster",
+        "directRouteHandle",
+        "region",
+        "replicaStats",
+    ],
+    mutable: &[
+        "displayName",
+        "description",
+        "expireTime",
+        "annotations",
+        "minReplicaCount",
+        "maxReplicaCount",
+        "autoscalingPolicy",
+        "baseModel",
+        "acceleratorCount",
+        "acceleratorType",
+        "precision",
+        "enableAddons",
+        "numPeftDeviceCached",
+        "placement",
+        "maxContextLength",
+        "disableDeploymentSizeValidation",
+        "enableHotReloadLatestAddon",
+        "deploymentShape",
+        // Refused as unimplemented when set.
+        "maxWithRevocableReplicaCount",
+        "draftTokenCount",
+        "draftModel",
+        "ngramSpeculationLength",
+        "enableSessionAffinity",
+        "directRouteApiKeys",
+        "directRouteType",
+        "deploymentTemplate",
+        "autoTune",
+        "enableHotLoad",
+        "hotLoadBucketType",
+        "activeModelVersion",
+        "targetModelVersion",
+        "hotLoadBucketUrl",
+        "pricingPlanId",
+        "hotLoadTrainerJob",
+        "enableMtp",
+    ],
+};
+
+/// Query flags of create that only steer features hearth has no counterpart for (deployment
+/// shapes, image tags, auto-deploy, speculative decoding). They are accepted so the official
+/// client works, and they change nothing.
+#[derive(Debug, Clone, Default)]
+pub struct CreateDeploymentOptions {
+    pub deployment_id: Option<String>,
+    pub validate_only: bool,
+}
+
+fn not_found(account: &str, id: &str) -> ControlError {
+    ControlError::NotFound(format!("deployment accounts/{account}/deployments/{id} not found"))
+}
+
+/// Refuses the fields hearth parses but does not act on, naming each.
+fn refuse_unimplemented(d: &Deployment) -> Result<()> {
+    let set_str = |s: &Option<String>| s.as_deref().is_some_and(|s| !s.is_empty());
+    let checks: [(&str, bool); 17] = [
+        ("maxWithRevocableReplicaCount", d.max_with_revocable_replica_count.is_some_and(|n| n != 0)),
+        ("draftTokenCount", d.draft_token_count.is_some_and(|n| n != 0)),
+        ("draftModel", set_str(&d.draft_model)),
+        ("ngramSpeculationLength", d.ngram_speculation_length.is_some_and(|n| n != 0)),
+        ("enableSessionAffinity", d.enable_session_affinity == Some(true)),
+        ("directRouteApiKeys", d.direct_route_api_keys.as_ref().is_some_and(|k| !k.is_empty())),
+        ("directRouteType", d.direct_route_type.is_some_and(|t| t != DirectRouteType::Unspecified)),
+        ("deploymentTemplate", set_str(&d.deployment_template)),
+        ("autoTune", d.auto_tune.as_ref().is_some_and(|a| a.long_prompt == Some(true))),
+        ("enableHotLoad", d.enable_hot_load == Some(true)),
+        ("hotLoadBucketType", d.hot_load_bucket_type.is_some_and(|t| t != HotLoadBucketType::Unspecified)),
+        ("hotLoadBucketUrl", set_str(&d.hot_load_bucket_url)),
+        ("hotLoadTrainerJob", set_str(&d.hot_load_trainer_job)),
+        ("activeModelVersion", set_str(&d.active_model_version)),
+        ("targetModelVersion", set_str(&d.target_model_version)),
+        ("pricingPlanId", set_str(&d.pricing_plan_id)),
+        ("enableMtp", d.enable_mtp == Some(true)),
+    ];
+    if let Some((field, _)) = checks.iter().find(|(_, set)| *set) {
+        return Err(ControlError::unimplemented_field("deployment", field));
+    }
+    if d.autoscaling_policy.as_ref().and_then(|p| p.scaling_schedules.as_ref()).is_some_and(|s| !s.is_empty()) {
+        return Err(ControlError::unimplemented_field("deployment", "autoscalingPolicy.scalingSchedules"));
+    }
+    if let Some(p) = d.precision {
+        if !matches!(p, Precision::Unspecified | Precision::Fp16 | Precision::Bf16 | Precision::Fp32) {
+            return Err(ControlError::Unimplemented(format!(
+                "deployment precision {p} is not supported by hearth; use FP32, BF16 or FP16, or leave it unset \
+                 to serve the checkpoint in its own precision"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Fills defaults and checks every user-settable field of a deployment about to be stored.
+fn normalise(d: &mut Deployment) -> Result<()> {
+    refuse_unimplemented(d)?;
+    if let Some(n) = &d.display_name {
+        if n.chars().count() >= 64 {
+            return Err(ControlError::InvalidArgument(format!(
+                "displayName must be fewer than 64 characters, got {}",
+                n.chars().count()
+            )));
+        }
+    }
+    if d.description.as_ref().is_some_and(|s| s.chars().count() >= 1000) {
+        return Err(ControlError::InvalidArgument("description must be fewer than 1000 characters".to_string()));
+    }
+    let min = d.min_replica_count.unwrap_or(0);
+    if !(0..=MAX_REPLICAS).contains(&min) {
+        return Err(ControlError::InvalidArgument(format!(
+            "minReplicaCount must be between 0 and {MAX_REPLICAS}, got {min}"
+        )));
+    }
+    let max = d.max_replica_count.unwrap_or(min.max(1));
+    if !(0..=MAX_REPLICAS).contains(&max) {
+        return Err(ControlError::InvalidArgument(format!(
+            "maxReplicaCount must be between 0 and {MAX_REPLICAS}, got {max}"
+        )));
+    }
+    if max < min {
+        return Err(ControlError::InvalidArgument(format!(
+            "maxReplicaCount ({max}) must not be below minReplicaCount ({min})"
+        )));
+    }
+    d.min_replica_count = Some(min);
+    d.max_replica_count = Some(max);
+
+    let policy = d.autoscaling_policy.get_or_insert_with(AutoscalingPolicy::default);
+    let up = *policy.scale_up_window.get_or_insert(ProtoDuration::from_secs(DEFAULT_SCALE_UP_WINDOW));
+    let down = *policy.scale_down_window.get_or_insert(ProtoDuration::from_secs(DEFAULT_SCALE_DOWN_WINDOW));
+    let zero = *policy.scale_to_zero_window.get_or_insert(ProtoDuration::from_secs(DEFAULT_SCALE_TO_ZERO_WINDOW));
+    for (field, w) in [("scaleUpWindow", up), ("scaleDownWindow", down)] {
+        if w.0.as_secs_f64() > MAX_SCALE_WINDOW as f64 {
+            return Err(ControlError::InvalidArgument(format!(
+                "autoscalingPolicy.{field} must be at most {MAX_SCALE_WINDOW}s (1 hour), got {w}"
+            )));
+        }
+    }
+    if zero.0.as_secs_f64() < MIN_SCALE_TO_ZERO_WINDOW as f64 {
+        return Err(ControlError::InvalidArgument(format!(
+            "autoscalingPolicy.scaleToZeroWindow must be at least {MIN_SCALE_TO_ZERO_WINDOW}s (5 minutes), got {zero}"
+        )));
+    }
+    let targets =
+        policy.load_targets.get_or_insert_with(|| BTreeMap::from([("default".to_string(), DEFAULT_LOAD_TARGET)]));
+    if targets.is_empty() {
+        targets.insert("default".to_string(), DEFAULT_LOAD_TARGET);
+    }
+    for (k, v) in targets.iter() {
+        if k != "default" {
+            return Err(ControlError::InvalidArgument(format!(
+                "autoscalingPolicy.loadTargets supports only the key \"default\", got {k:?}"
+            )));
+        }
+        if !(v.is_finite() && *v > 0.0) {
+            return Err(ControlError::InvalidArgument(format!(
+                "autoscalingPolicy.loadTargets.default must be a positive number, got {v}"
+            )));
+        }
+    }
+    for (field, v) in [
+        ("acceleratorCount", d.accelerator_count),
+        ("numPeftDeviceCached", d.num_peft_device_cached),
+        ("maxContextLength", d.max_context_length),
+    ] {
+        if v.is_some_and(|n| n < 0) {
+            return Err(ControlError::InvalidArgument(format!("{field} must not be negative")));
+        }
+    }
+    Ok(())
+}
+
+impl ControlPlane {
+    fn deployment_view(&self, account: &str, doc: &Doc<Deployment>) -> Deployment {
+        let mut d = doc.value.clone();
+        d.name = Some(ResourceName::new(account, Collection::Deployments, &doc.id).to_string());
+        d.create_time = Some(doc.create_time);
+        d.update_time = Some(doc.update_time);
+        d
+    }
+
+    /// All deployments of an account as the API shows them, deleted ones included.
+    pub(crate) async fn deployments_of(&self, account: &str) -> Result<Vec<Deployment>> {
+        let docs: Vec<Doc<Deployment>> = self.load_all(DEPLOYMENTS, account).await?;
+        Ok(docs.iter().map(|d| self.deployment_view(account, d)).collect())
+    }
+
+    pub(crate) async fn load_deployment(&self, account: &str, id: &str) -> Result<Doc<Deployment>> {
+        self.load(DEPLOYMENTS, account, id).await?.ok_or_else(|| not_found(account, id))
+    }
+
+    /// The base model of a deployment must be a READY base model the account may use.
+    async fn check_base_model(&self, account: &str, base: Option<&str>) -> Result<String> {
+        let base = base.filter(|b| !b.is_empty()).ok_or_else(|| {
+            ControlError::InvalidArgument("baseModel is required: the name of a READY HF_BASE_MODEL".to_string())
+        })?;
+        let (_, doc) = self.resolve_model(account, base, "baseModel").await?;
+        let m = &doc.value.model;
+        if m.kind != Some(ModelKind::HfBaseModel) {
+            return Err(ControlError::FailedPrecondition(format!(
+                "baseModel {base} is an {}, not an HF_BASE_MODEL; deploy its base model and load the addon onto it",
+                m.kind.map(|k| k.as_str()).unwrap_or("addon")
+            )));
+        }
+        if m.state != Some(ModelState::Ready) {
+            return Err(ControlError::FailedPrecondition(format!(
+                "baseModel {base} is not READY: upload its files and call :validateUpload first"
+            )));
+        }
+        Ok(base.to_string())
+    }
+
+    pub async fn create_deployment(
+        &self,
+        who: &Principal,
+        account: &str,
+        opts: CreateDeploymentOptions,
+        body: Deployment,
+    ) -> Result<Deployment> {
+        self.authorize(who, account)?;
+        let id = match opts.deployment_id.filter(|s| !s.is_empty()) {
+            Some(id) => {
+                validate_id("deployment", &id).map_err(ControlError::InvalidArgument)?;
+                id
+            }
+            None => random_id(8),
+        };
+        let base = self.check_base_model(account, body.base_model.as_deref()).await?;
+        // Output-only fields in the body are ignored (AIP-203): start from the user's fields.
+        let mut d = Deployment {
+            name: None,
+            create_time: None,
+            update_time: None,
+            purge_time: None,
+            delete_time: None,
+            state: None,
+            status: None,
+            desired_replica_count: None,
+            replica_count: None,
+            cluster: None,
+            direct_route_handle: None,
+            region: None,
+            replica_stats: None,
+            base_model: Some(base),
+            ..body
+        };
+        normalise(&mut d)?;
+        d.state = Some(DeploymentState::Creating);
+        d.desired_replica_count = d.min_replica_count;
+        d.replica_count = Some(0);
+        if opts.validate_only {
+            let mut preview = d;
+            preview.name = Some(ResourceName::new(account, Collection::Deployments, &id).to_string());
+            return Ok(preview);
+        }
+        let doc = self.insert_doc(DEPLOYMENTS, account, &id, &d).await?;
+        tracing::info!(account, deployment = %id, "deployment created");
+        Ok(self.deployment_view(account, &doc))
+    }
+
+    pub async fn get_deployment(
+        &self,
+        who: &Principal,
+        account: &str,
+        id: &str,
+        read_mask: Option<&str>,
+    ) -> Result<Value> {
+        self.authorize(who, account)?;
+        let doc = self.load_deployment(account, id).await?;
+        render(&self.deployment_view(account, &doc), read_mask)
+    }
+
+    pub async fn list_deployments(&self, who: &Principal, account: &str, req: &ListRequest) -> Result<ListPage> {
+        self.authorize(who, account)?;
+        let items = self
+            .deployments_of(account)
+            .await?
+            .into_iter()
+            .filter(|d| req.show_deleted || d.state != Some(DeploymentState::Deleted))
+            .map(|d| serde_json::to_value(d).map_err(ControlError::internal))
+            .collect::<Result<Vec<_>>>()?;
+        paginate(items, req, &DEPLOYMENT_LIST)
+    }
+
+    pub async fn update_deployment(
+        &self,
+        who: &Principal,
+        account: &str,
+        id: &str,
+        body: &Value,
+        update_mask: Option<&str>,
+    ) -> Result<Value> {
+        self.authorize(who, account)?;
+        let parsed: Deployment = serde_json::from_value(body.clone())
+            .map_err(|e| ControlError::InvalidArgument(format!("invalid deployment: {e}")))?;
+        refuse_unimplemented(&parsed)?;
+        // A changed base model must be one this account may deploy.
+        let current = self.load_deployment(account, id).await?;
+        if let Some(base) = parsed.base_model.as_deref().filter(|b| Some(*b) != current.value.base_model.as_deref()) {
+            self.check_base_model(account, Some(base)).await?;
+        }
+        let doc = self
+            .modify(
+                DEPLOYMENTS,
+                account,
+                id,
+                || not_found(account, id),
+                |doc: &mut Doc<Deployment>| {
+                    if doc.value.state == Some(DeploymentState::Deleted) {
+                        return Err(ControlError::FailedPrecondition(format!(
+                            "deployment accounts/{account}/deployments/{id} is deleted; undelete it before updating"
+                        )));
+                    }
+                    let mut updated = patch::apply(&doc.value, body, update_mask, &DEPLOYMENT_PATCH)?;
+                    normalise(&mut updated)?;
+                    // A running deployment that changed rolls to the new spec.
+                    if updated != doc.value && doc.value.state == Some(DeploymentState::Ready) {
+                        updated.state = Some(DeploymentState::Updating);
+                    }
+                    let desired = updated.desired_replica_count.unwrap_or(0);
+                    let (min, max) = (updated.min_replica_count.unwrap_or(0), updated.max_replica_count.unwrap_or(0));
+                    updated.desired_replica_count = Some(desired.clamp(min, max));
+                    doc.value = updated;
+                    Ok(())
+                },
+            )
+            .await?;
+        render(&self.deployment_view(account, &doc), None)
+    }
+
+    /// Soft delete (the default) marks the deployment DELETED and schedules its purge;
+    /// `hard` removes it at once. Deployments with LoRAs loaded are refused unless
+    /// `ignore_checks`, in which case the LoRAs are unloaded with it.
+    pub async fn delete_deployment(
+        &self,
+        who: &Principal,
+        account: &str,
+        id: &str,
+        hard: bool,
+        ignore_checks: bool,
+    ) -> Result<()> {
+        self.authorize(who, account)?;
+        let doc = self.load_deployment(account, id).await?;
+        let name = ResourceName::new(account, Collection::Deployments, id).to_string();
+        let loaded: Vec<Doc<DeployedModel>> = self
+            .load_all::<DeployedModel>(DEPLOYED_MODELS, account)
+            .await?
+            .into_iter()
+            .filter(|dm| dm.value.deployment.as_deref() == Some(name.as_str()))
+            .collect();
+        if !loaded.is_empty() && !ignore_checks {
+            let names: Vec<String> = loaded
+                .iter()
+                .map(|dm| ResourceName::new(account, Collection::DeployedModels, &dm.id).to_string())
+                .collect();
+            return Err(ControlError::FailedPrecondition(format!(
+                "deployment {name} still has LoRA addons loaded ({}); unload them first or pass ignoreChecks=true",
+                names.join(", ")
+            )));
+        }
+        if !hard && doc.value.state == Some(DeploymentState::Deleted) {
+            return Err(ControlError::NotFound(format!(
+                "deployment {name} is already deleted; undelete it, or pass hard=true to purge it now"
+            )));
+        }
+        for dm in &loaded {
+            self.store.delete(DEPLOYED_MODELS, account, &dm.id, None).await?;
+        }
+        if hard {
+            self.store.delete(DEPLOYMENTS, account, id, None).await?;
+            tracing::info!(account, deployment = %id, "deployment purged");
+            return Ok(());
+        }
+        let purge_delay = chrono::Duration::from_std(self.config.purge_delay).map_err(ControlError::internal)?;
+        self.modify(
+            DEPLOYMENTS,
+            account,
+            id,
+            || not_found(account, id),
+            |doc: &mut Doc<Deployment>| {
+                let now = Utc::now();
+                doc.value.state = Some(DeploymentState::Deleted);
+                doc.value.delete_time = Some(now);
+                doc.value.purge_time = Some(now + purge_delay);
+                doc.value.desired_replica_count = Some(0);
+                Ok(())
+            },
+        )
+        .await?;
+        tracing::info!(account, deployment = %id, "deployment soft-deleted");
+        Ok(())
+    }
+
+    /// Brings back a DELETED or FAILED deployment. Anything else is, as AIP-164 asks,
+    /// ALREADY_EXISTS: there is nothing to undelete.
+    pub async fn undelete_deployment(&self, who: &Principal, account: &str, id: &str) -> Result<Deployment> {
+        self.authorize(who, account)?;
+        let current = self.load_deployment(account, id).await?;
+        // The base model may have gone while the deployment was deleted.
+        if matches!(current.value.state, Some(DeploymentState::Deleted | DeploymentState::Failed)) {
+            self.check_base_model(account, current.value.base_model.as_deref()).await?;
+        }
+        let doc = self
+            .modify(
+                DEPLOYMENTS,
+                account,
+                id,
+                || not_found(account, id),
+                |doc: &mut Doc<Deployment>| {
+                    match doc.value.state {
+                        Some(DeploymentState::Deleted | DeploymentState::Failed) => {}
+                        other => {
+                            return Err(ControlError::AlreadyExists(format!(
+                            "deployment accounts/{account}/deployments/{id} is {} and not deleted; nothing to undelete",
+                            other.map(|s| s.as_str()).unwrap_or("STATE_UNSPECIFIED")
+                        )))
+                        }
+                    }
+                    doc.value.state = Some(DeploymentState::Creating);
+                    doc.value.status = None;
+                    doc.value.delete_time = None;
+                    doc.value.purge_time = None;
+                    doc.value.desired_replica_count = doc.value.min_replica_count;
+                    Ok(())
+                },
+            )
+            .await?;
+        tracing::info!(account, deployment = %id, "deployment undeleted");
+        Ok(self.deployment_view(account, &doc))
+    }
+
+    /// Sets the replica count directly, within `0..=maxReplicaCount`.
+    pub async fn scale_deployment(
+        &self,
+        who: &Principal,
+        account: &str,
+        id: &str,
+        req: ScaleDeploymentRequest,
+    ) -> Result<()> {
+        self.authorize(who, account)?;
+        let n = req.replica_count.unwrap_or(0);
+        self.modify(
+            DEPLOYMENTS,
+            account,
+            id,
+            || not_found(account, id),
+            |doc: &mut Doc<Deployment>| {
+                if doc.value.state == Some(DeploymentState::Deleted) {
+                    return Err(ControlError::FailedPrecondition(format!(
+                        "deployment accounts/{account}/deployments/{id} is deleted; undelete it before scaling"
+                    )));
+                }
+                let max = doc.value.max_replica_count.unwrap_or(1);
+                if n < 0 || n > max {
+                    return Err(ControlError::OutOfRange(format!(
+                    "replicaCount must be between 0 and maxReplicaCount ({max}), got {n}; raise maxReplicaCount first"
+                )));
+                }
+                doc.value.desired_replica_count = Some(n);
+                Ok(())
+            },
+        )
+        .await?;
+        tracing::info!(account, deployment = %id, replicas = n, "deployment scaled");
+        Ok(())
+    }
+
+    /// Removes soft-deleted deployments whose purge time has passed. Returns how many.
+    pub async fn purge_expired_deployments(&self) -> Result<usize> {
+        let now = Utc::now();
+        let mut purged = 0;
+        for rec in self.store.list_all(DEPLOYMENTS).await? {
+            let Ok(d) = serde_json::from_str::<Deployment>(&rec.body) else { continue };
+            let due = d.state == Some(DeploymentState::Deleted) && d.purge_time.is_some_and(|t| t <= now);
+            // The version guard keeps an undelete that raced with the purge.
+            if due && self.store.delete(DEPLOYMENTS, &rec.account, &rec.id, Some(rec.version)).await? {
+                tracing::info!(account = %rec.account, deployment = %rec.id, "deployment purged after its purge time");
+                purged += 1;
+            }
+        }
+        Ok(purged)
+    }
+}

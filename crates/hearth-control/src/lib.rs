@@ -1,0 +1,83 @@
+//! hearth's control plane: the services that validate and change Models, Deployments and
+//! DeployedModels, authentication, the artifact store and signed upload URLs.
+//!
+//! Services take parsed wire types and return resources or a `ControlError`; they never see
+//! HTTP. Every rule about resources (which fields may be set, which transitions are legal,
+//! what must exist first) lives here and nowhere else.
+
+pub mod artifacts;
+pub mod auth;
+pub mod deployed_models;
+pub mod deployments;
+pub mod error;
+pub mod inspect;
+pub mod listing;
+pub mod models;
+mod patch;
+mod records;
+pub mod signing;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hearth_store::Store;
+
+pub use artifacts::ArtifactStore;
+pub use auth::Principal;
+pub use error::{ControlError, Result};
+pub use listing::{ListPage, ListRequest};
+pub use signing::UrlSigner;
+
+/// The settings the control plane needs; the binary fills them from flags.
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    /// Where clients reach this server; signed URLs point here.
+    pub public_url: String,
+    /// How long a signed upload or download URL stays valid.
+    pub signed_url_ttl: Duration,
+    /// How long a soft-deleted deployment is kept before it is purged.
+    pub purge_delay: Duration,
+}
+
+impl Default for ControlConfig {
+    fn default() -> ControlConfig {
+        ControlConfig {
+            public_url: "http://127.0.0.1:8080".to_string(),
+            signed_url_ttl: Duration::from_secs(3600),
+            purge_delay: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+/// The handle every request goes through: cheap to clone, shared by all handlers.
+#[derive(Clone)]
+pub struct ControlPlane {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) artifacts: ArtifactStore,
+    pub(crate) signer: UrlSigner,
+    pub(crate) config: ControlConfig,
+    pub(crate) auth_cache: Arc<auth::KeyCache>,
+}
+
+impl ControlPlane {
+    /// Builds the control plane over a store, reading (or creating, once) the URL-signing key
+    /// from the store so every gateway on the same store signs alike and URLs survive restarts.
+    pub async fn new(store: Arc<dyn Store>, artifacts: ArtifactStore, config: ControlConfig) -> Result<ControlPlane> {
+        let candidate: [u8; 32] = rand::random();
+        let key = store.secret_or_init("url-signing-key", &candidate).await?;
+        let signer = UrlSigner::new(key, config.public_url.clone());
+        Ok(ControlPlane { store, artifacts, signer, config, auth_cache: Arc::new(auth::KeyCache::default()) })
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn artifacts(&self) -> &ArtifactStore {
+        &self.artifacts
+    }
+
+    pub fn config(&self) -> &ControlConfig {
+        &self.config
+    }
+}

@@ -1,0 +1,740 @@
+//! The Models service: create, read, update and delete models, hand out signed upload and
+//! download URLs, receive uploads, and validate what was uploaded.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use futures_util::Stream;
+use hearth_api::names::{validate_id, Collection, ResourceName};
+use hearth_api::resources::{
+    BaseModelDetails, CheckpointFormat, CreateModelRequest, DeployedModelRef, DeploymentState,
+    GetDownloadEndpointResponse, GetUploadEndpointRequest, GetUploadEndpointResponse, Model, ModelKind, ModelState,
+    PeftDetails, Precision, ValidateUploadResponse,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::artifacts::{validate_file_name, MAX_FILES};
+use crate::auth::Principal;
+use crate::error::{ControlError, Result};
+use crate::inspect::{self, AdapterSummary, BaseSummary, ModelFormat};
+use crate::listing::{paginate, render, ListPage, ListRequest, Listable};
+use crate::patch::{self, Patchable};
+use crate::records::{Doc, MODELS};
+use crate::signing::Grant;
+use crate::ControlPlane;
+
+/// The largest single file hearth accepts: far above any checkpoint shard in practice, and
+/// low enough that a typo in a size is caught.
+pub const MAX_FILE_SIZE: u64 = 1 << 40;
+
+/// What the store keeps for a model: the resource as the API shows it (minus the fields
+/// derived on read), and what validation learned from its files.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct ModelRecord {
+    pub model: Model,
+    /// The files the last `:getUploadEndpoint` announced, by name, with their sizes.
+    #[serde(default)]
+    pub announced: BTreeMap<String, u64>,
+    #[serde(default)]
+    pub base: Option<BaseSummary>,
+    #[serde(default)]
+    pub adapter: Option<AdapterSummary>,
+}
+
+pub(crate) const MODEL_LIST: Listable = Listable {
+    fields: &[
+        "name",
+        "displayName",
+        "description",
+        "createTime",
+        "updateTime",
+        "state",
+        "kind",
+        "public",
+        "contextLength",
+        "githubUrl",
+        "huggingFaceUrl",
+        "supportsLora",
+        "supportsTools",
+        "supportsImageInput",
+        "baseModelDetails.parameterCount",
+        "baseModelDetails.checkpointFormat",
+        "baseModelDetails.modelType",
+        "peftDetails.baseModel",
+        "peftDetails.r",
+    ],
+    default_order: "name",
+};
+
+const MODEL_PATCH: Patchable = Patchable {
+    resource: "model",
+    output_only: &[
+        "name",
+        "createTime",
+        "updateTime",
+        "state",
+        "status",
+        "importedFrom",
+        "fineTuningJob",
+        "deployedModelRefs",
+        "cluster",
+        "calibrated",
+        "tunable",
+        "defaultSamplingParams",
+        "rlTunable",
+        "supportsServerless",
+        "supervisedLoraTunable",
+        "supervisedFullParameterTunable",
+        "rlLoraTunable",
+        "rlFullParameterTunable",
+    ],
+    mutable: &[
+        "displayName",
+        "description",
+        "githubUrl",
+        "huggingFaceUrl",
+        "public",
+        "contextLength",
+        "supportsImageInput",
+        "supportsTools",
+        "supportsLora",
+        "useHfApplyChatTemplate",
+        "deprecationDate",
+        "trainingContextLength",
+        "snapshotType",
+        // Accepted so an update can carry them unchanged; a change is refused below.
+        "kind",
+        "baseModelDetails",
+        "peftDetails",
+        // Refused as unimplemented when set.
+        "conversationConfig",
+        "defaultDraftModel",
+        "defaultDraftTokenCount",
+        "teftDetails",
+    ],
+};
+
+fn not_found(account: &str, id: &str) -> ControlError {
+    ControlError::NotFound(format!("model accounts/{account}/models/{id} not found"))
+}
+
+/// Checks the fields a user may set on create or update. `stored` is the model before an
+/// update (None on create).
+fn check_user_fields(m: &Model, stored: Option<&Model>) -> Result<()> {
+    if let Some(n) = &m.display_name {
+        if n.chars().count() >= 64 {
+            return Err(ControlError::InvalidArgument(format!(
+                "displayName must be fewer than 64 characters, got {}",
+                n.chars().count()
+            )));
+        }
+    }
+    if let Some(d) = &m.description {
+        if d.chars().count() >= 1000 {
+            return Err(ControlError::InvalidArgument(format!(
+                "description must be fewer than 1000 characters, got {}",
+                d.chars().count()
+            )));
+        }
+    }
+    if m.conversation_config.is_some() {
+        return Err(ControlError::unimplemented_field("model", "conversationConfig"));
+    }
+    if m.default_draft_model.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(ControlError::unimplemented_field("model", "defaultDraftModel"));
+    }
+    if m.default_draft_token_count.is_some_and(|n| n != 0) {
+        return Err(ControlError::unimplemented_field("model", "defaultDraftTokenCount"));
+    }
+    if m.teft_details.is_some() {
+        return Err(ControlError::unimplemented_field("model", "teftDetails"));
+    }
+    if let Some(p) = &m.peft_details {
+        if p.merge_addon_model_name.as_deref().is_some_and(|s| !s.is_empty()) {
+            return Err(ControlError::unimplemented_field("model", "peftDetails.mergeAddonModelName"));
+        }
+    }
+    for (field, v) in [("contextLength", m.context_length), ("trainingContextLength", m.training_context_length)] {
+        if v.is_some_and(|n| n < 0) {
+            return Err(ControlError::InvalidArgument(format!("{field} must not be negative")));
+        }
+    }
+    if let Some(stored) = stored {
+        // Kind and the addon's base are identity: changing them would invalidate every
+        // check validation made. Carrying the stored value unchanged is fine.
+        if m.kind != stored.kind {
+            return Err(ControlError::InvalidArgument(
+                "model field `kind` cannot be changed after creation".to_string(),
+            ));
+        }
+        let base_of = |m: &Model| m.peft_details.as_ref().and_then(|p| p.base_model.clone());
+        if base_of(m) != base_of(stored)
+            || m.peft_details.as_ref().map(|p| (p.r, p.target_modules.clone()))
+                != stored.peft_details.as_ref().map(|p| (p.r, p.target_modules.clone()))
+        {
+            return Err(ControlError::InvalidArgument(
+                "model field `peftDetails` is read from the uploaded files and cannot be changed".to_string(),
+            ));
+        }
+        if m.base_model_details != stored.base_model_details {
+            return Err(ControlError::InvalidArgument(
+                "model field `baseModelDetails` is read from the uploaded files and cannot be changed".to_string(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The precision a checkpoint's dtype implies, when the spec has a name for it.
+fn default_precision(dtype: &str) -> Option<Precision> {
+    match dtype.to_ascii_uppercase().as_str() {
+        "BF16" | "BFLOAT16" => Some(Precision::Bf16),
+        "F16" | "FP16" | "FLOAT16" => Some(Precision::Fp16),
+        "F32" | "FP32" | "FLOAT32" => Some(Precision::Fp32),
+        _ => None,
+    }
+}
+
+impl ControlPlane {
+    /// The model as the API shows it: the stored resource plus name and times.
+    fn model_view(&self, account: &str, doc: &Doc<ModelRecord>) -> Model {
+        let mut m = doc.value.model.clone();
+        m.name = Some(ResourceName::new(account, Collection::Models, &doc.id).to_string());
+        m.create_time = Some(doc.create_time);
+        m.update_time = Some(doc.update_time);
+        m
+    }
+
+    pub(crate) async fn load_model(&self, account: &str, id: &str) -> Result<Doc<ModelRecord>> {
+        self.load(MODELS, account, id).await?.ok_or_else(|| not_found(account, id))
+    }
+
+    /// Resolves a model referenced by name from `account`: its own models, or another
+    /// account's public ones.
+    pub(crate) async fn resolve_model(
+        &self,
+        account: &str,
+        name: &str,
+        field: &str,
+    ) -> Result<(ResourceName, Doc<ModelRecord>)> {
+        let rn = ResourceName::parse(name, Collection::Models)
+            .map_err(|e| ControlError::InvalidArgument(format!("{field}: {e}")))?;
+        let doc: Option<Doc<ModelRecord>> = self.load(MODELS, &rn.account, &rn.id).await?;
+        match doc {
+            Some(doc) if rn.account == account || doc.value.model.public == Some(true) => Ok((rn, doc)),
+            Some(_) => Err(ControlError::PermissionDenied(format!(
+                "{field}: model {name} belongs to another account and is not public"
+            ))),
+            None => Err(ControlError::FailedPrecondition(format!("{field}: model {name} does not exist"))),
+        }
+    }
+
+    pub async fn create_model(&self, who: &Principal, account: &str, req: CreateModelRequest) -> Result<Model> {
+        self.authorize(who, account)?;
+        let id = req.model_id.unwrap_or_default();
+        if id.is_empty() {
+            return Err(ControlError::InvalidArgument("modelId is required".to_string()));
+        }
+        validate_id("model", &id).map_err(ControlError::InvalidArgument)?;
+        if req.cluster.as_deref().is_some_and(|c| !c.is_empty()) {
+            return Err(ControlError::unimplemented_field("create model request", "cluster"));
+        }
+        let input = req.model.unwrap_or_default();
+        check_user_fields(&input, None)?;
+        // The spec's default kind is an addon.
+        let kind = match input.kind.unwrap_or(ModelKind::HfPeftAddon) {
+            ModelKind::Unspecified | ModelKind::HfPeftAddon => ModelKind::HfPeftAddon,
+            ModelKind::HfBaseModel => ModelKind::HfBaseModel,
+            other => {
+                return Err(ControlError::Unimplemented(format!(
+                    "model kind {other} is not supported by hearth; use HF_BASE_MODEL or HF_PEFT_ADDON"
+                )))
+            }
+        };
+        let mut model = Model {
+            display_name: input.display_name,
+            description: input.description,
+            kind: Some(kind),
+            github_url: input.github_url,
+            hugging_face_url: input.hugging_face_url,
+            public: input.public,
+            context_length: input.context_length,
+            supports_image_input: input.supports_image_input,
+            supports_tools: input.supports_tools,
+            supports_lora: input.supports_lora,
+            use_hf_apply_chat_template: input.use_hf_apply_chat_template,
+            deprecation_date: input.deprecation_date,
+            training_context_length: input.training_context_length,
+            snapshot_type: input.snapshot_type,
+            state: Some(ModelState::Uploading),
+            ..Model::default()
+        };
+        match kind {
+            ModelKind::HfBaseModel => {
+                if input.peft_details.is_some() {
+                    return Err(ControlError::InvalidArgument(
+                        "peftDetails must not be set on an HF_BASE_MODEL; it describes an HF_PEFT_ADDON".to_string(),
+                    ));
+                }
+                let details = input.base_model_details.ok_or_else(|| {
+                    ControlError::InvalidArgument(
+                        "baseModelDetails is required for an HF_BASE_MODEL (it may be {})".to_string(),
+                    )
+                })?;
+                if details.world_size.is_some_and(|w| w < 0) {
+                    return Err(ControlError::InvalidArgument(
+                        "baseModelDetails.worldSize must not be negative".to_string(),
+                    ));
+                }
+                model.base_model_details = Some(BaseModelDetails {
+                    world_size: details.world_size,
+                    checkpoint_format: details.checkpoint_format,
+                    moe: details.moe,
+                    tunable: details.tunable,
+                    supports_fireattention: details.supports_fireattention,
+                    supports_mtp: details.supports_mtp,
+                    ..BaseModelDetails::default()
+                });
+            }
+            _ => {
+                if input.base_model_details.is_some() {
+                    return Err(ControlError::InvalidArgument(
+                        "baseModelDetails must not be set on an HF_PEFT_ADDON; it describes an HF_BASE_MODEL"
+                            .to_string(),
+                    ));
+                }
+                let peft = input.peft_details.ok_or_else(|| {
+                    ControlError::InvalidArgument(
+                        "peftDetails is required for an HF_PEFT_ADDON: set peftDetails.baseModel to the base model's name"
+                            .to_string(),
+                    )
+                })?;
+                let base =
+                    peft.base_model.clone().filter(|b| !b.is_empty()).ok_or_else(|| {
+                        ControlError::InvalidArgument("peftDetails.baseModel is required".to_string())
+                    })?;
+                if peft.r.is_some_and(|r| r <= 0) {
+                    return Err(ControlError::InvalidArgument("peftDetails.r must be positive".to_string()));
+                }
+                let (_, base_doc) = self.resolve_model(account, &base, "peftDetails.baseModel").await?;
+                if base_doc.value.model.kind != Some(ModelKind::HfBaseModel) {
+                    return Err(ControlError::FailedPrecondition(format!(
+                        "peftDetails.baseModel {base} is not an HF_BASE_MODEL"
+                    )));
+                }
+                model.peft_details = Some(PeftDetails {
+                    base_model: Some(base),
+                    r: peft.r,
+                    target_modules: peft.target_modules,
+                    ..PeftDetails::default()
+                });
+            }
+        }
+        let record = ModelRecord { model, announced: BTreeMap::new(), base: None, adapter: None };
+        let doc = self.insert_doc(MODELS, account, &id, &record).await?;
+        tracing::info!(account, model = %id, kind = %kind, "model created");
+        Ok(self.model_view(account, &doc))
+    }
+
+    pub async fn get_model(&self, who: &Principal, account: &str, id: &str, read_mask: Option<&str>) -> Result<Value> {
+        self.authorize(who, account)?;
+        let doc = self.load_model(account, id).await?;
+        let mut model = self.model_view(account, &doc);
+        // deployedModelRefs is filled by Get only, as the spec says.
+        let name = model.name.clone().unwrap_or_default();
+        let refs: Vec<DeployedModelRef> = self
+            .deployed_models_of(account)
+            .await?
+            .into_iter()
+            .filter(|dm| dm.model.as_deref() == Some(name.as_str()))
+            .map(|dm| DeployedModelRef {
+                name: dm.name,
+                deployment: dm.deployment,
+                state: dm.state,
+                default: dm.default,
+                public: dm.public,
+            })
+            .collect();
+        if !refs.is_empty() {
+            model.deployed_model_refs = Some(refs);
+        }
+        render(&model, read_mask)
+    }
+
+    pub async fn list_models(&self, who: &Principal, account: &str, req: &ListRequest) -> Result<ListPage> {
+        self.authorize(who, account)?;
+        let docs: Vec<Doc<ModelRecord>> = self.load_all(MODELS, account).await?;
+        let items = docs
+            .iter()
+            .map(|d| serde_json::to_value(self.model_view(account, d)).map_err(ControlError::internal))
+            .collect::<Result<Vec<_>>>()?;
+        paginate(items, req, &MODEL_LIST)
+    }
+
+    pub async fn update_model(
+        &self,
+        who: &Principal,
+        account: &str,
+        id: &str,
+        body: &Value,
+        update_mask: Option<&str>,
+    ) -> Result<Value> {
+        self.authorize(who, account)?;
+        let parsed: Model = serde_json::from_value(body.clone())
+            .map_err(|e| ControlError::InvalidArgument(format!("invalid model: {e}")))?;
+        check_user_fields(&Model { kind: None, peft_details: None, base_model_details: None, ..parsed }, None)?;
+        let doc = self
+            .modify(
+                MODELS,
+                account,
+                id,
+                || not_found(account, id),
+                |doc: &mut Doc<ModelRecord>| {
+                    let updated = patch::apply(&doc.value.model, body, update_mask, &MODEL_PATCH)?;
+                    check_user_fields(&updated, Some(&doc.value.model))?;
+                    doc.value.model = updated;
+                    Ok(())
+                },
+            )
+            .await?;
+        render(&self.model_view(account, &doc), None)
+    }
+
+    pub async fn delete_model(&self, who: &Principal, account: &str, id: &str) -> Result<()> {
+        self.authorize(who, account)?;
+        let doc = self.load_model(account, id).await?;
+        let name = ResourceName::new(account, Collection::Models, id).to_string();
+        let loaded: Vec<String> = self
+            .deployed_models_of(account)
+            .await?
+            .into_iter()
+            .filter(|dm| dm.model.as_deref() == Some(name.as_str()))
+            .filter_map(|dm| dm.name)
+            .collect();
+        if !loaded.is_empty() {
+            return Err(ControlError::FailedPrecondition(format!(
+                "model {name} is deployed as {}; unload it first",
+                loaded.join(", ")
+            )));
+        }
+        let serving: Vec<String> = self
+            .deployments_of(account)
+            .await?
+            .into_iter()
+            .filter(|d| d.base_model.as_deref() == Some(name.as_str()) && d.state != Some(DeploymentState::Deleted))
+            .filter_map(|d| d.name)
+            .collect();
+        if !serving.is_empty() {
+            return Err(ControlError::FailedPrecondition(format!(
+                "model {name} is the base model of {}; delete those deployments first",
+                serving.join(", ")
+            )));
+        }
+        let addons: Vec<String> = self
+            .load_all::<ModelRecord>(MODELS, account)
+            .await?
+            .into_iter()
+            .filter(|d| {
+                d.value.model.peft_details.as_ref().and_then(|p| p.base_model.as_deref()) == Some(name.as_str())
+            })
+            .map(|d| ResourceName::new(account, Collection::Models, &d.id).to_string())
+            .collect();
+        if !addons.is_empty() {
+            return Err(ControlError::FailedPrecondition(format!(
+                "model {name} is the base model of addon(s) {}; delete those first",
+                addons.join(", ")
+            )));
+        }
+        // The record goes first: once it is gone nothing can reference the files, and a
+        // crash between the two steps leaves only unreachable files, never a model without them.
+        if !self.store.delete(MODELS, account, id, Some(doc.version)).await? {
+            return Err(ControlError::Aborted(format!("model {name} changed while it was being deleted; retry")));
+        }
+        self.artifacts.remove_model(account, id).await?;
+        tracing::info!(account, model = %id, "model deleted");
+        Ok(())
+    }
+
+    pub async fn get_upload_endpoint(
+        &self,
+        who: &Principal,
+        account: &str,
+        id: &str,
+        req: GetUploadEndpointRequest,
+    ) -> Result<GetUploadEndpointResponse> {
+        self.authorize(who, account)?;
+        if req.enable_resumable_upload == Some(true) {
+            return Err(ControlError::unimplemented_field("getUploadEndpoint request", "enableResumableUpload"));
+        }
+        if req.filename_to_size.is_empty() {
+            return Err(ControlError::InvalidArgument(
+                "filenameToSize is empty: name every file to upload with its size in bytes".to_string(),
+            ));
+        }
+        if req.filename_to_size.len() > MAX_FILES {
+            return Err(ControlError::InvalidArgument(format!("at most {MAX_FILES} files may be uploaded per model")));
+        }
+        let mut announced = BTreeMap::new();
+        for (name, size) in &req.filename_to_size {
+            validate_file_name(name)?;
+            if size.0 < 0 || size.0 as u64 > MAX_FILE_SIZE {
+                return Err(ControlError::InvalidArgument(format!(
+                    "size of {name} must be between 0 and {MAX_FILE_SIZE} bytes, got {}",
+                    size.0
+                )));
+            }
+            announced.insert(name.clone(), size.0 as u64);
+        }
+        self.modify(
+            MODELS,
+            account,
+            id,
+            || not_found(account, id),
+            |doc: &mut Doc<ModelRecord>| {
+                if doc.value.model.state == Some(ModelState::Ready) {
+                    return Err(ControlError::FailedPrecondition(format!(
+                        "model accounts/{account}/models/{id} is READY; its files can no longer change. \
+                     Create a new model to upload other files"
+                    )));
+                }
+                doc.value.announced = announced.clone();
+                Ok(())
+            },
+        )
+        .await?;
+        let expires = chrono::Utc::now().timestamp() + self.config.signed_url_ttl.as_secs() as i64;
+        let urls = announced
+            .iter()
+            .map(|(file, size)| {
+                let grant = Grant {
+                    method: "PUT",
+                    account: account.to_string(),
+                    model: id.to_string(),
+                    file: file.clone(),
+                    size: *size,
+                    expires,
+                };
+                (file.clone(), self.signer.url(&grant))
+            })
+            .collect();
+        Ok(GetUploadEndpointResponse { filename_to_signed_urls: urls })
+    }
+
+    /// Receives one file through a signed URL. The signature is the authorisation: no API
+    /// key is involved, as with a cloud storage upload.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn upload_file<S, E>(
+        &self,
+        account: &str,
+        id: &str,
+        file: &str,
+        size: u64,
+        expires: i64,
+        sig: &str,
+        declared_length: Option<u64>,
+        body: S,
+    ) -> Result<()>
+    where
+        S: Stream<Item = std::result::Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        let grant =
+            Grant { method: "PUT", account: account.into(), model: id.into(), file: file.into(), size, expires };
+        self.signer.verify(&grant, sig, chrono::Utc::now().timestamp())?;
+        if let Some(len) = declared_length {
+            if len != size {
+                return Err(ControlError::InvalidArgument(format!(
+                    "Content-Length is {len} but the URL for {file} was signed for {size} bytes"
+                )));
+            }
+        }
+        let doc = self.load_model(account, id).await?;
+        if doc.value.model.state == Some(ModelState::Ready) {
+            return Err(ControlError::FailedPrecondition(format!(
+                "model accounts/{account}/models/{id} is READY; its files can no longer change"
+            )));
+        }
+        self.artifacts.write(account, id, file, size, body).await?;
+        tracing::info!(account, model = %id, file, size, "file uploaded");
+        Ok(())
+    }
+
+    /// Checks what was uploaded and, when it is a model hearth can serve, marks the model
+    /// READY with the details read from its files. Each problem found is named.
+    pub async fn validate_upload(&self, who: &Principal, account: &str, id: &str) -> Result<ValidateUploadResponse> {
+        self.authorize(who, account)?;
+        let doc = self.load_model(account, id).await?;
+        if doc.value.model.state == Some(ModelState::Ready) {
+            return Ok(ValidateUploadResponse::default());
+        }
+        let mut problems = Vec::new();
+        let present: BTreeMap<String, u64> = self.artifacts.list(account, id).await?.into_iter().collect();
+        for (file, size) in &doc.value.announced {
+            match present.get(file) {
+                None => problems.push(format!("{file} was announced but has not been uploaded")),
+                Some(actual) if actual != size => {
+                    problems.push(format!("{file} has {actual} bytes but {size} were announced"))
+                }
+                Some(_) => {}
+            }
+        }
+        if present.is_empty() && doc.value.announced.is_empty() {
+            problems
+                .push("no files have been uploaded: call :getUploadEndpoint and upload the model's files".to_string());
+        }
+        if !problems.is_empty() {
+            return Err(self.validation_failure(account, id, problems));
+        }
+        let dir = self.artifacts.model_dir(account, id);
+        let kind = doc.value.model.kind.unwrap_or(ModelKind::HfPeftAddon);
+        let mut warnings = Vec::new();
+        // For an addon, the base's architecture is recorded as its `baseModelType`.
+        let mut base_arch = None;
+        let outcome: std::result::Result<(Option<BaseSummary>, Option<AdapterSummary>), Vec<String>> = match kind {
+            ModelKind::HfBaseModel => {
+                let summary = tokio::task::spawn_blocking(move || inspect::inspect_base(&dir))
+                    .await
+                    .map_err(ControlError::internal)?;
+                summary.map(|s| (Some(s), None)).map_err(|p| p.0)
+            }
+            _ => {
+                let base_name =
+                    doc.value.model.peft_details.as_ref().and_then(|p| p.base_model.clone()).unwrap_or_default();
+                let (_, base_doc) = self.resolve_model(account, &base_name, "peftDetails.baseModel").await?;
+                let Some(base) =
+                    base_doc.value.base.clone().filter(|_| base_doc.value.model.state == Some(ModelState::Ready))
+                else {
+                    return Err(ControlError::FailedPrecondition(format!(
+                        "base model {base_name} is not READY yet; validate its upload first"
+                    )));
+                };
+                base_arch = Some(base.architecture.clone());
+                let adapter = tokio::task::spawn_blocking(move || inspect::inspect_adapter(&dir))
+                    .await
+                    .map_err(ControlError::internal)?;
+                match adapter {
+                    Err(p) => Err(p.0),
+                    Ok(a) => {
+                        let problems = inspect::check_adapter_against_base(&a, &base);
+                        if problems.is_empty() {
+                            Ok((None, Some(a)))
+                        } else {
+                            Err(problems)
+                        }
+                    }
+                }
+            }
+        };
+        let (base, adapter) = match outcome {
+            Ok(v) => v,
+            Err(problems) => return Err(self.validation_failure(account, id, problems)),
+        };
+        self.modify(
+            MODELS,
+            account,
+            id,
+            || not_found(account, id),
+            |doc: &mut Doc<ModelRecord>| {
+                let m = &mut doc.value.model;
+                if let Some(b) = &base {
+                    let details = m.base_model_details.get_or_insert_with(BaseModelDetails::default);
+                    details.parameter_count = i64::try_from(b.parameter_count).ok();
+                    details.model_type = Some(b.architecture.clone());
+                    details.default_precision = default_precision(&b.dtype);
+                    match b.format {
+                        ModelFormat::HuggingFace => {
+                            details.checkpoint_format = Some(CheckpointFormat::Huggingface);
+                            details.huggingface_files = Some(b.files.clone());
+                        }
+                        ModelFormat::Gguf => details.checkpoint_format = Some(CheckpointFormat::Native),
+                    }
+                    if let Some(ctx) = b.context_length {
+                        m.context_length = i32::try_from(ctx).ok();
+                    }
+                    m.supports_lora.get_or_insert(true);
+                }
+                if let Some(a) = &adapter {
+                    let peft = m.peft_details.get_or_insert_with(PeftDetails::default);
+                    if peft.r.is_some_and(|r| r as i64 != a.r as i64) {
+                        warnings.push(format!(
+                            "peftDetails.r was {} but adapter_config.json says {}; using the file's value",
+                            peft.r.unwrap_or_default(),
+                            a.r
+                        ));
+                    }
+                    peft.r = i32::try_from(a.r).ok();
+                    peft.target_modules = Some(a.target_modules.clone());
+                    peft.base_model_type = base_arch.clone();
+                }
+                m.state = Some(ModelState::Ready);
+                m.status = None;
+                doc.value.base = base.clone();
+                doc.value.adapter = adapter.clone();
+                Ok(())
+            },
+        )
+        .await?;
+        tracing::info!(account, model = %id, "model validated and READY");
+        Ok(ValidateUploadResponse { warnings })
+    }
+
+    /// A refused validation changes nothing stored: the model stays UPLOADING, and the
+    /// error names every problem so the user can fix them all in one go.
+    fn validation_failure(&self, account: &str, id: &str, problems: Vec<String>) -> ControlError {
+        ControlError::FailedPrecondition(format!(
+            "upload of accounts/{account}/models/{id} is not valid: {}",
+            problems.join("; ")
+        ))
+    }
+
+    pub async fn get_download_endpoint(
+        &self,
+        who: &Principal,
+        account: &str,
+        id: &str,
+    ) -> Result<GetDownloadEndpointResponse> {
+        self.authorize(who, account)?;
+        let doc = self.load_model(account, id).await?;
+        if doc.value.model.state != Some(ModelState::Ready) {
+            return Err(ControlError::FailedPrecondition(format!(
+                "model accounts/{account}/models/{id} is not READY; validate its upload first"
+            )));
+        }
+        let expires = chrono::Utc::now().timestamp() + self.config.signed_url_ttl.as_secs() as i64;
+        let urls = self
+            .artifacts
+            .list(account, id)
+            .await?
+            .into_iter()
+            .map(|(file, _)| {
+                let grant = Grant {
+                    method: "GET",
+                    account: account.into(),
+                    model: id.into(),
+                    file: file.clone(),
+                    size: 0,
+                    expires,
+                };
+                (file, self.signer.url(&grant))
+            })
+            .collect();
+        Ok(GetDownloadEndpointResponse { filename_to_signed_urls: urls })
+    }
+
+    /// Opens a file for a signed download URL.
+    pub async fn download_file(
+        &self,
+        account: &str,
+        id: &str,
+        file: &str,
+        expires: i64,
+        sig: &str,
+    ) -> Result<(tokio::fs::File, u64)> {
+        let grant =
+            Grant { method: "GET", account: account.into(), model: id.into(), file: file.into(), size: 0, expires };
+        self.signer.verify(&grant, sig, chrono::Utc::now().timestamp())?;
+        self.load_model(account, id).await?;
+        self.artifacts.open(account, id, file).await
+    }
+}

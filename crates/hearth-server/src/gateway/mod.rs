@@ -1,0 +1,209 @@
+//! The gateway app: routes of the Gateway REST API under `/v1/accounts/{account}/...`, the
+//! signed upload and download routes, `/health`, `/verifyApiKey`, `/metrics` and
+//! `/openapi.json`.
+//!
+//! Custom methods (`models/{id}:validateUpload`) arrive as one path segment; each resource's
+//! handler splits off the verb and dispatches on it.
+
+mod deployed_models;
+mod deployments;
+mod models;
+mod upload;
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequestParts, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use axum::{Json, Router};
+use hearth_api::Code;
+use hearth_control::{ControlPlane, ListPage, ListRequest, Principal};
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
+
+use crate::error::{ApiError, ApiResult};
+use crate::metrics::Metrics;
+use crate::params::Params;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub control: ControlPlane,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The largest JSON body a control call may send. Model files go through the upload route,
+/// which streams and has no such limit.
+const MAX_JSON_BODY: usize = 2 << 20;
+
+pub fn router(control: ControlPlane) -> Router {
+    let metrics = Arc::new(Metrics::default());
+    let state = AppState { control, metrics: metrics.clone() };
+    let api = Router::new()
+        .route("/v1/accounts/{account}/models", get(models::list).post(models::create))
+        .route(
+            "/v1/accounts/{account}/models/{model}",
+            get(models::get_or_verb).post(models::post_verb).patch(models::update).delete(models::delete),
+        )
+        .route("/v1/accounts/{account}/deployments", get(deployments::list).post(deployments::create))
+        .route(
+            "/v1/accounts/{account}/deployments/{deployment}",
+            get(deployments::get_or_verb)
+                .post(deployments::post_verb)
+                .patch(deployments::patch_or_verb)
+                .delete(deployments::delete),
+        )
+        .route("/v1/accounts/{account}/deployedModels", get(deployed_models::list).post(deployed_models::create))
+        .route(
+            "/v1/accounts/{account}/deployedModels/{deployed_model}",
+            get(deployed_models::get).patch(deployed_models::update).delete(deployed_models::delete),
+        )
+        .route("/verifyApiKey", get(verify_api_key))
+        .layer(DefaultBodyLimit::max(MAX_JSON_BODY));
+    let files = Router::new()
+        .route("/upload/{account}/{model}/{file}", put(upload::put))
+        .route("/download/{account}/{model}/{file}", get(upload::get))
+        .layer(DefaultBodyLimit::disable());
+    Router::new()
+        .merge(api)
+        .merge(files)
+        .route("/health", get(health))
+        .route("/metrics", get(render_metrics))
+        .route("/openapi.json", get(openapi))
+        // After routing, so the metric's route label is the matched pattern.
+        .route_layer(axum::middleware::from_fn_with_state(metrics, crate::metrics::track))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+async fn health() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn render_metrics(State(state): State<AppState>) -> Response {
+    ([("content-type", "text/plain; version=0.0.4")], state.metrics.render()).into_response()
+}
+
+async fn openapi() -> Json<Value> {
+    Json(crate::openapi::document())
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(Code::NotFound, "no such route; GET /openapi.json lists hearth's API")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        Code::Unimplemented,
+        "this method is not supported on this route; GET /openapi.json lists hearth's API",
+    )
+}
+
+/// The older SDK checks a key by asking which account it belongs to.
+async fn verify_api_key(caller: Caller) -> Response {
+    let mut headers = HeaderMap::new();
+    if let Ok(v) = caller.0.account.parse() {
+        headers.insert("x-fireworks-account-id", v);
+    }
+    (StatusCode::OK, headers, Json(json!({"accountId": caller.0.account}))).into_response()
+}
+
+/// The authenticated caller, from `Authorization: Bearer <key>`.
+pub struct Caller(pub Principal);
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let key = match parts.headers.get("authorization") {
+            None => None,
+            Some(v) => {
+                let v =
+                    v.to_str().map_err(|_| ApiError::new(Code::Unauthenticated, "malformed Authorization header"))?;
+                let key = v
+                    .strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+                    .ok_or_else(|| ApiError::new(Code::Unauthenticated, "Authorization must be \"Bearer <key>\""))?;
+                Some(key.trim().to_string())
+            }
+        };
+        Ok(Caller(state.control.authenticate(key.as_deref()).await?))
+    }
+}
+
+/// Parses a JSON body into a wire type; syntax errors, unknown fields and unknown enum values
+/// become INVALID_ARGUMENT with serde's description of where.
+pub(crate) fn parse_body<T: DeserializeOwned>(body: &Bytes, what: &str) -> ApiResult<T> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return serde_json::from_str("{}").map_err(|e| ApiError::invalid(format!("{what}: {e}")));
+    }
+    serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("invalid {what}: {e}")))
+}
+
+/// Like `parse_body`, but keeps the raw JSON too (PATCH needs to know which fields were sent).
+pub(crate) fn parse_patch<T: DeserializeOwned>(body: &Bytes, what: &str) -> ApiResult<(T, Value)> {
+    let raw: Value = if body.iter().all(u8::is_ascii_whitespace) {
+        json!({})
+    } else {
+        serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("invalid {what}: {e}")))?
+    };
+    if !raw.is_object() {
+        return Err(ApiError::invalid(format!("invalid {what}: the body must be a JSON object")));
+    }
+    let typed = serde_json::from_value(raw.clone()).map_err(|e| ApiError::invalid(format!("invalid {what}: {e}")))?;
+    Ok((typed, raw))
+}
+
+/// The list parameters every collection takes; `showDeleted` only where allowed.
+pub(crate) fn list_request(params: &mut Params, with_show_deleted: bool) -> ApiResult<ListRequest> {
+    Ok(ListRequest {
+        page_size: params.i32("pageSize")?,
+        page_token: params.str("pageToken"),
+        filter: params.str("filter"),
+        order_by: params.str("orderBy"),
+        read_mask: params.str("readMask"),
+        show_deleted: if with_show_deleted { params.bool("showDeleted")? } else { false },
+    })
+}
+
+pub(crate) fn page_json(key: &str, page: ListPage) -> Json<Value> {
+    let mut body = serde_json::Map::new();
+    body.insert(key.to_string(), Value::Array(page.items));
+    if let Some(t) = page.next_page_token {
+        body.insert("nextPageToken".to_string(), Value::String(t));
+    }
+    body.insert("totalSize".to_string(), json!(page.total_size));
+    Json(Value::Object(body))
+}
+
+/// Splits `id:verb` into the id and the optional custom method.
+pub(crate) fn split_verb(segment: &str) -> (&str, Option<&str>) {
+    match segment.split_once(':') {
+        Some((id, verb)) => (id, Some(verb)),
+        None => (segment, None),
+    }
+}
+
+pub(crate) fn unknown_verb(resource: &str, verb: &str, method: &str) -> ApiError {
+    ApiError::new(Code::NotFound, format!("{resource} has no custom method :{verb} for {method}"))
+}
+
+pub(crate) fn empty() -> Json<Value> {
+    Json(json!({}))
+}
+
+/// A body that failed to arrive (too large, broken connection) is still answered with a
+/// Status, never a plain-text rejection.
+pub(crate) fn body(b: Result<Bytes, axum::extract::rejection::BytesRejection>) -> ApiResult<Bytes> {
+    b.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::invalid(format!("request body is larger than {MAX_JSON_BODY} bytes"))
+        } else {
+            ApiError::invalid(format!("could not read the request body: {e}"))
+        }
+    })
+}

@@ -1,0 +1,12 @@
+//! hearth's HTTP layer: the gateway app (the Gateway control API, signed uploads, health,
+//! metrics and the OpenAPI document). Handlers only translate between HTTP and the control
+//! plane's services; this crate is the one place where errors become HTTP responses.
+
+pub mod error;
+pub mod gateway;
+pub mod metrics;
+pub mod openapi;
+mod params;
+
+pub use error::ApiError;
+pub use gateway::router as gateway_router;

@@ -1,0 +1,203 @@
+//! The OpenAPI 3 document of hearth's API, built from the operation table below and from the
+//! wire types themselves (their JSON schemas are derived from the same serde definitions that
+//! parse requests). A committed copy in `docs/openapi.json` is compared with this in a test,
+//! and every operation listed is checked to be routed, so the document cannot drift from the
+//! implementation unnoticed.
+
+use hearth_api::resources::{
+    CreateModelRequest, DeployedModel, Deployment, GetDownloadEndpointResponse, GetUploadEndpointRequest,
+    GetUploadEndpointResponse, Model, ScaleDeploymentRequest, UndeleteDeploymentRequest, ValidateUploadResponse,
+};
+use hearth_api::Status;
+use schemars::generate::SchemaSettings;
+use schemars::SchemaGenerator;
+use serde_json::{json, Map, Value};
+
+/// One HTTP operation hearth serves.
+pub struct Operation {
+    pub method: &'static str,
+    pub path: &'static str,
+    pub id: &'static str,
+    pub summary: &'static str,
+    pub query: &'static [&'static str],
+    pub request: Option<&'static str>,
+    pub response: Option<&'static str>,
+    /// Whether `Authorization: Bearer` is required (the signed file routes use their URL).
+    pub auth: bool,
+}
+
+const LIST: &[&str] = &["pageSize", "pageToken", "filter", "orderBy", "readMask"];
+
+macro_rules! op {
+    ($m:literal $p:literal $id:literal $s:literal, q: $q:expr, req: $req:expr, resp: $resp:expr) => {
+        Operation { method: $m, path: $p, id: $id, summary: $s, query: $q, request: $req, response: $resp, auth: true }
+    };
+}
+
+pub const OPERATIONS: &[Operation] = &[
+    op!("post" "/v1/accounts/{account}/models" "CreateModel" "Create a model", q: &[], req: Some("CreateModelRequest"), resp: Some("Model")),
+    op!("get" "/v1/accounts/{account}/models" "ListModels" "List models", q: LIST, req: None, resp: Some("ListModelsResponse")),
+    op!("get" "/v1/accounts/{account}/models/{model}" "GetModel" "Get a model", q: &["readMask"], req: None, resp: Some("Model")),
+    op!("patch" "/v1/accounts/{account}/models/{model}" "UpdateModel" "Update a model; the fields in the body (or updateMask) change", q: &["updateMask"], req: Some("Model"), resp: Some("Model")),
+    op!("delete" "/v1/accounts/{account}/models/{model}" "DeleteModel" "Delete a model that is not deployed", q: &[], req: None, resp: None),
+    op!("post" "/v1/accounts/{account}/models/{model}:getUploadEndpoint" "GetModelUploadEndpoint" "Signed PUT URLs for the model's files", q: &[], req: Some("GetUploadEndpointRequest"), resp: Some("GetUploadEndpointResponse")),
+    op!("get" "/v1/accounts/{account}/models/{model}:validateUpload" "ValidateModelUpload" "Check the uploaded files; READY on success", q: &["skipHfConfigValidation", "trustRemoteCode", "configOnly"], req: None, resp: Some("ValidateUploadResponse")),
+    op!("get" "/v1/accounts/{account}/models/{model}:getDownloadEndpoint" "GetModelDownloadEndpoint" "Signed GET URLs for the model's files", q: &["readMask"], req: None, resp: Some("GetDownloadEndpointResponse")),
+    op!("post" "/v1/accounts/{account}/deployments" "CreateDeployment" "Create a deployment", q: &["deploymentId", "validateOnly", "disableAutoDeploy", "disableSpeculativeDecoding", "skipShapeValidation", "skipImageTagValidation", "acceptShapelessRisk"], req: Some("Deployment"), resp: Some("Deployment")),
+    op!("get" "/v1/accounts/{account}/deployments" "ListDeployments" "List deployments", q: &["pageSize", "pageToken", "filter", "orderBy", "readMask", "showDeleted"], req: None, resp: Some("ListDeploymentsResponse")),
+    op!("get" "/v1/accounts/{account}/deployments/{deployment}" "GetDeployment" "Get a deployment", q: &["readMask"], req: None, resp: Some("Deployment")),
+    op!("patch" "/v1/accounts/{account}/deployments/{deployment}" "UpdateDeployment" "Update a deployment", q: &["updateMask", "skipShapeValidation"], req: Some("Deployment"), resp: Some("Deployment")),
+    op!("delete" "/v1/accounts/{account}/deployments/{deployment}" "DeleteDeployment" "Soft-delete a deployment (hard=true purges it)", q: &["hard", "ignoreChecks"], req: None, resp: None),
+    op!("post" "/v1/accounts/{account}/deployments/{deployment}:undelete" "UndeleteDeployment" "Bring back a DELETED or FAILED deployment", q: &[], req: Some("UndeleteDeploymentRequest"), resp: Some("Deployment")),
+    op!("patch" "/v1/accounts/{account}/deployments/{deployment}:scale" "ScaleDeployment" "Set the replica count", q: &[], req: Some("ScaleDeploymentRequest"), resp: None),
+    op!("post" "/v1/accounts/{account}/deployedModels" "CreateDeployedModel" "Load a LoRA addon onto a deployment", q: &["replaceMergedAddon"], req: Some("DeployedModel"), resp: Some("DeployedModel")),
+    op!("get" "/v1/accounts/{account}/deployedModels" "ListDeployedModels" "List loaded LoRA addons", q: LIST, req: None, resp: Some("ListDeployedModelsResponse")),
+    op!("get" "/v1/accounts/{account}/deployedModels/{deployedModel}" "GetDeployedModel" "Get a loaded LoRA addon", q: &["readMask"], req: None, resp: Some("DeployedModel")),
+    op!("patch" "/v1/accounts/{account}/deployedModels/{deployedModel}" "UpdateDeployedModel" "Update a loaded LoRA addon", q: &["updateMask"], req: Some("DeployedModel"), resp: Some("DeployedModel")),
+    op!("delete" "/v1/accounts/{account}/deployedModels/{deployedModel}" "DeleteDeployedModel" "Unload a LoRA addon", q: &[], req: None, resp: None),
+    op!("get" "/verifyApiKey" "VerifyApiKey" "The account of the presented key, in x-fireworks-account-id", q: &[], req: None, resp: None),
+    Operation {
+        method: "put",
+        path: "/upload/{account}/{model}/{file}",
+        id: "UploadModelFile",
+        summary: "Upload one model file through a signed URL (body: the raw bytes)",
+        query: &["size", "expires", "sig"],
+        request: None,
+        response: None,
+        auth: false,
+    },
+    Operation {
+        method: "get",
+        path: "/download/{account}/{model}/{file}",
+        id: "DownloadModelFile",
+        summary: "Download one model file through a signed URL",
+        query: &["size", "expires", "sig"],
+        request: None,
+        response: None,
+        auth: false,
+    },
+    Operation {
+        method: "get",
+        path: "/health",
+        id: "Health",
+        summary: "200 once the server is ready",
+        query: &[],
+        request: None,
+        response: None,
+        auth: false,
+    },
+    Operation {
+        method: "get",
+        path: "/metrics",
+        id: "Metrics",
+        summary: "Prometheus metrics",
+        query: &[],
+        request: None,
+        response: None,
+        auth: false,
+    },
+    Operation {
+        method: "get",
+        path: "/openapi.json",
+        id: "OpenApi",
+        summary: "This document",
+        query: &[],
+        request: None,
+        response: None,
+        auth: false,
+    },
+];
+
+fn schemas() -> Map<String, Value> {
+    let mut generator = SchemaGenerator::new(SchemaSettings::openapi3());
+    let mut out = Map::new();
+    let mut add = |name: &str, schema: schemars::Schema| {
+        out.insert(name.to_string(), schema.to_value());
+    };
+    add("Model", generator.subschema_for::<Model>());
+    add("CreateModelRequest", generator.subschema_for::<CreateModelRequest>());
+    add("GetUploadEndpointRequest", generator.subschema_for::<GetUploadEndpointRequest>());
+    add("GetUploadEndpointResponse", generator.subschema_for::<GetUploadEndpointResponse>());
+    add("GetDownloadEndpointResponse", generator.subschema_for::<GetDownloadEndpointResponse>());
+    add("ValidateUploadResponse", generator.subschema_for::<ValidateUploadResponse>());
+    add("Deployment", generator.subschema_for::<Deployment>());
+    add("ScaleDeploymentRequest", generator.subschema_for::<ScaleDeploymentRequest>());
+    add("UndeleteDeploymentRequest", generator.subschema_for::<UndeleteDeploymentRequest>());
+    add("DeployedModel", generator.subschema_for::<DeployedModel>());
+    add("Status", generator.subschema_for::<Status>());
+    // subschema_for returns references for named types; the definitions hold the bodies.
+    let mut all: Map<String, Value> = generator.take_definitions(true).into_iter().collect();
+    for (list, item) in [
+        ("ListModelsResponse", ("models", "Model")),
+        ("ListDeploymentsResponse", ("deployments", "Deployment")),
+        ("ListDeployedModelsResponse", ("deployedModels", "DeployedModel")),
+    ] {
+        all.insert(
+            list.to_string(),
+            json!({"type": "object", "properties": {
+                item.0: {"type": "array", "items": {"$ref": format!("#/components/schemas/{}", item.1)}},
+                "nextPageToken": {"type": "string"},
+                "totalSize": {"type": "integer", "format": "int32"}
+            }}),
+        );
+    }
+    // Names that are inline references (the request aliases above) resolve to the bodies.
+    for (name, v) in out {
+        all.entry(name).or_insert(v);
+    }
+    all
+}
+
+/// The whole document.
+pub fn document() -> Value {
+    let mut paths = Map::new();
+    for op in OPERATIONS {
+        let mut params = Vec::new();
+        for seg in op.path.split('/') {
+            let name = seg.split(':').next().unwrap_or("");
+            if let Some(p) = name.strip_prefix('{').and_then(|n| n.strip_suffix('}')) {
+                params.push(json!({"name": p, "in": "path", "required": true, "schema": {"type": "string"}}));
+            }
+        }
+        for q in op.query {
+            params.push(json!({"name": q, "in": "query", "required": false, "schema": {"type": "string"}}));
+        }
+        let ok = match op.response {
+            Some(r) => {
+                json!({"description": "OK", "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{r}")}}}})
+            }
+            None => json!({"description": "OK"}),
+        };
+        let mut operation = json!({
+            "operationId": op.id,
+            "summary": op.summary,
+            "parameters": params,
+            "responses": {
+                "200": ok,
+                "default": {"description": "A google.rpc Status; the HTTP status follows its code", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Status"}}}}
+            }
+        });
+        if let Some(r) = op.request {
+            operation["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{r}")}}}});
+        }
+        if !op.auth {
+            operation["security"] = json!([]);
+        }
+        let entry = paths.entry(op.path.to_string()).or_insert_with(|| json!({}));
+        entry[op.method] = operation;
+    }
+    json!({
+        "openapi": "3.0.3",
+        "info": {
+            "title": "hearth",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "hearth's Gateway API: Models, Deployments and DeployedModels, wire-compatible with the Fireworks AI Gateway REST API."
+        },
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": schemas()
+        },
+        "security": [{"bearer": []}],
+        "paths": paths
+    })
+}
