@@ -5,6 +5,7 @@ After every refused request the resource (or the list) is read back and must be 
 
 from __future__ import annotations
 
+import os
 from urllib.parse import parse_qsl, urlencode, urlparse, urlunparse
 
 import pytest
@@ -330,11 +331,39 @@ def test_tampered_download_signature_is_refused(api, uid, ready_base):
     assert r.status_code in (401, 403), f"{r.status_code} {r.text[:300]}"
 
 
-def test_expired_upload_url_is_refused():
-    pytest.skip(
-        "an expired signed URL cannot be crafted from outside: the expiry is covered by the server's "
-        "HMAC, and hearth has no flag to shorten the URL lifetime"
-    )
+def test_expired_upload_url_is_refused(tmp_path):
+    """A server whose signed URLs live one second refuses an upload made after that."""
+    import signal
+    import subprocess
+    import time
+
+    from conftest import _free_port, _random_account, _random_key, _wait_healthy, hearth_binary
+
+    key, account, port = _random_key(), _random_account(), _free_port()
+    cmd = [str(hearth_binary()), "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", str(tmp_path / "data"),
+           "--api-key", key, "--account", account, "--signed-url-ttl", "1"]
+    if os.environ.get("HEARTH_DATABASE_URL"):
+        cmd += ["--database-url", os.environ["HEARTH_DATABASE_URL"]]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+
+    class _S:
+        base_url = f"http://127.0.0.1:{port}"
+
+    _S.proc = proc
+    try:
+        assert _wait_healthy(_S, time.monotonic() + 60) is None
+        api = RawApi(_S.base_url, key, account)
+        api.ok_json("POST", "models", json={"modelId": "late", "model": {"kind": "HF_BASE_MODEL", "baseModelDetails": {}}})
+        url = upload_urls(api, "late", {"config.json": b"{}"})["config.json"]
+        time.sleep(2.1)
+        r = put_signed(url, b"{}")
+        assert r.status_code == 403, r.text
+        assert r.json()["code"] == PERMISSION_DENIED
+        assert "expired" in r.json()["message"]
+        assert api.ok_json("GET", "models/late")["state"] == "UPLOADING"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
 
 
 def _refused_validation(api: RawApi, mid: str, files: dict) -> dict:

@@ -351,7 +351,7 @@ pub struct Model {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub update_time: Option<Timestamp>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub default_sampling_params: Option<BTreeMap<String, f32>>,
+    pub default_sampling_params: Option<BTreeMap<String, f64>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rl_tunable: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -452,7 +452,7 @@ pub struct AutoscalingPolicy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scale_to_zero_window: Option<ProtoDuration>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub load_targets: Option<BTreeMap<String, f32>>,
+    pub load_targets: Option<BTreeMap<String, f64>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scaling_schedules: Option<BTreeMap<String, serde_json::Value>>,
 }
@@ -489,7 +489,7 @@ pub struct ReplicaStats {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revocable_replica_count: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub partial_replica_count: Option<f32>,
+    pub partial_replica_count: Option<f64>,
 }
 
 /// `gatewayDeployment`.

@@ -28,7 +28,7 @@ pub const DEFAULT_SCALE_DOWN_WINDOW: u64 = 600;
 pub const DEFAULT_SCALE_TO_ZERO_WINDOW: u64 = 3600;
 pub const MIN_SCALE_TO_ZERO_WINDOW: u64 = 300;
 pub const MAX_SCALE_WINDOW: u64 = 3600;
-pub const DEFAULT_LOAD_TARGET: f32 = 0.8;
+pub const DEFAULT_LOAD_TARGET: f64 = 0.8;
 
 pub(crate) const DEPLOYMENT_LIST: Listable = Listable {
     fields: &[

@@ -1,0 +1,328 @@
+//! The gateway through its real router over a real SQLite store: every google.rpc code the API
+//! produces, with its HTTP status, and the stored state unchanged after each refusal.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use axum::Router;
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+use hearth_control::{ArtifactStore, ControlConfig, ControlPlane};
+
+struct App {
+    router: Router,
+    _dir: tempfile::TempDir,
+}
+
+struct Reply {
+    status: StatusCode,
+    headers: axum::http::HeaderMap,
+    body: Value,
+}
+
+const KEY: &str = "key-of-acme";
+const OTHER_KEY: &str = "key-of-other";
+
+impl App {
+    async fn new() -> App {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store: Arc<dyn hearth_store::Store> =
+            hearth_store::open(dir.path().join("db").to_str().expect("utf-8")).await.expect("store");
+        let control =
+            ControlPlane::new(store, ArtifactStore::new(dir.path().join("artifacts")), ControlConfig::default())
+                .await
+                .expect("control plane");
+        control.bootstrap_key("acme", KEY).await.expect("key");
+        control.bootstrap_key("other", OTHER_KEY).await.expect("key");
+        App { router: hearth_server::gateway_router(control), _dir: dir }
+    }
+
+    async fn call(&self, method: &str, uri: &str, key: Option<&str>, body: Option<Value>) -> Reply {
+        let mut req = Request::builder().method(method).uri(uri);
+        if let Some(k) = key {
+            req = req.header("authorization", format!("Bearer {k}"));
+        }
+        let req = match body {
+            Some(b) => req.header("content-type", "application/json").body(Body::from(b.to_string())),
+            None => req.body(Body::empty()),
+        }
+        .expect("request");
+        let resp = self.router.clone().oneshot(req).await.expect("infallible");
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Reply { status, headers, body }
+    }
+
+    async fn ok(&self, method: &str, uri: &str, body: Option<Value>) -> Value {
+        let r = self.call(method, uri, Some(KEY), body).await;
+        assert_eq!(r.status, StatusCode::OK, "{method} {uri}: {}", r.body);
+        r.body
+    }
+
+    /// Everything stored for acme, as the API shows it.
+    async fn snapshot(&self) -> Value {
+        json!({
+            "models": self.ok("GET", "/v1/accounts/acme/models?pageSize=200", None).await,
+            "deployments": self.ok("GET", "/v1/accounts/acme/deployments?pageSize=200&showDeleted=true", None).await,
+            "deployedModels": self.ok("GET", "/v1/accounts/acme/deployedModels?pageSize=200", None).await,
+        })
+    }
+
+    /// Sends a request that must be refused with `code`, and checks nothing changed.
+    async fn refused(
+        &self,
+        method: &str,
+        uri: &str,
+        key: Option<&str>,
+        body: Option<Value>,
+        code: i64,
+        http: u16,
+    ) -> Reply {
+        let before = self.snapshot().await;
+        let r = self.call(method, uri, key, body).await;
+        assert_eq!(r.status.as_u16(), http, "{method} {uri}: {}", r.body);
+        assert_eq!(r.body["code"], json!(code), "{method} {uri}: {}", r.body);
+        assert!(r.body["message"].as_str().is_some_and(|m| !m.is_empty()), "{}", r.body);
+        assert_eq!(r.body["details"], json!([]));
+        assert_eq!(self.snapshot().await, before, "{method} {uri} changed stored state");
+        r
+    }
+}
+
+/// A tiny but complete Llama checkpoint in Hugging Face layout.
+fn tiny_base_files() -> Vec<(&'static str, Vec<u8>)> {
+    let (hidden, inter, vocab, layers) = (8usize, 16usize, 32usize, 1usize);
+    let config = json!({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+        "num_hidden_layers": layers, "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": inter,
+        "vocab_size": vocab, "max_position_embeddings": 128, "tie_word_embeddings": true, "torch_dtype": "float32"});
+    let mut tensors: Vec<(String, Vec<usize>)> =
+        vec![("model.embed_tokens.weight".into(), vec![vocab, hidden]), ("model.norm.weight".into(), vec![hidden])];
+    for l in 0..layers {
+        let p = format!("model.layers.{l}");
+        tensors.push((format!("{p}.input_layernorm.weight"), vec![hidden]));
+        tensors.push((format!("{p}.post_attention_layernorm.weight"), vec![hidden]));
+        tensors.push((format!("{p}.self_attn.q_proj.weight"), vec![hidden, hidden]));
+        tensors.push((format!("{p}.self_attn.k_proj.weight"), vec![4, hidden]));
+        tensors.push((format!("{p}.self_attn.v_proj.weight"), vec![4, hidden]));
+        tensors.push((format!("{p}.self_attn.o_proj.weight"), vec![hidden, hidden]));
+        tensors.push((format!("{p}.mlp.gate_proj.weight"), vec![inter, hidden]));
+        tensors.push((format!("{p}.mlp.up_proj.weight"), vec![inter, hidden]));
+        tensors.push((format!("{p}.mlp.down_proj.weight"), vec![hidden, inter]));
+    }
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for (name, shape) in &tensors {
+        let n: usize = shape.iter().product::<usize>() * 4;
+        header.insert(name.clone(), json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + n]}));
+        offset += n;
+    }
+    let mut h = Value::Object(header).to_string().into_bytes();
+    while !h.len().is_multiple_of(8) {
+        h.push(b' ');
+    }
+    let mut st = (h.len() as u64).to_le_bytes().to_vec();
+    st.extend(h);
+    st.extend(vec![0u8; offset]);
+    vec![
+        ("config.json", config.to_string().into_bytes()),
+        ("model.safetensors", st),
+        ("tokenizer.json", br#"{"version":"1.0","model":{"type":"BPE","vocab":{},"merges":[]}}"#.to_vec()),
+    ]
+}
+
+/// Creates, uploads and validates the tiny base model `base` in acme.
+async fn ready_base(app: &App) {
+    app.ok(
+        "POST",
+        "/v1/accounts/acme/models",
+        Some(json!({"modelId": "base", "model": {"kind": "HF_BASE_MODEL", "baseModelDetails": {}}})),
+    )
+    .await;
+    let files = tiny_base_files();
+    let sizes: serde_json::Map<String, Value> =
+        files.iter().map(|(n, b)| (n.to_string(), json!(b.len().to_string()))).collect();
+    let urls =
+        app.ok("POST", "/v1/accounts/acme/models/base:getUploadEndpoint", Some(json!({"filenameToSize": sizes}))).await;
+    for (name, bytes) in files {
+        let url = urls["filenameToSignedUrls"][name].as_str().expect("url");
+        let path = url.trim_start_matches("http://127.0.0.1:8080");
+        let req = Request::builder().method("PUT").uri(path).body(Body::from(bytes)).expect("request");
+        let resp = app.router.clone().oneshot(req).await.expect("infallible");
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+    app.ok("GET", "/v1/accounts/acme/models/base:validateUpload", None).await;
+}
+
+#[tokio::test]
+async fn every_code_the_api_returns_comes_with_its_http_status_and_changes_nothing() {
+    let app = App::new().await;
+    ready_base(&app).await;
+    app.ok(
+        "POST",
+        "/v1/accounts/acme/deployments?deploymentId=dep",
+        Some(json!({"baseModel": "accounts/acme/models/base", "maxReplicaCount": 2})),
+    )
+    .await;
+
+    // UNAUTHENTICATED 401: no key, an unknown key, a malformed header.
+    app.refused("GET", "/v1/accounts/acme/models", None, None, 16, 401).await;
+    app.refused("GET", "/v1/accounts/acme/models", Some("nope"), None, 16, 401).await;
+    // PERMISSION_DENIED 403: another account's key; a forged upload signature.
+    app.refused("GET", "/v1/accounts/acme/models/base", Some(OTHER_KEY), None, 7, 403).await;
+    app.refused("PUT", "/upload/acme/base/x.bin?size=1&expires=99999999999&sig=00", None, None, 7, 403).await;
+    // INVALID_ARGUMENT 400: bad id, unknown field, unknown enum value, malformed JSON,
+    // unknown query parameter, negative page size, a bad filter.
+    let bad = app
+        .refused(
+            "POST",
+            "/v1/accounts/acme/models",
+            Some(KEY),
+            Some(json!({"modelId": "Bad_Id", "model": {"kind": "HF_BASE_MODEL", "baseModelDetails": {}}})),
+            3,
+            400,
+        )
+        .await;
+    assert!(bad.body["message"].as_str().unwrap_or("").contains("RFC 1034"), "{}", bad.body);
+    app.refused(
+        "POST",
+        "/v1/accounts/acme/models",
+        Some(KEY),
+        Some(json!({"modelId": "m", "model": {"kindd": 1}})),
+        3,
+        400,
+    )
+    .await;
+    app.refused(
+        "POST",
+        "/v1/accounts/acme/models",
+        Some(KEY),
+        Some(json!({"modelId": "m", "model": {"kind": "HF_SOMETHING"}})),
+        3,
+        400,
+    )
+    .await;
+    app.refused("PATCH", "/v1/accounts/acme/deployments/dep", Some(KEY), Some(json!("not an object")), 3, 400).await;
+    app.refused("GET", "/v1/accounts/acme/models?pageSiz=3", Some(KEY), None, 3, 400).await;
+    app.refused("GET", "/v1/accounts/acme/models?pageSize=-1", Some(KEY), None, 3, 400).await;
+    let f = app.refused("GET", "/v1/accounts/acme/models?filter=nosuch%3D1", Some(KEY), None, 3, 400).await;
+    assert!(f.body["message"].as_str().unwrap_or("").contains("nosuch"), "{}", f.body);
+    // NOT_FOUND 404: an unknown model, an unknown route.
+    let nf = app.refused("GET", "/v1/accounts/acme/models/ghost", Some(KEY), None, 5, 404).await;
+    assert!(nf.body["message"].as_str().unwrap_or("").contains("ghost"));
+    app.refused("GET", "/v2/nothing", Some(KEY), None, 5, 404).await;
+    // ALREADY_EXISTS 409, not to be retried: a duplicate; undelete of a live deployment (AIP-164).
+    let dup = app
+        .refused(
+            "POST",
+            "/v1/accounts/acme/deployments?deploymentId=dep",
+            Some(KEY),
+            Some(json!({"baseModel": "accounts/acme/models/base"})),
+            6,
+            409,
+        )
+        .await;
+    assert_eq!(dup.headers.get("x-should-retry").map(|v| v.to_str().unwrap_or("")), Some("false"));
+    app.refused("POST", "/v1/accounts/acme/deployments/dep:undelete", Some(KEY), Some(json!({})), 6, 409).await;
+    // FAILED_PRECONDITION 400: deploying a model that is not READY; deleting a deployed model.
+    app.ok(
+        "POST",
+        "/v1/accounts/acme/models",
+        Some(json!({"modelId": "empty", "model": {"kind": "HF_BASE_MODEL", "baseModelDetails": {}}})),
+    )
+    .await;
+    app.refused(
+        "POST",
+        "/v1/accounts/acme/deployments",
+        Some(KEY),
+        Some(json!({"baseModel": "accounts/acme/models/empty"})),
+        9,
+        400,
+    )
+    .await;
+    app.refused("GET", "/v1/accounts/acme/models/empty:validateUpload", Some(KEY), None, 9, 400).await;
+    app.refused("DELETE", "/v1/accounts/acme/models/base", Some(KEY), None, 9, 400).await;
+    // OUT_OF_RANGE 400: scaling beyond maxReplicaCount.
+    app.refused(
+        "PATCH",
+        "/v1/accounts/acme/deployments/dep:scale",
+        Some(KEY),
+        Some(json!({"replicaCount": 3})),
+        11,
+        400,
+    )
+    .await;
+    // UNIMPLEMENTED 501: a field hearth does not act on, named; a spec method hearth lacks.
+    let un = app
+        .refused(
+            "POST",
+            "/v1/accounts/acme/deployments",
+            Some(KEY),
+            Some(json!({"baseModel": "accounts/acme/models/base", "draftModel": "accounts/acme/models/base"})),
+            12,
+            501,
+        )
+        .await;
+    assert!(un.body["message"].as_str().unwrap_or("").contains("draftModel"), "{}", un.body);
+    app.refused(
+        "POST",
+        "/v1/accounts/acme/deployments",
+        Some(KEY),
+        Some(json!({"baseModel": "accounts/acme/models/base", "precision": "FP8"})),
+        12,
+        501,
+    )
+    .await;
+    app.refused("POST", "/v1/accounts/acme/models/base:prepare", Some(KEY), Some(json!({})), 12, 501).await;
+}
+
+#[tokio::test]
+async fn placement_fields_are_stored_and_echoed() {
+    let app = App::new().await;
+    ready_base(&app).await;
+    let d = app
+        .ok("POST", "/v1/accounts/acme/deployments?deploymentId=gpu", Some(json!({"baseModel": "accounts/acme/models/base",
+            "acceleratorType": "NVIDIA_H100_80GB", "acceleratorCount": 2, "placement": {"region": "US_IOWA_1"}, "precision": "FP32"})))
+        .await;
+    assert_eq!(d["acceleratorType"], "NVIDIA_H100_80GB");
+    let got = app.ok("GET", "/v1/accounts/acme/deployments/gpu", None).await;
+    assert_eq!(got["acceleratorCount"], 2);
+    assert_eq!(got["placement"]["region"], "US_IOWA_1");
+    assert_eq!(got["precision"], "FP32");
+    assert_eq!(got["autoscalingPolicy"]["scaleToZeroWindow"], "3600s");
+    assert_eq!(got["autoscalingPolicy"]["loadTargets"]["default"], 0.8);
+}
+
+#[tokio::test]
+async fn the_committed_openapi_document_matches_the_code_and_every_operation_is_routed() {
+    let generated = hearth_server::openapi::document();
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/openapi.json");
+    let committed: Value = serde_json::from_str(&std::fs::read_to_string(path).expect("docs/openapi.json exists"))
+        .expect("docs/openapi.json is JSON");
+    assert!(
+        generated == committed,
+        "docs/openapi.json is out of date: regenerate it with `cargo run --bin hearth -- openapi > docs/openapi.json`"
+    );
+    let app = App::new().await;
+    for op in hearth_server::openapi::OPERATIONS {
+        let uri = op
+            .path
+            .replace("{account}", "acme")
+            .replace("{model}", "m")
+            .replace("{deployment}", "d")
+            .replace("{deployedModel}", "x")
+            .replace("{file}", "f");
+        let r = app.call(&op.method.to_uppercase(), &uri, Some(KEY), None).await;
+        let message = r.body["message"].as_str().unwrap_or("");
+        assert!(
+            !message.contains("no such route") && !message.contains("not supported on this route"),
+            "{} {uri} is not routed: {}",
+            op.method,
+            r.body
+        );
+    }
+}
