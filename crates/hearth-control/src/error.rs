@@ -103,3 +103,25 @@ fn singular(kind: &str) -> &str {
         other => other,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_errors_map_to_codes_a_client_can_act_on() {
+        let e: ControlError = StoreError::Database(sqlx_pool_timeout()).into();
+        assert_eq!(e.code(), Code::Unavailable);
+        assert_eq!(e.code().http_status(), 503);
+        let e: ControlError =
+            StoreError::Conflict { kind: "models".into(), account: "a".into(), id: "m".into() }.into();
+        assert_eq!(e.code(), Code::Aborted);
+        assert_eq!(e.to_string(), "model accounts/a/models/m was changed by another request; retry");
+        let e = ControlError::Internal("SELECT secret FROM somewhere".into());
+        assert!(!e.public_message().contains("SELECT"), "internal detail leaked");
+    }
+
+    fn sqlx_pool_timeout() -> hearth_store::sqlx::Error {
+        hearth_store::sqlx::Error::PoolTimedOut
+    }
+}

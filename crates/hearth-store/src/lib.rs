@@ -12,6 +12,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 pub use sql::{PgStore, SqliteStore};
+/// Re-exported so callers can name the database errors `StoreError::Database` carries.
+pub use sqlx;
 
 /// A stored resource document.
 #[derive(Debug, Clone, PartialEq)]
