@@ -7,6 +7,7 @@
 
 pub mod duration;
 pub mod names;
+pub mod openai;
 pub mod query;
 pub mod resources;
 pub mod rpc;

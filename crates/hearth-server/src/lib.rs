@@ -2,11 +2,13 @@
 //! metrics and the OpenAPI document). Handlers only translate between HTTP and the control
 //! plane's services; this crate is the one place where errors become HTTP responses.
 
+pub mod engine_app;
 pub mod error;
 pub mod gateway;
 pub mod metrics;
 pub mod openapi;
 mod params;
 
+pub use engine_app::engine_router;
 pub use error::ApiError;
 pub use gateway::router as gateway_router;

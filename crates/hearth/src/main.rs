@@ -1,5 +1,6 @@
 //! The `hearth` binary. `hearth serve` runs the gateway: the Gateway control API over an
-//! embedded SQLite store (or PostgreSQL) and a local artifact directory.
+//! embedded SQLite store (or PostgreSQL) and a local artifact directory. `hearth engine`
+//! runs one engine server: a model behind an OpenAI-compatible API.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -20,8 +21,41 @@ struct Cli {
 enum Command {
     /// Run the gateway: the Gateway REST API (Models, Deployments, DeployedModels).
     Serve(ServeArgs),
+    /// Run one engine server: a model behind an OpenAI-compatible API.
+    Engine(EngineArgs),
     /// Print the OpenAPI document of the gateway's API.
     Openapi,
+}
+
+#[derive(clap::Args)]
+struct EngineArgs {
+    /// The model: a GGUF file, or a Hugging Face directory (config.json, safetensors, tokenizer.json).
+    #[arg(long, env = "HEARTH_MODEL")]
+    model: PathBuf,
+    /// Address to listen on.
+    #[arg(long, env = "HEARTH_ENGINE_LISTEN", default_value = "127.0.0.1:8000")]
+    listen: SocketAddr,
+    /// Compute precision: FP32, BF16 or FP16; unset serves the checkpoint as it is (quantized stays quantized).
+    #[arg(long, env = "HEARTH_PRECISION")]
+    precision: Option<String>,
+    /// The name requests use in "model"; defaults to the model file's or directory's name.
+    #[arg(long, env = "HEARTH_SERVED_MODEL_NAME")]
+    served_model_name: Option<String>,
+    /// Tokens one engine step may process (decode rows plus prefill chunks).
+    #[arg(long, env = "HEARTH_MAX_STEP_TOKENS", default_value_t = 512)]
+    max_step_tokens: usize,
+    /// Sequences decoded together at most.
+    #[arg(long, env = "HEARTH_MAX_RUNNING", default_value_t = 64)]
+    max_running: usize,
+    /// Megabytes of KV cache all running sequences may reserve together.
+    #[arg(long, env = "HEARTH_KV_CACHE_MB", default_value_t = 1024)]
+    kv_cache_mb: usize,
+    /// Requests that may wait for a slot; beyond it requests are refused with 429.
+    #[arg(long, env = "HEARTH_MAX_WAITING", default_value_t = 1024)]
+    max_waiting: usize,
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long, env = "HEARTH_LOG_JSON")]
+    log_json: bool,
 }
 
 #[derive(clap::Args)]
@@ -75,6 +109,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(args).await,
+        Command::Engine(args) => engine(args).await,
         Command::Openapi => {
             println!("{}", serde_json::to_string_pretty(&hearth_server::openapi::document())?);
             Ok(())
@@ -131,6 +166,42 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let app = hearth_server::gateway_router(control);
     tracing::info!(listen = %local, store = if args.database_url.is_some() { "postgres" } else { "sqlite" }, data_dir = %args.data_dir.display(), "hearth gateway ready");
     axum_serve(listener, app).await
+}
+
+async fn engine(args: EngineArgs) -> anyhow::Result<()> {
+    init_logging(args.log_json);
+    let precision = hearth_engine::Precision::parse(args.precision.as_deref().unwrap_or(""))?;
+    let served = match args.served_model_name {
+        Some(n) => n,
+        None => args.model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".to_string()),
+    };
+    let started = std::time::Instant::now();
+    let path = args.model.clone();
+    let loaded = tokio::task::spawn_blocking(move || hearth_engine::load(&path, precision, &candle_core::Device::Cpu))
+        .await?
+        .with_context(|| format!("loading {}", args.model.display()))?;
+    let c = &loaded.model.config;
+    tracing::info!(
+        model = %args.model.display(),
+        architecture = c.architecture.name(),
+        layers = c.num_hidden_layers,
+        hidden = c.hidden_size,
+        context = c.max_position_embeddings,
+        weight_mb = loaded.model.weight_bytes() / (1 << 20),
+        load_ms = started.elapsed().as_millis() as u64,
+        "model loaded"
+    );
+    let config = hearth_engine::EngineConfig {
+        max_step_tokens: args.max_step_tokens,
+        max_running: args.max_running,
+        kv_cache_bytes: args.kv_cache_mb << 20,
+        max_waiting: args.max_waiting,
+    };
+    let engine = hearth_engine::Engine::start(loaded.model, loaded.tokenizer, config);
+    let listener =
+        tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
+    tracing::info!(listen = %listener.local_addr()?, served_model_name = %served, "hearth engine ready");
+    axum_serve(listener, hearth_server::engine_router(engine, served)).await
 }
 
 async fn axum_serve(listener: tokio::net::TcpListener, app: axum::Router) -> anyhow::Result<()> {

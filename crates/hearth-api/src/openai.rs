@@ -1,0 +1,258 @@
+//! The OpenAI-compatible inference API's wire types: chat completions and completions, their
+//! streaming chunks, and the error body.
+//!
+//! Requests are checked field by field before they are parsed: a field hearth implements is
+//! parsed, a field of the API that hearth does not act on yet is refused by name
+//! (UNIMPLEMENTED), and anything else is unknown (INVALID_ARGUMENT).
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// `stop`: one string or several.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Stop {
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            Stop::One(s) => vec![s],
+            Stop::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// A message's content: a string, or a list of parts of which hearth reads the text ones.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Message {
+    pub role: String,
+    #[serde(default)]
+    pub content: Option<Content>,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// Sampling fields shared by both endpoints.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+pub struct Sampling {
+    pub max_tokens: Option<u32>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<u32>,
+    pub seed: Option<u64>,
+    pub stop: Option<Stop>,
+    pub n: Option<u32>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub stream: Option<bool>,
+    pub stream_options: Option<StreamOptions>,
+    pub ignore_eos: Option<bool>,
+    pub user: Option<String>,
+    pub metadata: Option<Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ChatCompletionRequest {
+    pub model: String,
+    pub messages: Vec<Message>,
+    #[serde(flatten)]
+    pub sampling: Sampling,
+    pub max_completion_tokens: Option<u32>,
+    #[serde(default)]
+    pub logprobs: Option<bool>,
+    pub top_logprobs: Option<u32>,
+}
+
+/// `prompt`: text, several texts, token ids, or several lists of token ids.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum Prompt {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
+    TokenLists(Vec<Vec<u32>>),
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct CompletionRequest {
+    pub model: String,
+    pub prompt: Prompt,
+    #[serde(flatten)]
+    pub sampling: Sampling,
+    /// The legacy API's top-N logprobs per token.
+    pub logprobs: Option<u32>,
+    #[serde(default)]
+    pub echo: Option<bool>,
+}
+
+const SAMPLING_FIELDS: &[&str] = &[
+    "model",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "stop",
+    "n",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "stream",
+    "stream_options",
+    "ignore_eos",
+    "user",
+    "metadata",
+];
+
+/// Fields of the API (OpenAI's and Fireworks' extensions) that hearth does not act on yet.
+const NOT_YET: &[&str] = &[
+    "context_length_exceeded_behavior",
+    "echo_last",
+    "function_call",
+    "functions",
+    "logit_bias",
+    "min_p",
+    "mirostat_lr",
+    "mirostat_target",
+    "parallel_tool_calls",
+    "perf_metrics_in_response",
+    "prediction",
+    "prompt_cache_isolation_key",
+    "prompt_cache_key",
+    "prompt_truncate_len",
+    "raw_output",
+    "reasoning_effort",
+    "reasoning_history",
+    "response_format",
+    "return_token_ids",
+    "safe_tokenization",
+    "service_tier",
+    "speculation",
+    "thinking",
+    "tool_choice",
+    "tools",
+    "typical_p",
+    "images",
+    "suffix",
+    "best_of",
+    "modalities",
+    "audio",
+    "store",
+    "web_search_options",
+];
+
+/// Why a request body was refused before parsing.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FieldError {
+    Unknown(String),
+    NotSupported(String),
+}
+
+/// Checks every top-level field: implemented ones pass; API fields hearth does not act on
+/// are refused by name unless they hold their "off" value (null, false, empty); anything
+/// else is unknown.
+pub fn check_fields(body: &Map<String, Value>, endpoint_fields: &[&str]) -> Result<(), FieldError> {
+    for (k, v) in body {
+        if SAMPLING_FIELDS.contains(&k.as_str()) || endpoint_fields.contains(&k.as_str()) {
+            continue;
+        }
+        if NOT_YET.contains(&k.as_str()) {
+            let off = match v {
+                Value::Null => true,
+                Value::Bool(b) => !b,
+                Value::Array(a) => a.is_empty(),
+                Value::Object(o) => o.is_empty(),
+                Value::String(s) => s.is_empty() || (k == "tool_choice" && s == "none"),
+                Value::Number(_) => false,
+            };
+            if !off {
+                return Err(FieldError::NotSupported(k.clone()));
+            }
+            continue;
+        }
+        return Err(FieldError::Unknown(k.clone()));
+    }
+    Ok(())
+}
+
+pub const CHAT_FIELDS: &[&str] = &["messages", "max_completion_tokens", "logprobs", "top_logprobs"];
+pub const COMPLETION_FIELDS: &[&str] = &["prompt", "logprobs", "echo"];
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+}
+
+/// The OpenAI error body: `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    pub message: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub param: Option<String>,
+    pub code: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn requests_parse_as_the_official_clients_send_them() {
+        let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16,
+            "stop": "\n", "stream": true, "stream_options": {"include_usage": true}, "logprobs": true, "top_logprobs": 2});
+        let obj = body.as_object().unwrap();
+        check_fields(obj, CHAT_FIELDS).unwrap();
+        let r: ChatCompletionRequest = serde_json::from_value(body).unwrap();
+        assert_eq!(r.sampling.stop, Some(Stop::One("\n".into())));
+        let c: CompletionRequest =
+            serde_json::from_value(json!({"model": "m", "prompt": [1, 2, 3], "echo": true, "logprobs": 1})).unwrap();
+        assert_eq!(c.prompt, Prompt::Tokens(vec![1, 2, 3]));
+    }
+
+    #[test]
+    fn unimplemented_fields_are_named_and_unknown_ones_refused() {
+        let tools = json!({"tools": [{"type": "function"}]});
+        assert_eq!(
+            check_fields(tools.as_object().unwrap(), CHAT_FIELDS),
+            Err(FieldError::NotSupported("tools".into()))
+        );
+        let off = json!({"tools": [], "logit_bias": null, "tool_choice": "none"});
+        assert_eq!(check_fields(off.as_object().unwrap(), CHAT_FIELDS), Ok(()));
+        let typo = json!({"temprature": 1});
+        assert_eq!(check_fields(typo.as_object().unwrap(), CHAT_FIELDS), Err(FieldError::Unknown("temprature".into())));
+    }
+}

@@ -1,0 +1,506 @@
+//! The `Engine` handle and its scheduler: one thread owns the model and every running
+//! sequence, admits new requests between steps, and runs steps that mix decode rows with
+//! prefill chunks up to a token budget, so a long prompt never stalls everyone's decoding.
+//!
+//! Requests arrive over a channel; each gets its own channel of events back. A request whose
+//! receiver is dropped (the client went away) is freed at the next step.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+use crate::error::{EngineError, Result};
+use crate::model::{KvCache, LlamaModel, Logits, SeqInput};
+use crate::sampling::{log_softmax, top_k, Sampled, Sampler, SamplingParams};
+use crate::tokenizer::Tokenizer;
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Tokens one step may process (decode rows plus prefill chunks).
+    pub max_step_tokens: usize,
+    /// Sequences running at once.
+    pub max_running: usize,
+    /// Bytes of KV cache all running sequences may hold together.
+    pub kv_cache_bytes: usize,
+    /// Requests that may wait for admission; beyond it new requests are refused.
+    pub max_waiting: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> EngineConfig {
+        EngineConfig { max_step_tokens: 512, max_running: 64, kv_cache_bytes: 1 << 30, max_waiting: 1024 }
+    }
+}
+
+/// Why a sequence ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-sequence token or a stop string.
+    Stop,
+    /// `max_tokens` or the context length.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub params: SamplingParams,
+    pub stop: Vec<String>,
+    pub ignore_eos: bool,
+    /// Report the logprob of every prompt token after the first (echo with logprobs).
+    pub prompt_logprobs: bool,
+}
+
+/// What a request receives, in order: optionally its prompt logprobs, then tokens, then one
+/// `Finished` (or an `Error`).
+#[derive(Debug, Clone)]
+pub enum Event {
+    PromptLogprobs(Vec<Sampled>),
+    Token {
+        sampled: Sampled,
+        /// The text this token completes; may be empty while a multi-byte character or a
+        /// possible stop string is still incomplete.
+        text: String,
+    },
+    Finished {
+        reason: FinishReason,
+        /// Text held back until now (the tail that might have begun a stop string).
+        text: String,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    Error(String),
+}
+
+/// Gauges the server exports.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    pub running: AtomicUsize,
+    pub waiting: AtomicUsize,
+    pub kv_bytes: AtomicUsize,
+    pub steps: AtomicUsize,
+    pub generated_tokens: AtomicUsize,
+    pub cancelled: AtomicUsize,
+}
+
+struct Incoming {
+    req: GenerateRequest,
+    events: mpsc::UnboundedSender<Event>,
+}
+
+/// The handle: cheap to clone; the scheduler stops when the last handle is dropped.
+#[derive(Clone)]
+pub struct Engine {
+    tx: std::sync::mpsc::Sender<Incoming>,
+    tokenizer: Arc<Tokenizer>,
+    stats: Arc<EngineStats>,
+    config: EngineConfig,
+    context_length: usize,
+    vocab_size: usize,
+}
+
+impl Engine {
+    pub fn start(model: LlamaModel, tokenizer: Tokenizer, config: EngineConfig) -> Engine {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let tokenizer = Arc::new(tokenizer);
+        let stats = Arc::new(EngineStats::default());
+        let context_length = model.config.max_position_embeddings;
+        let vocab_size = model.config.vocab_size;
+        let sched = Scheduler {
+            model,
+            tokenizer: tokenizer.clone(),
+            config: config.clone(),
+            stats: stats.clone(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            cursor: 0,
+        };
+        std::thread::Builder::new()
+            .name("hearth-scheduler".into())
+            .spawn(move || sched.run(rx))
+            .map_err(|e| tracing::error!(error = %e, "could not start the scheduler thread"))
+            .ok();
+        Engine { tx, tokenizer, stats, config, context_length, vocab_size }
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    pub fn context_length(&self) -> usize {
+        self.context_length
+    }
+
+    /// Queues a request. Refuses at once what can never run (empty or too long a prompt, bad
+    /// parameters) and what does not fit in the queue.
+    pub fn generate(&self, req: GenerateRequest) -> Result<mpsc::UnboundedReceiver<Event>> {
+        req.params.validate()?;
+        if req.prompt.is_empty() {
+            return Err(EngineError::InvalidRequest("the prompt is empty".into()));
+        }
+        // Checked here, not in the step: one bad request must never fail a whole batch.
+        if let Some(t) = req.prompt.iter().find(|&&t| t as usize >= self.vocab_size) {
+            return Err(EngineError::InvalidRequest(format!(
+                "prompt token id {t} is out of range: the vocabulary has {} tokens",
+                self.vocab_size
+            )));
+        }
+        if req.prompt.len() >= self.context_length {
+            return Err(EngineError::InvalidRequest(format!(
+                "the prompt has {} tokens; the model's context is {}",
+                req.prompt.len(),
+                self.context_length
+            )));
+        }
+        if self.stats.waiting.load(Ordering::Relaxed) >= self.config.max_waiting {
+            return Err(EngineError::Overloaded(format!(
+                "the engine is full: {} requests are already waiting; retry later",
+                self.config.max_waiting
+            )));
+        }
+        let (events, rx) = mpsc::unbounded_channel();
+        self.stats.waiting.fetch_add(1, Ordering::Relaxed);
+        self.tx.send(Incoming { req, events }).map_err(|_| EngineError::Stopped)?;
+        Ok(rx)
+    }
+}
+
+struct Sequence {
+    req: GenerateRequest,
+    events: mpsc::UnboundedSender<Event>,
+    cache: KvCache,
+    /// Prompt tokens already in the cache.
+    prefilled: usize,
+    generated: Vec<u32>,
+    /// The next token to feed (the last one sampled).
+    pending: Option<u32>,
+    sampler: Sampler,
+    /// Text emitted so far, and the full decoded text.
+    emitted: usize,
+    kv_reserved: usize,
+    prompt_logprobs: Vec<Sampled>,
+    started: Instant,
+}
+
+impl Sequence {
+    fn in_prefill(&self) -> bool {
+        self.prefilled < self.req.prompt.len()
+    }
+}
+
+struct Scheduler {
+    model: LlamaModel,
+    tokenizer: Arc<Tokenizer>,
+    config: EngineConfig,
+    stats: Arc<EngineStats>,
+    waiting: VecDeque<Incoming>,
+    running: Vec<Sequence>,
+    /// Where the next step starts handing out its token budget, so that when the budget is
+    /// smaller than the batch every sequence still gets its turn.
+    cursor: usize,
+}
+
+impl Scheduler {
+    fn run(mut self, rx: std::sync::mpsc::Receiver<Incoming>) {
+        loop {
+            // Block only when there is nothing to do; otherwise take what arrived.
+            if self.running.is_empty() && self.waiting.is_empty() {
+                match rx.recv() {
+                    Ok(inc) => self.waiting.push_back(inc),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(inc) = rx.try_recv() {
+                self.waiting.push_back(inc);
+            }
+            self.admit();
+            if let Err(e) = self.step() {
+                tracing::error!(error = %e, "engine step failed; failing its sequences");
+                for s in self.running.drain(..) {
+                    let _ = s.events.send(Event::Error(e.to_string()));
+                }
+            }
+            self.publish();
+        }
+    }
+
+    fn kv_bytes(&self, tokens: usize) -> usize {
+        let c = &self.model.config;
+        KvCache::bytes_for(tokens, c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
+    }
+
+    /// Moves waiting requests into the running set while the KV budget allows, oldest first
+    /// so nobody starves. Each sequence reserves room for its whole prompt and output.
+    fn admit(&mut self) {
+        while self.running.len() < self.config.max_running {
+            let Some(front) = self.waiting.front() else { break };
+            if front.events.is_closed() {
+                self.waiting.pop_front();
+                self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+                self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let ctx = self.model.config.max_position_embeddings;
+            let tokens = (front.req.prompt.len() + front.req.max_tokens).min(ctx);
+            let need = self.kv_bytes(tokens);
+            let used: usize = self.running.iter().map(|s| s.kv_reserved).sum();
+            if used + need > self.config.kv_cache_bytes && !self.running.is_empty() {
+                break;
+            }
+            let Some(inc) = self.waiting.pop_front() else { break };
+            self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+            let seed = inc.req.params.seed;
+            self.running.push(Sequence {
+                cache: self.model.new_cache(),
+                prefilled: 0,
+                generated: Vec::new(),
+                pending: None,
+                sampler: Sampler::new(seed),
+                emitted: 0,
+                kv_reserved: need,
+                prompt_logprobs: Vec::new(),
+                started: Instant::now(),
+                req: inc.req,
+                events: inc.events,
+            });
+        }
+    }
+
+    fn publish(&self) {
+        self.stats.running.store(self.running.len(), Ordering::Relaxed);
+        self.stats.kv_bytes.store(self.running.iter().map(|s| s.kv_reserved).sum(), Ordering::Relaxed);
+    }
+
+    /// One forward pass: every decoding sequence contributes its pending token, then prefill
+    /// chunks fill the rest of the token budget.
+    fn step(&mut self) -> Result<()> {
+        // A client that went away frees its sequence now.
+        let before = self.running.len();
+        self.running.retain(|s| !s.events.is_closed());
+        self.stats.cancelled.fetch_add(before - self.running.len(), Ordering::Relaxed);
+        if self.running.is_empty() {
+            return Ok(());
+        }
+        let mut budget = self.config.max_step_tokens.max(1);
+        let mut plan: Vec<(usize, std::ops::Range<usize>, bool)> = Vec::new(); // (seq, prompt range, decode)
+        let n = self.running.len();
+        let order: Vec<usize> = (0..n).map(|k| (self.cursor + k) % n).collect();
+        self.cursor = self.cursor.wrapping_add(1);
+        for &i in &order {
+            let s = &self.running[i];
+            if !s.in_prefill() && s.pending.is_some() && budget > 0 {
+                plan.push((i, 0..0, true));
+                budget -= 1;
+            }
+        }
+        for &i in &order {
+            let s = &self.running[i];
+            if s.in_prefill() && budget > 0 {
+                let n = (s.req.prompt.len() - s.prefilled).min(budget);
+                plan.push((i, s.prefilled..s.prefilled + n, false));
+                budget -= n;
+            }
+        }
+        if plan.is_empty() {
+            return Ok(());
+        }
+        plan.sort_by_key(|p| p.0);
+        let mut pending_tokens: Vec<[u32; 1]> = Vec::with_capacity(plan.len());
+        for (i, _, decode) in &plan {
+            if *decode {
+                pending_tokens.push([self.running[*i].pending.unwrap_or(0)]);
+            }
+        }
+        let results = {
+            let mut inputs = Vec::with_capacity(plan.len());
+            let mut pending_iter = pending_tokens.iter();
+            let mut plan_iter = plan.iter().peekable();
+            for (i, s) in self.running.iter_mut().enumerate() {
+                let Some((pi, range, decode)) = plan_iter.peek() else { break };
+                if *pi != i {
+                    continue;
+                }
+                let (tokens, logits): (&[u32], Logits) = if *decode {
+                    (pending_iter.next().map(|t| t.as_slice()).unwrap_or(&[]), Logits::Last)
+                } else {
+                    let last_chunk = range.end == s.req.prompt.len();
+                    let want = if s.req.prompt_logprobs {
+                        Logits::All
+                    } else if last_chunk {
+                        Logits::Last
+                    } else {
+                        Logits::None
+                    };
+                    (&s.req.prompt[range.clone()], want)
+                };
+                inputs.push(SeqInput { tokens, cache: &mut s.cache, logits });
+                plan_iter.next();
+            }
+            self.model.forward(&mut inputs)?
+        };
+        self.stats.steps.fetch_add(1, Ordering::Relaxed);
+
+        let mut finished = Vec::new();
+        for ((i, range, decode), logits) in plan.iter().zip(results) {
+            let s = &mut self.running[*i];
+            if !*decode {
+                s.prefilled = range.end;
+            }
+            let Some(logits) = logits else { continue };
+            let rows: Vec<Vec<f32>> = logits.to_vec2::<f32>()?;
+            if s.req.prompt_logprobs && !*decode {
+                // Row j predicts prompt token range.start + j + 1.
+                let k = s.req.params.logprobs.unwrap_or(0);
+                for (j, row) in rows.iter().enumerate() {
+                    let next = range.start + j + 1;
+                    if let Some(&tok) = s.req.prompt.get(next) {
+                        let lp = log_softmax(row);
+                        s.prompt_logprobs.push(Sampled { token: tok, logprob: lp[tok as usize], top: top_k(&lp, k) });
+                    }
+                }
+                if s.in_prefill() {
+                    continue;
+                }
+                let _ = s.events.send(Event::PromptLogprobs(std::mem::take(&mut s.prompt_logprobs)));
+            }
+            let Some(last) = rows.last() else { continue };
+            if let Some(reason) = self.advance(*i, last)? {
+                finished.push((*i, reason));
+            }
+        }
+        // Remove finished sequences, highest index first so indices stay valid.
+        finished.sort_by_key(|f| std::cmp::Reverse(f.0));
+        for (i, reason) in finished {
+            let s = self.running.swap_remove(i);
+            let text = self.tail_text(&s)?;
+            tracing::debug!(
+                prompt = s.req.prompt.len(),
+                generated = s.generated.len(),
+                elapsed_ms = s.started.elapsed().as_millis() as u64,
+                "sequence finished"
+            );
+            let _ = s.events.send(Event::Finished {
+                reason,
+                text,
+                prompt_tokens: s.req.prompt.len(),
+                completion_tokens: s.generated.len(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Samples the next token of sequence `i`, emits it, and says whether it finished.
+    fn advance(&mut self, i: usize, logits: &[f32]) -> Result<Option<FinishReason>> {
+        let ctx = self.model.config.max_position_embeddings;
+        let s = &mut self.running[i];
+        let sampled = s.sampler.sample(logits, &s.req.prompt, &s.generated, &s.req.params);
+        let tok = sampled.token;
+        self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
+        if !s.req.ignore_eos && self.tokenizer.is_eos(tok) {
+            s.generated.push(tok);
+            return Ok(Some(FinishReason::Stop));
+        }
+        s.generated.push(tok);
+        s.pending = Some(tok);
+        let full = self.tokenizer.decode(&visible(&s.generated, &self.tokenizer), true)?;
+        // A stop string ends the text where it begins; it is not part of the output.
+        if let Some(pos) = find_stop(&full, &s.req.stop, s.emitted) {
+            let text = full.get(s.emitted..pos).unwrap_or("").to_string();
+            s.emitted = pos;
+            let _ = s.events.send(Event::Token { sampled, text });
+            return Ok(Some(FinishReason::Stop));
+        }
+        let safe = safe_prefix(&full, &s.req.stop);
+        let text = if safe > s.emitted { full.get(s.emitted..safe).unwrap_or("").to_string() } else { String::new() };
+        s.emitted = s.emitted.max(safe);
+        if s.events.send(Event::Token { sampled, text }).is_err() {
+            // The client went away; the next step frees the sequence and counts it.
+            return Ok(None);
+        }
+        if s.generated.len() >= s.req.max_tokens || s.req.prompt.len() + s.generated.len() >= ctx {
+            return Ok(Some(FinishReason::Length));
+        }
+        Ok(None)
+    }
+
+    /// The text not emitted yet when a sequence ends without a stop string.
+    fn tail_text(&self, s: &Sequence) -> Result<String> {
+        let full = self.tokenizer.decode(&visible(&s.generated, &self.tokenizer), true)?;
+        match find_stop(&full, &s.req.stop, 0) {
+            Some(_) => Ok(String::new()),
+            None => Ok(full.get(s.emitted..).unwrap_or("").to_string()),
+        }
+    }
+}
+
+/// Generated tokens without a trailing end-of-sequence token.
+fn visible(generated: &[u32], tok: &Tokenizer) -> Vec<u32> {
+    match generated.last() {
+        Some(&t) if tok.is_eos(t) => generated[..generated.len() - 1].to_vec(),
+        _ => generated.to_vec(),
+    }
+}
+
+/// Byte offset of the earliest stop string that ends after `from`.
+fn find_stop(text: &str, stops: &[String], from: usize) -> Option<usize> {
+    let search_from = from.saturating_sub(stops.iter().map(|s| s.len()).max().unwrap_or(0));
+    let search_from = (search_from..=from.min(text.len())).find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+    stops
+        .iter()
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| text[search_from..].find(s.as_str()).map(|p| p + search_from))
+        .min()
+}
+
+/// How much of `text` can be emitted: everything except an incomplete character at the end
+/// and a tail that might be the start of a stop string.
+fn safe_prefix(text: &str, stops: &[String]) -> usize {
+    let mut end = text.len();
+    if text.ends_with('\u{FFFD}') {
+        end -= '\u{FFFD}'.len_utf8();
+    }
+    for stop in stops {
+        for k in (1..stop.len()).rev() {
+            if !stop.is_char_boundary(k) {
+                continue;
+            }
+            if text[..end].ends_with(&stop[..k]) {
+                end = end.min(text[..end].len() - k);
+                break;
+            }
+        }
+    }
+    end
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_strings_are_found_across_token_boundaries_and_held_back() {
+        let stops = vec!["\n\nUser:".to_string()];
+        assert_eq!(safe_prefix("Hello\n\nUs", &stops), 5);
+        assert_eq!(safe_prefix("Hello there", &stops), 11);
+        assert_eq!(find_stop("Hello\n\nUser: hi", &stops, 5), Some(5));
+        assert_eq!(find_stop("Hello", &stops, 0), None);
+        assert_eq!(safe_prefix("caf\u{FFFD}", &[]), 3);
+    }
+}

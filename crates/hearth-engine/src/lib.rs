@@ -1,0 +1,20 @@
+//! hearth's inference engine as a library: loads a model (GGUF or a Hugging Face directory),
+//! runs the Llama family's forward pass on candle tensors, tokenizes and renders chat
+//! templates, and serves many sequences at once through a continuous-batching scheduler.
+//!
+//! It knows nothing of HTTP, databases or deployments: its API boundary is the `Engine`
+//! handle.
+
+pub mod chat;
+pub mod engine;
+pub mod error;
+pub mod load;
+pub mod model;
+pub mod sampling;
+pub mod tokenizer;
+
+pub use engine::{Engine, EngineConfig, Event, FinishReason, GenerateRequest};
+pub use error::EngineError;
+pub use load::{load, Loaded};
+pub use model::Precision;
+pub use sampling::SamplingParams;

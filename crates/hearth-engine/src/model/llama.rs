@@ -1,0 +1,333 @@
+//! The Llama family's forward pass (Llama, Mistral, Qwen2 with q/k/v biases) over a batch of
+//! sequences at once: every token of every sequence in the step goes through each matrix
+//! multiplication together; only attention runs per sequence, against that sequence's own
+//! KV cache. This is what lets prefill chunks and decode rows share one step.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, D};
+
+use super::config::LlamaConfig;
+use super::kv::KvCache;
+use super::weights::{Checkpoint, Embedding, Linear, Precision};
+use crate::error::{EngineError, Result};
+
+struct Layer {
+    attn_norm: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    mlp_norm: Tensor,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+pub struct LlamaModel {
+    pub config: LlamaConfig,
+    embed: Embedding,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Linear,
+    cos: Tensor,
+    sin: Tensor,
+    /// GGUF files store Q and K rows permuted for llama.cpp's interleaved rotary embedding;
+    /// Hugging Face checkpoints use the rotate-half form.
+    rope_interleaved: bool,
+    device: Device,
+}
+
+/// What the caller wants back for one sequence of the step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Nothing: a prefill chunk that is not the prompt's last.
+    None,
+    /// The next-token distribution after the last token.
+    Last,
+    /// One distribution after every token of the chunk (prompt logprobs, echo).
+    All,
+}
+
+/// One sequence's part of a step: its new tokens, appended after what its cache holds.
+pub struct SeqInput<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+    pub logits: Logits,
+}
+
+/// Names of one layer's tensors in each checkpoint format.
+fn names(gguf: bool, i: usize) -> [String; 9] {
+    if gguf {
+        ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"]
+            .map(|n| format!("blk.{i}.{n}"))
+    } else {
+        [
+            "input_layernorm",
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "post_attention_layernorm",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ]
+        .map(|n| format!("model.layers.{i}.{n}"))
+    }
+}
+
+impl LlamaModel {
+    /// Loads a GGUF file.
+    pub fn load_gguf(path: &Path, precision: Precision, device: &Device) -> Result<(LlamaModel, Checkpoint)> {
+        let ckpt = Checkpoint::open_gguf(path)?;
+        let Checkpoint::Gguf { content, .. } = &ckpt else { unreachable!("open_gguf returns Gguf") };
+        let config = LlamaConfig::from_gguf(
+            &content.metadata,
+            content.tensor_infos.contains_key("output.weight"),
+            content.tensor_infos.contains_key("blk.0.attn_q.bias"),
+        )?;
+        let mut ckpt = ckpt;
+        let model = Self::build(config, &mut ckpt, true, precision, device)?;
+        Ok((model, ckpt))
+    }
+
+    /// Loads a Hugging Face directory: `config.json` and its safetensors (one file or an
+    /// index of shards).
+    pub fn load_hf(dir: &Path, precision: Precision, device: &Device) -> Result<LlamaModel> {
+        let read = |name: &str| {
+            std::fs::read_to_string(dir.join(name))
+                .map_err(|e| EngineError::InvalidModel(format!("{}: {e}", dir.join(name).display())))
+        };
+        let config = LlamaConfig::from_hf_json(&read("config.json")?)?;
+        let files: Vec<PathBuf> = if dir.join("model.safetensors.index.json").exists() {
+            let index: serde_json::Value = serde_json::from_str(&read("model.safetensors.index.json")?)
+                .map_err(|e| EngineError::InvalidModel(format!("model.safetensors.index.json: {e}")))?;
+            let mut shards: Vec<String> = index["weight_map"]
+                .as_object()
+                .ok_or_else(|| EngineError::InvalidModel("model.safetensors.index.json has no weight_map".into()))?
+                .values()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect();
+            shards.sort();
+            shards.dedup();
+            shards.into_iter().map(|s| dir.join(s)).collect()
+        } else {
+            vec![dir.join("model.safetensors")]
+        };
+        let mut ckpt = Checkpoint::open_hf(&files)?;
+        Self::build(config, &mut ckpt, false, precision, device)
+    }
+
+    fn build(
+        config: LlamaConfig,
+        ckpt: &mut Checkpoint,
+        gguf: bool,
+        precision: Precision,
+        device: &Device,
+    ) -> Result<LlamaModel> {
+        let c = &config;
+        let (h, q_out, kv_out, inter) = (
+            c.hidden_size,
+            c.num_attention_heads * c.head_dim,
+            c.num_key_value_heads * c.head_dim,
+            c.intermediate_size,
+        );
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let [an, q, k, v, o, mn, g, u, d] = names(gguf, i);
+            let bias = |n: &str| c.attention_bias.then(|| format!("{n}.bias"));
+            layers.push(Layer {
+                attn_norm: ckpt.vector(&format!("{an}.weight"), h, device)?,
+                q: ckpt.linear(&format!("{q}.weight"), bias(&q).as_deref(), (q_out, h), precision, device)?,
+                k: ckpt.linear(&format!("{k}.weight"), bias(&k).as_deref(), (kv_out, h), precision, device)?,
+                v: ckpt.linear(&format!("{v}.weight"), bias(&v).as_deref(), (kv_out, h), precision, device)?,
+                o: ckpt.linear(&format!("{o}.weight"), None, (h, q_out), precision, device)?,
+                mlp_norm: ckpt.vector(&format!("{mn}.weight"), h, device)?,
+                gate: ckpt.linear(&format!("{g}.weight"), None, (inter, h), precision, device)?,
+                up: ckpt.linear(&format!("{u}.weight"), None, (inter, h), precision, device)?,
+                down: ckpt.linear(&format!("{d}.weight"), None, (h, inter), precision, device)?,
+            });
+        }
+        let (embed_name, norm_name, out_name) = if gguf {
+            ("token_embd.weight", "output_norm.weight", "output.weight")
+        } else {
+            ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
+        };
+        let embed = ckpt.embedding(embed_name, (c.vocab_size, h), precision, device)?;
+        let norm = ckpt.vector(norm_name, h, device)?;
+        // A Hugging Face config that ties embeddings uses them even if an lm_head tensor is
+        // present; a GGUF is tied exactly when it has no output tensor.
+        let lm_head = if (gguf || !c.tie_word_embeddings) && ckpt.has(out_name) {
+            ckpt.linear(out_name, None, (c.vocab_size, h), precision, device)?
+        } else {
+            ckpt.tied_output(embed_name, (c.vocab_size, h), precision, device)?
+        };
+        let (cos, sin) = rope_tables(c, device)?;
+        Ok(LlamaModel {
+            config,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            cos,
+            sin,
+            rope_interleaved: gguf,
+            device: device.clone(),
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.config.num_hidden_layers, self.config.num_key_value_heads, self.config.head_dim, &self.device)
+    }
+
+    /// Bytes of the weights as held in memory.
+    pub fn weight_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down].iter().map(|x| x.size_in_bytes()).sum::<usize>())
+            .sum::<usize>()
+            + self.lm_head.size_in_bytes()
+    }
+
+    /// Runs one step over all `seqs` and returns, per sequence, the logits it asked for:
+    /// `[1, vocab]` for `Last`, `[tokens, vocab]` for `All`.
+    pub fn forward(&self, seqs: &mut [SeqInput<'_>]) -> Result<Vec<Option<Tensor>>> {
+        let c = &self.config;
+        let total: usize = seqs.iter().map(|s| s.tokens.len()).sum();
+        if total == 0 {
+            return Ok(seqs.iter().map(|_| None).collect());
+        }
+        let mut ids = Vec::with_capacity(total);
+        let mut positions = Vec::with_capacity(total);
+        for s in seqs.iter_mut() {
+            if s.tokens.iter().any(|&t| t as usize >= c.vocab_size) {
+                return Err(EngineError::InvalidRequest(format!(
+                    "token id out of range (vocabulary of {})",
+                    c.vocab_size
+                )));
+            }
+            let start = s.cache.len();
+            if start + s.tokens.len() > c.max_position_embeddings {
+                return Err(EngineError::InvalidRequest(format!(
+                    "sequence of {} tokens exceeds the model's context of {}",
+                    start + s.tokens.len(),
+                    c.max_position_embeddings
+                )));
+            }
+            s.cache.reserve(s.tokens.len())?;
+            ids.extend_from_slice(s.tokens);
+            positions.extend((start..start + s.tokens.len()).map(|p| p as u32));
+        }
+        let ids = Tensor::new(ids.as_slice(), &self.device)?;
+        let pos = Tensor::new(positions.as_slice(), &self.device)?;
+        let cos = self.cos.index_select(&pos, 0)?;
+        let sin = self.sin.index_select(&pos, 0)?;
+
+        let mut x = self.embed.lookup(&ids)?;
+        let eps = c.rms_norm_eps as f32;
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        for (li, layer) in self.layers.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
+            let q = self.rope(&layer.q.forward(&h)?, nh, &cos, &sin)?; // [nh, T, hd]
+            let k = self.rope(&layer.k.forward(&h)?, nkv, &cos, &sin)?; // [nkv, T, hd]
+            let v = layer.v.forward(&h)?.reshape((total, nkv, hd))?.transpose(0, 1)?; // [nkv, T, hd]
+            let mut outs = Vec::with_capacity(seqs.len());
+            let mut offset = 0;
+            for s in seqs.iter_mut() {
+                let n = s.tokens.len();
+                if n == 0 {
+                    continue;
+                }
+                let start = s.cache.len();
+                let (kc, vc) = s.cache.append(li, &k.narrow(1, offset, n)?, &v.narrow(1, offset, n)?)?;
+                outs.push(attention(&q.narrow(1, offset, n)?, &kc, &vc, start)?);
+                offset += n;
+            }
+            let attn = Tensor::cat(&outs, 1)?.transpose(0, 1)?.reshape((total, nh * hd))?; // [T, nh*hd]
+            x = (x + layer.o.forward(&attn)?)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.mlp_norm, eps)?;
+            let act = (candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;
+            x = (x + layer.down.forward(&act)?)?;
+        }
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
+
+        let mut results = Vec::with_capacity(seqs.len());
+        let mut offset = 0;
+        for s in seqs.iter_mut() {
+            let n = s.tokens.len();
+            s.cache.commit(n);
+            let logits = match s.logits {
+                _ if n == 0 => None,
+                Logits::None => None,
+                Logits::Last => Some(self.lm_head.forward(&x.narrow(0, offset + n - 1, 1)?)?),
+                Logits::All => Some(self.lm_head.forward(&x.narrow(0, offset, n)?)?),
+            };
+            results.push(logits);
+            offset += n;
+        }
+        Ok(results)
+    }
+
+    /// `[T, heads*hd]` → `[heads, T, hd]` with the rotary embedding applied per position.
+    fn rope(&self, x: &Tensor, heads: usize, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let t = x.dim(0)?;
+        let hd = self.config.head_dim;
+        let x = x.reshape((t, heads, hd))?.transpose(0, 1)?.contiguous()?.unsqueeze(0)?; // [1, heads, T, hd]
+        let y = if self.rope_interleaved {
+            candle_nn::rotary_emb::rope_i(&x, cos, sin)?
+        } else {
+            candle_nn::rotary_emb::rope(&x, cos, sin)?
+        };
+        Ok(y.squeeze(0)?)
+    }
+}
+
+/// Causal attention of `n` new queries `[nh, n, hd]` (at positions `start..start+n`) over the
+/// cached keys and values `[nkv, start+n, hd]`, grouped-query style.
+fn attention(q: &Tensor, k: &Tensor, v: &Tensor, start: usize) -> Result<Tensor> {
+    let (nh, n, hd) = q.dims3()?;
+    let (nkv, len, _) = k.dims3()?;
+    let group = nh / nkv;
+    // Heads g*j..g*(j+1) share KV head j: fold the group into the query rows.
+    let q = q.reshape((nkv, group * n, hd))?;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let scores = (q.matmul(&k.contiguous()?.t()?)? * scale)?; // [nkv, group*n, len]
+    let scores = if n > 1 {
+        // Query i (at position start+i) sees keys 0..=start+i.
+        let mask: Vec<f32> = (0..group * n)
+            .flat_map(|row| {
+                let i = row % n;
+                (0..len).map(move |j| if j <= start + i { 0.0 } else { f32::NEG_INFINITY })
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (1, group * n, len), q.device())?;
+        scores.broadcast_add(&mask)?
+    } else {
+        scores
+    };
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    Ok(probs.matmul(&v.contiguous()?)?.reshape((nh, n, hd))?)
+}
+
+/// cos and sin of every position × frequency, `[max_positions, head_dim/2]`.
+fn rope_tables(c: &LlamaConfig, device: &Device) -> Result<(Tensor, Tensor)> {
+    let half = c.head_dim / 2;
+    let inv: Vec<f32> =
+        (0..half).map(|i| 1.0 / (c.rope_theta as f32).powf((2 * i) as f32 / c.head_dim as f32)).collect();
+    let inv = Tensor::from_vec(inv, (1, half), device)?;
+    let pos = Tensor::arange(0u32, c.max_position_embeddings as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((c.max_position_embeddings, 1))?;
+    let freqs = pos.broadcast_mul(&inv)?;
+    Ok((freqs.cos()?, freqs.sin()?))
+}
+
+/// log-softmax over the vocabulary, in f32.
+pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?)
+}

@@ -1,0 +1,143 @@
+//! The engine against the reference implementation: prompt logprobs and greedy continuations
+//! computed by transformers in FP32 (see scripts/reference/make_fixtures.py), for the tiny
+//! fixture models in every format and for SmolLM2-135M-Instruct from its GGUF.
+
+mod common;
+
+use std::path::Path;
+
+use candle_core::Device;
+use hearth_engine::model::{LlamaModel, Logits, SeqInput};
+use hearth_engine::sampling::log_softmax;
+use hearth_engine::{Engine, EngineConfig, Event, GenerateRequest, Precision, SamplingParams};
+use serde_json::Value;
+
+fn reference(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).expect("fixture exists")).expect("fixture is JSON")
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().expect("array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+}
+
+/// Max |Δ| and mean |Δ| between hearth's prompt logprobs and the reference's, per prompt.
+fn prompt_logprob_errors(model: &LlamaModel, prompt: &Value) -> (f64, f64) {
+    let tokens = ids(&prompt["token_ids"]);
+    let expected: Vec<f64> =
+        prompt["logprobs"].as_array().expect("logprobs").iter().map(|x| x.as_f64().expect("f64")).collect();
+    if tokens.len() < 2 {
+        return (0.0, 0.0);
+    }
+    let mut cache = model.new_cache();
+    let out =
+        model.forward(&mut [SeqInput { tokens: &tokens, cache: &mut cache, logits: Logits::All }]).expect("forward");
+    let rows: Vec<Vec<f32>> = out[0].as_ref().expect("logits").to_vec2().expect("rows");
+    let mut max: f64 = 0.0;
+    let mut sum = 0.0;
+    for (j, exp) in expected.iter().enumerate() {
+        let got = log_softmax(&rows[j])[tokens[j + 1] as usize] as f64;
+        let d = (got - exp).abs();
+        max = max.max(d);
+        sum += d;
+    }
+    (max, sum / expected.len() as f64)
+}
+
+/// Greedy token ids through the engine (scheduler, batching, sampling and all).
+async fn greedy(engine: &Engine, prompt: Vec<u32>, max_tokens: usize) -> Vec<u32> {
+    let mut rx = engine
+        .generate(GenerateRequest {
+            prompt,
+            max_tokens,
+            params: SamplingParams { temperature: 0.0, ..Default::default() },
+            stop: vec![],
+            ignore_eos: false,
+            prompt_logprobs: false,
+        })
+        .expect("queued");
+    let mut out = Vec::new();
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Event::Token { sampled, .. } => out.push(sampled.token),
+            Event::Finished { .. } => break,
+            Event::Error(e) => panic!("{e}"),
+            Event::PromptLogprobs(_) => {}
+        }
+    }
+    out
+}
+
+/// The reference's greedy ids, without the end-of-sequence token the engine does not emit.
+fn expected_greedy(prompt: &Value, eos: &[u32]) -> Vec<u32> {
+    let mut g = ids(&prompt["greedy"]["token_ids"]);
+    if g.last().is_some_and(|t| eos.contains(t)) {
+        g.pop();
+    }
+    g
+}
+
+async fn check_model(path: &Path, reference_file: &Path, precision: Precision, tolerance: f64) {
+    let r = reference(reference_file);
+    let loaded = hearth_engine::load(path, precision, &Device::Cpu).expect("model loads");
+    for p in r["prompts"].as_array().expect("prompts") {
+        let (max, _) = prompt_logprob_errors(&loaded.model, p);
+        assert!(max <= tolerance, "{}: prompt {}: max |Δlogprob| {max} > {tolerance}", path.display(), p["name"]);
+    }
+    let eos = ids(&r["eos_token_ids"]);
+    let max_new = r["max_new_tokens"].as_u64().expect("max_new_tokens") as usize;
+    let prompts: Vec<Value> = r["prompts"].as_array().expect("prompts").clone();
+    let engine = Engine::start(loaded.model, loaded.tokenizer, EngineConfig::default());
+    for p in &prompts {
+        let got = greedy(&engine, ids(&p["token_ids"]), max_new).await;
+        assert_eq!(got, expected_greedy(p, &eos), "{}: greedy continuation of {}", path.display(), p["name"]);
+    }
+}
+
+#[tokio::test]
+async fn tiny_llama_safetensors_matches_transformers() {
+    let dir = common::fixtures().join("tiny_llama");
+    check_model(&dir, &dir.join("reference.json"), Precision::Native, 1e-4).await;
+}
+
+#[tokio::test]
+async fn tiny_llama_gguf_matches_transformers() {
+    let dir = common::fixtures().join("tiny_llama");
+    check_model(&dir.join("model.gguf"), &dir.join("reference.json"), Precision::Native, 1e-4).await;
+}
+
+#[tokio::test]
+async fn tiny_llama_q8_0_dequantized_matches_transformers() {
+    let dir = common::fixtures().join("tiny_llama");
+    check_model(&dir.join("model-q8_0.gguf"), &dir.join("reference-q8_0.json"), Precision::F32, 1e-4).await;
+}
+
+#[tokio::test]
+async fn tiny_qwen2_with_qkv_biases_matches_transformers() {
+    let dir = common::fixtures().join("tiny_qwen2");
+    check_model(&dir, &dir.join("reference.json"), Precision::Native, 1e-4).await;
+}
+
+#[tokio::test]
+async fn smollm2_fp32_from_gguf_matches_transformers() {
+    let Some(gguf) = common::smollm2() else { return };
+    check_model(&gguf, &common::fixtures().join("smollm2_reference.json"), Precision::F32, 2e-3).await;
+}
+
+/// Served natively quantized, SmolLM2 differs from the FP32 reference by quantization error
+/// only; the mean is reported and bounded.
+#[tokio::test]
+async fn smollm2_native_q4_1_stays_close_to_the_fp32_reference() {
+    let Some(gguf) = common::smollm2() else { return };
+    let r = reference(&common::fixtures().join("smollm2_reference.json"));
+    let loaded = hearth_engine::load(&gguf, Precision::Native, &Device::Cpu).expect("model loads");
+    let (mut total, mut count) = (0.0, 0usize);
+    for p in r["prompts"].as_array().expect("prompts") {
+        let n = ids(&p["token_ids"]).len().saturating_sub(1);
+        let (_, mean) = prompt_logprob_errors(&loaded.model, p);
+        total += mean * n as f64;
+        count += n;
+    }
+    let mean = total / count as f64;
+    eprintln!("SmolLM2 native Q4_1: mean |Δlogprob| against the FP32 reference = {mean:.4} over {count} positions");
+    assert!(mean <= 0.15, "mean |Δlogprob| {mean} > 0.15");
+}

@@ -1,0 +1,609 @@
+//! The engine server: an OpenAI-compatible API (`/v1/completions`, `/v1/chat/completions`,
+//! `/v1/models`) over one `Engine`, with `/health` and Prometheus `/metrics`.
+//!
+//! Handlers turn requests into `GenerateRequest`s and engine events into OpenAI responses or
+//! SSE chunks. Dropping a response (the client went away) drops the event receivers, which
+//! frees the sequences in the engine at its next step.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::stream::{self, Stream, StreamExt};
+use hearth_api::openai::{
+    check_fields, ChatCompletionRequest, CompletionRequest, Content, ErrorBody, ErrorDetail, FieldError, Prompt,
+    Sampling, Usage, CHAT_FIELDS, COMPLETION_FIELDS,
+};
+use hearth_engine::chat::{ChatMessage, ChatTemplate};
+use hearth_engine::sampling::Sampled;
+use hearth_engine::{Engine, EngineError, Event, GenerateRequest, SamplingParams};
+use serde_json::{json, Map, Value};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+/// The most completions one request may ask for (`n` times the number of prompts).
+const MAX_CHOICES: usize = 16;
+const DEFAULT_COMPLETION_MAX_TOKENS: usize = 16;
+
+#[derive(Clone)]
+struct App {
+    engine: Engine,
+    served_name: Arc<str>,
+    template: Option<Arc<ChatTemplate>>,
+    metrics: Arc<Counters>,
+}
+
+#[derive(Default)]
+struct Counters {
+    requests: AtomicU64,
+    errors: AtomicU64,
+    prompt_tokens: AtomicU64,
+    completion_tokens: AtomicU64,
+}
+
+/// An OpenAI-shaped error with its HTTP status.
+#[derive(Debug)]
+pub struct OpenAiError {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+    param: Option<String>,
+}
+
+impl OpenAiError {
+    fn bad(message: impl Into<String>) -> OpenAiError {
+        OpenAiError {
+            status: StatusCode::BAD_REQUEST,
+            kind: "invalid_request_error",
+            message: message.into(),
+            param: None,
+        }
+    }
+}
+
+impl From<EngineError> for OpenAiError {
+    fn from(e: EngineError) -> OpenAiError {
+        let (status, kind) = match &e {
+            EngineError::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request_error"),
+            EngineError::Overloaded(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error"),
+            EngineError::Stopped => (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable"),
+            EngineError::InvalidModel(_) | EngineError::Internal(_) => {
+                tracing::error!(error = %e, "engine error");
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal_error")
+            }
+        };
+        let message = match &e {
+            EngineError::Internal(_) => "internal engine error; the server log has the details".to_string(),
+            other => other.to_string(),
+        };
+        OpenAiError { status, kind, message, param: None }
+    }
+}
+
+impl IntoResponse for OpenAiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: ErrorDetail { message: self.message, kind: self.kind.to_string(), param: self.param, code: None },
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, OpenAiError>;
+
+pub fn engine_router(engine: Engine, served_name: String) -> Router {
+    let template = match ChatTemplate::from_tokenizer(engine.tokenizer()) {
+        Ok(t) => Some(Arc::new(t)),
+        Err(e) => {
+            tracing::warn!(error = %e, "no usable chat template; /v1/chat/completions will refuse requests");
+            None
+        }
+    };
+    let app = App { engine, served_name: served_name.into(), template, metrics: Arc::new(Counters::default()) };
+    Router::new()
+        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/v1/models", get(models))
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/metrics", get(metrics))
+        .fallback(|| async {
+            OpenAiError {
+                status: StatusCode::NOT_FOUND,
+                kind: "not_found",
+                message: "no such route".into(),
+                param: None,
+            }
+        })
+        .with_state(app)
+}
+
+async fn models(State(app): State<App>) -> Json<Value> {
+    Json(json!({"object": "list", "data": [{
+        "id": &*app.served_name, "object": "model", "created": 0, "owned_by": "hearth",
+        "max_model_len": app.engine.context_length(),
+    }]}))
+}
+
+async fn metrics(State(app): State<App>) -> Response {
+    let s = app.engine.stats();
+    let m = &app.metrics;
+    let mut out = String::new();
+    let mut line = |name: &str, kind: &str, help: &str, v: u64| {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"));
+    };
+    line("hearth_engine_requests_total", "counter", "Inference requests received.", m.requests.load(Ordering::Relaxed));
+    line(
+        "hearth_engine_request_errors_total",
+        "counter",
+        "Inference requests refused or failed.",
+        m.errors.load(Ordering::Relaxed),
+    );
+    line(
+        "hearth_engine_prompt_tokens_total",
+        "counter",
+        "Prompt tokens of finished requests.",
+        m.prompt_tokens.load(Ordering::Relaxed),
+    );
+    line(
+        "hearth_engine_generation_tokens_total",
+        "counter",
+        "Tokens generated.",
+        s.generated_tokens.load(Ordering::Relaxed) as u64,
+    );
+    line(
+        "hearth_engine_running_sequences",
+        "gauge",
+        "Sequences in the running batch.",
+        s.running.load(Ordering::Relaxed) as u64,
+    );
+    line(
+        "hearth_engine_waiting_requests",
+        "gauge",
+        "Requests waiting for admission.",
+        s.waiting.load(Ordering::Relaxed) as u64,
+    );
+    line(
+        "hearth_engine_kv_cache_reserved_bytes",
+        "gauge",
+        "KV cache bytes reserved by running sequences.",
+        s.kv_bytes.load(Ordering::Relaxed) as u64,
+    );
+    line("hearth_engine_steps_total", "counter", "Forward passes run.", s.steps.load(Ordering::Relaxed) as u64);
+    line(
+        "hearth_engine_cancelled_total",
+        "counter",
+        "Sequences freed because their client went away.",
+        s.cancelled.load(Ordering::Relaxed) as u64,
+    );
+    ([("content-type", "text/plain; version=0.0.4")], out).into_response()
+}
+
+/// Parses a JSON object body, refusing unknown and not-yet-supported fields by name.
+fn parse<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>, fields: &[&str]) -> ApiResult<T> {
+    let body = body.map_err(|e| OpenAiError::bad(format!("could not read the request body: {e}")))?;
+    let value: Value = serde_json::from_slice(&body).map_err(|e| OpenAiError::bad(format!("invalid JSON: {e}")))?;
+    let obj: &Map<String, Value> =
+        value.as_object().ok_or_else(|| OpenAiError::bad("the body must be a JSON object"))?;
+    match check_fields(obj, fields) {
+        Ok(()) => {}
+        Err(FieldError::Unknown(f)) => {
+            return Err(OpenAiError { param: Some(f.clone()), ..OpenAiError::bad(format!("unknown field `{f}`")) })
+        }
+        Err(FieldError::NotSupported(f)) => {
+            return Err(OpenAiError {
+                status: StatusCode::NOT_IMPLEMENTED,
+                kind: "not_implemented",
+                message: format!("field `{f}` is not supported by hearth yet; remove it from the request"),
+                param: Some(f),
+            })
+        }
+    }
+    serde_json::from_value(value).map_err(|e| OpenAiError::bad(format!("invalid request: {e}")))
+}
+
+impl App {
+    fn check_model(&self, model: &str) -> ApiResult<()> {
+        if model == &*self.served_name {
+            Ok(())
+        } else {
+            Err(OpenAiError {
+                status: StatusCode::NOT_FOUND,
+                kind: "model_not_found",
+                message: format!("model {model:?} is not served here; this server serves {:?}", &*self.served_name),
+                param: Some("model".into()),
+            })
+        }
+    }
+
+    /// Builds one engine request per choice.
+    fn requests(
+        &self,
+        prompts: Vec<Vec<u32>>,
+        s: &Sampling,
+        max_tokens: Option<u32>,
+        default_max: Option<usize>,
+        logprobs: Option<usize>,
+        prompt_logprobs: bool,
+    ) -> ApiResult<Vec<GenerateRequest>> {
+        let n = s.n.unwrap_or(1) as usize;
+        if n == 0 {
+            return Err(OpenAiError::bad("n must be at least 1"));
+        }
+        if n * prompts.len() > MAX_CHOICES {
+            return Err(OpenAiError::bad(format!("at most {MAX_CHOICES} completions per request (n × prompts)")));
+        }
+        let ctx = self.engine.context_length();
+        let mut out = Vec::new();
+        for prompt in prompts {
+            let room = ctx.saturating_sub(prompt.len());
+            let max = match max_tokens {
+                Some(0) => return Err(OpenAiError::bad("max_tokens must be at least 1")),
+                Some(m) => m as usize,
+                None => default_max.unwrap_or(room),
+            };
+            for j in 0..n {
+                out.push(GenerateRequest {
+                    prompt: prompt.clone(),
+                    max_tokens: max.min(room.max(1)),
+                    params: SamplingParams {
+                        temperature: s.temperature.unwrap_or(1.0),
+                        top_p: s.top_p.unwrap_or(1.0),
+                        top_k: s.top_k.unwrap_or(0) as usize,
+                        // Each of n choices gets its own stream of randomness, still reproducible.
+                        seed: s.seed.map(|seed| seed.wrapping_add(j as u64)),
+                        presence_penalty: s.presence_penalty.unwrap_or(0.0),
+                        frequency_penalty: s.frequency_penalty.unwrap_or(0.0),
+                        repetition_penalty: s.repetition_penalty.unwrap_or(1.0),
+                        logprobs,
+                    },
+                    stop: s.stop.clone().map(|s| s.into_vec()).unwrap_or_default(),
+                    ignore_eos: s.ignore_eos.unwrap_or(false),
+                    prompt_logprobs,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    fn submit(&self, reqs: Vec<GenerateRequest>) -> ApiResult<Vec<UnboundedReceiver<Event>>> {
+        self.metrics.requests.fetch_add(1, Ordering::Relaxed);
+        let r: Result<Vec<_>, EngineError> = reqs.into_iter().map(|r| self.engine.generate(r)).collect();
+        r.map_err(|e| {
+            self.metrics.errors.fetch_add(1, Ordering::Relaxed);
+            e.into()
+        })
+    }
+
+    fn token_text(&self, id: u32) -> String {
+        self.engine.tokenizer().decode(&[id], false).unwrap_or_default()
+    }
+}
+
+/// Everything one choice produced, for non-streaming responses.
+#[derive(Default)]
+struct Collected {
+    text: String,
+    tokens: Vec<Sampled>,
+    prompt_logprobs: Vec<Sampled>,
+    finish: Option<&'static str>,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+}
+
+async fn collect(mut rx: UnboundedReceiver<Event>) -> ApiResult<Collected> {
+    let mut c = Collected::default();
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Event::PromptLogprobs(p) => c.prompt_logprobs = p,
+            Event::Token { sampled, text } => {
+                c.text.push_str(&text);
+                c.tokens.push(sampled);
+            }
+            Event::Finished { reason, text, prompt_tokens, completion_tokens } => {
+                c.text.push_str(&text);
+                c.finish = Some(reason.as_str());
+                c.prompt_tokens = prompt_tokens;
+                c.completion_tokens = completion_tokens;
+                return Ok(c);
+            }
+            Event::Error(e) => return Err(EngineError::Internal(e).into()),
+        }
+    }
+    Err(EngineError::Stopped.into())
+}
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+fn new_id(prefix: &str) -> String {
+    format!("{prefix}-{:016x}", rand::random::<u64>())
+}
+
+fn usage(prompt: usize, completion: usize) -> Usage {
+    Usage { prompt_tokens: prompt, completion_tokens: completion, total_tokens: prompt + completion }
+}
+
+async fn completions(State(app): State<App>, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
+    let req: CompletionRequest = parse(body, COMPLETION_FIELDS)?;
+    app.check_model(&req.model)?;
+    let tok = app.engine.tokenizer();
+    let prompts: Vec<Vec<u32>> = match req.prompt {
+        Prompt::Text(t) => vec![tok.encode(&t, true)?],
+        Prompt::Texts(ts) => ts.iter().map(|t| tok.encode(t, true)).collect::<Result<_, _>>()?,
+        Prompt::Tokens(ids) => vec![ids],
+        Prompt::TokenLists(l) => l,
+    };
+    if prompts.is_empty() {
+        return Err(OpenAiError::bad("prompt is empty"));
+    }
+    let echo = req.echo.unwrap_or(false);
+    let logprobs = req.logprobs.map(|n| n as usize);
+    let reqs = app.requests(
+        prompts.clone(),
+        &req.sampling,
+        req.sampling.max_tokens,
+        Some(DEFAULT_COMPLETION_MAX_TOKENS),
+        logprobs,
+        echo && logprobs.is_some(),
+    )?;
+    let n = req.sampling.n.unwrap_or(1) as usize;
+    let rxs = app.submit(reqs)?;
+    let (id, created, model) = (new_id("cmpl"), now(), app.served_name.to_string());
+    if req.sampling.stream.unwrap_or(false) {
+        let include_usage = req.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);
+        let app2 = app.clone();
+        let (id2, model2) = (id.clone(), model.clone());
+        let chunk = move |index: usize, text: String, finish: Option<&str>, lp: Value| {
+            json!({"id": id2, "object": "text_completion", "created": created, "model": model2,
+                "choices": [{"index": index, "text": text, "logprobs": lp, "finish_reason": finish}]})
+        };
+        // With echo, each choice starts with its prompt's text.
+        let mut first = Vec::new();
+        if echo {
+            for index in 0..prompts.len() * n {
+                first.push(Some(Ok(chunk(index, tok.decode(&prompts[index / n], true)?, None, Value::Null))));
+            }
+        }
+        let chunk2 = chunk.clone();
+        let body = merged(rxs).map(move |(index, ev)| match ev {
+            Event::PromptLogprobs(_) => None,
+            Event::Token { sampled, text } => {
+                let lp = if logprobs.is_some() { completion_logprobs(&app2, &[sampled], None) } else { Value::Null };
+                Some(Ok(chunk2(index, text, None, lp)))
+            }
+            Event::Finished { reason, text, prompt_tokens, completion_tokens } => {
+                app2.metrics.prompt_tokens.fetch_add(prompt_tokens as u64, Ordering::Relaxed);
+                app2.metrics.completion_tokens.fetch_add(completion_tokens as u64, Ordering::Relaxed);
+                let mut c = chunk2(index, text, Some(reason.as_str()), Value::Null);
+                if include_usage {
+                    c["usage"] = json!(usage(prompt_tokens, completion_tokens));
+                }
+                Some(Ok(c))
+            }
+            Event::Error(e) => Some(Err(e)),
+        });
+        let chunks = stream::iter(first).chain(body);
+        return Ok(sse(chunks));
+    }
+    let mut choices = Vec::new();
+    let (mut pt, mut ct) = (0, 0);
+    for (index, rx) in rxs.into_iter().enumerate() {
+        let c = collect(rx).await?;
+        let prompt = &prompts[index / n];
+        pt += c.prompt_tokens;
+        ct += c.completion_tokens;
+        let mut text = c.text;
+        let lp = match logprobs {
+            None => Value::Null,
+            Some(_) if echo => {
+                let prompt_text = tok.decode(prompt, true)?;
+                text = format!("{prompt_text}{text}");
+                completion_logprobs(&app, &c.tokens, Some((prompt, &c.prompt_logprobs)))
+            }
+            Some(_) => completion_logprobs(&app, &c.tokens, None),
+        };
+        if echo && logprobs.is_none() {
+            text = format!("{}{text}", tok.decode(prompt, true)?);
+        }
+        choices.push(json!({"index": index, "text": text, "logprobs": lp, "finish_reason": c.finish}));
+    }
+    // Prompt tokens count once per prompt, not once per choice.
+    let pt = pt / n.max(1);
+    app.metrics.prompt_tokens.fetch_add(pt as u64, Ordering::Relaxed);
+    app.metrics.completion_tokens.fetch_add(ct as u64, Ordering::Relaxed);
+    Ok(Json(json!({"id": id, "object": "text_completion", "created": created, "model": model,
+        "choices": choices, "usage": usage(pt, ct)}))
+    .into_response())
+}
+
+/// The legacy completions `logprobs` object. With `prompt`, the prompt's tokens come first,
+/// the very first with a null logprob (nothing precedes it).
+fn completion_logprobs(app: &App, tokens: &[Sampled], prompt: Option<(&[u32], &[Sampled])>) -> Value {
+    let mut toks = Vec::new();
+    let mut lps = Vec::new();
+    let mut tops = Vec::new();
+    let mut offsets = Vec::new();
+    let mut offset = 0;
+    let mut push = |text: String, lp: Value, top: Value| {
+        offsets.push(offset);
+        offset += text.len();
+        toks.push(text);
+        lps.push(lp);
+        tops.push(top);
+    };
+    let top_map = |s: &Sampled| {
+        let m: Map<String, Value> = s.top.iter().map(|(t, l)| (app.token_text(*t), json!(l))).collect();
+        Value::Object(m)
+    };
+    if let Some((ids, scored)) = prompt {
+        for (i, id) in ids.iter().enumerate() {
+            match i.checked_sub(1).and_then(|j| scored.get(j)) {
+                Some(s) => push(app.token_text(*id), json!(s.logprob), top_map(s)),
+                None => push(app.token_text(*id), Value::Null, Value::Null),
+            }
+        }
+    }
+    for s in tokens {
+        push(app.token_text(s.token), json!(s.logprob), top_map(s));
+    }
+    json!({"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
+}
+
+/// The chat `logprobs` object.
+fn chat_logprobs(app: &App, tokens: &[Sampled]) -> Value {
+    let entry = |id: u32, lp: f32| {
+        let t = app.token_text(id);
+        json!({"token": t, "logprob": lp, "bytes": t.as_bytes()})
+    };
+    let content: Vec<Value> = tokens
+        .iter()
+        .map(|s| {
+            let mut e = entry(s.token, s.logprob);
+            e["top_logprobs"] = Value::Array(s.top.iter().map(|(t, l)| entry(*t, *l)).collect());
+            e
+        })
+        .collect();
+    json!({"content": content})
+}
+
+async fn chat_completions(State(app): State<App>, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
+    let req: ChatCompletionRequest = parse(body, CHAT_FIELDS)?;
+    app.check_model(&req.model)?;
+    let template = app.template.clone().ok_or_else(|| {
+        OpenAiError::bad("this model has no chat template; use /v1/completions with a prompt instead")
+    })?;
+    if req.messages.is_empty() {
+        return Err(OpenAiError::bad("messages must not be empty"));
+    }
+    let messages: Vec<ChatMessage> = req
+        .messages
+        .iter()
+        .map(|m| {
+            let content = match &m.content {
+                None => String::new(),
+                Some(Content::Text(t)) => t.clone(),
+                Some(Content::Parts(parts)) => {
+                    if let Some(p) = parts.iter().find(|p| p.kind != "text") {
+                        return Err(OpenAiError {
+                            status: StatusCode::NOT_IMPLEMENTED,
+                            kind: "not_implemented",
+                            message: format!("content parts of type {:?} are not supported; send text", p.kind),
+                            param: Some("messages".into()),
+                        });
+                    }
+                    parts.iter().filter_map(|p| p.text.clone()).collect::<Vec<_>>().join("\n")
+                }
+            };
+            Ok(ChatMessage::new(m.role.clone(), content))
+        })
+        .collect::<ApiResult<_>>()?;
+    let prompt_text = template.render(&messages, true)?;
+    // The template already places any BOS the model wants.
+    let prompt = app.engine.tokenizer().encode(&prompt_text, false)?;
+    let want_logprobs = req.logprobs.unwrap_or(false);
+    let top = req.top_logprobs.map(|n| n as usize);
+    if top.is_some() && !want_logprobs {
+        return Err(OpenAiError::bad("top_logprobs requires logprobs: true"));
+    }
+    let logprobs = want_logprobs.then(|| top.unwrap_or(0));
+    let max_tokens = req.max_completion_tokens.or(req.sampling.max_tokens);
+    let reqs = app.requests(vec![prompt], &req.sampling, max_tokens, None, logprobs, false)?;
+    let rxs = app.submit(reqs)?;
+    let (id, created, model) = (new_id("chatcmpl"), now(), app.served_name.to_string());
+    if req.sampling.stream.unwrap_or(false) {
+        let include_usage = req.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);
+        let choices = rxs.len();
+        let app2 = app.clone();
+        let (id2, model2) = (id.clone(), model.clone());
+        // prompt tokens, completion tokens, finished choices
+        let mut usage_acc = [0usize; 3];
+        let first: Vec<Value> = (0..choices)
+            .map(|index| {
+                json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]})
+            })
+            .collect();
+        let body = merged(rxs).flat_map(move |(index, ev)| {
+            let chunk = |delta: Value, lp: Value, finish: Option<&str>| {
+                json!({"id": id2, "object": "chat.completion.chunk", "created": created, "model": model2,
+                    "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}]})
+            };
+            let out: Vec<Result<Value, String>> = match ev {
+                Event::PromptLogprobs(_) => vec![],
+                Event::Token { sampled, text } => {
+                    let lp = if want_logprobs { chat_logprobs(&app2, &[sampled]) } else { Value::Null };
+                    if text.is_empty() && !want_logprobs {
+                        vec![]
+                    } else {
+                        vec![Ok(chunk(json!({"content": text}), lp, None))]
+                    }
+                }
+                Event::Finished { reason, text, prompt_tokens, completion_tokens } => {
+                    app2.metrics.completion_tokens.fetch_add(completion_tokens as u64, Ordering::Relaxed);
+                    usage_acc[0] = prompt_tokens;
+                    usage_acc[1] += completion_tokens;
+                    usage_acc[2] += 1;
+                    let delta = if text.is_empty() { json!({}) } else { json!({"content": text}) };
+                    let mut v = vec![Ok(chunk(delta, Value::Null, Some(reason.as_str())))];
+                    if include_usage && usage_acc[2] == choices {
+                        app2.metrics.prompt_tokens.fetch_add(usage_acc[0] as u64, Ordering::Relaxed);
+                        v.push(Ok(json!({"id": id2, "object": "chat.completion.chunk", "created": created,
+                            "model": model2, "choices": [], "usage": usage(usage_acc[0], usage_acc[1])})));
+                    }
+                    v
+                }
+                Event::Error(e) => vec![Err(e)],
+            };
+            stream::iter(out)
+        });
+        let all = stream::iter(first.into_iter().map(|v| Some(Ok(v)))).chain(body.map(Some));
+        return Ok(sse(all));
+    }
+    let mut choices = Vec::new();
+    let (mut pt, mut ct) = (0, 0);
+    for (index, rx) in rxs.into_iter().enumerate() {
+        let c = collect(rx).await?;
+        pt = c.prompt_tokens;
+        ct += c.completion_tokens;
+        let lp = if want_logprobs { chat_logprobs(&app, &c.tokens) } else { Value::Null };
+        choices.push(json!({"index": index, "message": {"role": "assistant", "content": c.text},
+            "logprobs": lp, "finish_reason": c.finish}));
+    }
+    app.metrics.prompt_tokens.fetch_add(pt as u64, Ordering::Relaxed);
+    app.metrics.completion_tokens.fetch_add(ct as u64, Ordering::Relaxed);
+    Ok(Json(json!({"id": id, "object": "chat.completion", "created": created, "model": model,
+        "choices": choices, "usage": usage(pt, ct)}))
+    .into_response())
+}
+
+/// The events of every choice, interleaved as they arrive, tagged with the choice index.
+fn merged(rxs: Vec<UnboundedReceiver<Event>>) -> impl Stream<Item = (usize, Event)> + Send {
+    stream::select_all(rxs.into_iter().enumerate().map(|(i, rx)| {
+        stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|ev| (ev, rx)) }).map(move |ev| (i, ev)).boxed()
+    }))
+}
+
+/// Server-sent events: one `data:` per chunk, then `data: [DONE]`. An engine error mid-stream
+/// ends the stream with an error object, so no client hangs.
+fn sse<S>(chunks: S) -> Response
+where
+    S: Stream<Item = Option<Result<Value, String>>> + Send + 'static,
+{
+    let events = chunks
+        .filter_map(|c| async move { c })
+        .map(|c| match c {
+            Ok(v) => SseEvent::default().data(v.to_string()),
+            Err(e) => SseEvent::default().data(json!({"error": {"message": e, "type": "internal_error"}}).to_string()),
+        })
+        .chain(stream::once(async { SseEvent::default().data("[DONE]") }))
+        .map(Ok::<_, Infallible>);
+    Sse::new(events).keep_alive(KeepAlive::default()).into_response()
+}

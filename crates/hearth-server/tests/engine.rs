@@ -1,0 +1,271 @@
+//! The engine server through its real router, serving the tiny fixture Llama: the OpenAI
+//! request and response shapes, streaming, logprobs and echo, stop strings, seeds, batching
+//! that leaks nothing between rows, disconnects that free their slot, and malformed requests.
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use axum::Router;
+use futures_util::StreamExt;
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+const MODEL: &str = "tiny";
+
+fn router() -> Router {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../hearth-engine/tests/fixtures/tiny_llama");
+    let loaded =
+        hearth_engine::load(&dir, hearth_engine::Precision::Native, &candle_core::Device::Cpu).expect("tiny model");
+    let engine = hearth_engine::Engine::start(loaded.model, loaded.tokenizer, hearth_engine::EngineConfig::default());
+    hearth_server::engine_router(engine, MODEL.to_string())
+}
+
+async fn post(app: &Router, path: &str, body: Value) -> (StatusCode, Value) {
+    let req = Request::post(path)
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .expect("request");
+    let resp = app.clone().oneshot(req).await.expect("infallible");
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+async fn get_text(app: &Router, path: &str) -> String {
+    let resp = app.clone().oneshot(Request::get(path).body(Body::empty()).expect("request")).await.expect("infallible");
+    String::from_utf8(resp.into_body().collect().await.expect("body").to_bytes().to_vec()).expect("utf-8")
+}
+
+/// The `data:` payloads of an SSE response.
+async fn sse(app: &Router, path: &str, body: Value) -> Vec<String> {
+    let req = Request::post(path)
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .expect("request");
+    let resp = app.clone().oneshot(req).await.expect("infallible");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    String::from_utf8(bytes.to_vec())
+        .expect("utf-8")
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: ").map(str::to_string))
+        .collect()
+}
+
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines().find_map(|l| l.strip_prefix(&format!("{name} ")).and_then(|v| v.parse().ok())).unwrap_or(0)
+}
+
+#[tokio::test]
+async fn completions_and_chat_answer_in_openai_shape() {
+    let app = router();
+    let models: Value = serde_json::from_str(&get_text(&app, "/v1/models").await).expect("json");
+    assert_eq!(models["data"][0]["id"], MODEL);
+
+    let (s, c) = post(
+        &app,
+        "/v1/completions",
+        json!({"model": MODEL, "prompt": "Hello world", "max_tokens": 5, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{c}");
+    assert_eq!(c["object"], "text_completion");
+    assert_eq!(c["choices"][0]["finish_reason"], "length");
+    assert_eq!(c["usage"]["completion_tokens"], 5);
+    assert_eq!(c["usage"]["total_tokens"], c["usage"]["prompt_tokens"].as_u64().unwrap() + 5);
+
+    let (s, chat) = post(&app, "/v1/chat/completions", json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0, "logprobs": true, "top_logprobs": 2})).await;
+    assert_eq!(s, StatusCode::OK, "{chat}");
+    assert_eq!(chat["object"], "chat.completion");
+    assert_eq!(chat["choices"][0]["message"]["role"], "assistant");
+    let lp = chat["choices"][0]["logprobs"]["content"].as_array().expect("logprobs").clone();
+    assert!(!lp.is_empty() && lp.len() <= 4);
+    assert_eq!(lp[0]["top_logprobs"].as_array().expect("top").len(), 2);
+    assert!(lp.iter().all(|t| t["logprob"].as_f64().expect("f64") <= 0.0));
+}
+
+#[tokio::test]
+async fn echo_returns_prompt_logprobs_with_the_first_null() {
+    let app = router();
+    let (s, c) = post(&app, "/v1/completions", json!({"model": MODEL, "prompt": [5, 17, 42, 99], "max_tokens": 2, "temperature": 0, "echo": true, "logprobs": 1})).await;
+    assert_eq!(s, StatusCode::OK, "{c}");
+    let lp = &c["choices"][0]["logprobs"];
+    let tlp = lp["token_logprobs"].as_array().expect("token_logprobs");
+    assert_eq!(tlp.len(), 4 + 2);
+    assert!(tlp[0].is_null());
+    assert!(tlp[1..].iter().all(|v| v.as_f64().expect("number") <= 0.0));
+    assert_eq!(lp["tokens"].as_array().expect("tokens").len(), 6);
+}
+
+#[tokio::test]
+async fn stop_strings_cut_the_text_and_finish_with_stop() {
+    let app = router();
+    let body = json!({"model": MODEL, "prompt": "The", "max_tokens": 12, "temperature": 0});
+    let (_, full) = post(&app, "/v1/completions", body.clone()).await;
+    let text = full["choices"][0]["text"].as_str().expect("text").to_string();
+    // A stop string from the middle of what greedy decoding produces, spanning characters.
+    let chars: Vec<char> = text.chars().collect();
+    assert!(chars.len() >= 6, "greedy text too short to cut: {text:?}");
+    let stop: String = chars[3..5].iter().collect();
+    let mut with_stop = body;
+    with_stop["stop"] = json!([stop.clone()]);
+    let (_, cut) = post(&app, "/v1/completions", with_stop).await;
+    let cut_text = cut["choices"][0]["text"].as_str().expect("text");
+    assert_eq!(cut["choices"][0]["finish_reason"], "stop");
+    assert_eq!(cut_text, &text[..text.find(&stop).expect("stop occurs")]);
+}
+
+#[tokio::test]
+async fn the_same_seed_gives_the_same_sample_and_n_gives_n_choices() {
+    let app = router();
+    let body = json!({"model": MODEL, "prompt": "Once", "max_tokens": 8, "temperature": 1.0, "seed": 7, "n": 3});
+    let (_, a) = post(&app, "/v1/completions", body.clone()).await;
+    let (_, b) = post(&app, "/v1/completions", body).await;
+    assert_eq!(a["choices"].as_array().expect("choices").len(), 3);
+    let texts =
+        |v: &Value| v["choices"].as_array().expect("choices").iter().map(|c| c["text"].clone()).collect::<Vec<_>>();
+    assert_eq!(texts(&a), texts(&b));
+}
+
+#[tokio::test]
+async fn streaming_sends_chunks_usage_and_done() {
+    let app = router();
+    let events = sse(
+        &app,
+        "/v1/chat/completions",
+        json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 6, "temperature": 0, "stream": true, "stream_options": {"include_usage": true}}),
+    )
+    .await;
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> =
+        events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).expect("json chunk")).collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let usage = chunks.last().expect("usage chunk");
+    assert_eq!(usage["choices"].as_array().expect("choices").len(), 0);
+    assert!(usage["usage"]["completion_tokens"].as_u64().expect("count") >= 1);
+    let finish: Vec<&Value> = chunks
+        .iter()
+        .filter_map(|c| c["choices"].get(0))
+        .map(|c| &c["finish_reason"])
+        .filter(|f| !f.is_null())
+        .collect();
+    assert_eq!(finish.len(), 1);
+    // The streamed text equals the non-streamed answer.
+    let streamed: String =
+        chunks.iter().filter_map(|c| c["choices"].get(0)?["delta"]["content"].as_str().map(str::to_string)).collect();
+    let (_, whole) = post(
+        &app,
+        "/v1/chat/completions",
+        json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(streamed, whole["choices"][0]["message"]["content"].as_str().expect("content"));
+}
+
+/// 32 requests of different lengths, decoded in the same batches, each return exactly what
+/// they return alone.
+#[tokio::test]
+async fn batching_leaks_nothing_between_rows() {
+    let app = router();
+    let bodies: Vec<Value> = (0..32)
+        .map(|i| {
+            let prompt: Vec<u32> = (0..(3 + i * 5)).map(|j| ((i * 31 + j * 7) % 500 + 3) as u32).collect();
+            json!({"model": MODEL, "prompt": prompt, "max_tokens": 8 + i % 5, "temperature": 0, "ignore_eos": true})
+        })
+        .collect();
+    let mut alone = Vec::new();
+    for b in &bodies {
+        alone.push(post(&app, "/v1/completions", b.clone()).await.1["choices"][0]["text"].clone());
+    }
+    let together =
+        futures_util::future::join_all(bodies.iter().map(|b| post(&app, "/v1/completions", b.clone()))).await;
+    for (i, (s, v)) in together.iter().enumerate() {
+        assert_eq!(*s, StatusCode::OK);
+        assert_eq!(v["choices"][0]["text"], alone[i], "request {i} changed when batched");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_disconnects_frees_its_slot() {
+    let app = router();
+    // Other long requests keep the engine busy, so the stream below is still running when
+    // its client goes away.
+    let busy: Vec<_> = (0..16)
+        .map(|_| {
+            let app = app.clone();
+            tokio::spawn(async move {
+                post(
+                    &app,
+                    "/v1/completions",
+                    json!({"model": MODEL, "prompt": "Busy", "max_tokens": 240, "ignore_eos": true}),
+                )
+                .await
+            })
+        })
+        .collect();
+    // Let the busy requests start decoding first.
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let req = Request::post("/v1/completions")
+        .header("content-type", "application/json")
+        .body(Body::from(
+            json!({"model": MODEL, "prompt": "Hello", "max_tokens": 240, "stream": true, "ignore_eos": true})
+                .to_string(),
+        ))
+        .expect("request");
+    let resp = app.clone().oneshot(req).await.expect("infallible");
+    let mut stream = resp.into_body().into_data_stream();
+    let first = stream.next().await.expect("a first chunk").expect("bytes");
+    assert!(!first.is_empty());
+    drop(stream);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let m = get_text(&app, "/metrics").await;
+        if metric(&m, "hearth_engine_cancelled_total") >= 1 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the slot was not freed: {m}");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    for b in busy {
+        assert_eq!(b.await.expect("task").0, StatusCode::OK);
+    }
+    let m = get_text(&app, "/metrics").await;
+    assert_eq!(metric(&m, "hearth_engine_running_sequences"), 0, "{m}");
+    // 16 busy requests ran to the end; the abandoned one stopped early.
+    assert!(metric(&m, "hearth_engine_generation_tokens_total") < 17 * 240, "{m}");
+}
+
+#[tokio::test]
+async fn malformed_requests_get_openai_errors_with_fitting_statuses() {
+    let app = router();
+    let cases = [
+        (json!({"model": MODEL, "prompt": "x", "temprature": 1}), StatusCode::BAD_REQUEST, "temprature"),
+        (
+            json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}),
+            StatusCode::NOT_IMPLEMENTED,
+            "tools",
+        ),
+        (json!({"model": "other", "prompt": "x"}), StatusCode::NOT_FOUND, "other"),
+        (json!({"model": MODEL, "prompt": "x", "temperature": 5}), StatusCode::BAD_REQUEST, "temperature"),
+        (json!({"model": MODEL, "prompt": "x", "max_tokens": 0}), StatusCode::BAD_REQUEST, "max_tokens"),
+        (json!({"model": MODEL, "prompt": [9999]}), StatusCode::BAD_REQUEST, "token id"),
+        (json!({"model": MODEL, "prompt": "x", "n": 100}), StatusCode::BAD_REQUEST, "at most"),
+        (json!({"model": MODEL, "messages": []}), StatusCode::BAD_REQUEST, "messages"),
+        (json!(["not", "an", "object"]), StatusCode::BAD_REQUEST, "object"),
+    ];
+    for (body, status, needle) in cases {
+        let path = if body.get("messages").is_some() { "/v1/chat/completions" } else { "/v1/completions" };
+        let (s, v) = post(&app, path, body.clone()).await;
+        assert_eq!(s, status, "{body}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(msg.contains(needle), "{body}: message {msg:?} should mention {needle:?}");
+        assert!(v["error"]["type"].is_string());
+    }
+    let req = Request::post("/v1/completions")
+        .header("content-type", "application/json")
+        .body(Body::from("{not json"))
+        .expect("request");
+    let resp = app.clone().oneshot(req).await.expect("infallible");
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+}
