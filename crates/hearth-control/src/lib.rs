@@ -10,11 +10,15 @@ pub mod auth;
 pub mod deployed_models;
 pub mod deployments;
 pub mod error;
+pub mod fleet;
 pub mod inspect;
 pub mod listing;
 pub mod models;
 mod patch;
+pub mod reconciler;
 mod records;
+pub mod routing;
+pub mod runtime;
 pub mod signing;
 
 use std::sync::Arc;

@@ -11,4 +11,4 @@ mod params;
 
 pub use engine_app::engine_router;
 pub use error::ApiError;
-pub use gateway::router as gateway_router;
+pub use gateway::{router as gateway_router, router_with as gateway_router_with, Inference};

@@ -55,6 +55,12 @@ pub const OPERATIONS: &[Operation] = &[
     op!("get" "/v1/accounts/{account}/deployedModels/{deployedModel}" "GetDeployedModel" "Get a loaded LoRA addon", q: &["readMask"], req: None, resp: Some("DeployedModel")),
     op!("patch" "/v1/accounts/{account}/deployedModels/{deployedModel}" "UpdateDeployedModel" "Update a loaded LoRA addon", q: &["updateMask"], req: Some("DeployedModel"), resp: Some("DeployedModel")),
     op!("delete" "/v1/accounts/{account}/deployedModels/{deployedModel}" "DeleteDeployedModel" "Unload a LoRA addon", q: &[], req: None, resp: None),
+    op!("post" "/inference/v1/chat/completions" "ChatCompletions" "OpenAI chat completions, routed to the deployment `model` names", q: &[], req: None, resp: None),
+    op!("post" "/inference/v1/completions" "Completions" "OpenAI completions, routed to the deployment `model` names", q: &[], req: None, resp: None),
+    op!("get" "/inference/v1/models" "ListServableModels" "Models with a live deployment in the caller's account", q: &[], req: None, resp: None),
+    op!("post" "/v1/chat/completions" "ChatCompletionsV1" "Same as /inference/v1/chat/completions", q: &[], req: None, resp: None),
+    op!("post" "/v1/completions" "CompletionsV1" "Same as /inference/v1/completions", q: &[], req: None, resp: None),
+    op!("get" "/v1/models" "ListServableModelsV1" "Same as /inference/v1/models", q: &[], req: None, resp: None),
     op!("get" "/verifyApiKey" "VerifyApiKey" "The account of the presented key, in x-fireworks-account-id", q: &[], req: None, resp: None),
     Operation {
         method: "put",

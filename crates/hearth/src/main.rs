@@ -88,6 +88,13 @@ struct ServeArgs {
     /// Seconds a soft-deleted deployment is kept (and can be undeleted) before it is purged.
     #[arg(long, env = "HEARTH_PURGE_DELAY", default_value_t = 7 * 24 * 3600)]
     purge_delay: u64,
+    /// Seconds an inference request for a deployment with no ready replica waits for one
+    /// (waking it from zero) before it is answered 503.
+    #[arg(long, env = "HEARTH_WAKE_TIMEOUT", default_value_t = 120)]
+    wake_timeout: u64,
+    /// Milliseconds between reconciler passes (it also runs whenever something changes).
+    #[arg(long, env = "HEARTH_RECONCILE_INTERVAL_MS", default_value_t = 1000)]
+    reconcile_interval_ms: u64,
     /// Log as JSON lines instead of human-readable text.
     #[arg(long, env = "HEARTH_LOG_JSON")]
     log_json: bool,
@@ -163,7 +170,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     });
 
-    let app = hearth_server::gateway_router(control);
+    // Replicas are `hearth engine` children of this process, started by the reconciler.
+    let fleet = std::sync::Arc::new(hearth_control::fleet::Fleet::default());
+    let binary = std::env::current_exe().context("locating the hearth binary to run replicas")?;
+    let runtime =
+        std::sync::Arc::new(hearth_control::runtime::local::LocalRuntime::new(binary, control.artifacts().clone()));
+    let reconciler = hearth_control::reconciler::Reconciler::new(control.clone(), runtime, fleet.clone());
+    tokio::spawn(reconciler.run(Duration::from_millis(args.reconcile_interval_ms)));
+
+    let inference = hearth_server::Inference::new(fleet, Duration::from_secs(args.wake_timeout));
+    let app = hearth_server::gateway_router_with(control, inference);
     tracing::info!(listen = %local, store = if args.database_url.is_some() { "postgres" } else { "sqlite" }, data_dir = %args.data_dir.display(), "hearth gateway ready");
     axum_serve(listener, app).await
 }

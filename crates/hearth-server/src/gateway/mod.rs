@@ -7,6 +7,7 @@
 
 mod deployed_models;
 mod deployments;
+mod inference;
 mod models;
 mod upload;
 
@@ -17,7 +18,7 @@ use axum::extract::{DefaultBodyLimit, FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, put};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use hearth_api::Code;
 use hearth_control::{ControlPlane, ListPage, ListRequest, Principal};
@@ -28,20 +29,30 @@ use crate::error::{ApiError, ApiResult};
 use crate::metrics::Metrics;
 use crate::params::Params;
 
+pub use inference::Inference;
+
 /// What every handler can reach.
 #[derive(Clone)]
 pub struct AppState {
     pub control: ControlPlane,
     pub metrics: Arc<Metrics>,
+    pub inference: Inference,
 }
 
 /// The largest JSON body a control call may send. Model files go through the upload route,
 /// which streams and has no such limit.
 const MAX_JSON_BODY: usize = 2 << 20;
 
+/// The gateway without a runtime: inference requests find no replicas and answer UNAVAILABLE.
 pub fn router(control: ControlPlane) -> Router {
+    let fleet = Arc::new(hearth_control::fleet::Fleet::default());
+    router_with(control, Inference::new(fleet, std::time::Duration::ZERO))
+}
+
+/// The gateway whose inference routes use `inference` (the fleet a reconciler maintains).
+pub fn router_with(control: ControlPlane, inference: Inference) -> Router {
     let metrics = Arc::new(Metrics::default());
-    let state = AppState { control, metrics: metrics.clone() };
+    let state = AppState { control, metrics: metrics.clone(), inference };
     let api = Router::new()
         .route("/v1/accounts/{account}/models", get(models::list).post(models::create))
         .route(
@@ -62,6 +73,12 @@ pub fn router(control: ControlPlane) -> Router {
             get(deployed_models::get).patch(deployed_models::update).delete(deployed_models::delete),
         )
         .route("/verifyApiKey", get(verify_api_key))
+        .route("/v1/chat/completions", post(inference::proxy))
+        .route("/v1/completions", post(inference::proxy))
+        .route("/v1/models", get(inference::models))
+        .route("/inference/v1/chat/completions", post(inference::proxy))
+        .route("/inference/v1/completions", post(inference::proxy))
+        .route("/inference/v1/models", get(inference::models))
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY));
     let files = Router::new()
         .route("/upload/{account}/{model}/{file}", put(upload::put))

@@ -1,0 +1,104 @@
+//! What the gateway knows about running replicas between reconciler passes: the ready
+//! endpoints of each deployment, the requests in flight on each, and when each deployment was
+//! last asked for. The reconciler writes the endpoints; the inference router reads them,
+//! counts its requests and wakes deployments that have none.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use tokio::sync::Notify;
+
+#[derive(Default)]
+pub struct Fleet {
+    /// Deployment name → ready replica endpoints.
+    ready: RwLock<HashMap<String, Vec<String>>>,
+    /// Endpoint → requests in flight there.
+    in_flight: RwLock<HashMap<String, Arc<AtomicUsize>>>,
+    /// Deployment name → last time a request for it arrived.
+    last_request: RwLock<HashMap<String, Instant>>,
+    /// Wakes the reconciler early (a deployment was woken or changed).
+    pub(crate) kicker: Notify,
+    /// Signals the router that the ready set changed.
+    pub(crate) changed: Notify,
+}
+
+/// Counts a request in flight on an endpoint for as long as it lives.
+pub struct InFlight {
+    counter: Arc<AtomicUsize>,
+    pub endpoint: String,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Fleet {
+    pub(crate) fn publish(&self, ready: HashMap<String, Vec<String>>) {
+        if let Ok(mut r) = self.ready.write() {
+            if *r != ready {
+                *r = ready;
+                self.changed.notify_waiters();
+            }
+        }
+    }
+
+    pub fn ready_endpoints(&self, deployment: &str) -> Vec<String> {
+        self.ready.read().ok().and_then(|r| r.get(deployment).cloned()).unwrap_or_default()
+    }
+
+    /// Picks the ready replica with the fewest requests in flight and counts one more there.
+    pub fn acquire(&self, deployment: &str, exclude: &[String]) -> Option<InFlight> {
+        let endpoints = self.ready_endpoints(deployment);
+        let mut best: Option<(usize, String, Arc<AtomicUsize>)> = None;
+        for e in endpoints.into_iter().filter(|e| !exclude.contains(e)) {
+            let counter = {
+                let existing = self.in_flight.read().ok().and_then(|m| m.get(&e).cloned());
+                match existing {
+                    Some(c) => c,
+                    None => match self.in_flight.write() {
+                        Ok(mut m) => m.entry(e.clone()).or_default().clone(),
+                        Err(_) => continue,
+                    },
+                }
+            };
+            let load = counter.load(Ordering::Relaxed);
+            if best.as_ref().is_none_or(|(l, _, _)| load < *l) {
+                best = Some((load, e, counter));
+            }
+        }
+        best.map(|(_, endpoint, counter)| {
+            counter.fetch_add(1, Ordering::Relaxed);
+            InFlight { counter, endpoint }
+        })
+    }
+
+    /// Requests in flight across a deployment's replicas.
+    pub fn load(&self, deployment: &str) -> usize {
+        let Ok(m) = self.in_flight.read() else { return 0 };
+        self.ready_endpoints(deployment).iter().filter_map(|e| m.get(e)).map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Asks the reconciler for a pass now rather than at its next tick.
+    pub fn kick(&self) {
+        self.kicker.notify_one();
+    }
+
+    pub fn touch(&self, deployment: &str) {
+        if let Ok(mut m) = self.last_request.write() {
+            m.insert(deployment.to_string(), Instant::now());
+        }
+    }
+
+    pub fn last_request(&self, deployment: &str) -> Option<Instant> {
+        self.last_request.read().ok().and_then(|m| m.get(deployment).copied())
+    }
+
+    /// Waits until the ready set changes (or a short while passes).
+    pub async fn wait_changed(&self) {
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(200), self.changed.notified()).await;
+    }
+}

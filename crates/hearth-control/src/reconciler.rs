@@ -1,0 +1,283 @@
+//! The reconciler: level-triggered and idempotent. Each pass reads every deployment from the
+//! store, observes the runtime's replicas, starts and stops replicas to close the gap, and
+//! writes what it saw back (`replicaCount`, `replicaStats`, `state`, `status`). It runs on a
+//! period and whenever kicked, so a missed event, a crashed replica or a restarted gateway is
+//! repaired by the next pass rather than by bookkeeping.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hearth_api::names::{Collection, ResourceName};
+use hearth_api::resources::{Deployment, DeploymentState, ReplicaStats};
+use hearth_api::rpc::ResourceStatus;
+use hearth_api::Code;
+
+use crate::error::Result;
+use crate::fleet::Fleet;
+use crate::records::{Doc, DEPLOYMENTS};
+use crate::runtime::{Phase, Replica, ReplicaSpec, Runtime};
+use crate::ControlPlane;
+
+pub struct Reconciler {
+    control: ControlPlane,
+    runtime: Arc<dyn Runtime>,
+    fleet: Arc<Fleet>,
+}
+
+/// What one pass decided for one deployment, written back if it differs from the store.
+#[derive(Debug, PartialEq)]
+struct Observed {
+    ready: i32,
+    starting: i32,
+    state: DeploymentState,
+    status: Option<ResourceStatus>,
+    desired: i32,
+}
+
+impl Reconciler {
+    pub fn new(control: ControlPlane, runtime: Arc<dyn Runtime>, fleet: Arc<Fleet>) -> Reconciler {
+        Reconciler { control, runtime, fleet }
+    }
+
+    /// Runs passes forever: every `period`, or sooner when kicked. A failed pass is logged
+    /// and retried on the next tick; nothing it did is lost, because the next pass starts
+    /// again from the store and the runtime.
+    pub async fn run(self, period: Duration) {
+        loop {
+            if let Err(e) = self.pass().await {
+                tracing::warn!(error = %e, "reconcile pass failed; retrying");
+            }
+            let _ = tokio::time::timeout(period, self.fleet.kicker.notified()).await;
+        }
+    }
+
+    /// One pass over every deployment.
+    pub async fn pass(&self) -> Result<()> {
+        let replicas = self.runtime.replicas().await?;
+        let mut by_deployment: HashMap<String, Vec<Replica>> = HashMap::new();
+        for r in replicas {
+            by_deployment.entry(r.deployment.clone()).or_default().push(r);
+        }
+        let mut known = HashSet::new();
+        let mut ready_map = HashMap::new();
+        for rec in self.control.store.list_all(DEPLOYMENTS).await? {
+            let name = ResourceName::new(&rec.account, Collection::Deployments, &rec.id).to_string();
+            known.insert(name.clone());
+            let Ok(d) = serde_json::from_str::<Deployment>(&rec.body) else {
+                tracing::warn!(deployment = %name, "unreadable deployment record; skipped");
+                continue;
+            };
+            let mine = by_deployment.remove(&name).unwrap_or_default();
+            let ready = self.reconcile_one(&rec.account, &rec.id, &name, &d, mine).await?;
+            if !ready.is_empty() {
+                ready_map.insert(name, ready);
+            }
+        }
+        // Replicas of deployments that no longer exist (purged) are stopped.
+        for (_, orphans) in by_deployment {
+            for r in orphans {
+                self.runtime.stop(&r.id).await?;
+            }
+        }
+        self.fleet.publish(ready_map);
+        Ok(())
+    }
+
+    /// Brings one deployment's replicas to what it asks for; returns its ready endpoints.
+    async fn reconcile_one(
+        &self,
+        account: &str,
+        id: &str,
+        name: &str,
+        d: &Deployment,
+        replicas: Vec<Replica>,
+    ) -> Result<Vec<String>> {
+        let state = d.state.unwrap_or(DeploymentState::Creating);
+        // Deleted and failed deployments run nothing.
+        if matches!(state, DeploymentState::Deleted | DeploymentState::Failed) {
+            for r in &replicas {
+                self.runtime.stop(&r.id).await?;
+            }
+            if !replicas.is_empty() || d.replica_count.unwrap_or(0) != 0 {
+                self.write(
+                    account,
+                    id,
+                    Observed { ready: 0, starting: 0, state, status: d.status.clone(), desired: 0 },
+                )
+                .await?;
+            }
+            return Ok(Vec::new());
+        }
+        let Some(spec) = spec_of(account, name, d) else { return Ok(Vec::new()) };
+        let fp = spec.fingerprint();
+        let desired = self.desired(name, d);
+
+        // A replica that failed before it was ever ready could not load the model: the
+        // deployment fails with the engine's reason instead of crash-looping.
+        if let Some(Phase::Failed(why)) =
+            replicas.iter().find(|r| !r.was_ready && matches!(r.phase, Phase::Failed(_))).map(|r| r.phase.clone())
+        {
+            for r in &replicas {
+                self.runtime.stop(&r.id).await?;
+            }
+            tracing::warn!(deployment = %name, reason = %why, "deployment failed");
+            let status =
+                Some(ResourceStatus::new(Code::FailedPrecondition, format!("the model could not be served: {why}")));
+            self.write(
+                account,
+                id,
+                Observed { ready: 0, starting: 0, state: DeploymentState::Failed, status, desired },
+            )
+            .await?;
+            return Ok(Vec::new());
+        }
+        // Crashed replicas are removed; the counts below start replacements.
+        let mut live = Vec::new();
+        for r in replicas {
+            if matches!(r.phase, Phase::Failed(_)) {
+                tracing::warn!(deployment = %name, replica = %r.id, "replica crashed; replacing it");
+                self.runtime.stop(&r.id).await?;
+            } else {
+                live.push(r);
+            }
+        }
+        let (current, stale): (Vec<Replica>, Vec<Replica>) = live.into_iter().partition(|r| r.fingerprint == fp);
+        let ready_now = current.iter().filter(|r| r.phase == Phase::Ready).count() as i32;
+        let starting_now = current.iter().filter(|r| r.phase == Phase::Starting).count() as i32;
+        let have = ready_now + starting_now;
+        let mut starting = starting_now;
+        if have < desired {
+            for _ in have..desired {
+                self.runtime.start(&spec).await?;
+                starting += 1;
+            }
+        } else if have > desired {
+            // Stop the ones still starting first: they serve nobody yet.
+            let mut extra = (have - desired) as usize;
+            let mut order: Vec<&Replica> = current.iter().collect();
+            order.sort_by_key(|r| r.phase == Phase::Ready);
+            for r in order {
+                if extra == 0 {
+                    break;
+                }
+                self.runtime.stop(&r.id).await?;
+                if r.phase == Phase::Starting {
+                    starting -= 1;
+                }
+                extra -= 1;
+            }
+        }
+        // Rolling update: old replicas serve until enough new ones are ready.
+        let rolling = !stale.is_empty();
+        if rolling && ready_now >= desired {
+            for r in &stale {
+                self.runtime.stop(&r.id).await?;
+            }
+        }
+        let ready_endpoints: Vec<String> = current
+            .iter()
+            .chain(stale.iter().filter(|_| ready_now < desired))
+            .filter(|r| r.phase == Phase::Ready)
+            .map(|r| r.endpoint.clone())
+            .collect();
+        let ready = ready_endpoints.len() as i32;
+        let min = d.min_replica_count.unwrap_or(0);
+        let new_state = match state {
+            DeploymentState::Creating if ready >= 1 && ready >= min => DeploymentState::Ready,
+            DeploymentState::Creating => DeploymentState::Creating,
+            _ if rolling && ready_now < desired => DeploymentState::Updating,
+            _ => DeploymentState::Ready,
+        };
+        self.write(account, id, Observed { ready, starting, state: new_state, status: None, desired }).await?;
+        Ok(ready_endpoints)
+    }
+
+    /// How many replicas a deployment should have now: what the API asked for (`minReplicaCount`
+    /// or `:scale`), raised to one while requests for it arrived within its scale-to-zero
+    /// window: a request wakes a deployment at zero, and idleness lets it fall back.
+    fn desired(&self, name: &str, d: &Deployment) -> i32 {
+        let min = d.min_replica_count.unwrap_or(0);
+        let max = d.max_replica_count.unwrap_or(1);
+        let mut desired = d.desired_replica_count.unwrap_or(min).clamp(0, max.max(0));
+        let window = d
+            .autoscaling_policy
+            .as_ref()
+            .and_then(|p| p.scale_to_zero_window)
+            .map(|w| w.0)
+            .unwrap_or(Duration::from_secs(crate::deployments::DEFAULT_SCALE_TO_ZERO_WINDOW));
+        let recently_used = self.fleet.last_request(name).is_some_and(|t| t.elapsed() < window);
+        if desired == 0 && max > 0 && recently_used {
+            desired = 1;
+        }
+        desired
+    }
+
+    /// Writes observed state back, only when it changed, against the stored version.
+    async fn write(&self, account: &str, id: &str, o: Observed) -> Result<()> {
+        let unchanged = |d: &Deployment| {
+            d.replica_count == Some(o.ready)
+                && d.state == Some(o.state)
+                && d.status == o.status
+                && d.replica_stats.as_ref().and_then(|s| s.ready_replica_count) == Some(o.ready)
+                && d.replica_stats.as_ref().and_then(|s| s.initializing_replica_count) == Some(o.starting)
+        };
+        let current: Option<Doc<Deployment>> = self.control.load(DEPLOYMENTS, account, id).await?;
+        match current {
+            Some(doc) if !unchanged(&doc.value) => {}
+            _ => return Ok(()),
+        }
+        let result = self
+            .control
+            .modify(
+                DEPLOYMENTS,
+                account,
+                id,
+                || crate::error::ControlError::NotFound(id.to_string()),
+                |doc: &mut Doc<Deployment>| {
+                    // A user action (delete, undelete) that landed since this pass read the
+                    // deployment wins; the next pass sees it.
+                    let s = doc.value.state.unwrap_or(DeploymentState::Creating);
+                    if matches!(s, DeploymentState::Deleted) && o.state != DeploymentState::Deleted {
+                        return Ok(());
+                    }
+                    if s == DeploymentState::Failed && o.state != DeploymentState::Failed && o.state != s {
+                        return Ok(());
+                    }
+                    doc.value.replica_count = Some(o.ready);
+                    doc.value.replica_stats = Some(ReplicaStats {
+                        ready_replica_count: Some(o.ready),
+                        initializing_replica_count: Some(o.starting),
+                        ..ReplicaStats::default()
+                    });
+                    doc.value.state = Some(o.state);
+                    if o.status.is_some() || o.state != DeploymentState::Failed {
+                        doc.value.status = o.status.clone();
+                    }
+                    Ok(())
+                },
+            )
+            .await;
+        match result {
+            Ok(_) | Err(crate::error::ControlError::NotFound(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// The replica spec a deployment implies; None when its base model name is unreadable.
+fn spec_of(account: &str, name: &str, d: &Deployment) -> Option<ReplicaSpec> {
+    let base = d.base_model.clone()?;
+    let rn = ResourceName::parse(&base, Collection::Models).ok()?;
+    Some(ReplicaSpec {
+        deployment: name.to_string(),
+        model: base,
+        account: if rn.account.is_empty() { account.to_string() } else { rn.account },
+        model_id: rn.id,
+        precision: match d.precision {
+            Some(p) if p.as_str() != "PRECISION_UNSPECIFIED" => p.as_str().to_string(),
+            _ => String::new(),
+        },
+        max_context_length: d.max_context_length.unwrap_or(0).max(0) as u32,
+    })
+}

@@ -1,0 +1,126 @@
+//! Resolving the `model` of an inference request to the deployment that serves it:
+//! `accounts/A/models/M` (that model's default deployment), `accounts/A/models/M#accounts/A/deployments/D`
+//! (that deployment), or `accounts/A/deployedModels/X`. An account may use its own
+//! deployments, of its own models or of public ones.
+
+use hearth_api::names::{Collection, ResourceName};
+use hearth_api::resources::{DeployedModel, Deployment, DeploymentState, ModelKind};
+
+use crate::auth::Principal;
+use crate::error::{ControlError, Result};
+use crate::records::{Doc, DEPLOYED_MODELS, DEPLOYMENTS};
+use crate::ControlPlane;
+
+/// Where an inference request goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// `accounts/{a}/deployments/{d}`.
+    pub deployment: String,
+    /// The name the deployment's replicas serve (its base model's resource name).
+    pub served_model: String,
+}
+
+fn usable(name: &str, d: &Deployment) -> Result<()> {
+    match d.state {
+        Some(DeploymentState::Deleted) => Err(ControlError::NotFound(format!("deployment {name} is deleted"))),
+        Some(DeploymentState::Failed) => Err(ControlError::FailedPrecondition(format!(
+            "deployment {name} has FAILED: {}",
+            d.status.as_ref().and_then(|s| s.message.clone()).unwrap_or_default()
+        ))),
+        _ => Ok(()),
+    }
+}
+
+impl ControlPlane {
+    pub async fn resolve_route(&self, who: &Principal, model: &str) -> Result<Route> {
+        let model = model.trim();
+        if model.is_empty() {
+            return Err(ControlError::InvalidArgument(
+                "model is required: accounts/{account}/models/{model}, optionally #accounts/{account}/deployments/{id}"
+                    .to_string(),
+            ));
+        }
+        let (left, deployment) = match model.split_once('#') {
+            Some((l, r)) => (l, Some(r)),
+            None => (model, None),
+        };
+        if left.contains("/deployedModels/") {
+            let rn = ResourceName::parse(left, Collection::DeployedModels).map_err(ControlError::InvalidArgument)?;
+            self.authorize(who, &rn.account)?;
+            let dm: Doc<DeployedModel> = self
+                .load(DEPLOYED_MODELS, &rn.account, &rn.id)
+                .await?
+                .ok_or_else(|| ControlError::NotFound(format!("deployed model {left} not found")))?;
+            return Err(ControlError::Unimplemented(format!(
+                "{left} is a LoRA addon ({}); serving LoRA addons is not supported by hearth yet",
+                dm.value.model.unwrap_or_default()
+            )));
+        }
+        let (model_rn, model_doc) = self.resolve_model(&who.account, left, "model").await.map_err(|e| match e {
+            ControlError::FailedPrecondition(m) => ControlError::NotFound(m),
+            other => other,
+        })?;
+        if model_doc.value.model.kind != Some(ModelKind::HfBaseModel) {
+            return Err(ControlError::Unimplemented(format!(
+                "{left} is a LoRA addon; serving LoRA addons is not supported by hearth yet"
+            )));
+        }
+        let model_name = model_rn.to_string();
+        match deployment {
+            Some(dep) => {
+                let rn = ResourceName::parse(dep, Collection::Deployments).map_err(ControlError::InvalidArgument)?;
+                self.authorize(who, &rn.account)?;
+                let d = self
+                    .load::<Deployment>(DEPLOYMENTS, &rn.account, &rn.id)
+                    .await?
+                    .ok_or_else(|| ControlError::NotFound(format!("deployment {dep} not found")))?;
+                usable(dep, &d.value)?;
+                if d.value.base_model.as_deref() != Some(model_name.as_str()) {
+                    return Err(ControlError::FailedPrecondition(format!(
+                        "deployment {dep} serves {}, not {model_name}",
+                        d.value.base_model.unwrap_or_default()
+                    )));
+                }
+                Ok(Route { deployment: rn.to_string(), served_model: model_name })
+            }
+            None => {
+                // The model's default deployment: the oldest live deployment of it in the
+                // caller's account.
+                let mut candidates: Vec<Doc<Deployment>> = self
+                    .load_all::<Deployment>(DEPLOYMENTS, &who.account)
+                    .await?
+                    .into_iter()
+                    .filter(|d| d.value.base_model.as_deref() == Some(model_name.as_str()))
+                    .filter(|d| !matches!(d.value.state, Some(DeploymentState::Deleted)))
+                    .collect();
+                candidates.sort_by_key(|d| d.create_time);
+                let d = candidates.into_iter().next().ok_or_else(|| {
+                    ControlError::FailedPrecondition(format!(
+                        "model {model_name} has no deployment in account {}; create one first",
+                        who.account
+                    ))
+                })?;
+                let name = ResourceName::new(&who.account, Collection::Deployments, &d.id).to_string();
+                usable(&name, &d.value)?;
+                Ok(Route { deployment: name, served_model: model_name })
+            }
+        }
+    }
+}
+
+impl ControlPlane {
+    /// The model names an account can send inference requests for: base models with a live
+    /// deployment in the account.
+    pub async fn servable_models(&self, who: &Principal) -> Result<Vec<String>> {
+        let mut names: Vec<String> = self
+            .load_all::<Deployment>(DEPLOYMENTS, &who.account)
+            .await?
+            .into_iter()
+            .filter(|d| !matches!(d.value.state, Some(DeploymentState::Deleted | DeploymentState::Failed)))
+            .filter_map(|d| d.value.base_model)
+            .collect();
+        names.sort();
+        names.dedup();
+        Ok(names)
+    }
+}

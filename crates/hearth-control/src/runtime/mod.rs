@@ -1,0 +1,70 @@
+//! Where replicas run. The `Runtime` trait is what the reconciler needs from any backend:
+//! start a replica from a spec, stop one, and say which replicas exist and how they are. The
+//! local backend runs `hearth engine` child processes; a Kubernetes backend would run pods.
+//!
+//! A runtime is observed, never trusted to remember: the reconciler asks `replicas()` on every
+//! pass and acts on the difference from what the store wants.
+
+pub mod local;
+
+use async_trait::async_trait;
+
+use crate::error::Result;
+
+/// Everything a replica needs to start. Two specs that are equal run interchangeable
+/// replicas; a changed spec means replicas must be replaced (a rolling update).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ReplicaSpec {
+    /// `accounts/{a}/deployments/{d}`: the deployment this replica serves.
+    pub deployment: String,
+    /// `accounts/{a}/models/{m}`: the base model, as the engine announces it.
+    pub model: String,
+    pub account: String,
+    pub model_id: String,
+    /// `FP32`, `BF16`, `FP16`, or empty for the checkpoint's own precision.
+    pub precision: String,
+    pub max_context_length: u32,
+}
+
+impl ReplicaSpec {
+    /// A short fingerprint of the spec, stored with each replica so a changed deployment can
+    /// tell its old replicas from its new ones.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let text = format!("{}|{}|{}|{}", self.deployment, self.model, self.precision, self.max_context_length);
+        hex::encode(&Sha256::digest(text.as_bytes())[..6])
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Phase {
+    /// Started, not answering its health check yet (loading the model).
+    Starting,
+    /// Healthy: serves requests at its endpoint.
+    Ready,
+    /// Exited or refused to start; the message says why (the engine's last log line).
+    Failed(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replica {
+    pub id: String,
+    pub deployment: String,
+    pub fingerprint: String,
+    /// Base URL of the replica's OpenAI API, e.g. `http://127.0.0.1:41234`.
+    pub endpoint: String,
+    pub phase: Phase,
+    /// Whether it was ever Ready: a replica that fails before that could not load its model
+    /// (the deployment is FAILED); one that fails after it crashed (it is replaced).
+    pub was_ready: bool,
+}
+
+#[async_trait]
+pub trait Runtime: Send + Sync + 'static {
+    /// Starts one replica; it appears in `replicas()` at once, `Starting` until healthy.
+    async fn start(&self, spec: &ReplicaSpec) -> Result<Replica>;
+    /// Stops a replica; stopping one that is gone is not an error.
+    async fn stop(&self, id: &str) -> Result<()>;
+    /// Every replica this runtime has, with its current phase.
+    async fn replicas(&self) -> Result<Vec<Replica>>;
+}

@@ -1,0 +1,144 @@
+//! The inference router: OpenAI-style requests at `/inference/v1/...` and `/v1/...`, resolved
+//! to a deployment, sent to its least-loaded ready replica, and streamed back as they come.
+//!
+//! A deployment at zero replicas is woken by the request, which waits (bounded) for a replica
+//! to become ready. A request is retried on another replica only if it could not be sent at
+//! all; once a byte went out, a replica that dies ends the response with an error instead.
+
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::{StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::StreamExt;
+use hearth_api::Code;
+use hearth_control::fleet::InFlight;
+use serde_json::{json, Value};
+
+use super::{AppState, Caller};
+use crate::error::{ApiError, ApiResult};
+
+/// How many replicas one request may be tried on before giving up.
+const MAX_ATTEMPTS: usize = 3;
+
+pub(super) async fn models(State(s): State<AppState>, Caller(who): Caller) -> ApiResult<Response> {
+    let models = s.control.servable_models(&who).await?;
+    let data: Vec<Value> = models
+        .into_iter()
+        .map(|m| json!({"id": m, "object": "model", "owned_by": who.account, "created": 0}))
+        .collect();
+    Ok(Json(json!({"object": "list", "data": data})).into_response())
+}
+
+pub(super) async fn proxy(
+    State(s): State<AppState>,
+    Caller(who): Caller,
+    uri: Uri,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let body = super::body(body)?;
+    let mut request: Value =
+        serde_json::from_slice(&body).map_err(|e| ApiError::invalid(format!("invalid JSON: {e}")))?;
+    let model =
+        request.get("model").and_then(Value::as_str).ok_or_else(|| ApiError::invalid("model is required"))?.to_string();
+    let route = s.control.resolve_route(&who, &model).await?;
+    // Replicas know the deployment by its base model's name.
+    request["model"] = Value::String(route.served_model.clone());
+    let payload = Bytes::from(request.to_string());
+    let path = uri.path().strip_prefix("/inference").unwrap_or(uri.path()).to_string();
+
+    let fleet = &s.inference.fleet;
+    fleet.touch(&route.deployment);
+    let deadline = Instant::now() + s.inference.wake_timeout;
+    let mut tried: Vec<String> = Vec::new();
+    loop {
+        let slot = match fleet.acquire(&route.deployment, &tried) {
+            Some(slot) => slot,
+            None => {
+                if Instant::now() >= deadline {
+                    return Err(ApiError::new(
+                        Code::Unavailable,
+                        format!(
+                            "deployment {} has no ready replica yet (waited {}s); it is starting, retry shortly",
+                            route.deployment,
+                            s.inference.wake_timeout.as_secs()
+                        ),
+                    ));
+                }
+                // Wake the deployment (the reconciler sees the recent request) and wait.
+                s.inference.fleet.kick();
+                fleet.wait_changed().await;
+                continue;
+            }
+        };
+        let url = format!("{}{}", slot.endpoint, path);
+        match s.inference.http.post(&url).header("content-type", "application/json").body(payload.clone()).send().await
+        {
+            Ok(upstream) => return Ok(relay(upstream, slot)),
+            Err(e) => {
+                // Nothing was sent to the client yet: another replica may take it.
+                tracing::warn!(endpoint = %slot.endpoint, error = %e, "replica unreachable; trying another");
+                tried.push(slot.endpoint.clone());
+                s.inference.fleet.kick();
+                if tried.len() >= MAX_ATTEMPTS {
+                    return Err(ApiError::new(
+                        Code::Unavailable,
+                        format!("replicas of {} are unreachable: {e}", route.deployment),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// Streams the replica's response to the client chunk by chunk. The in-flight slot lives as
+/// long as the body, so load counts cover streaming responses; a client that goes away drops
+/// the body, which drops the upstream request and frees the sequence on the replica.
+fn relay(upstream: reqwest::Response, slot: InFlight) -> Response {
+    let status = StatusCode::from_u16(upstream.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let content_type =
+        upstream.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("application/json").to_string();
+    let is_sse = content_type.starts_with("text/event-stream");
+    let stream = upstream.bytes_stream().map(move |chunk| {
+        let _slot = &slot;
+        match chunk {
+            Ok(b) => Ok::<Bytes, std::io::Error>(b),
+            Err(e) if is_sse => {
+                // The replica died mid-stream: say so in the stream, then end it.
+                tracing::warn!(error = %e, "replica failed mid-stream");
+                let msg = json!({"error": {"message": format!("the replica serving this request failed: {e}"), "type": "unavailable"}});
+                Ok(Bytes::from(format!("data: {msg}\n\ndata: [DONE]\n\n")))
+            }
+            Err(e) => Err(std::io::Error::other(format!("the replica serving this request failed: {e}"))),
+        }
+    });
+    // After an error chunk of an event stream, stop reading from the dead replica.
+    let mut failed = false;
+    let stream = stream.take_while(move |c| {
+        let done = failed;
+        if let Ok(b) = c {
+            failed = b.starts_with(b"data: {\"error\"");
+        }
+        std::future::ready(!done)
+    });
+    (status, [("content-type", content_type)], Body::from_stream(stream)).into_response()
+}
+
+/// What the inference router needs besides the control plane.
+#[derive(Clone)]
+pub struct Inference {
+    pub fleet: std::sync::Arc<hearth_control::fleet::Fleet>,
+    pub http: reqwest::Client,
+    /// How long a request waits for a deployment at zero to get a ready replica.
+    pub wake_timeout: Duration,
+}
+
+impl Inference {
+    pub fn new(fleet: std::sync::Arc<hearth_control::fleet::Fleet>, wake_timeout: Duration) -> Inference {
+        let http = reqwest::Client::builder().connect_timeout(Duration::from_secs(2)).build().unwrap_or_default();
+        Inference { fleet, http, wake_timeout }
+    }
+}

@@ -1,0 +1,164 @@
+"""Deployments come alive: a deployment created through the API becomes engine replicas, and
+the gateway routes OpenAI-style requests to them, through the official `openai` and
+`fireworks-ai` clients. The model is the tiny Llama checkpoint of the engine's fixtures (a real
+tokenizer and chat template, fast on CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from openai import OpenAI
+
+import fixtures
+
+ENGINE_FIXTURE = Path(__file__).resolve().parents[2] / "crates/hearth-engine/tests/fixtures/tiny_llama"
+FILES = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+
+
+def _upload_tiny(client, model_id: str) -> str:
+    client.models.create(model_id=model_id, model={"kind": "HF_BASE_MODEL", "baseModelDetails": {}})
+    fixtures.upload_model_files(client, model_id, {f: (ENGINE_FIXTURE / f).read_bytes() for f in FILES})
+    client.models.validate_upload(model_id)
+    model = client.models.get(model_id)
+    assert model.state == "READY"
+    return model.name
+
+
+def _wait_state(client, dep_id: str, state: str, timeout: float = 60) -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        d = client.deployments.get(dep_id)
+        if d.state == state:
+            return d
+        assert time.monotonic() < deadline, f"deployment {dep_id} stayed {d.state}: {d.status}"
+        time.sleep(0.2)
+
+
+def _replica_pids(model_id: str) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", f"engine --model .*/models/{model_id} "], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+@pytest.fixture(scope="module")
+def served(client, hearth, uid):
+    model_id = uid("tiny-serve")
+    name = _upload_tiny(client, model_id)
+    dep_id = uid("live")
+    client.deployments.create(base_model=name, deployment_id=dep_id, min_replica_count=1, max_replica_count=1,
+                              enable_addons=True)
+    d = _wait_state(client, dep_id, "READY")
+    assert d.replica_count == 1
+    yield model_id, name, dep_id
+    client.deployments.delete(dep_id, hard=True, ignore_checks=True)
+
+
+def _openai(hearth) -> OpenAI:
+    return OpenAI(api_key=hearth.api_key, base_url=f"{hearth.base_url}/inference/v1", max_retries=0)
+
+
+def test_a_deployment_serves_chat_and_completions_through_the_gateway(hearth, served):
+    model_id, name, dep_id = served
+    oa = _openai(hearth)
+    chat = oa.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=6,
+                                      temperature=0)
+    assert chat.choices[0].message.role == "assistant"
+    assert isinstance(chat.choices[0].message.content, str)
+    assert chat.usage.completion_tokens >= 1
+    # The same through the explicit deployment, and under /v1 as the Fireworks SDK sends it.
+    again = oa.chat.completions.create(model=f"{name}#accounts/{hearth.account}/deployments/{dep_id}",
+                                       messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=0)
+    assert again.choices[0].message.content == chat.choices[0].message.content
+    v1 = OpenAI(api_key=hearth.api_key, base_url=f"{hearth.base_url}/v1", max_retries=0)
+    comp = v1.completions.create(model=name, prompt="Hello", max_tokens=4, temperature=0)
+    assert comp.usage.completion_tokens == 4
+    # Streaming passes through chunk by chunk and adds up to the same answer.
+    stream = oa.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=6,
+                                        temperature=0, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == chat.choices[0].message.content
+    models = [m.id for m in oa.models.list()]
+    assert name in models
+
+
+def test_the_fireworks_sdk_chats_through_the_gateway(client, served):
+    model_id, name, dep_id = served
+    resp = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                          temperature=0)
+    assert resp.choices[0].message.role == "assistant"
+
+
+def test_inference_refusals(hearth, served, client2):
+    model_id, name, dep_id = served
+    oa = _openai(hearth)
+    import openai
+    with pytest.raises(openai.NotFoundError):
+        oa.chat.completions.create(model=f"accounts/{hearth.account}/models/nope", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.AuthenticationError):
+        OpenAI(api_key="wrong", base_url=f"{hearth.base_url}/inference/v1", max_retries=0).completions.create(
+            model=name, prompt="x")
+    # Another account may not use this account's deployment.
+    other = OpenAI(api_key=hearth.api_key2, base_url=f"{hearth.base_url}/inference/v1", max_retries=0)
+    with pytest.raises(openai.PermissionDeniedError):
+        other.completions.create(model=f"{name}#accounts/{hearth.account}/deployments/{dep_id}", prompt="x")
+
+
+def test_a_killed_replica_is_replaced_and_serves_again(hearth, client, served):
+    model_id, name, dep_id = served
+    pids = _replica_pids(model_id)
+    assert len(pids) == 1, pids
+    os.kill(pids[0], signal.SIGKILL)
+    start = time.monotonic()
+    oa = _openai(hearth)
+    # The request waits for the replacement rather than failing or hanging.
+    out = oa.completions.create(model=name, prompt="Hello", max_tokens=2, temperature=0, timeout=30)
+    assert out.usage.completion_tokens == 2
+    assert time.monotonic() - start < 10
+    new = _replica_pids(model_id)
+    assert len(new) == 1 and new != pids
+    assert client.deployments.get(dep_id).replica_count == 1
+
+
+def test_a_deployment_at_zero_wakes_on_request_and_deletion_stops_replicas(hearth, client, uid):
+    model_id = uid("tiny-zero")
+    name = _upload_tiny(client, model_id)
+    dep_id = uid("zero")
+    client.deployments.create(base_model=name, deployment_id=dep_id, min_replica_count=0, max_replica_count=1)
+    time.sleep(1.5)
+    d = client.deployments.get(dep_id)
+    assert (d.replica_count or 0) == 0 and not _replica_pids(model_id)
+    out = _openai(hearth).completions.create(model=name, prompt="Hi", max_tokens=2, temperature=0, timeout=60)
+    assert out.usage.completion_tokens == 2
+    assert _wait_state(client, dep_id, "READY").replica_count == 1
+    client.deployments.delete(dep_id)
+    deadline = time.monotonic() + 10
+    while _replica_pids(model_id):
+        assert time.monotonic() < deadline, "replicas of a deleted deployment kept running"
+        time.sleep(0.2)
+    assert client.deployments.get(dep_id).state == "DELETED"
+    client.deployments.delete(dep_id, hard=True)
+
+
+def test_a_model_that_cannot_load_fails_the_deployment_with_the_reason(hearth, client, uid, tmp_path):
+    # A checkpoint whose headers are valid but whose config asks for what the engine does not
+    # implement (scaled rotary embeddings): the replica refuses to start, with a reason.
+    model_id = uid("tiny-broken")
+    client.models.create(model_id=model_id, model={"kind": "HF_BASE_MODEL", "baseModelDetails": {}})
+    files = {f: (ENGINE_FIXTURE / f).read_bytes() for f in FILES}
+    config = json.loads(files["config.json"])
+    config["rope_scaling"] = {"type": "linear", "factor": 2.0}
+    files["config.json"] = json.dumps(config).encode()
+    fixtures.upload_model_files(client, model_id, files)
+    client.models.validate_upload(model_id)
+    dep_id = uid("broken")
+    client.deployments.create(base_model=f"accounts/{hearth.account}/models/{model_id}", deployment_id=dep_id,
+                              min_replica_count=1, max_replica_count=1)
+    d = _wait_state(client, dep_id, "FAILED")
+    assert d.status and "rope_scaling" in d.status.message, d
+    assert not _replica_pids(model_id)
+    client.deployments.delete(dep_id, hard=True)
