@@ -120,7 +120,7 @@ class HearthServer:
 _SERVER: Optional[HearthServer] = None
 
 
-def _start(binary: Path, workdir: Path, attempt: int) -> HearthServer:
+def _start(binary: Path, workdir: Path, attempt: int, runtime: str = "none") -> HearthServer:
     port = _free_port()
     data_dir = workdir / f"data-{attempt}"
     data_dir.mkdir()
@@ -135,6 +135,7 @@ def _start(binary: Path, workdir: Path, attempt: int) -> HearthServer:
         "--api-key", key,
         "--account", account,
         "--extra-api-key", f"{key2}:{account2}",
+        "--runtime", runtime,
     ]
     db_url = os.environ.get("HEARTH_DATABASE_URL")
     if db_url:
@@ -190,7 +191,18 @@ def _stop(server: HearthServer) -> None:
 @pytest.fixture(scope="session")
 def hearth():
     """The running server: ``base_url``, ``account``/``api_key`` and a second
-    ``account2``/``api_key2``."""
+    ``account2``/``api_key2``. It runs no replicas (``--runtime none``): the control API is its
+    subject, and deployment states stay where the API puts them."""
+    yield from _serve("none")
+
+
+@pytest.fixture(scope="session")
+def hearth_live():
+    """A server whose deployments run as local engine replicas (``--runtime local``)."""
+    yield from _serve("local")
+
+
+def _serve(runtime: str):
     global _SERVER
     binary = hearth_binary()
     workdir = Path(tempfile.mkdtemp(prefix="hearth-e2e-"))
@@ -198,7 +210,7 @@ def hearth():
     server = None
     failure = ""
     for attempt in range(3):  # an early exit may be the probed port taken meanwhile: retry
-        server = _start(binary, workdir, attempt)
+        server = _start(binary, workdir, attempt, runtime)
         why = _wait_healthy(server, time.monotonic() + timeout)
         if why is None:
             break

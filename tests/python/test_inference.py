@@ -16,6 +16,7 @@ import pytest
 from openai import OpenAI
 
 import fixtures
+from conftest import make_client
 
 ENGINE_FIXTURE = Path(__file__).resolve().parents[2] / "crates/hearth-engine/tests/fixtures/tiny_llama"
 FILES = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
@@ -43,6 +44,17 @@ def _wait_state(client, dep_id: str, state: str, timeout: float = 60) -> object:
 def _replica_pids(model_id: str) -> list[int]:
     out = subprocess.run(["pgrep", "-f", f"engine --model .*/models/{model_id} "], capture_output=True, text=True)
     return [int(p) for p in out.stdout.split()]
+
+
+@pytest.fixture(scope="module")
+def hearth(hearth_live):
+    """This module's server runs replicas."""
+    return hearth_live
+
+
+@pytest.fixture(scope="module")
+def client(hearth):
+    return make_client(hearth)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +105,7 @@ def test_the_fireworks_sdk_chats_through_the_gateway(client, served):
     assert resp.choices[0].message.role == "assistant"
 
 
-def test_inference_refusals(hearth, served, client2):
+def test_inference_refusals(hearth, served):
     model_id, name, dep_id = served
     oa = _openai(hearth)
     import openai

@@ -27,6 +27,12 @@ enum Command {
     Openapi,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum RuntimeKind {
+    Local,
+    None,
+}
+
 #[derive(clap::Args)]
 struct EngineArgs {
     /// The model: a GGUF file, or a Hugging Face directory (config.json, safetensors, tokenizer.json).
@@ -92,6 +98,11 @@ struct ServeArgs {
     /// (waking it from zero) before it is answered 503.
     #[arg(long, env = "HEARTH_WAKE_TIMEOUT", default_value_t = 120)]
     wake_timeout: u64,
+    /// Where deployments run: `local` starts `hearth engine` replicas as child processes;
+    /// `none` runs no replicas (a control-plane-only gateway: deployments are stored and
+    /// answered for, never started).
+    #[arg(long, env = "HEARTH_RUNTIME", value_enum, default_value_t = RuntimeKind::Local)]
+    runtime: RuntimeKind,
     /// Milliseconds between reconciler passes (it also runs whenever something changes).
     #[arg(long, env = "HEARTH_RECONCILE_INTERVAL_MS", default_value_t = 1000)]
     reconcile_interval_ms: u64,
