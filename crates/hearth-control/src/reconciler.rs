@@ -9,13 +9,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hearth_api::names::{Collection, ResourceName};
-use hearth_api::resources::{Deployment, DeploymentState, ReplicaStats};
+use hearth_api::resources::{DeployedModel, DeployedModelState, Deployment, DeploymentState, ReplicaStats};
 use hearth_api::rpc::ResourceStatus;
 use hearth_api::Code;
 
 use crate::error::Result;
 use crate::fleet::Fleet;
-use crate::records::{Doc, DEPLOYMENTS};
+use crate::records::{Doc, DEPLOYED_MODELS, DEPLOYMENTS};
 use crate::runtime::{Phase, Replica, ReplicaSpec, Runtime};
 use crate::ControlPlane;
 
@@ -23,6 +23,8 @@ pub struct Reconciler {
     control: ControlPlane,
     runtime: Arc<dyn Runtime>,
     fleet: Arc<Fleet>,
+    /// Talks to replicas' admin API (their loaded LoRA adapters).
+    http: reqwest::Client,
 }
 
 /// What one pass decided for one deployment, written back if it differs from the store.
@@ -37,7 +39,8 @@ struct Observed {
 
 impl Reconciler {
     pub fn new(control: ControlPlane, runtime: Arc<dyn Runtime>, fleet: Arc<Fleet>) -> Reconciler {
-        Reconciler { control, runtime, fleet }
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap_or_default();
+        Reconciler { control, runtime, fleet, http }
     }
 
     /// Runs passes forever: every `period`, or sooner when kicked. A failed pass is logged
@@ -70,6 +73,7 @@ impl Reconciler {
             };
             let mine = by_deployment.remove(&name).unwrap_or_default();
             let ready = self.reconcile_one(&rec.account, &rec.id, &name, &d, mine).await?;
+            self.sync_adapters(&rec.account, &name, &ready).await?;
             if !ready.is_empty() {
                 ready_map.insert(name, ready);
             }
@@ -262,6 +266,112 @@ impl Reconciler {
             Ok(_) | Err(crate::error::ControlError::NotFound(_)) => Ok(()),
             Err(e) => Err(e),
         }
+    }
+}
+
+impl Reconciler {
+    /// Makes every ready replica of a deployment hold exactly the LoRA addons loaded onto it
+    /// (its DeployedModels), observing each replica's adapters first, and writes each
+    /// DeployedModel's state back: DEPLOYED once every ready replica has it, with a replica's
+    /// refusal in `status`.
+    async fn sync_adapters(&self, account: &str, deployment: &str, endpoints: &[String]) -> Result<()> {
+        let dms: Vec<Doc<DeployedModel>> = self
+            .control
+            .load_all::<DeployedModel>(DEPLOYED_MODELS, account)
+            .await?
+            .into_iter()
+            .filter(|d| d.value.deployment.as_deref() == Some(deployment))
+            .collect();
+        let mut wanted: HashMap<String, String> = HashMap::new();
+        for dm in &dms {
+            let Some(model) = dm.value.model.clone() else { continue };
+            let Ok(rn) = ResourceName::parse(&model, Collection::Models) else { continue };
+            let dir = self.control.artifacts.model_dir(&rn.account, &rn.id);
+            wanted.insert(model, dir.to_string_lossy().into_owned());
+        }
+        let mut missing: HashSet<String> = HashSet::new();
+        let mut refused: HashMap<String, String> = HashMap::new();
+        for ep in endpoints {
+            let have: Vec<String> = match self.http.get(format!("{ep}/v1/lora_adapters")).send().await {
+                Ok(r) if r.status().is_success() => r
+                    .json::<serde_json::Value>()
+                    .await
+                    .ok()
+                    .and_then(|v| v["adapters"].as_array().cloned())
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|a| a["name"].as_str().map(str::to_string))
+                    .collect(),
+                _ => {
+                    missing.extend(wanted.keys().cloned());
+                    continue;
+                }
+            };
+            for (model, path) in &wanted {
+                if have.contains(model) {
+                    continue;
+                }
+                let reply = self
+                    .http
+                    .post(format!("{ep}/v1/load_lora_adapter"))
+                    .json(&serde_json::json!({"lora_name": model, "lora_path": path}))
+                    .send()
+                    .await;
+                match reply {
+                    Ok(r) if r.status().is_success() => {
+                        tracing::info!(deployment, adapter = %model, replica = %ep, "adapter loaded on replica");
+                    }
+                    Ok(r) => {
+                        let body: serde_json::Value = r.json().await.unwrap_or_default();
+                        let msg =
+                            body["error"]["message"].as_str().unwrap_or("the replica refused the adapter").to_string();
+                        tracing::warn!(deployment, adapter = %model, replica = %ep, reason = %msg, "adapter refused");
+                        refused.insert(model.clone(), msg);
+                        missing.insert(model.clone());
+                    }
+                    Err(_) => {
+                        missing.insert(model.clone());
+                    }
+                }
+            }
+            for stale in have.iter().filter(|h| !wanted.contains_key(*h)) {
+                let _ = self
+                    .http
+                    .post(format!("{ep}/v1/unload_lora_adapter"))
+                    .json(&serde_json::json!({"lora_name": stale}))
+                    .send()
+                    .await;
+                tracing::info!(deployment, adapter = %stale, replica = %ep, "adapter unloaded from replica");
+            }
+        }
+        for dm in dms {
+            let model = dm.value.model.clone().unwrap_or_default();
+            let deployed = !endpoints.is_empty() && !missing.contains(&model);
+            let state = if deployed { DeployedModelState::Deployed } else { DeployedModelState::Deploying };
+            let status = refused.get(&model).map(|m| ResourceStatus::new(Code::FailedPrecondition, m.clone()));
+            if dm.value.state == Some(state) && dm.value.status == status {
+                continue;
+            }
+            let result = self
+                .control
+                .modify(
+                    DEPLOYED_MODELS,
+                    account,
+                    &dm.id,
+                    || crate::error::ControlError::NotFound(dm.id.clone()),
+                    |d: &mut Doc<DeployedModel>| {
+                        d.value.state = Some(state);
+                        d.value.status = status.clone();
+                        Ok(())
+                    },
+                )
+                .await;
+            match result {
+                Ok(_) | Err(crate::error::ControlError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 }
 

@@ -16,7 +16,8 @@ use crate::ControlPlane;
 pub struct Route {
     /// `accounts/{a}/deployments/{d}`.
     pub deployment: String,
-    /// The name the deployment's replicas serve (its base model's resource name).
+    /// The name to ask the replicas for: the base model's resource name, or the addon's
+    /// (replicas load an addon under its model's resource name).
     pub served_model: String,
 }
 
@@ -51,21 +52,38 @@ impl ControlPlane {
                 .load(DEPLOYED_MODELS, &rn.account, &rn.id)
                 .await?
                 .ok_or_else(|| ControlError::NotFound(format!("deployed model {left} not found")))?;
-            return Err(ControlError::Unimplemented(format!(
-                "{left} is a LoRA addon ({}); serving LoRA addons is not supported by hearth yet",
-                dm.value.model.unwrap_or_default()
-            )));
+            return self.addon_route(dm.value).await;
         }
         let (model_rn, model_doc) = self.resolve_model(&who.account, left, "model").await.map_err(|e| match e {
             ControlError::FailedPrecondition(m) => ControlError::NotFound(m),
             other => other,
         })?;
-        if model_doc.value.model.kind != Some(ModelKind::HfBaseModel) {
-            return Err(ControlError::Unimplemented(format!(
-                "{left} is a LoRA addon; serving LoRA addons is not supported by hearth yet"
-            )));
-        }
         let model_name = model_rn.to_string();
+        if model_doc.value.model.kind != Some(ModelKind::HfBaseModel) {
+            // An addon runs on a deployment it is loaded onto: the one named, or its default.
+            let loaded: Vec<DeployedModel> = self
+                .load_all::<DeployedModel>(DEPLOYED_MODELS, &who.account)
+                .await?
+                .into_iter()
+                .map(|d| d.value)
+                .filter(|d| d.model.as_deref() == Some(model_name.as_str()))
+                .collect();
+            let chosen = match deployment {
+                Some(dep) => loaded.into_iter().find(|d| d.deployment.as_deref() == Some(dep)),
+                None => {
+                    let mut l = loaded;
+                    l.sort_by_key(|d| d.default != Some(true));
+                    l.into_iter().next()
+                }
+            };
+            let dm = chosen.ok_or_else(|| {
+                ControlError::FailedPrecondition(format!(
+                    "LoRA addon {model_name} is not loaded onto {}; load it with POST deployedModels first",
+                    deployment.unwrap_or("any deployment of this account")
+                ))
+            })?;
+            return self.addon_route(dm).await;
+        }
         match deployment {
             Some(dep) => {
                 let rn = ResourceName::parse(dep, Collection::Deployments).map_err(ControlError::InvalidArgument)?;
@@ -122,5 +140,19 @@ impl ControlPlane {
         names.sort();
         names.dedup();
         Ok(names)
+    }
+}
+
+impl ControlPlane {
+    /// The route of a LoRA addon loaded as `dm`: its deployment, asking for the addon by name.
+    async fn addon_route(&self, dm: DeployedModel) -> Result<Route> {
+        let dep = dm.deployment.clone().unwrap_or_default();
+        let rn = ResourceName::parse(&dep, Collection::Deployments).map_err(ControlError::Internal)?;
+        let d = self
+            .load::<Deployment>(DEPLOYMENTS, &rn.account, &rn.id)
+            .await?
+            .ok_or_else(|| ControlError::NotFound(format!("deployment {dep} not found")))?;
+        usable(&dep, &d.value)?;
+        Ok(Route { deployment: dep, served_model: dm.model.unwrap_or_default() })
     }
 }

@@ -13,7 +13,8 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 
 use crate::error::{EngineError, Result};
-use crate::model::{KvCache, LlamaModel, Logits, SeqInput};
+use crate::lora::LoraAdapter;
+use crate::model::{KvCache, LlamaConfig, LlamaModel, Logits, SeqInput};
 use crate::sampling::{log_softmax, top_k, Sampled, Sampler, SamplingParams};
 use crate::tokenizer::Tokenizer;
 
@@ -27,11 +28,50 @@ pub struct EngineConfig {
     pub kv_cache_bytes: usize,
     /// Requests that may wait for admission; beyond it new requests are refused.
     pub max_waiting: usize,
+    /// Bytes of host memory all loaded LoRA adapters may take together.
+    pub adapter_bytes: usize,
 }
 
 impl Default for EngineConfig {
     fn default() -> EngineConfig {
-        EngineConfig { max_step_tokens: 512, max_running: 64, kv_cache_bytes: 1 << 30, max_waiting: 1024 }
+        EngineConfig {
+            max_step_tokens: 512,
+            max_running: 64,
+            kv_cache_bytes: 1 << 30,
+            max_waiting: 1024,
+            adapter_bytes: 1 << 30,
+        }
+    }
+}
+
+/// What the admin API reports per loaded adapter.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct AdapterInfo {
+    /// Whether the adapter is prepared for compute (on CPU every loaded adapter is).
+    pub hot: bool,
+    pub name: String,
+    pub version: String,
+    pub modules_patched: usize,
+    pub ranks: Vec<usize>,
+    pub target_modules: Vec<String>,
+    pub bytes: usize,
+    pub requests: u64,
+    pub tokens: u64,
+}
+
+impl AdapterInfo {
+    fn of(a: &LoraAdapter) -> AdapterInfo {
+        AdapterInfo {
+            hot: true,
+            name: a.name.clone(),
+            version: a.version.clone(),
+            modules_patched: a.patched(),
+            ranks: a.ranks.clone(),
+            target_modules: a.target_modules.clone(),
+            bytes: a.bytes,
+            requests: a.requests.load(Ordering::Relaxed),
+            tokens: a.tokens.load(Ordering::Relaxed),
+        }
     }
 }
 
@@ -62,6 +102,9 @@ pub struct GenerateRequest {
     pub ignore_eos: bool,
     /// Report the logprob of every prompt token after the first (echo with logprobs).
     pub prompt_logprobs: bool,
+    /// The LoRA adapter this request runs with. The request keeps this version to the end,
+    /// even if the name is reloaded meanwhile.
+    pub adapter: Option<Arc<LoraAdapter>>,
 }
 
 /// What a request receives, in order: optionally its prompt logprobs, then tokens, then one
@@ -85,9 +128,44 @@ pub enum Event {
     Error(String),
 }
 
+/// Upper bounds (seconds) of the latency histograms.
+pub const LATENCY_BUCKETS: [f64; 12] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+/// A Prometheus-style histogram: cumulative counts per bucket, sum and count.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Histogram {
+    pub buckets: [u64; LATENCY_BUCKETS.len()],
+    pub count: u64,
+    pub sum: f64,
+}
+
+impl Histogram {
+    fn observe(&mut self, seconds: f64) {
+        for (i, le) in LATENCY_BUCKETS.iter().enumerate() {
+            if seconds <= *le {
+                self.buckets[i] += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += seconds;
+    }
+}
+
+/// Serving figures per adapter (the base model is labelled "base").
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AdapterMetrics {
+    pub requests: u64,
+    pub prompt_tokens: u64,
+    pub generated_tokens: u64,
+    pub time_to_first_token: Histogram,
+    pub time_per_output_token: Histogram,
+}
+
 /// Gauges the server exports.
 #[derive(Debug, Default)]
 pub struct EngineStats {
+    /// Per-adapter counters and latency histograms, by adapter name ("base" for none).
+    pub per_adapter: std::sync::Mutex<std::collections::BTreeMap<String, AdapterMetrics>>,
     pub running: AtomicUsize,
     pub waiting: AtomicUsize,
     pub kv_bytes: AtomicUsize,
@@ -110,6 +188,10 @@ pub struct Engine {
     config: EngineConfig,
     context_length: usize,
     vocab_size: usize,
+    model_config: Arc<LlamaConfig>,
+    gguf_layout: bool,
+    /// Loaded adapters by name. Swapping an entry is atomic: requests hold their own `Arc`.
+    adapters: Arc<std::sync::RwLock<std::collections::HashMap<String, Arc<LoraAdapter>>>>,
 }
 
 impl Engine {
@@ -119,6 +201,8 @@ impl Engine {
         let stats = Arc::new(EngineStats::default());
         let context_length = model.config.max_position_embeddings;
         let vocab_size = model.config.vocab_size;
+        let model_config = Arc::new(model.config.clone());
+        let gguf_layout = model.gguf_layout();
         let sched = Scheduler {
             model,
             tokenizer: tokenizer.clone(),
@@ -133,7 +217,17 @@ impl Engine {
             .spawn(move || sched.run(rx))
             .map_err(|e| tracing::error!(error = %e, "could not start the scheduler thread"))
             .ok();
-        Engine { tx, tokenizer, stats, config, context_length, vocab_size }
+        Engine {
+            tx,
+            tokenizer,
+            stats,
+            config,
+            context_length,
+            vocab_size,
+            model_config,
+            gguf_layout,
+            adapters: Default::default(),
+        }
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
@@ -146,6 +240,63 @@ impl Engine {
 
     pub fn context_length(&self) -> usize {
         self.context_length
+    }
+
+    /// Loads (or reloads) adapter `name` from a PEFT directory. A reload swaps atomically:
+    /// requests already running finish on the version they started with. Blocking: it reads
+    /// the files.
+    pub fn load_adapter(
+        &self,
+        name: &str,
+        dir: &std::path::Path,
+        expected_version: Option<&str>,
+    ) -> Result<AdapterInfo> {
+        if name.is_empty() || name.len() > 256 {
+            return Err(EngineError::InvalidRequest("an adapter name is 1 to 256 characters".into()));
+        }
+        let adapter =
+            crate::lora::load_peft(name, dir, &self.model_config, self.gguf_layout, &candle_core::Device::Cpu)?;
+        if let Some(v) = expected_version.filter(|v| !v.is_empty()) {
+            if v != adapter.version {
+                return Err(EngineError::InvalidRequest(format!(
+                    "adapter {name}: its content hash is {} but {v} was expected",
+                    adapter.version
+                )));
+            }
+        }
+        let mut map = self.adapters.write().map_err(|_| EngineError::Internal("adapter registry poisoned".into()))?;
+        let others: usize = map.iter().filter(|(n, _)| n.as_str() != name).map(|(_, a)| a.bytes).sum();
+        if others + adapter.bytes > self.config.adapter_bytes {
+            return Err(EngineError::Overloaded(format!(
+                "adapter {name} needs {} bytes but only {} of the {}-byte adapter budget are free; unload one first",
+                adapter.bytes,
+                self.config.adapter_bytes.saturating_sub(others),
+                self.config.adapter_bytes
+            )));
+        }
+        let info = AdapterInfo::of(&adapter);
+        map.insert(name.to_string(), Arc::new(adapter));
+        tracing::info!(adapter = name, version = %info.version, modules = info.modules_patched, bytes = info.bytes, "adapter loaded");
+        Ok(info)
+    }
+
+    pub fn unload_adapter(&self, name: &str) -> Result<()> {
+        let mut map = self.adapters.write().map_err(|_| EngineError::Internal("adapter registry poisoned".into()))?;
+        match map.remove(name) {
+            Some(_) => Ok(()),
+            None => Err(EngineError::NotFound(format!("adapter {name} is not loaded"))),
+        }
+    }
+
+    pub fn adapter(&self, name: &str) -> Option<Arc<LoraAdapter>> {
+        self.adapters.read().ok().and_then(|m| m.get(name).cloned())
+    }
+
+    pub fn adapters(&self) -> Vec<AdapterInfo> {
+        let mut v: Vec<AdapterInfo> =
+            self.adapters.read().map(|m| m.values().map(|a| AdapterInfo::of(a)).collect()).unwrap_or_default();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
     }
 
     /// Queues a request. Refuses at once what can never run (empty or too long a prompt, bad
@@ -176,6 +327,9 @@ impl Engine {
             )));
         }
         let (events, rx) = mpsc::unbounded_channel();
+        if let Some(a) = &req.adapter {
+            a.requests.fetch_add(1, Ordering::Relaxed);
+        }
         self.stats.waiting.fetch_add(1, Ordering::Relaxed);
         self.tx.send(Incoming { req, events }).map_err(|_| EngineError::Stopped)?;
         Ok(rx)
@@ -197,6 +351,14 @@ struct Sequence {
     kv_reserved: usize,
     prompt_logprobs: Vec<Sampled>,
     started: Instant,
+    /// When the previous token was emitted, for per-token latency.
+    last_token: Option<Instant>,
+}
+
+impl Sequence {
+    fn label(&self) -> String {
+        self.req.adapter.as_ref().map(|a| a.name.clone()).unwrap_or_else(|| "base".to_string())
+    }
 }
 
 impl Sequence {
@@ -277,10 +439,14 @@ impl Scheduler {
                 kv_reserved: need,
                 prompt_logprobs: Vec::new(),
                 started: Instant::now(),
+                last_token: None,
                 req: inc.req,
                 events: inc.events,
             });
         }
+        // Sequences of the same adapter sit together, so a step's rows form one run per
+        // adapter and each adapter's weights are read once per step.
+        self.running.sort_by_key(|s| s.req.adapter.as_ref().map(|a| Arc::as_ptr(a) as usize).unwrap_or(0));
     }
 
     fn publish(&self) {
@@ -350,7 +516,7 @@ impl Scheduler {
                     };
                     (&s.req.prompt[range.clone()], want)
                 };
-                inputs.push(SeqInput { tokens, cache: &mut s.cache, logits });
+                inputs.push(SeqInput { tokens, cache: &mut s.cache, logits, adapter: s.req.adapter.as_deref() });
                 plan_iter.next();
             }
             self.model.forward(&mut inputs)?
@@ -413,6 +579,23 @@ impl Scheduler {
         let sampled = s.sampler.sample(logits, &s.req.prompt, &s.generated, &s.req.params);
         let tok = sampled.token;
         self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
+        if let Some(a) = &s.req.adapter {
+            a.tokens.fetch_add(1, Ordering::Relaxed);
+        }
+        let now = Instant::now();
+        if let Ok(mut m) = self.stats.per_adapter.lock() {
+            let e = m.entry(s.label()).or_default();
+            e.generated_tokens += 1;
+            match s.last_token {
+                None => {
+                    e.requests += 1;
+                    e.prompt_tokens += s.req.prompt.len() as u64;
+                    e.time_to_first_token.observe(now.duration_since(s.started).as_secs_f64());
+                }
+                Some(prev) => e.time_per_output_token.observe(now.duration_since(prev).as_secs_f64()),
+            }
+        }
+        s.last_token = Some(now);
         if !s.req.ignore_eos && self.tokenizer.is_eos(tok) {
             s.generated.push(tok);
             return Ok(Some(FinishReason::Stop));

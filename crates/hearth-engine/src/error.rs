@@ -8,6 +8,9 @@ pub enum EngineError {
     /// A request the engine cannot serve as asked (bad parameters, prompt too long).
     #[error("{0}")]
     InvalidRequest(String),
+    /// No such thing (an adapter name that is not loaded).
+    #[error("{0}")]
+    NotFound(String),
     /// The engine is at capacity and its queue is full.
     #[error("{0}")]
     Overloaded(String),
@@ -25,6 +28,7 @@ impl EngineError {
         match self {
             EngineError::InvalidModel(_) => "FAILED_PRECONDITION",
             EngineError::InvalidRequest(_) => "INVALID_ARGUMENT",
+            EngineError::NotFound(_) => "NOT_FOUND",
             EngineError::Overloaded(_) => "RESOURCE_EXHAUSTED",
             EngineError::Stopped => "UNAVAILABLE",
             EngineError::Internal(_) => "INTERNAL",

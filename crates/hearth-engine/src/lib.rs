@@ -9,11 +9,12 @@ pub mod chat;
 pub mod engine;
 pub mod error;
 pub mod load;
+pub mod lora;
 pub mod model;
 pub mod sampling;
 pub mod tokenizer;
 
-pub use engine::{Engine, EngineConfig, Event, FinishReason, GenerateRequest};
+pub use engine::{AdapterInfo, Engine, EngineConfig, Event, FinishReason, GenerateRequest};
 pub use error::EngineError;
 pub use load::{load, Loaded};
 pub use model::Precision;

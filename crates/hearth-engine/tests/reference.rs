@@ -29,8 +29,9 @@ fn prompt_logprob_errors(model: &LlamaModel, prompt: &Value) -> (f64, f64) {
         return (0.0, 0.0);
     }
     let mut cache = model.new_cache();
-    let out =
-        model.forward(&mut [SeqInput { tokens: &tokens, cache: &mut cache, logits: Logits::All }]).expect("forward");
+    let out = model
+        .forward(&mut [SeqInput { tokens: &tokens, cache: &mut cache, logits: Logits::All, adapter: None }])
+        .expect("forward");
     let rows: Vec<Vec<f32>> = out[0].as_ref().expect("logits").to_vec2().expect("rows");
     let mut max: f64 = 0.0;
     let mut sum = 0.0;
@@ -53,6 +54,7 @@ async fn greedy(engine: &Engine, prompt: Vec<u32>, max_tokens: usize) -> Vec<u32
             stop: vec![],
             ignore_eos: false,
             prompt_logprobs: false,
+            adapter: None,
         })
         .expect("queued");
     let mut out = Vec::new();

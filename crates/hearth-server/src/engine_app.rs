@@ -23,6 +23,7 @@ use hearth_api::openai::{
     Sampling, Usage, CHAT_FIELDS, COMPLETION_FIELDS,
 };
 use hearth_engine::chat::{ChatMessage, ChatTemplate};
+use hearth_engine::lora::LoraAdapter;
 use hearth_engine::sampling::Sampled;
 use hearth_engine::{Engine, EngineError, Event, GenerateRequest, SamplingParams};
 use serde_json::{json, Map, Value};
@@ -72,6 +73,7 @@ impl From<EngineError> for OpenAiError {
     fn from(e: EngineError) -> OpenAiError {
         let (status, kind) = match &e {
             EngineError::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request_error"),
+            EngineError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             EngineError::Overloaded(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error"),
             EngineError::Stopped => (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable"),
             EngineError::InvalidModel(_) | EngineError::Internal(_) => {
@@ -113,6 +115,9 @@ pub fn engine_router(engine: Engine, served_name: String) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/metrics", get(metrics))
+        .route("/v1/load_lora_adapter", post(load_adapter))
+        .route("/v1/unload_lora_adapter", post(unload_adapter))
+        .route("/v1/lora_adapters", get(list_adapters))
         .fallback(|| async {
             OpenAiError {
                 status: StatusCode::NOT_FOUND,
@@ -125,10 +130,62 @@ pub fn engine_router(engine: Engine, served_name: String) -> Router {
 }
 
 async fn models(State(app): State<App>) -> Json<Value> {
-    Json(json!({"object": "list", "data": [{
+    let mut data = vec![json!({
         "id": &*app.served_name, "object": "model", "created": 0, "owned_by": "hearth",
         "max_model_len": app.engine.context_length(),
-    }]}))
+    })];
+    for a in app.engine.adapters() {
+        data.push(json!({"id": a.name, "object": "model", "created": 0, "owned_by": "hearth",
+            "parent": &*app.served_name, "version": a.version}));
+    }
+    Json(json!({"object": "list", "data": data}))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoadAdapter {
+    lora_name: String,
+    lora_path: String,
+    #[serde(default)]
+    expected_version: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UnloadAdapter {
+    lora_name: String,
+}
+
+/// Loads or reloads an adapter from a local PEFT directory. The reply reports what it patched.
+async fn load_adapter(State(app): State<App>, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
+    let body = body.map_err(|e| OpenAiError::bad(format!("could not read the request body: {e}")))?;
+    let req: LoadAdapter =
+        serde_json::from_slice(&body).map_err(|e| OpenAiError::bad(format!("invalid request: {e}")))?;
+    if req.lora_name == &*app.served_name {
+        return Err(OpenAiError::bad(format!(
+            "{:?} is the base model's name; choose another adapter name",
+            req.lora_name
+        )));
+    }
+    let engine = app.engine.clone();
+    let info = tokio::task::spawn_blocking(move || {
+        engine.load_adapter(&req.lora_name, std::path::Path::new(&req.lora_path), req.expected_version.as_deref())
+    })
+    .await
+    .map_err(|e| EngineError::Internal(e.to_string()))??;
+    Ok(Json(info).into_response())
+}
+
+async fn unload_adapter(State(app): State<App>, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
+    let body = body.map_err(|e| OpenAiError::bad(format!("could not read the request body: {e}")))?;
+    let req: UnloadAdapter =
+        serde_json::from_slice(&body).map_err(|e| OpenAiError::bad(format!("invalid request: {e}")))?;
+    app.engine.unload_adapter(&req.lora_name)?;
+    Ok(Json(json!({"unloaded": req.lora_name})).into_response())
+}
+
+async fn list_adapters(State(app): State<App>) -> Json<Value> {
+    Json(json!({"adapters": app.engine.adapters()}))
 }
 
 async fn metrics(State(app): State<App>) -> Response {
@@ -182,7 +239,43 @@ async fn metrics(State(app): State<App>) -> Response {
         "Sequences freed because their client went away.",
         s.cancelled.load(Ordering::Relaxed) as u64,
     );
+    let per = s.per_adapter.lock().map(|m| m.clone()).unwrap_or_default();
+    let families: [(&str, &str, &str); 3] = [
+        ("hearth_adapter_requests_total", "counter", "Requests served, by LoRA adapter (\"base\" for none)."),
+        ("hearth_adapter_prompt_tokens_total", "counter", "Prompt tokens, by LoRA adapter."),
+        ("hearth_adapter_generation_tokens_total", "counter", "Generated tokens, by LoRA adapter."),
+    ];
+    for (i, (name, kind, help)) in families.iter().enumerate() {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+        for (adapter, m) in &per {
+            let v = [m.requests, m.prompt_tokens, m.generated_tokens][i];
+            out.push_str(&format!("{name}{{adapter=\"{}\"}} {v}\n", escape_label(adapter)));
+        }
+    }
+    for (name, help, pick) in [
+        ("hearth_adapter_time_to_first_token_seconds", "Time from admission to the first token, by LoRA adapter.", 0),
+        ("hearth_adapter_time_per_output_token_seconds", "Time between tokens, by LoRA adapter.", 1),
+    ] {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} histogram\n"));
+        for (adapter, m) in &per {
+            let h = if pick == 0 { &m.time_to_first_token } else { &m.time_per_output_token };
+            let label = escape_label(adapter);
+            for (le, c) in hearth_engine::engine::LATENCY_BUCKETS.iter().zip(h.buckets.iter()) {
+                out.push_str(&format!("{name}_bucket{{adapter=\"{label}\",le=\"{le}\"}} {c}\n"));
+            }
+            out.push_str(&format!("{name}_bucket{{adapter=\"{label}\",le=\"+Inf\"}} {}\n", h.count));
+            out.push_str(&format!(
+                "{name}_sum{{adapter=\"{label}\"}} {}\n{name}_count{{adapter=\"{label}\"}} {}\n",
+                h.sum, h.count
+            ));
+        }
+    }
     ([("content-type", "text/plain; version=0.0.4")], out).into_response()
+}
+
+/// Prometheus label values escape backslashes, quotes and newlines.
+fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 /// Parses a JSON object body, refusing unknown and not-yet-supported fields by name.
@@ -209,14 +302,20 @@ fn parse<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>, fi
 }
 
 impl App {
-    fn check_model(&self, model: &str) -> ApiResult<()> {
+    /// The base model's name selects no adapter; a loaded adapter's name selects it.
+    fn check_model(&self, model: &str) -> ApiResult<Option<Arc<LoraAdapter>>> {
         if model == &*self.served_name {
-            Ok(())
+            Ok(None)
+        } else if let Some(a) = self.engine.adapter(model) {
+            Ok(Some(a))
         } else {
             Err(OpenAiError {
                 status: StatusCode::NOT_FOUND,
                 kind: "model_not_found",
-                message: format!("model {model:?} is not served here; this server serves {:?}", &*self.served_name),
+                message: format!(
+                    "model {model:?} is not served here; this server serves {:?} and its loaded adapters",
+                    &*self.served_name
+                ),
                 param: Some("model".into()),
             })
         }
@@ -231,6 +330,7 @@ impl App {
         default_max: Option<usize>,
         logprobs: Option<usize>,
         prompt_logprobs: bool,
+        adapter: Option<Arc<LoraAdapter>>,
     ) -> ApiResult<Vec<GenerateRequest>> {
         let n = s.n.unwrap_or(1) as usize;
         if n == 0 {
@@ -266,6 +366,7 @@ impl App {
                     stop: s.stop.clone().map(|s| s.into_vec()).unwrap_or_default(),
                     ignore_eos: s.ignore_eos.unwrap_or(false),
                     prompt_logprobs,
+                    adapter: adapter.clone(),
                 });
             }
         }
@@ -333,7 +434,7 @@ fn usage(prompt: usize, completion: usize) -> Usage {
 
 async fn completions(State(app): State<App>, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
     let req: CompletionRequest = parse(body, COMPLETION_FIELDS)?;
-    app.check_model(&req.model)?;
+    let adapter = app.check_model(&req.model)?;
     let tok = app.engine.tokenizer();
     let prompts: Vec<Vec<u32>> = match req.prompt {
         Prompt::Text(t) => vec![tok.encode(&t, true)?],
@@ -353,10 +454,11 @@ async fn completions(State(app): State<App>, body: Result<Bytes, BytesRejection>
         Some(DEFAULT_COMPLETION_MAX_TOKENS),
         logprobs,
         echo && logprobs.is_some(),
+        adapter,
     )?;
     let n = req.sampling.n.unwrap_or(1) as usize;
     let rxs = app.submit(reqs)?;
-    let (id, created, model) = (new_id("cmpl"), now(), app.served_name.to_string());
+    let (id, created, model) = (new_id("cmpl"), now(), req.model.clone());
     if req.sampling.stream.unwrap_or(false) {
         let include_usage = req.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);
         let app2 = app.clone();
@@ -476,7 +578,7 @@ fn chat_logprobs(app: &App, tokens: &[Sampled]) -> Value {
 
 async fn chat_completions(State(app): State<App>, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
     let req: ChatCompletionRequest = parse(body, CHAT_FIELDS)?;
-    app.check_model(&req.model)?;
+    let adapter = app.check_model(&req.model)?;
     let template = app.template.clone().ok_or_else(|| {
         OpenAiError::bad("this model has no chat template; use /v1/completions with a prompt instead")
     })?;
@@ -515,9 +617,9 @@ async fn chat_completions(State(app): State<App>, body: Result<Bytes, BytesRejec
     }
     let logprobs = want_logprobs.then(|| top.unwrap_or(0));
     let max_tokens = req.max_completion_tokens.or(req.sampling.max_tokens);
-    let reqs = app.requests(vec![prompt], &req.sampling, max_tokens, None, logprobs, false)?;
+    let reqs = app.requests(vec![prompt], &req.sampling, max_tokens, None, logprobs, false, adapter)?;
     let rxs = app.submit(reqs)?;
-    let (id, created, model) = (new_id("chatcmpl"), now(), app.served_name.to_string());
+    let (id, created, model) = (new_id("chatcmpl"), now(), req.model.clone());
     if req.sampling.stream.unwrap_or(false) {
         let include_usage = req.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);
         let choices = rxs.len();

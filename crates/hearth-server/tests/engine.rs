@@ -82,6 +82,11 @@ async fn completions_and_chat_answer_in_openai_shape() {
     assert!(!lp.is_empty() && lp.len() <= 4);
     assert_eq!(lp[0]["top_logprobs"].as_array().expect("top").len(), 2);
     assert!(lp.iter().all(|t| t["logprob"].as_f64().expect("f64") <= 0.0));
+
+    // Both requests count under the base model's label, with latency histograms.
+    let m = get_text(&app, "/metrics").await;
+    assert_eq!(metric(&m, "hearth_adapter_requests_total{adapter=\"base\"}"), 2, "{m}");
+    assert!(metric(&m, "hearth_adapter_time_to_first_token_seconds_count{adapter=\"base\"}") == 2, "{m}");
 }
 
 #[tokio::test]

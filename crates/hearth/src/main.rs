@@ -56,6 +56,16 @@ struct EngineArgs {
     /// Megabytes of KV cache all running sequences may reserve together.
     #[arg(long, env = "HEARTH_KV_CACHE_MB", default_value_t = 1024)]
     kv_cache_mb: usize,
+    /// A LoRA adapter to load at start, as NAME=PATH (a PEFT directory); repeatable. Requests
+    /// select it with "model": NAME.
+    #[arg(long = "lora", value_name = "NAME=PATH")]
+    loras: Vec<String>,
+    /// Megabytes of host memory all loaded LoRA adapters may take together.
+    #[arg(long, env = "HEARTH_MAX_LORA_MB", default_value_t = 1024)]
+    max_lora_mb: usize,
+    /// Exit when the process that started this one exits (replicas started by a gateway).
+    #[arg(long, hide = true)]
+    exit_with_parent: bool,
     /// Requests that may wait for a slot; beyond it requests are refused with 429.
     #[arg(long, env = "HEARTH_MAX_WAITING", default_value_t = 1024)]
     max_waiting: usize,
@@ -223,8 +233,29 @@ async fn engine(args: EngineArgs) -> anyhow::Result<()> {
         max_running: args.max_running,
         kv_cache_bytes: args.kv_cache_mb << 20,
         max_waiting: args.max_waiting,
+        adapter_bytes: args.max_lora_mb << 20,
     };
     let engine = hearth_engine::Engine::start(loaded.model, loaded.tokenizer, config);
+    for spec in &args.loras {
+        let Some((name, path)) = spec.split_once('=') else {
+            bail!("--lora expects NAME=PATH, got {spec:?}");
+        };
+        let info =
+            engine.load_adapter(name, std::path::Path::new(path), None).with_context(|| format!("--lora {spec}"))?;
+        tracing::info!(adapter = name, modules = info.modules_patched, ranks = ?info.ranks, bytes = info.bytes, version = %info.version, "adapter ready");
+    }
+    if args.exit_with_parent {
+        // A replica must not outlive the gateway that manages it, even one killed with -9:
+        // an orphan would hold its port and duplicate the replica the next gateway starts.
+        let parent = std::os::unix::process::parent_id();
+        std::thread::spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(500));
+            if std::os::unix::process::parent_id() != parent {
+                tracing::warn!("the gateway that started this replica is gone; exiting");
+                std::process::exit(0);
+            }
+        });
+    }
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     tracing::info!(listen = %listener.local_addr()?, served_model_name = %served, "hearth engine ready");

@@ -63,6 +63,7 @@ impl Runtime for LocalRuntime {
             .arg(format!("127.0.0.1:{port}"))
             .arg("--served-model-name")
             .arg(&spec.model)
+            .arg("--exit-with-parent")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

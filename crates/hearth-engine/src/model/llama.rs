@@ -11,6 +11,7 @@ use super::config::LlamaConfig;
 use super::kv::KvCache;
 use super::weights::{Checkpoint, Embedding, Linear, Precision};
 use crate::error::{EngineError, Result};
+use crate::lora::{LoraAdapter, Target};
 
 struct Layer {
     attn_norm: Tensor,
@@ -49,11 +50,40 @@ pub enum Logits {
     All,
 }
 
-/// One sequence's part of a step: its new tokens, appended after what its cache holds.
+/// One sequence's part of a step: its new tokens, appended after what its cache holds, and
+/// the LoRA adapter (if any) its projections get.
 pub struct SeqInput<'a> {
     pub tokens: &'a [u32],
     pub cache: &'a mut KvCache,
     pub logits: Logits,
+    pub adapter: Option<&'a LoraAdapter>,
+}
+
+/// A run of consecutive rows of the step that share an adapter (or none). Computed once per
+/// step; every layer reuses it.
+struct Segment<'a> {
+    start: usize,
+    len: usize,
+    adapter: Option<&'a LoraAdapter>,
+}
+
+/// Adds each segment's LoRA delta for `target` of `layer` to `y`, the base projection of `x`.
+/// The base matmul already ran once for all rows; each adapter adds its shrink and expand over
+/// its own rows only.
+fn with_lora<'a>(y: Tensor, x: &Tensor, layer: usize, target: Target, segments: &[Segment<'a>]) -> Result<Tensor> {
+    let patched = |s: &Segment<'a>| s.adapter.and_then(|a| a.module(layer, target));
+    if !segments.iter().any(|s| patched(s).is_some()) {
+        return Ok(y);
+    }
+    let out = y.dim(1)?;
+    let mut pieces = Vec::with_capacity(segments.len());
+    for s in segments {
+        match patched(s) {
+            Some(m) => pieces.push(m.delta(&x.narrow(0, s.start, s.len)?)?),
+            None => pieces.push(Tensor::zeros((s.len, out), DType::F32, y.device())?),
+        }
+    }
+    Ok((y + Tensor::cat(&pieces, 0)?)?)
 }
 
 /// Names of one layer's tensors in each checkpoint format.
@@ -181,6 +211,11 @@ impl LlamaModel {
         &self.device
     }
 
+    /// Whether Q and K rows are in GGUF's permuted layout (adapters must follow it).
+    pub fn gguf_layout(&self) -> bool {
+        self.rope_interleaved
+    }
+
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.config.num_hidden_layers, self.config.num_key_value_heads, self.config.head_dim, &self.device)
     }
@@ -228,14 +263,34 @@ impl LlamaModel {
         let cos = self.cos.index_select(&pos, 0)?;
         let sin = self.sin.index_select(&pos, 0)?;
 
+        let mut segments: Vec<Segment<'_>> = Vec::new();
+        let mut row = 0;
+        for s in seqs.iter() {
+            let n = s.tokens.len();
+            let same = |a: Option<&LoraAdapter>, b: Option<&LoraAdapter>| match (a, b) {
+                (None, None) => true,
+                (Some(a), Some(b)) => std::ptr::eq(a, b),
+                _ => false,
+            };
+            match segments.last_mut() {
+                Some(last) if same(last.adapter, s.adapter) => last.len += n,
+                _ => segments.push(Segment { start: row, len: n, adapter: s.adapter }),
+            }
+            row += n;
+        }
+        segments.retain(|s| s.len > 0);
+
         let mut x = self.embed.lookup(&ids)?;
         let eps = c.rms_norm_eps as f32;
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         for (li, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let q = self.rope(&layer.q.forward(&h)?, nh, &cos, &sin)?; // [nh, T, hd]
-            let k = self.rope(&layer.k.forward(&h)?, nkv, &cos, &sin)?; // [nkv, T, hd]
-            let v = layer.v.forward(&h)?.reshape((total, nkv, hd))?.transpose(0, 1)?; // [nkv, T, hd]
+            let q = with_lora(layer.q.forward(&h)?, &h, li, Target::Q, &segments)?;
+            let k = with_lora(layer.k.forward(&h)?, &h, li, Target::K, &segments)?;
+            let v = with_lora(layer.v.forward(&h)?, &h, li, Target::V, &segments)?;
+            let q = self.rope(&q, nh, &cos, &sin)?; // [nh, T, hd]
+            let k = self.rope(&k, nkv, &cos, &sin)?; // [nkv, T, hd]
+            let v = v.reshape((total, nkv, hd))?.transpose(0, 1)?; // [nkv, T, hd]
             let mut outs = Vec::with_capacity(seqs.len());
             let mut offset = 0;
             for s in seqs.iter_mut() {
@@ -249,10 +304,12 @@ impl LlamaModel {
                 offset += n;
             }
             let attn = Tensor::cat(&outs, 1)?.transpose(0, 1)?.reshape((total, nh * hd))?; // [T, nh*hd]
-            x = (x + layer.o.forward(&attn)?)?;
+            x = (x + with_lora(layer.o.forward(&attn)?, &attn, li, Target::O, &segments)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.mlp_norm, eps)?;
-            let act = (candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;
-            x = (x + layer.down.forward(&act)?)?;
+            let gate = with_lora(layer.gate.forward(&h)?, &h, li, Target::Gate, &segments)?;
+            let up = with_lora(layer.up.forward(&h)?, &h, li, Target::Up, &segments)?;
+            let act = (candle_nn::ops::silu(&gate)? * up)?;
+            x = (x + with_lora(layer.down.forward(&act)?, &act, li, Target::Down, &segments)?)?;
         }
         let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
 

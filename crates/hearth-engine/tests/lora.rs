@@ -1,0 +1,250 @@
+//! LoRA adapters against PEFT: each fixture adapter's prompt logprobs and greedy
+//! continuations (made by scripts/reference/make_lora_fixtures.py), a mixed batch over several
+//! adapters and the base in the same steps, every refusal by name, and reloads under traffic.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::Device;
+use hearth_engine::model::{Logits, SeqInput};
+use hearth_engine::sampling::log_softmax;
+use hearth_engine::{Engine, EngineConfig, EngineError, Event, GenerateRequest, Precision, SamplingParams};
+use serde_json::Value;
+
+fn lora_dir() -> PathBuf {
+    common::fixtures().join("lora")
+}
+
+fn json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).expect("fixture exists")).expect("fixture is JSON")
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().expect("array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+}
+
+fn tiny_engine() -> Engine {
+    let loaded =
+        hearth_engine::load(&common::fixtures().join("tiny_llama"), Precision::Native, &Device::Cpu).expect("tiny");
+    Engine::start(loaded.model, loaded.tokenizer, EngineConfig::default())
+}
+
+async fn greedy(engine: &Engine, prompt: Vec<u32>, max_tokens: usize, adapter: Option<&str>) -> Vec<u32> {
+    let adapter = adapter.map(|a| engine.adapter(a).expect("adapter loaded"));
+    let mut rx = engine
+        .generate(GenerateRequest {
+            prompt,
+            max_tokens,
+            params: SamplingParams { temperature: 0.0, ..Default::default() },
+            stop: vec![],
+            ignore_eos: false,
+            prompt_logprobs: false,
+            adapter,
+        })
+        .expect("queued");
+    let mut out = Vec::new();
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Event::Token { sampled, .. } => out.push(sampled.token),
+            Event::Finished { .. } => break,
+            Event::Error(e) => panic!("{e}"),
+            Event::PromptLogprobs(_) => {}
+        }
+    }
+    out
+}
+
+fn expected_greedy(p: &Value, eos: &[u32]) -> Vec<u32> {
+    let mut g = ids(&p["greedy"]["token_ids"]);
+    if g.last().is_some_and(|t| eos.contains(t)) {
+        g.pop();
+    }
+    g
+}
+
+/// Checks one adapter directory against its reference.json on a base model file.
+async fn check_adapter(base: &Path, precision: Precision, adapter_dir: &Path, tolerance: f64) {
+    let r = json(&adapter_dir.join("reference.json"));
+    let loaded = hearth_engine::load(base, precision, &Device::Cpu).expect("base loads");
+    let adapter = hearth_engine::lora::load_peft(
+        "a",
+        adapter_dir,
+        &loaded.model.config,
+        loaded.model.gguf_layout(),
+        &Device::Cpu,
+    )
+    .unwrap_or_else(|e| panic!("{}: {e}", adapter_dir.display()));
+    assert!(adapter.patched() > 0);
+    for p in r["prompts"].as_array().expect("prompts") {
+        let tokens = ids(&p["token_ids"]);
+        let expected: Vec<f64> =
+            p["logprobs"].as_array().expect("logprobs").iter().map(|x| x.as_f64().expect("f64")).collect();
+        let mut cache = loaded.model.new_cache();
+        let out = loaded
+            .model
+            .forward(&mut [SeqInput {
+                tokens: &tokens,
+                cache: &mut cache,
+                logits: Logits::All,
+                adapter: Some(&adapter),
+            }])
+            .expect("forward");
+        let rows: Vec<Vec<f32>> = out[0].as_ref().expect("logits").to_vec2().expect("rows");
+        for (j, exp) in expected.iter().enumerate() {
+            let got = log_softmax(&rows[j])[tokens[j + 1] as usize] as f64;
+            assert!(
+                (got - exp).abs() <= tolerance,
+                "{}: prompt {} position {j}: {got} vs PEFT {exp}",
+                adapter_dir.display(),
+                p["name"]
+            );
+        }
+    }
+    let eos: Vec<u32> = r.get("eos_token_ids").map(ids).unwrap_or_else(|| vec![2]);
+    let engine = Engine::start(loaded.model, loaded.tokenizer, EngineConfig::default());
+    engine.load_adapter("a", adapter_dir, None).expect("adapter loads in the engine");
+    for p in r["prompts"].as_array().expect("prompts") {
+        let want = expected_greedy(p, &eos);
+        let got = greedy(&engine, ids(&p["token_ids"]), want.len().max(1), Some("a")).await;
+        assert_eq!(got, want, "{}: greedy continuation of {}", adapter_dir.display(), p["name"]);
+    }
+}
+
+#[tokio::test]
+async fn every_tiny_fixture_adapter_matches_peft() {
+    let base = common::fixtures().join("tiny_llama");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(lora_dir()).expect("lora fixtures") {
+        let dir = entry.expect("entry").path();
+        let is_tiny = dir.join("reference.json").exists()
+            && json(&dir.join("reference.json"))["adapter"]["base_model"]
+                .as_str()
+                .is_some_and(|b| b.contains("tiny_llama"));
+        if dir.join("adapter_config.json").exists() && is_tiny {
+            check_adapter(&base, Precision::Native, &dir, 1e-4).await;
+            checked += 1;
+        }
+    }
+    assert!(checked >= 5, "expected the tiny adapter fixtures, found {checked}");
+}
+
+#[tokio::test]
+async fn smollm2_adapters_on_the_gguf_base_match_peft() {
+    let Some(gguf) = common::smollm2() else { return };
+    for name in ["smol_attn", "smol_all"] {
+        let dir = lora_dir().join(name);
+        if dir.exists() {
+            check_adapter(&gguf, Precision::F32, &dir, 2e-3).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_mixed_batch_returns_each_request_its_single_output() {
+    let r = json(&lora_dir().join("mixed_batch.json"));
+    let engine = tiny_engine();
+    let rows = r["rows"].as_array().expect("rows").clone();
+    let mut names: Vec<String> = rows.iter().filter_map(|row| row["adapter"].as_str().map(str::to_string)).collect();
+    names.sort();
+    names.dedup();
+    for n in &names {
+        engine.load_adapter(n, &lora_dir().join(n), None).expect("adapter");
+    }
+    // 16 requests: the fixture's rows, repeated, all in flight together.
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            let engine = engine.clone();
+            let row = rows[i % rows.len()].clone();
+            tokio::spawn(async move {
+                let adapter = row["adapter"].as_str().map(str::to_string);
+                let want = ids(&row["greedy"]["token_ids"]);
+                let got = greedy(&engine, ids(&row["token_ids"]), want.len().max(1), adapter.as_deref()).await;
+                (row, got)
+            })
+        })
+        .collect();
+    for t in tasks {
+        let (row, got) = t.await.expect("task");
+        let mut want = ids(&row["greedy"]["token_ids"]);
+        if want.last() == Some(&2) {
+            want.pop();
+        }
+        assert_eq!(got, want, "row with adapter {:?}", row["adapter"]);
+    }
+}
+
+#[test]
+fn refusals_name_what_is_not_supported() {
+    let loaded =
+        hearth_engine::load(&common::fixtures().join("tiny_llama"), Precision::Native, &Device::Cpu).expect("tiny");
+    let cases = [
+        ("dora", "DoRA"),
+        ("modules_to_save", "modules_to_save"),
+        ("bias_all", "bias"),
+        ("embed_target", "embed"),
+        ("bin_weights", ".bin"),
+        ("hidden_mismatch", "another base model"),
+        ("no_match", "patches no module"),
+    ];
+    for (dir, needle) in cases {
+        let path = lora_dir().join("bad").join(dir);
+        match hearth_engine::lora::load_peft(dir, &path, &loaded.model.config, false, &Device::Cpu) {
+            Ok(_) => panic!("{dir}: accepted but should be refused"),
+            Err(EngineError::InvalidRequest(m)) => {
+                assert!(m.contains(needle), "{dir}: {m:?} should mention {needle:?}")
+            }
+            Err(e) => panic!("{dir}: unexpected error {e:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn reloading_and_unloading_under_traffic_loses_no_request() {
+    let engine = tiny_engine();
+    let dirs: Vec<PathBuf> = ["attn_only", "all_linear"].iter().map(|n| lora_dir().join(n)).collect();
+    engine.load_adapter("x", &dirs[0], None).expect("load");
+    let first = engine.adapter("x").expect("loaded");
+    let mut tasks = Vec::new();
+    for i in 0..24 {
+        let e = engine.clone();
+        tasks.push(tokio::spawn(async move {
+            let adapter = if i % 3 == 0 { None } else { e.adapter("x") };
+            let mut rx = e
+                .generate(GenerateRequest {
+                    prompt: vec![5, 6, 7, (i % 50) as u32 + 10],
+                    max_tokens: 12,
+                    params: SamplingParams { temperature: 0.0, ..Default::default() },
+                    stop: vec![],
+                    ignore_eos: true,
+                    prompt_logprobs: false,
+                    adapter,
+                })
+                .expect("queued");
+            let mut n = 0;
+            while let Some(ev) = rx.recv().await {
+                match ev {
+                    Event::Token { .. } => n += 1,
+                    Event::Finished { completion_tokens, .. } => return completion_tokens.max(n),
+                    Event::Error(e) => panic!("{e}"),
+                    Event::PromptLogprobs(_) => {}
+                }
+            }
+            panic!("request {i} ended without finishing");
+        }));
+        if i == 8 {
+            engine.load_adapter("x", &dirs[1], None).expect("reload swaps");
+        }
+        if i == 16 {
+            engine.unload_adapter("x").expect("unload");
+        }
+    }
+    for t in tasks {
+        assert_eq!(t.await.expect("task"), 12);
+    }
+    // The first version is still whole for whoever holds it; the name is gone.
+    assert!(first.patched() > 0);
+    assert!(engine.adapter("x").is_none());
+    assert!(Arc::strong_count(&first) >= 1);
+}
