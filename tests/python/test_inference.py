@@ -174,3 +174,63 @@ def test_a_model_that_cannot_load_fails_the_deployment_with_the_reason(hearth, c
     assert d.status and "rope_scaling" in d.status.message, d
     assert not _replica_pids(model_id)
     client.deployments.delete(dep_id, hard=True)
+
+
+LORA_FIXTURES = Path(__file__).resolve().parents[2] / "crates/hearth-engine/tests/fixtures/lora"
+
+
+def _wait_dm(client, dm_id: str, state: str, timeout: float = 30) -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        dm = client.lora.get(dm_id)
+        if dm.state == state:
+            return dm
+        assert time.monotonic() < deadline, f"deployed model {dm_id} stayed {dm.state}: {dm.status}"
+        time.sleep(0.2)
+
+
+def test_lora_addons_load_onto_replicas_and_answer_in_the_same_deployment(hearth, client, served, uid):
+    model_id, base_name, dep_id = served
+    dep_name = f"accounts/{hearth.account}/deployments/{dep_id}"
+    addon_ids = []
+    for fixture in ("attn_only", "all_linear"):
+        addon_id = uid(f"lora-{fixture.replace('_', '-')}")
+        client.models.create(model_id=addon_id, model={"kind": "HF_PEFT_ADDON", "peftDetails": {"baseModel": base_name}})
+        files = {f: (LORA_FIXTURES / fixture / f).read_bytes() for f in ("adapter_config.json", "adapter_model.safetensors")}
+        fixtures.upload_model_files(client, addon_id, files)
+        client.models.validate_upload(addon_id)
+        addon_ids.append(addon_id)
+    dms = [client.lora.load(model=f"accounts/{hearth.account}/models/{a}", deployment=dep_name) for a in addon_ids]
+    for dm in dms:
+        _wait_dm(client, dm.name.rsplit("/", 1)[1], "DEPLOYED")
+
+    oa = _openai(hearth)
+    prompt = "Hello"
+    def answer(model: str) -> str:
+        return oa.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0).choices[0].text
+
+    base_text = answer(base_name)
+    texts = [answer(f"accounts/{hearth.account}/models/{a}") for a in addon_ids]
+    # Each adapter answers in its own way, and differently from the base model.
+    assert texts[0] != base_text and texts[1] != base_text and texts[0] != texts[1], (base_text, texts)
+    # Through the deployed model's own name, the same answer.
+    assert answer(dms[0].name) == texts[0]
+    # Base and adapters concurrently, in shared batches: each keeps its own answer.
+    import concurrent.futures as cf
+    models = [base_name] + [f"accounts/{hearth.account}/models/{a}" for a in addon_ids]
+    with cf.ThreadPoolExecutor(12) as ex:
+        got = list(ex.map(answer, models * 4))
+    assert got == [base_text, *texts] * 4
+
+    # Unloading removes the adapter from the replica; its model is then not servable there.
+    client.lora.unload(dms[1].name.rsplit("/", 1)[1])
+    import openai
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            answer(f"accounts/{hearth.account}/models/{addon_ids[1]}")
+        except (openai.BadRequestError, openai.NotFoundError):
+            break
+        assert time.monotonic() < deadline, "an unloaded adapter kept answering"
+        time.sleep(0.2)
+    client.lora.unload(dms[0].name.rsplit("/", 1)[1])
