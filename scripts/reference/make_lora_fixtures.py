@@ -192,6 +192,8 @@ def fix_adapter_config(d: Path, base_name: str, **changes) -> None:
     cfg = json.loads(path.read_text())
     cfg["base_model_name_or_path"] = base_name
     cfg.update(changes)
+    if isinstance(cfg.get("target_modules"), list):  # a set inside PEFT: its saved order varies run to run
+        cfg["target_modules"] = sorted(cfg["target_modules"])
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
@@ -220,6 +222,50 @@ def delta_stats(adapted: list[dict], base: list[dict]) -> dict:
         "n_positions": len(alld),
         "per_prompt": per,
     }
+
+
+def pattern_value(patterns: dict, module: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup for literal keys: the first key equal to the module
+    name or to a dot-separated suffix of it."""
+    for k, v in patterns.items():
+        if module == k or module.endswith("." + k):
+            return v
+    return default
+
+
+@torch.no_grad()
+def check_manual_merge(d: Path, base_model, prompts: list[dict]) -> float:
+    """Independently of PEFT: read adapter_config.json + adapter_model.safetensors, merge
+    W += scaling * B @ A into a copy of the base weights (scaling from the config: alpha / r or
+    alpha / sqrt(r), patterns resolved by suffix match) and compare the logprobs with `prompts`."""
+    import copy
+
+    from safetensors.torch import load_file
+
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    t = load_file(str(d / "adapter_model.safetensors"))
+    m = copy.deepcopy(base_model)
+    sd = m.state_dict()
+    n = 0
+    for k in sorted(t):
+        if not k.endswith(".lora_A.weight"):
+            continue
+        name = k.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+        A, B = t[k].double(), t[k.replace(".lora_A.", ".lora_B.")].double()
+        r = A.shape[0]
+        assert r == pattern_value(cfg["rank_pattern"], name, cfg["r"]), name
+        alpha = pattern_value(cfg["alpha_pattern"], name, cfg["lora_alpha"])
+        scaling = alpha / math.sqrt(r) if cfg["use_rslora"] else alpha / r
+        w = sd[name + ".weight"]
+        w.copy_((w.double() + scaling * (B @ A)).float())
+        n += 1
+    assert 2 * n == len(t), "tensors other than lora_A / lora_B pairs"
+    worst = 0.0
+    for p in prompts:
+        ids = p["token_ids"]
+        lp = m(torch.tensor([ids]), use_cache=False).logits[0].double().log_softmax(-1)
+        worst = max([worst] + [abs(lp[j, ids[j + 1]].item() - p["logprobs"][j]) for j in range(len(ids) - 1)])
+    return worst
 
 
 REF_DESCRIPTION = (
@@ -296,6 +342,9 @@ def tiny_adapters(out: Path, vers: dict) -> dict:
         assert adapter_summary(pm2, "default", pm2.peft_config["default"]) == summary
         prompts = [prompt_entry(pm2, tok, p, base_ref["max_new_tokens"], eos_ids, pad_id, True) for p in base_ref["prompts"]]
         delta = delta_stats(prompts, base_ref["prompts"])
+        merged = check_manual_merge(d, mf.load_tiny(TINY_DIR)[0], prompts)
+        print(f"  independent merge W + scaling*B@A from the files vs reference: max abs logprob diff {merged:.3g}")
+        assert merged < 1e-5
         print(f"  {summary['n_patched_modules']} modules, mean |Δlogprob| vs base {delta['mean_abs_logprob_diff']:.4f} "
               f"(max {delta['max_abs_logprob_diff']:.4f})")
         assert delta["mean_abs_logprob_diff"] >= MIN_MEAN_DELTA, (name, delta["mean_abs_logprob_diff"])
@@ -538,10 +587,13 @@ def smol_adapters(model_path: Path, out: Path, vers: dict) -> None:
         assert adapter_summary(pm2, "default", pm2.peft_config["default"]) == summary
         prompts = [prompt_entry(pm2, tok, p, max_new, eos_ids, pad_id, False) for p in prompts_base]
         delta = delta_stats(prompts, prompts_base)
+        model = pm2.unload()  # the plain base model again
+        merged = check_manual_merge(d, model, prompts)
+        print(f"  independent merge W + scaling*B@A from the files vs reference: max abs logprob diff {merged:.3g}")
+        assert merged < 1e-4
         print(f"  {summary['n_patched_modules']} modules, {file_sizes(d)}, mean |Δlogprob| vs base "
               f"{delta['mean_abs_logprob_diff']:.4f} (max {delta['max_abs_logprob_diff']:.4f})")
         assert delta["mean_abs_logprob_diff"] >= MIN_MEAN_DELTA, (name, delta["mean_abs_logprob_diff"])
-        model = pm2.unload()
         ref = {
             "description": REF_DESCRIPTION.format(
                 what=f"SmolLM2-135M-Instruct (the Q4_1 GGUF dequantized to FP32) + LoRA adapter '{name}'",
@@ -620,8 +672,9 @@ PIRATE_TEST = [  # not in the training set
     ("cat_name", "What should I name my new cat?"),
     ("explain_computer", "Explain what a computer does."),
 ]
-PIRATE_LORA = dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
-PIRATE_TRAIN = dict(steps=40, batch_size=8, lr=2e-3, warmup_steps=3, seed=7, weight_decay=0.0)
+# q/v of the upper half only: half the file (0.9 MB) and a backward pass that stops at layer 15
+PIRATE_LORA = dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], layers_to_transform=list(range(15, 30)))
+PIRATE_TRAIN = dict(steps=32, batch_size=8, lr=2e-3, warmup_steps=3, seed=7, weight_decay=0.0)
 PIRATE_NEW_TOKENS = 48
 
 
@@ -727,6 +780,7 @@ def pirate(model_path: Path, out: Path, vers: dict, train: bool, train_threads: 
     else:
         assert (d / "adapter_model.safetensors").exists(), "no trained adapter: run without --skip-train"
         info = json.loads(train_info_path.read_text())
+        fix_adapter_config(d, SMOL_BASE_NAME)  # idempotent
     pm = PeftModel.from_pretrained(model, str(d)).eval()
     summary = adapter_summary(pm, "default", pm.peft_config["default"])
 
@@ -751,17 +805,22 @@ def pirate(model_path: Path, out: Path, vers: dict, train: bool, train_threads: 
                 "token_ids": ids,
                 "base": {"logprobs": base["logprobs"], "greedy": base["greedy"], "starts_with_ahoy": b_text.startswith(PIRATE_PREFIX)},
                 "adapted": {"logprobs": adapted["logprobs"], "greedy": adapted["greedy"],
-                            "starts_with_ahoy": a_text.startswith(PIRATE_PREFIX)},
+                            "starts_with_ahoy": a_text.startswith(PIRATE_PREFIX),
+                            "ends_with_arr": a_text.rstrip().endswith("Arr!")},
                 "mean_abs_logprob_diff": sum(ds) / len(ds),
             }
         )
     all_d = [abs(x - y) for p in prompts for x, y in zip(p["base"]["logprobs"], p["adapted"]["logprobs"])]
+    merged = check_manual_merge(d, pm.unload(), [{"token_ids": p["token_ids"], "logprobs": p["adapted"]["logprobs"]} for p in prompts])
+    print(f"  independent merge W + scaling*B@A from the files vs reference: max abs logprob diff {merged:.3g}")
+    assert merged < 1e-4
     mf.write_json(
         d / "reference.json",
         {
             "description": (
                 "A LoRA adapter TRAINED on SmolLM2-135M-Instruct (the Q4_1 GGUF dequantized to FP32) to answer "
-                "every chat message in pirate talk starting with \"Ahoy, matey!\" (training: 48 synthetic "
+                "every chat message in pirate talk starting with \"Ahoy, matey!\" and ending with \"Arr!\" (training: "
+                f"{len(PIRATE_DATA)} synthetic "
                 "one-turn chats rendered with the model's chat template, loss on the assistant part only; the "
                 "data is PIRATE_DATA in the script, hyperparameters in training.json). prompts are 4 one-turn "
                 "chats NOT in the training data: text = apply_chat_template(messages, add_generation_prompt=True) "
@@ -770,10 +829,11 @@ def pirate(model_path: Path, out: Path, vers: dict, train: bool, train_threads: 
                 f"(KV-cached argmax, up to max_new_tokens={PIRATE_NEW_TOKENS}, stops at <|im_end|>, kept) of the "
                 "base model and of the model with this adapter (PEFT, FP32, not merged). Behaviour check: "
                 "adapted.greedy.text_skip_special starts with check_prefix for every prompt and "
-                "base.greedy.text_skip_special never does (the script asserts both)."
+                "base.greedy.text_skip_special never does (the script asserts both); adapted.ends_with_arr is a "
+                "second, weaker sign (recorded, not asserted)."
             ),
             "check_prefix": PIRATE_PREFIX,
-            "adapter": {"name": "pirate", "dir": "pirate", "files": sorted(f.name for f in d.iterdir()),
+            "adapter": {"name": "pirate", "dir": "pirate", "files": sorted(f.name for f in d.iterdir() if f.name != "reference.json"),
                         "base_model": SMOL_BASE_NAME, "base_model_file": model_path.name, **summary},
             "training_file": "training.json",
             "eos_token_ids": eos_ids,
