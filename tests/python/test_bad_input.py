@@ -341,7 +341,7 @@ def test_expired_upload_url_is_refused(tmp_path):
 
     key, account, port = _random_key(), _random_account(), _free_port()
     cmd = [str(hearth_binary()), "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", str(tmp_path / "data"),
-           "--api-key", key, "--account", account, "--signed-url-ttl", "1"]
+           "--api-key", key, "--account", account, "--signed-url-ttl", "1", "--runtime", "none"]
     if os.environ.get("HEARTH_DATABASE_URL"):
         cmd += ["--database-url", os.environ["HEARTH_DATABASE_URL"]]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)

@@ -24,7 +24,7 @@ from conftest import _free_port, _random_account, _random_key, _wait_healthy, he
 
 def _serve(binary: Path, data_dir: Path, port: int, key: str, account: str, log: Path) -> subprocess.Popen:
     cmd = [str(binary), "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", str(data_dir),
-           "--api-key", key, "--account", account]
+           "--api-key", key, "--account", account, "--runtime", "none"]
     if os.environ.get("HEARTH_DATABASE_URL"):
         cmd += ["--database-url", os.environ["HEARTH_DATABASE_URL"]]
     with open(log, "ab") as out:

@@ -191,17 +191,25 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     });
 
-    // Replicas are `hearth engine` children of this process, started by the reconciler.
     let fleet = std::sync::Arc::new(hearth_control::fleet::Fleet::default());
-    let binary = std::env::current_exe().context("locating the hearth binary to run replicas")?;
-    let runtime =
-        std::sync::Arc::new(hearth_control::runtime::local::LocalRuntime::new(binary, control.artifacts().clone()));
-    let reconciler = hearth_control::reconciler::Reconciler::new(control.clone(), runtime, fleet.clone());
-    tokio::spawn(reconciler.run(Duration::from_millis(args.reconcile_interval_ms)));
+    if args.runtime == RuntimeKind::Local {
+        // Replicas are `hearth engine` children of this process, started by the reconciler.
+        let binary = std::env::current_exe().context("locating the hearth binary to run replicas")?;
+        let runtime =
+            std::sync::Arc::new(hearth_control::runtime::local::LocalRuntime::new(binary, control.artifacts().clone()));
+        let reconciler = hearth_control::reconciler::Reconciler::new(control.clone(), runtime, fleet.clone());
+        tokio::spawn(reconciler.run(Duration::from_millis(args.reconcile_interval_ms)));
+    }
 
     let inference = hearth_server::Inference::new(fleet, Duration::from_secs(args.wake_timeout));
     let app = hearth_server::gateway_router_with(control, inference);
-    tracing::info!(listen = %local, store = if args.database_url.is_some() { "postgres" } else { "sqlite" }, data_dir = %args.data_dir.display(), "hearth gateway ready");
+    tracing::info!(
+        listen = %local,
+        store = if args.database_url.is_some() { "postgres" } else { "sqlite" },
+        runtime = if args.runtime == RuntimeKind::Local { "local" } else { "none" },
+        data_dir = %args.data_dir.display(),
+        "hearth gateway ready"
+    );
     axum_serve(listener, app).await
 }
 
