@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::{expected_greedy, greedy, ids};
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -21,47 +23,10 @@ fn json(path: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).expect("fixture exists")).expect("fixture is JSON")
 }
 
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().expect("array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
-}
-
 fn tiny_engine() -> Engine {
     let loaded =
         hearth_engine::load(&common::fixtures().join("tiny_llama"), Precision::Native, &Device::Cpu).expect("tiny");
     Engine::start(loaded.model, loaded.tokenizer, EngineConfig::default())
-}
-
-async fn greedy(engine: &Engine, prompt: Vec<u32>, max_tokens: usize, adapter: Option<&str>) -> Vec<u32> {
-    let adapter = adapter.map(|a| engine.adapter(a).expect("adapter loaded"));
-    let mut rx = engine
-        .generate(GenerateRequest {
-            prompt,
-            max_tokens,
-            params: SamplingParams { temperature: 0.0, ..Default::default() },
-            stop: vec![],
-            ignore_eos: false,
-            prompt_logprobs: false,
-            adapter,
-        })
-        .expect("queued");
-    let mut out = Vec::new();
-    while let Some(ev) = rx.recv().await {
-        match ev {
-            Event::Token { sampled, .. } => out.push(sampled.token),
-            Event::Finished { .. } => break,
-            Event::Error(e) => panic!("{e}"),
-            Event::PromptLogprobs(_) => {}
-        }
-    }
-    out
-}
-
-fn expected_greedy(p: &Value, eos: &[u32]) -> Vec<u32> {
-    let mut g = ids(&p["greedy"]["token_ids"]);
-    if g.last().is_some_and(|t| eos.contains(t)) {
-        g.pop();
-    }
-    g
 }
 
 /// Checks one adapter directory against its reference.json on a base model file.

@@ -4,20 +4,18 @@
 
 mod common;
 
+use common::{expected_greedy, greedy, ids};
+
 use std::path::Path;
 
 use candle_core::Device;
 use hearth_engine::model::{LlamaModel, Logits, SeqInput};
 use hearth_engine::sampling::log_softmax;
-use hearth_engine::{Engine, EngineConfig, Event, GenerateRequest, Precision, SamplingParams};
+use hearth_engine::{Engine, EngineConfig, Precision};
 use serde_json::Value;
 
 fn reference(path: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).expect("fixture exists")).expect("fixture is JSON")
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().expect("array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
 }
 
 /// Max |Δ| and mean |Δ| between hearth's prompt logprobs and the reference's, per prompt.
@@ -44,40 +42,6 @@ fn prompt_logprob_errors(model: &LlamaModel, prompt: &Value) -> (f64, f64) {
     (max, sum / expected.len() as f64)
 }
 
-/// Greedy token ids through the engine (scheduler, batching, sampling and all).
-async fn greedy(engine: &Engine, prompt: Vec<u32>, max_tokens: usize) -> Vec<u32> {
-    let mut rx = engine
-        .generate(GenerateRequest {
-            prompt,
-            max_tokens,
-            params: SamplingParams { temperature: 0.0, ..Default::default() },
-            stop: vec![],
-            ignore_eos: false,
-            prompt_logprobs: false,
-            adapter: None,
-        })
-        .expect("queued");
-    let mut out = Vec::new();
-    while let Some(ev) = rx.recv().await {
-        match ev {
-            Event::Token { sampled, .. } => out.push(sampled.token),
-            Event::Finished { .. } => break,
-            Event::Error(e) => panic!("{e}"),
-            Event::PromptLogprobs(_) => {}
-        }
-    }
-    out
-}
-
-/// The reference's greedy ids, without the end-of-sequence token the engine does not emit.
-fn expected_greedy(prompt: &Value, eos: &[u32]) -> Vec<u32> {
-    let mut g = ids(&prompt["greedy"]["token_ids"]);
-    if g.last().is_some_and(|t| eos.contains(t)) {
-        g.pop();
-    }
-    g
-}
-
 async fn check_model(path: &Path, reference_file: &Path, precision: Precision, tolerance: f64) {
     let r = reference(reference_file);
     let loaded = hearth_engine::load(path, precision, &Device::Cpu).expect("model loads");
@@ -90,7 +54,7 @@ async fn check_model(path: &Path, reference_file: &Path, precision: Precision, t
     let prompts: Vec<Value> = r["prompts"].as_array().expect("prompts").clone();
     let engine = Engine::start(loaded.model, loaded.tokenizer, EngineConfig::default());
     for p in &prompts {
-        let got = greedy(&engine, ids(&p["token_ids"]), max_new).await;
+        let got = greedy(&engine, ids(&p["token_ids"]), max_new, None).await;
         assert_eq!(got, expected_greedy(p, &eos), "{}: greedy continuation of {}", path.display(), p["name"]);
     }
 }
