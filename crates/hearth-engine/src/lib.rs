@@ -8,6 +8,7 @@
 pub mod chat;
 pub mod engine;
 pub mod error;
+pub mod kernels;
 pub mod load;
 pub mod lora;
 pub mod model;

@@ -8,6 +8,7 @@ use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{EngineError, Result};
+use crate::kernels::QMatrix;
 
 /// The precision weights are served in. `Native` keeps the checkpoint's own: quantized GGUF
 /// stays quantized, safetensors keep their dtype.
@@ -55,6 +56,8 @@ pub struct Linear {
 #[derive(Debug, Clone)]
 enum Weight {
     Quantized(QMatMul),
+    /// Q4_1 and Q8_0 on the CPU: hearth's own kernels, repacked at load (see `crate::kernels`).
+    Fast(QMatrix),
     Dense(Tensor),
 }
 
@@ -63,6 +66,24 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
             Weight::Quantized(q) => x.apply(q)?,
+            Weight::Fast(m) => {
+                // [.., in] → [.., out], like QMatMul.
+                let mut dims = x.dims().to_vec();
+                match dims.last_mut() {
+                    Some(last) if *last == m.cols() => *last = m.rows(),
+                    _ => {
+                        return Err(EngineError::Internal(format!(
+                            "linear: input {dims:?} does not end in the weight's {} inputs",
+                            m.cols()
+                        )))
+                    }
+                }
+                let tokens = x.elem_count() / m.cols();
+                let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let mut out = vec![0f32; tokens * m.rows()];
+                m.matmul(&xs, tokens, &mut out);
+                Tensor::from_vec(out, dims, x.device())?
+            }
             Weight::Dense(w) if w.dtype() == DType::F32 => x.matmul(&w.t()?)?,
             // Half-precision weights multiply half-precision activations; the result returns
             // to f32 so norms and residuals keep full precision.
@@ -81,6 +102,7 @@ impl Linear {
             Weight::Quantized(QMatMul::Tensor(t)) | Weight::Quantized(QMatMul::TensorF16(t)) => {
                 t.to_dtype(DType::F32)?
             }
+            Weight::Fast(m) => Tensor::from_vec(m.dequantize(), (m.rows(), m.cols()), &Device::Cpu)?,
             Weight::Dense(t) => t.to_dtype(DType::F32)?,
         })
     }
@@ -88,6 +110,7 @@ impl Linear {
     pub fn size_in_bytes(&self) -> usize {
         match &self.weight {
             Weight::Quantized(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
+            Weight::Fast(m) => m.size_in_bytes(),
             Weight::Quantized(QMatMul::Tensor(t)) | Weight::Quantized(QMatMul::TensorF16(t)) | Weight::Dense(t) => {
                 t.elem_count() * t.dtype().size_in_bytes()
             }
@@ -212,6 +235,11 @@ impl Checkpoint {
                 // F32/F16 GGUF tensors are served as dense matrices (QMatMul would anyway).
                 match q.dtype() {
                     GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => Weight::Dense(q.dequantize(device)?),
+                    // hearth's kernels where it has them (Q4_1, Q8_0 on the CPU), else candle's.
+                    _ if device.is_cpu() => match QMatrix::from_qtensor(&q)? {
+                        Some(m) => Weight::Fast(m),
+                        None => Weight::Quantized(QMatMul::from_qtensor(q)?),
+                    },
                     _ => Weight::Quantized(QMatMul::from_qtensor(q)?),
                 }
             }
