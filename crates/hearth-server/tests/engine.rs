@@ -235,8 +235,17 @@ async fn a_client_that_disconnects_frees_its_slot() {
     for b in busy {
         assert_eq!(b.await.expect("task").0, StatusCode::OK);
     }
-    let m = get_text(&app, "/metrics").await;
-    assert_eq!(metric(&m, "hearth_engine_running_sequences"), 0, "{m}");
+    // The gauge is published after the step that finished the last request, which may be a
+    // moment after its client got the answer.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let m = loop {
+        let m = get_text(&app, "/metrics").await;
+        if metric(&m, "hearth_engine_running_sequences") == 0 {
+            break m;
+        }
+        assert!(std::time::Instant::now() < deadline, "sequences still running: {m}");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    };
     // 16 busy requests ran to the end; the abandoned one stopped early.
     assert!(metric(&m, "hearth_engine_generation_tokens_total") < 17 * 240, "{m}");
 }
