@@ -280,3 +280,29 @@ fn empty_batches_write_nothing() {
     let m = QMatrix::from_qtensor(&q).unwrap().unwrap();
     m.matmul(&[], 0, &mut []);
 }
+
+/// Every kernel's activation quantizer gives the generic one's quants and scales exactly
+/// (ties, zero blocks and outliers included).
+#[test]
+fn activation_quantizers_agree() {
+    use super::{Activations, Checked};
+    let mut rng = StdRng::seed_from_u64(15);
+    let mut x = random_acts(&mut rng, 5, 576);
+    // Exact ties at ±0.5 steps: max 127, so x = k + 0.5 lands halfway.
+    x[..6].copy_from_slice(&[127.0, 0.5, 1.5, -2.5, -0.5, 3.5]);
+    let want = Activations::quantize(Checked(Kernel::Scalar), &x, 5, 18);
+    for kernel in Kernel::available() {
+        let got = Activations::quantize(Checked::new(kernel).unwrap(), &x, 5, 18);
+        assert_eq!(got.q, want.q, "{kernel:?}");
+        for (g, w) in got.meta.iter().zip(&want.meta) {
+            assert_eq!(
+                (g.d.to_bits(), g.sum.to_bits(), g.offset),
+                (w.d.to_bits(), w.sum.to_bits(), w.offset),
+                "{kernel:?}"
+            );
+        }
+    }
+    // Round half to even: 0.5 → 0, 1.5 → 2, −2.5 → −2, −0.5 → 0, 3.5 → 4.
+    assert_eq!(want.q[0], i32::from_le_bytes([127, 0, 2, (-2i8) as u8]));
+    assert_eq!(want.q[1] & 0xFFFF, i32::from(u16::from_le_bytes([0, 4])));
+}

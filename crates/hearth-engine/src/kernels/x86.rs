@@ -6,6 +6,9 @@
 //! `quantize_row` with a `Checked` kernel, which exists only once `is_x86_feature_detected!`
 //! has confirmed the features. Inside them the only unsafe operations are loads and stores
 //! through pointers taken from references to fixed-size arrays of exactly the width accessed.
+//!
+//! The AVX-512 intrinsics and `is_x86_feature_detected!("avx512vnni")` are stable since Rust
+//! 1.89 (candle 0.11 already needs 1.88).
 
 #![allow(unsafe_code)]
 
