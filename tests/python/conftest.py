@@ -120,7 +120,7 @@ class HearthServer:
 _SERVER: Optional[HearthServer] = None
 
 
-def _start(binary: Path, workdir: Path, attempt: int, runtime: str = "none") -> HearthServer:
+def _start(binary: Path, workdir: Path, attempt: int, runtime: str = "none", extra_env: Optional[dict] = None) -> HearthServer:
     port = _free_port()
     data_dir = workdir / f"data-{attempt}"
     data_dir.mkdir()
@@ -142,6 +142,7 @@ def _start(binary: Path, workdir: Path, attempt: int, runtime: str = "none") -> 
         cmd += ["--database-url", db_url]
     env = {k: v for k, v in os.environ.items() if k not in _SERVER_ENV_VARS}
     env.setdefault("RUST_BACKTRACE", "1")
+    env.update(extra_env or {})
     log = open(log_path, "wb")
     try:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=str(workdir))
@@ -202,7 +203,9 @@ def hearth_live():
     yield from _serve("local")
 
 
-def _serve(runtime: str):
+def _serve(runtime: str, extra_env: Optional[dict] = None):
+    """Starts a server (retrying a port clash), yields it, stops it. ``extra_env`` is added to
+    its environment (a module that needs, say, ``HF_ENDPOINT`` starts its own)."""
     global _SERVER
     binary = hearth_binary()
     workdir = Path(tempfile.mkdtemp(prefix="hearth-e2e-"))
@@ -210,7 +213,7 @@ def _serve(runtime: str):
     server = None
     failure = ""
     for attempt in range(3):  # an early exit may be the probed port taken meanwhile: retry
-        server = _start(binary, workdir, attempt, runtime)
+        server = _start(binary, workdir, attempt, runtime, extra_env)
         why = _wait_healthy(server, time.monotonic() + timeout)
         if why is None:
             break

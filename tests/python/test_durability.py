@@ -22,13 +22,15 @@ from fireworks import Fireworks
 from conftest import _free_port, _random_account, _random_key, _wait_healthy, hearth_binary
 
 
-def _serve(binary: Path, data_dir: Path, port: int, key: str, account: str, log: Path) -> subprocess.Popen:
+def _serve(binary: Path, data_dir: Path, port: int, key: str, account: str, log: Path,
+           env: dict | None = None) -> subprocess.Popen:
     cmd = [str(binary), "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", str(data_dir),
            "--api-key", key, "--account", account, "--runtime", "none"]
     if os.environ.get("HEARTH_DATABASE_URL"):
         cmd += ["--database-url", os.environ["HEARTH_DATABASE_URL"]]
     with open(log, "ab") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=None if env is None else {**os.environ, **env})
 
 
 class _Server:
@@ -107,3 +109,52 @@ def test_kill_9_keeps_every_acknowledged_create(tmp_path):
     finally:
         server.proc.terminate()
         server.proc.wait(timeout=10)
+
+
+def test_an_import_cut_by_kill_9_starts_again_with_the_server(tmp_path):
+    """The model's record keeps its source until the import ends, so a gateway killed in the
+    middle of a transfer fetches the files again when it comes back, and the model ends READY."""
+    from test_sources import Sources
+
+    sources = Sources()
+    sources.repos["hearth-test/resumed"] = fixtures.tiny_llama_files()
+    sources.hold.clear()
+    binary = hearth_binary()
+    data_dir, log = tmp_path / "data", tmp_path / "hearth.log"
+    data_dir.mkdir()
+    key, account = _random_key(), _random_account()
+    env = {"HF_ENDPOINT": sources.url}
+    try:
+        port = _free_port()
+        server = _Server(_serve(binary, data_dir, port, key, account, log, env), port)
+        assert _wait_healthy(server, time.monotonic() + 60) is None, log.read_text()
+        api = fixtures.RawApi(server.base_url, key, account)
+        r = api.post("models", json={"modelId": "resumed", "model": {"kind": "HF_BASE_MODEL", "baseModelDetails": {}},
+                                     "source": {"huggingfaceSource": {"repo": "hearth-test/resumed"}}})
+        assert r.status_code == 200, r.text
+        deadline = time.monotonic() + 30
+        while not any("/resolve/" in p for p, _ in sources.requests):
+            assert time.monotonic() < deadline, "the import never asked for a file"
+            time.sleep(0.05)
+        os.kill(server.proc.pid, signal.SIGKILL)
+        server.proc.wait(timeout=10)
+        sources.hold.set()
+
+        port = _free_port()
+        server = _Server(_serve(binary, data_dir, port, key, account, log, env), port)
+        assert _wait_healthy(server, time.monotonic() + 60) is None, log.read_text()
+        api = fixtures.RawApi(server.base_url, key, account)
+        deadline = time.monotonic() + 60
+        while True:
+            m = api.ok_json("GET", "models/resumed")
+            if m["state"] != "UPLOADING":
+                break
+            assert time.monotonic() < deadline, f"the import did not resume: {m}"
+            time.sleep(0.1)
+        assert m["state"] == "READY", m
+        assert "resuming an unfinished import" in log.read_text()
+        server.proc.terminate()
+        server.proc.wait(timeout=10)
+    finally:
+        sources.hold.set()
+        sources.close()

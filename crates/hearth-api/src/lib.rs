@@ -5,6 +5,7 @@
 //! expect (camelCase keys, enums as their proto names, int64 as strings); unknown fields and
 //! unknown enum values fail to deserialize, so the layers above never see them.
 
+pub mod deepinfra;
 pub mod duration;
 pub mod names;
 pub mod openai;

@@ -56,7 +56,9 @@ wire_enum!(ModelKind {
     SnapshotModel = "SNAPSHOT_MODEL",
 });
 
-wire_enum!(ModelState { Unspecified = "STATE_UNSPECIFIED", Uploading = "UPLOADING", Ready = "READY" });
+// FAILED is hearth's own: an import from a source that could not finish ends there, with
+// `status` saying why, rather than staying UPLOADING forever.
+wire_enum!(ModelState { Unspecified = "STATE_UNSPECIFIED", Uploading = "UPLOADING", Ready = "READY", Failed = "FAILED" });
 
 wire_enum!(CheckpointFormat {
     Unspecified = "CHECKPOINT_FORMAT_UNSPECIFIED",
@@ -380,6 +382,93 @@ pub struct CreateModelRequest {
     pub model: Option<Model>,
     #[serde(default)]
     pub cluster: Option<String>,
+    /// hearth's extension: fetch the model's files from here instead of waiting for an
+    /// upload. The model is created UPLOADING and ends READY or FAILED on its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<ModelSource>,
+}
+
+/// Where an imported model's files come from: exactly one of the fields. This is the body of
+/// `:import` (`GatewayImportModelBody`, whose `awsS3Source` it keeps) and the `source` of a
+/// create request; the other sources are hearth's.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ModelSource {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aws_s3_source: Option<AwsS3Source>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub azure_blob_source: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub huggingface_source: Option<HuggingFaceSource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url_source: Option<UrlSource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub civitai_source: Option<CivitaiSource>,
+}
+
+/// `gatewayAwsS3ModelSource`: every object under `s3Path` in `s3Bucket`. The endpoint and
+/// region come from the server's environment (`AWS_ENDPOINT_URL`, `AWS_REGION`) as with the
+/// AWS tools; credentials from the request or, when absent, that environment.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AwsS3Source {
+    #[serde(default)]
+    pub s3_bucket: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3_path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role_arn: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_key_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_secret: Option<String>,
+}
+
+/// A Hugging Face Hub repository at a revision, fetched over the hub's HTTP protocol from
+/// `HF_ENDPOINT` (the public hub when unset), as the Hugging Face tools do.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HuggingFaceSource {
+    #[serde(default)]
+    pub repo: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// Only these files of the repository (default: every file hearth can serve from).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<Vec<String>>,
+}
+
+/// An http(s) URL of one model file or of an archive (.tar, .tar.gz) of a model directory.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UrlSource {
+    #[serde(default)]
+    pub url: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+}
+
+/// A Civitai model page or download URL.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CivitaiSource {
+    #[serde(default)]
+    pub civit_url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+/// `googlelongrunningOperation`, as `:import` answers: the work goes on in the background and
+/// the model's `state` tells when it is done.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Operation {
+    pub name: String,
+    pub done: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<serde_json::Value>,
 }
 
 /// `GatewayGetModelUploadEndpointBody`.

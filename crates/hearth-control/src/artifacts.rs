@@ -4,14 +4,51 @@
 //! Writes stream to a temporary file beside the target and are renamed into place only when
 //! the expected number of bytes arrived, so a reader never sees half a file and a failed
 //! upload leaves nothing behind.
+//!
+//! A file may also arrive in parts (resumable uploads): each part is appended to a partial
+//! file with a stable name, `.{file}.partial`, whose length is the offset the next part must
+//! start at. It survives a dropped connection and a restarted server, so a client resumes by
+//! asking for that offset. The last part completes it: it is synced and renamed into place.
 
+use std::collections::HashSet;
+use std::io::SeekFrom;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
-use tokio::io::AsyncWriteExt;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncSeekExt, AsyncWriteExt, BufWriter};
 
 use crate::error::{ControlError, Result};
+
+/// Writes go through a buffer of this size, so the file sees few large writes rather than one
+/// per network chunk; it is also the read size when a completed file's digest is checked.
+const IO_BUFFER: usize = 1 << 20;
+
+/// A SHA-256 digest, as a client sends it to have an upload verified.
+pub type Sha256Digest = [u8; 32];
+
+/// Where a file upload stands after a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UploadProgress {
+    /// The file is complete and in place.
+    Complete,
+    /// The file is incomplete: this many bytes from its start are stored, and the next part
+    /// must start there.
+    Incomplete { offset: u64 },
+}
+
+/// What one request on an upload URL carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UploadPart {
+    /// The whole file, in one body.
+    Whole,
+    /// Bytes `start..=end` of a file of `total` bytes.
+    Range { start: u64, end: u64, total: u64 },
+    /// No bytes: where does the upload of a file of `total` bytes stand?
+    Status { total: u64 },
+}
 
 /// Longest file name accepted, and the most files one model may have.
 pub const MAX_FILE_NAME: usize = 255;
@@ -39,11 +76,37 @@ pub fn validate_file_name(name: &str) -> Result<()> {
 #[derive(Debug, Clone)]
 pub struct ArtifactStore {
     root: PathBuf,
+    /// Partial files a request is writing now. Two writers of one partial file would
+    /// interleave their bytes, so a second one is refused while the first runs.
+    writing: Arc<Mutex<HashSet<PathBuf>>>,
+}
+
+/// Holds a partial file for one writer; dropping it (the request ended, or was cancelled
+/// because its client went away) lets the next one in.
+struct WriteClaim {
+    writing: Arc<Mutex<HashSet<PathBuf>>>,
+    path: PathBuf,
+}
+
+impl Drop for WriteClaim {
+    fn drop(&mut self) {
+        if let Ok(mut w) = self.writing.lock() {
+            w.remove(&self.path);
+        }
+    }
+}
+
+fn digest_mismatch(file: &str, actual: &[u8], expected: &Sha256Digest) -> ControlError {
+    ControlError::InvalidArgument(format!(
+        "upload of {file} was discarded: its SHA-256 is {} but the client sent {}; upload it again",
+        hex::encode(actual),
+        hex::encode(expected)
+    ))
 }
 
 impl ArtifactStore {
     pub fn new(root: impl Into<PathBuf>) -> ArtifactStore {
-        ArtifactStore { root: root.into() }
+        ArtifactStore { root: root.into(), writing: Arc::default() }
     }
 
     /// The directory holding a model's files (it may not exist yet).
@@ -57,7 +120,25 @@ impl ArtifactStore {
 
     /// Streams `body` into the model's file, refusing it unless exactly `expected` bytes
     /// arrive. Memory use is one chunk, whatever the file size.
-    pub async fn write<S, E>(&self, account: &str, model: &str, file: &str, expected: u64, mut body: S) -> Result<()>
+    pub async fn write<S, E>(&self, account: &str, model: &str, file: &str, expected: u64, body: S) -> Result<()>
+    where
+        S: Stream<Item = std::result::Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        self.write_verified(account, model, file, expected, None, body).await
+    }
+
+    /// `write`, and when `sha256` is given, the file is kept only if its bytes have that
+    /// digest (computed as they stream, so memory use stays one chunk).
+    pub async fn write_verified<S, E>(
+        &self,
+        account: &str,
+        model: &str,
+        file: &str,
+        expected: u64,
+        sha256: Option<Sha256Digest>,
+        mut body: S,
+    ) -> Result<()>
     where
         S: Stream<Item = std::result::Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
@@ -67,7 +148,9 @@ impl ArtifactStore {
         tokio::fs::create_dir_all(&dir).await.map_err(ControlError::internal)?;
         let tmp = dir.join(format!(".{file}.{:016x}.partial", rand::random::<u64>()));
         let result = async {
-            let mut out = tokio::fs::File::create(&tmp).await.map_err(ControlError::internal)?;
+            let out = tokio::fs::File::create(&tmp).await.map_err(ControlError::internal)?;
+            let mut out = BufWriter::with_capacity(IO_BUFFER, out);
+            let mut hasher = sha256.map(|_| Sha256::new());
             let mut written: u64 = 0;
             while let Some(chunk) = body.next().await {
                 let chunk = chunk
@@ -78,6 +161,9 @@ impl ArtifactStore {
                         "upload of {file} is larger than the {expected} bytes its URL was signed for"
                     )));
                 }
+                if let Some(h) = hasher.as_mut() {
+                    h.update(&chunk);
+                }
                 out.write_all(&chunk).await.map_err(ControlError::internal)?;
             }
             if written != expected {
@@ -85,7 +171,14 @@ impl ArtifactStore {
                     "upload of {file} has {written} bytes but its URL was signed for {expected}"
                 )));
             }
-            out.sync_all().await.map_err(ControlError::internal)?;
+            if let (Some(h), Some(want)) = (hasher, sha256.as_ref()) {
+                let got = h.finalize();
+                if got.as_slice() != want {
+                    return Err(digest_mismatch(file, &got, want));
+                }
+            }
+            out.flush().await.map_err(ControlError::internal)?;
+            out.get_ref().sync_all().await.map_err(ControlError::internal)?;
             tokio::fs::rename(&tmp, dir.join(file)).await.map_err(ControlError::internal)
         }
         .await;
@@ -93,6 +186,207 @@ impl ArtifactStore {
             let _ = tokio::fs::remove_file(&tmp).await;
         }
         result
+    }
+
+    /// The partial file of a resumable upload: hidden (file names cannot start with '.'), so
+    /// listings and validation never see it.
+    fn partial_path(&self, account: &str, model: &str, file: &str) -> PathBuf {
+        self.model_dir(account, model).join(format!(".{file}.partial"))
+    }
+
+    fn claim(&self, path: &Path, file: &str) -> Result<WriteClaim> {
+        let mut w = self.writing.lock().map_err(|_| ControlError::internal("artifact write registry poisoned"))?;
+        if !w.insert(path.to_path_buf()) {
+            return Err(ControlError::Aborted(format!(
+                "another request is uploading {file} right now; retry once it has ended"
+            )));
+        }
+        Ok(WriteClaim { writing: self.writing.clone(), path: path.to_path_buf() })
+    }
+
+    /// Bytes stored so far for a resumable upload; None when it has not started.
+    async fn partial_len(path: &Path) -> Result<Option<u64>> {
+        match tokio::fs::metadata(path).await {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(ControlError::internal(e)),
+        }
+    }
+
+    /// Writes bytes `start..=end` of a file of `total` bytes into its partial file, streamed
+    /// from `body`. A part must start where the stored bytes end (the offset), or at 0, which
+    /// starts the upload over; one that starts elsewhere writes nothing and is answered with
+    /// the offset, so a client that resent a part it thought lost simply carries on from there.
+    ///
+    /// Bytes of a part that arrive before its connection breaks are kept: the offset then
+    /// says where to resume. A body longer than its range is refused whole.
+    ///
+    /// The part that reaches `total` completes the file: when `sha256` is given the partial
+    /// file is read back and checked against it (a mismatch discards it), then it is synced
+    /// and renamed into place.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn write_part<S, E>(
+        &self,
+        account: &str,
+        model: &str,
+        file: &str,
+        start: u64,
+        end: u64,
+        total: u64,
+        sha256: Option<Sha256Digest>,
+        mut body: S,
+    ) -> Result<UploadProgress>
+    where
+        S: Stream<Item = std::result::Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        validate_file_name(file)?;
+        if start > end || end >= total {
+            return Err(ControlError::InvalidArgument(format!(
+                "invalid part {start}-{end} of {file}: a part is START-END with START <= END < {total} (the file size)"
+            )));
+        }
+        let dir = self.model_dir(account, model);
+        tokio::fs::create_dir_all(&dir).await.map_err(ControlError::internal)?;
+        let partial = self.partial_path(account, model, file);
+        let _claim = self.claim(&partial, file)?;
+        let stored = Self::partial_len(&partial).await?.unwrap_or(0);
+        if start != 0 && start != stored {
+            // A partial file as long as the file or longer has nothing left to resume (its
+            // completion was cut short, or it was signed for another size): start over.
+            let offset = if stored < total { stored } else { 0 };
+            return Ok(UploadProgress::Incomplete { offset });
+        }
+        let mut out = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(start == 0)
+            .open(&partial)
+            .await
+            .map_err(ControlError::internal)?;
+        out.seek(SeekFrom::Start(start)).await.map_err(ControlError::internal)?;
+        let mut out = BufWriter::with_capacity(IO_BUFFER, out);
+        let expected = end - start + 1;
+        let mut written: u64 = 0;
+        let mut failure = None;
+        while let Some(chunk) = body.next().await {
+            let chunk = match chunk {
+                Ok(c) => c,
+                Err(e) => {
+                    failure = Some(format!("upload of {file} was interrupted: {e}"));
+                    break;
+                }
+            };
+            if written + chunk.len() as u64 > expected {
+                // Nothing of a part that does not match its range is kept. (set_len waits for
+                // the file's write in flight, so nothing lands after the cut.)
+                out.into_inner().set_len(start).await.map_err(ControlError::internal)?;
+                return Err(ControlError::InvalidArgument(format!(
+                    "part {start}-{end} of {file} has more than the {expected} bytes its Content-Range names"
+                )));
+            }
+            written += chunk.len() as u64;
+            out.write_all(&chunk).await.map_err(ControlError::internal)?;
+        }
+        // What arrived is made durable before the offset is reported: a client resumes from
+        // the offset it is told, so those bytes must survive a crash.
+        out.flush().await.map_err(ControlError::internal)?;
+        out.get_ref().sync_data().await.map_err(ControlError::internal)?;
+        let offset = start + written;
+        if let Some(why) = failure {
+            return Err(ControlError::InvalidArgument(format!("{why}; {offset} bytes are stored, resume from there")));
+        }
+        if written < expected {
+            return Err(ControlError::InvalidArgument(format!(
+                "part {start}-{end} of {file} ended after {written} of its {expected} bytes; \
+                 {offset} bytes are stored, resume from there"
+            )));
+        }
+        if offset < total {
+            return Ok(UploadProgress::Incomplete { offset });
+        }
+        drop(out);
+        self.complete(&partial, &dir.join(file), file, sha256).await?;
+        Ok(UploadProgress::Complete)
+    }
+
+    /// Where the resumable upload of a file of `total` bytes stands. A partial file that
+    /// already holds every byte (its completion was cut short) is completed now, as is an
+    /// empty file, which no part can carry. A complete file counts as complete only if it has
+    /// the digest `sha256`, when one is given; otherwise its upload is at 0 (a new upload
+    /// replaces it when it completes).
+    pub async fn part_status(
+        &self,
+        account: &str,
+        model: &str,
+        file: &str,
+        total: u64,
+        sha256: Option<Sha256Digest>,
+    ) -> Result<UploadProgress> {
+        validate_file_name(file)?;
+        let dir = self.model_dir(account, model);
+        let partial = self.partial_path(account, model, file);
+        match Self::partial_len(&partial).await? {
+            Some(stored) if stored < total => return Ok(UploadProgress::Incomplete { offset: stored }),
+            Some(stored) if stored == total => {
+                let _claim = self.claim(&partial, file)?;
+                self.complete(&partial, &dir.join(file), file, sha256).await?;
+                return Ok(UploadProgress::Complete);
+            }
+            Some(_) => {
+                // Longer than the file (left by a URL signed for another size): it cannot be
+                // resumed, only started over.
+                let _claim = self.claim(&partial, file)?;
+                let _ = tokio::fs::remove_file(&partial).await;
+                return Ok(UploadProgress::Incomplete { offset: 0 });
+            }
+            None => {}
+        }
+        let target = dir.join(file);
+        match tokio::fs::metadata(&target).await {
+            Ok(m) if m.is_file() && m.len() == total => {
+                let Some(want) = sha256 else { return Ok(UploadProgress::Complete) };
+                // With a digest the question is "is this file already there?": a client
+                // resuming a whole model skips the files that are.
+                let got = tokio::task::spawn_blocking(move || sha256_of(&target))
+                    .await
+                    .map_err(ControlError::internal)?
+                    .map_err(ControlError::internal)?;
+                return Ok(if got == want {
+                    UploadProgress::Complete
+                } else {
+                    UploadProgress::Incomplete { offset: 0 }
+                });
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(ControlError::internal(e)),
+        }
+        if total == 0 {
+            let empty = futures_util::stream::empty::<std::result::Result<Bytes, std::io::Error>>();
+            self.write_verified(account, model, file, 0, sha256, empty).await?;
+            return Ok(UploadProgress::Complete);
+        }
+        Ok(UploadProgress::Incomplete { offset: 0 })
+    }
+
+    /// Checks a finished partial file's digest, syncs it and renames it into place. On a
+    /// mismatch it is removed: resuming it could only reproduce the same bytes.
+    async fn complete(&self, partial: &Path, target: &Path, file: &str, sha256: Option<Sha256Digest>) -> Result<()> {
+        if let Some(want) = sha256 {
+            let path = partial.to_path_buf();
+            let got = tokio::task::spawn_blocking(move || sha256_of(&path))
+                .await
+                .map_err(ControlError::internal)?
+                .map_err(ControlError::internal)?;
+            if got != want {
+                let _ = tokio::fs::remove_file(partial).await;
+                return Err(digest_mismatch(file, &got, &want));
+            }
+        }
+        let f = tokio::fs::OpenOptions::new().write(true).open(partial).await.map_err(ControlError::internal)?;
+        f.sync_all().await.map_err(ControlError::internal)?;
+        tokio::fs::rename(partial, target).await.map_err(ControlError::internal)
     }
 
     /// The files a model has, with their sizes, by name.
@@ -145,6 +439,22 @@ impl ArtifactStore {
     }
 }
 
+/// The SHA-256 of a file, read in buffer-sized pieces.
+fn sha256_of(path: &Path) -> std::io::Result<Sha256Digest> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; IO_BUFFER];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,6 +480,113 @@ mod tests {
             .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
             .collect();
         assert_eq!(names, vec!["config.json".to_string()]);
+    }
+
+    fn sha(data: &[u8]) -> Sha256Digest {
+        Sha256::digest(data).into()
+    }
+
+    fn hidden_names(store: &ArtifactStore) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(store.model_dir("a", "m"))
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.'))
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[tokio::test]
+    async fn parts_resume_from_the_stored_offset_and_complete_verified() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = ArtifactStore::new(dir.path());
+        let data = b"0123456789";
+        let status = store.part_status("a", "m", "w.bin", 10, None).await.expect("status");
+        assert_eq!(status, UploadProgress::Incomplete { offset: 0 });
+
+        let p = store.write_part("a", "m", "w.bin", 0, 3, 10, None, chunks(&[b"01", b"23"])).await.expect("part");
+        assert_eq!(p, UploadProgress::Incomplete { offset: 4 });
+        // A part resent (its answer was lost) writes nothing and says where to go on.
+        let p = store.write_part("a", "m", "w.bin", 2, 5, 10, None, chunks(&[b"2345"])).await.expect("resent");
+        assert_eq!(p, UploadProgress::Incomplete { offset: 4 });
+        // A part cut short keeps what arrived.
+        let broken = futures_util::stream::iter(vec![
+            Ok(Bytes::from_static(b"45")),
+            Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset")),
+        ]);
+        let e = store.write_part("a", "m", "w.bin", 4, 7, 10, None, broken).await.expect_err("interrupted");
+        assert!(e.to_string().contains("6 bytes are stored"), "{e}");
+        assert_eq!(
+            store.part_status("a", "m", "w.bin", 10, None).await.unwrap(),
+            UploadProgress::Incomplete { offset: 6 }
+        );
+        // A body longer than its range is refused and leaves the offset where it was.
+        let e = store.write_part("a", "m", "w.bin", 6, 7, 10, None, chunks(&[b"678"])).await.expect_err("long");
+        assert!(e.to_string().contains("more than the 2 bytes"), "{e}");
+        assert_eq!(
+            store.part_status("a", "m", "w.bin", 10, None).await.unwrap(),
+            UploadProgress::Incomplete { offset: 6 }
+        );
+        assert!(store.list("a", "m").await.unwrap().is_empty(), "an incomplete file is not listed");
+
+        let last = store.write_part("a", "m", "w.bin", 6, 9, 10, Some(sha(data)), chunks(&[b"6789"])).await;
+        assert_eq!(last.expect("last part"), UploadProgress::Complete);
+        assert_eq!(std::fs::read(store.file_path("a", "m", "w.bin")).unwrap(), data);
+        assert!(hidden_names(&store).is_empty(), "{:?}", hidden_names(&store));
+        assert_eq!(store.part_status("a", "m", "w.bin", 10, None).await.unwrap(), UploadProgress::Complete);
+        // Asked with a digest, a complete file is complete only if it is the same file.
+        assert_eq!(store.part_status("a", "m", "w.bin", 10, Some(sha(data))).await.unwrap(), UploadProgress::Complete);
+        let other = store.part_status("a", "m", "w.bin", 10, Some(sha(b"9876543210"))).await.unwrap();
+        assert_eq!(other, UploadProgress::Incomplete { offset: 0 });
+
+        // A part at 0 starts over, whatever was stored.
+        store.write_part("a", "m", "v.bin", 0, 5, 10, None, chunks(&[b"xxxxxx"])).await.expect("part");
+        let p = store.write_part("a", "m", "v.bin", 0, 1, 10, None, chunks(&[b"01"])).await.expect("restart");
+        assert_eq!(p, UploadProgress::Incomplete { offset: 2 });
+    }
+
+    #[tokio::test]
+    async fn a_digest_mismatch_discards_the_file_and_names_both_digests() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = ArtifactStore::new(dir.path());
+        let wrong = sha(b"something else");
+        let e = store.write_part("a", "m", "p.bin", 0, 2, 3, Some(wrong), chunks(&[b"abc"])).await.expect_err("part");
+        let msg = e.to_string();
+        assert!(msg.contains(&hex::encode(sha(b"abc"))) && msg.contains(&hex::encode(wrong)), "{msg}");
+        assert_eq!(
+            store.part_status("a", "m", "p.bin", 3, None).await.unwrap(),
+            UploadProgress::Incomplete { offset: 0 }
+        );
+
+        let e = store.write_verified("a", "m", "w.bin", 3, Some(wrong), chunks(&[b"abc"])).await.expect_err("whole");
+        assert!(e.to_string().contains(&hex::encode(wrong)), "{e}");
+        store.write_verified("a", "m", "w.bin", 3, Some(sha(b"abc")), chunks(&[b"a", b"bc"])).await.expect("right");
+        assert_eq!(store.list("a", "m").await.unwrap(), vec![("w.bin".to_string(), 3)]);
+        assert!(hidden_names(&store).is_empty(), "{:?}", hidden_names(&store));
+    }
+
+    #[tokio::test]
+    async fn one_writer_per_partial_file_and_empty_files_complete_on_status() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = ArtifactStore::new(dir.path());
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<std::result::Result<Bytes, std::io::Error>>();
+        let rx = Box::pin(futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|v| (v, rx)) }));
+        tx.send(Ok(Bytes::from_static(b"ab"))).unwrap();
+        let first = {
+            let store = store.clone();
+            tokio::spawn(async move { store.write_part("a", "m", "c.bin", 0, 3, 4, None, rx).await })
+        };
+        while !store.writing.lock().unwrap().contains(&store.partial_path("a", "m", "c.bin")) {
+            tokio::task::yield_now().await;
+        }
+        let e = store.write_part("a", "m", "c.bin", 0, 3, 4, None, chunks(&[b"abcd"])).await.expect_err("busy");
+        assert!(matches!(e, ControlError::Aborted(_)), "{e}");
+        tx.send(Ok(Bytes::from_static(b"cd"))).unwrap();
+        drop(tx);
+        assert_eq!(first.await.unwrap().unwrap(), UploadProgress::Complete);
+
+        assert_eq!(store.part_status("a", "m", "empty.txt", 0, None).await.unwrap(), UploadProgress::Complete);
+        assert!(store.list("a", "m").await.unwrap().contains(&("empty.txt".to_string(), 0)));
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod error;
 pub mod fleet;
 pub mod inspect;
 pub mod listing;
+mod loras;
 pub mod models;
 mod patch;
 pub mod reconciler;
@@ -20,6 +21,7 @@ mod records;
 pub mod routing;
 pub mod runtime;
 pub mod signing;
+mod sources;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,6 +43,8 @@ pub struct ControlConfig {
     pub signed_url_ttl: Duration,
     /// How long a soft-deleted deployment is kept before it is purged.
     pub purge_delay: Duration,
+    /// The Hugging Face Hub (or mirror) that `huggingfaceSource` imports read from.
+    pub hf_endpoint: String,
 }
 
 impl Default for ControlConfig {
@@ -49,6 +53,7 @@ impl Default for ControlConfig {
             public_url: "http://127.0.0.1:8080".to_string(),
             signed_url_ttl: Duration::from_secs(3600),
             purge_delay: Duration::from_secs(7 * 24 * 3600),
+            hf_endpoint: "https://huggingface.co".to_string(),
         }
     }
 }
@@ -61,6 +66,10 @@ pub struct ControlPlane {
     pub(crate) signer: UrlSigner,
     pub(crate) config: ControlConfig,
     pub(crate) auth_cache: Arc<auth::KeyCache>,
+    /// Fetches imported models' files. No overall timeout: a checkpoint may take an hour; a
+    /// stalled transfer is caught by the read timeout instead.
+    pub(crate) http: reqwest::Client,
+    pub(crate) imports: sources::Imports,
 }
 
 impl ControlPlane {
@@ -70,7 +79,20 @@ impl ControlPlane {
         let candidate: [u8; 32] = rand::random();
         let key = store.secret_or_init("url-signing-key", &candidate).await?;
         let signer = UrlSigner::new(key, config.public_url.clone());
-        Ok(ControlPlane { store, artifacts, signer, config, auth_cache: Arc::new(auth::KeyCache::default()) })
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(30))
+            .read_timeout(Duration::from_secs(120))
+            .build()
+            .map_err(ControlError::internal)?;
+        Ok(ControlPlane {
+            store,
+            artifacts,
+            signer,
+            config,
+            auth_cache: Arc::new(auth::KeyCache::default()),
+            http,
+            imports: Arc::default(),
+        })
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {

@@ -8,13 +8,13 @@ use futures_util::Stream;
 use hearth_api::names::{validate_id, Collection, ResourceName};
 use hearth_api::resources::{
     BaseModelDetails, CheckpointFormat, CreateModelRequest, DeployedModelRef, DeploymentState,
-    GetDownloadEndpointResponse, GetUploadEndpointRequest, GetUploadEndpointResponse, Model, ModelKind, ModelState,
-    PeftDetails, Precision, ValidateUploadResponse,
+    GetDownloadEndpointResponse, GetUploadEndpointRequest, GetUploadEndpointResponse, Model, ModelKind, ModelSource,
+    ModelState, Operation, PeftDetails, Precision, ValidateUploadResponse,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::artifacts::{validate_file_name, MAX_FILES};
+use crate::artifacts::{validate_file_name, Sha256Digest, UploadPart, UploadProgress, MAX_FILES};
 use crate::auth::Principal;
 use crate::error::{ControlError, Result};
 use crate::inspect::{self, AdapterSummary, BaseSummary, ModelFormat};
@@ -40,6 +40,16 @@ pub(crate) struct ModelRecord {
     pub base: Option<BaseSummary>,
     #[serde(default)]
     pub adapter: Option<AdapterSummary>,
+    /// The source of an import still running; cleared when it ends either way. It may hold
+    /// credentials, so it is never shown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub import: Option<ModelSource>,
+    /// What the source calls the version imported (a Hub commit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_version: Option<String>,
+    /// The deployment an imported addon is loaded onto once READY (the LoRA API's create).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deploy_onto: Option<String>,
 }
 
 pub(crate) const MODEL_LIST: Listable = Listable {
@@ -231,6 +241,18 @@ impl ControlPlane {
     }
 
     pub async fn create_model(&self, who: &Principal, account: &str, req: CreateModelRequest) -> Result<Model> {
+        self.create_model_for(who, account, req, None).await
+    }
+
+    /// Creates a model; an imported addon with `deploy_onto` is loaded onto that deployment
+    /// when its import ends READY.
+    pub(crate) async fn create_model_for(
+        &self,
+        who: &Principal,
+        account: &str,
+        req: CreateModelRequest,
+        deploy_onto: Option<String>,
+    ) -> Result<Model> {
         self.authorize(who, account)?;
         let id = req.model_id.unwrap_or_default();
         if id.is_empty() {
@@ -242,6 +264,9 @@ impl ControlPlane {
         }
         let input = req.model.unwrap_or_default();
         check_user_fields(&input, None)?;
+        if let Some(source) = &req.source {
+            crate::sources::check(source)?;
+        }
         // The spec's default kind is an addon.
         let kind = match input.kind.unwrap_or(ModelKind::HfPeftAddon) {
             ModelKind::Unspecified | ModelKind::HfPeftAddon => ModelKind::HfPeftAddon,
@@ -331,10 +356,71 @@ impl ControlPlane {
                 });
             }
         }
-        let record = ModelRecord { model, announced: BTreeMap::new(), base: None, adapter: None };
+        model.imported_from = req.source.as_ref().map(crate::sources::describe);
+        let record = ModelRecord {
+            model,
+            announced: BTreeMap::new(),
+            base: None,
+            adapter: None,
+            import: req.source.clone(),
+            source_version: None,
+            deploy_onto: deploy_onto.filter(|_| req.source.is_some()),
+        };
         let doc = self.insert_doc(MODELS, account, &id, &record).await?;
         tracing::info!(account, model = %id, kind = %kind, "model created");
+        if let Some(source) = req.source {
+            self.spawn_import(account, &id, source);
+        }
         Ok(self.model_view(account, &doc))
+    }
+
+    /// `:import`: fetches an existing model's files from a source. The model must not be
+    /// READY; a FAILED one is tried again. The answer is an operation to poll through the
+    /// model's `state`.
+    pub async fn import_model(
+        &self,
+        who: &Principal,
+        account: &str,
+        id: &str,
+        source: ModelSource,
+    ) -> Result<Operation> {
+        self.authorize(who, account)?;
+        crate::sources::check(&source)?;
+        let from = crate::sources::describe(&source);
+        self.modify(
+            MODELS,
+            account,
+            id,
+            || not_found(account, id),
+            |doc: &mut Doc<ModelRecord>| {
+                let m = &mut doc.value.model;
+                if m.state == Some(ModelState::Ready) {
+                    return Err(ControlError::FailedPrecondition(format!(
+                        "model accounts/{account}/models/{id} is READY; its files can no longer change. \
+                         Create a new model to import other files"
+                    )));
+                }
+                if doc.value.import.is_some() && m.state == Some(ModelState::Uploading) {
+                    return Err(ControlError::FailedPrecondition(format!(
+                        "model accounts/{account}/models/{id} is already being imported from {}",
+                        m.imported_from.clone().unwrap_or_default()
+                    )));
+                }
+                m.state = Some(ModelState::Uploading);
+                m.status = None;
+                m.imported_from = Some(from.clone());
+                doc.value.import = Some(source.clone());
+                Ok(())
+            },
+        )
+        .await?;
+        self.spawn_import(account, id, source);
+        let name = ResourceName::new(account, Collection::Models, id).to_string();
+        Ok(Operation {
+            name: format!("{name}/operations/import"),
+            done: false,
+            metadata: Some(serde_json::json!({"model": name, "importedFrom": from})),
+        })
     }
 
     pub async fn get_model(&self, who: &Principal, account: &str, id: &str, read_mask: Option<&str>) -> Result<Value> {
@@ -464,9 +550,8 @@ impl ControlPlane {
         req: GetUploadEndpointRequest,
     ) -> Result<GetUploadEndpointResponse> {
         self.authorize(who, account)?;
-        if req.enable_resumable_upload == Some(true) {
-            return Err(ControlError::unimplemented_field("getUploadEndpoint request", "enableResumableUpload"));
-        }
+        // `enableResumableUpload` needs nothing different: every signed URL also takes the
+        // file in `Content-Range` parts (see `upload_file`).
         if req.filename_to_size.is_empty() {
             return Err(ControlError::InvalidArgument(
                 "filenameToSize is empty: name every file to upload with its size in bytes".to_string(),
@@ -498,6 +583,16 @@ impl ControlPlane {
                      Create a new model to upload other files"
                     )));
                 }
+                if doc.value.import.is_some() && doc.value.model.state == Some(ModelState::Uploading) {
+                    return Err(ControlError::FailedPrecondition(format!(
+                        "model accounts/{account}/models/{id} is being imported; wait for it to end before uploading"
+                    )));
+                }
+                // A model whose import failed may be uploaded by hand instead.
+                if doc.value.model.state == Some(ModelState::Failed) {
+                    doc.value.model.state = Some(ModelState::Uploading);
+                    doc.value.model.status = None;
+                }
                 doc.value.announced = announced.clone();
                 Ok(())
             },
@@ -521,8 +616,13 @@ impl ControlPlane {
         Ok(GetUploadEndpointResponse { filename_to_signed_urls: urls })
     }
 
-    /// Receives one file through a signed URL. The signature is the authorisation: no API
-    /// key is involved, as with a cloud storage upload.
+    /// Receives one file, or one part of it, through a signed URL. The signature is the
+    /// authorisation: no API key is involved, as with a cloud storage upload.
+    ///
+    /// `part` says what the request carries: the whole file, a byte range of it (resumable
+    /// upload; the range's total must be the size the URL was signed for), or nothing but a
+    /// question about where the upload stands. `sha256`, when the client sends one, is checked
+    /// against the completed file.
     #[allow(clippy::too_many_arguments)]
     pub async fn upload_file<S, E>(
         &self,
@@ -533,8 +633,10 @@ impl ControlPlane {
         expires: i64,
         sig: &str,
         declared_length: Option<u64>,
+        part: UploadPart,
+        sha256: Option<Sha256Digest>,
         body: S,
-    ) -> Result<()>
+    ) -> Result<UploadProgress>
     where
         S: Stream<Item = std::result::Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
@@ -542,11 +644,24 @@ impl ControlPlane {
         let grant =
             Grant { method: "PUT", account: account.into(), model: id.into(), file: file.into(), size, expires };
         self.signer.verify(&grant, sig, chrono::Utc::now().timestamp())?;
+        let (total, body_len) = match part {
+            UploadPart::Whole => (size, size),
+            UploadPart::Range { start, end, total } => (total, end.saturating_sub(start).saturating_add(1)),
+            UploadPart::Status { total } => (total, 0),
+        };
+        if total != size {
+            return Err(ControlError::InvalidArgument(format!(
+                "Content-Range names a file of {total} bytes but the URL for {file} was signed for {size} bytes"
+            )));
+        }
         if let Some(len) = declared_length {
-            if len != size {
-                return Err(ControlError::InvalidArgument(format!(
-                    "Content-Length is {len} but the URL for {file} was signed for {size} bytes"
-                )));
+            if len != body_len {
+                return Err(ControlError::InvalidArgument(match part {
+                    UploadPart::Whole => {
+                        format!("Content-Length is {len} but the URL for {file} was signed for {size} bytes")
+                    }
+                    _ => format!("Content-Length is {len} but its Content-Range names {body_len} bytes of {file}"),
+                }));
             }
         }
         let doc = self.load_model(account, id).await?;
@@ -555,15 +670,42 @@ impl ControlPlane {
                 "model accounts/{account}/models/{id} is READY; its files can no longer change"
             )));
         }
-        self.artifacts.write(account, id, file, size, body).await?;
-        tracing::info!(account, model = %id, file, size, "file uploaded");
-        Ok(())
+        let progress = match part {
+            UploadPart::Whole => {
+                self.artifacts.write_verified(account, id, file, size, sha256, body).await?;
+                UploadProgress::Complete
+            }
+            UploadPart::Range { start, end, total } => {
+                self.artifacts.write_part(account, id, file, start, end, total, sha256, body).await?
+            }
+            UploadPart::Status { total } => self.artifacts.part_status(account, id, file, total, sha256).await?,
+        };
+        match progress {
+            UploadProgress::Complete => tracing::info!(account, model = %id, file, size, "file uploaded"),
+            UploadProgress::Incomplete { offset } => {
+                tracing::debug!(account, model = %id, file, size, offset, "part of a file uploaded")
+            }
+        }
+        Ok(progress)
     }
 
     /// Checks what was uploaded and, when it is a model hearth can serve, marks the model
     /// READY with the details read from its files. Each problem found is named.
     pub async fn validate_upload(&self, who: &Principal, account: &str, id: &str) -> Result<ValidateUploadResponse> {
         self.authorize(who, account)?;
+        let doc = self.load_model(account, id).await?;
+        if doc.value.import.is_some() && doc.value.model.state == Some(ModelState::Uploading) {
+            return Err(ControlError::FailedPrecondition(format!(
+                "model accounts/{account}/models/{id} is being imported from {}; it validates itself when its \
+                 files are in",
+                doc.value.model.imported_from.clone().unwrap_or_default()
+            )));
+        }
+        self.validate_files(account, id).await
+    }
+
+    /// Validation proper, shared by uploads and imports.
+    pub(crate) async fn validate_files(&self, account: &str, id: &str) -> Result<ValidateUploadResponse> {
         let doc = self.load_model(account, id).await?;
         if doc.value.model.state == Some(ModelState::Ready) {
             return Ok(ValidateUploadResponse::default());

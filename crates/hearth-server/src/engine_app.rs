@@ -161,7 +161,7 @@ async fn load_adapter(State(app): State<App>, body: Result<Bytes, BytesRejection
     let body = body.map_err(|e| OpenAiError::bad(format!("could not read the request body: {e}")))?;
     let req: LoadAdapter =
         serde_json::from_slice(&body).map_err(|e| OpenAiError::bad(format!("invalid request: {e}")))?;
-    if req.lora_name == &*app.served_name {
+    if req.lora_name == *app.served_name {
         return Err(OpenAiError::bad(format!(
             "{:?} is the base model's name; choose another adapter name",
             req.lora_name
@@ -322,6 +322,7 @@ impl App {
     }
 
     /// Builds one engine request per choice.
+    #[allow(clippy::too_many_arguments)]
     fn requests(
         &self,
         prompts: Vec<Vec<u32>>,

@@ -6,7 +6,8 @@
 
 use hearth_api::resources::{
     CreateModelRequest, DeployedModel, Deployment, GetDownloadEndpointResponse, GetUploadEndpointRequest,
-    GetUploadEndpointResponse, Model, ScaleDeploymentRequest, UndeleteDeploymentRequest, ValidateUploadResponse,
+    GetUploadEndpointResponse, Model, ModelSource, ScaleDeploymentRequest, UndeleteDeploymentRequest,
+    ValidateUploadResponse,
 };
 use hearth_api::Status;
 use schemars::generate::SchemaSettings;
@@ -42,6 +43,7 @@ pub const OPERATIONS: &[Operation] = &[
     op!("delete" "/v1/accounts/{account}/models/{model}" "DeleteModel" "Delete a model that is not deployed", q: &[], req: None, resp: None),
     op!("post" "/v1/accounts/{account}/models/{model}:getUploadEndpoint" "GetModelUploadEndpoint" "Signed PUT URLs for the model's files", q: &[], req: Some("GetUploadEndpointRequest"), resp: Some("GetUploadEndpointResponse")),
     op!("get" "/v1/accounts/{account}/models/{model}:validateUpload" "ValidateModelUpload" "Check the uploaded files; READY on success", q: &["skipHfConfigValidation", "trustRemoteCode", "configOnly"], req: None, resp: Some("ValidateUploadResponse")),
+    op!("post" "/v1/accounts/{account}/models/{model}:import" "ImportModel" "Fetch the model's files from a source (Hub, URL, S3, Civitai); READY or FAILED when done", q: &[], req: Some("ModelSource"), resp: Some("Operation")),
     op!("get" "/v1/accounts/{account}/models/{model}:getDownloadEndpoint" "GetModelDownloadEndpoint" "Signed GET URLs for the model's files", q: &["readMask"], req: None, resp: Some("GetDownloadEndpointResponse")),
     op!("post" "/v1/accounts/{account}/deployments" "CreateDeployment" "Create a deployment", q: &["deploymentId", "validateOnly", "disableAutoDeploy", "disableSpeculativeDecoding", "skipShapeValidation", "skipImageTagValidation", "acceptShapelessRisk"], req: Some("Deployment"), resp: Some("Deployment")),
     op!("get" "/v1/accounts/{account}/deployments" "ListDeployments" "List deployments", q: &["pageSize", "pageToken", "filter", "orderBy", "readMask", "showDeleted"], req: None, resp: Some("ListDeploymentsResponse")),
@@ -61,12 +63,20 @@ pub const OPERATIONS: &[Operation] = &[
     op!("post" "/v1/chat/completions" "ChatCompletionsV1" "Same as /inference/v1/chat/completions", q: &[], req: None, resp: None),
     op!("post" "/v1/completions" "CompletionsV1" "Same as /inference/v1/completions", q: &[], req: None, resp: None),
     op!("get" "/v1/models" "ListServableModelsV1" "Same as /inference/v1/models", q: &[], req: None, resp: None),
+    op!("post" "/v1/lora/create" "CreateLora" "Import a LoRA from its source and load it onto its base model's default deployment", q: &[], req: Some("CreateLoraRequest"), resp: Some("DeploymentOut")),
+    op!("get" "/v1/lora/{lora_name}" "GetLora" "A LoRA as DeploymentOut", q: &[], req: None, resp: Some("DeploymentOut")),
+    op!("patch" "/v1/lora/{lora_name}" "UpdateLora" "Change a LoRA's description or privacy", q: &[], req: Some("UpdateLoraRequest"), resp: Some("DeploymentOut")),
+    op!("delete" "/v1/lora/{lora_name}" "DeleteLora" "Unload a LoRA and delete its model", q: &[], req: None, resp: Some("DeploymentOut")),
+    op!("get" "/v1/lora/{lora_name}/status" "GetLoraStatus" "initializing, deployed, failed (with fail_reason) or deleted", q: &[], req: None, resp: Some("LoraStatus")),
+    op!("get" "/v1/user/loras" "ListUserLoras" "Every LoRA of the caller's account", q: &[], req: None, resp: None),
+    op!("post" "/v1/openai/chat/completions" "OpenAiChatCompletions" "Chat completions where `model` may be a LoRA's name", q: &[], req: None, resp: None),
+    op!("post" "/v1/openai/completions" "OpenAiCompletions" "Completions where `model` may be a LoRA's name", q: &[], req: None, resp: None),
     op!("get" "/verifyApiKey" "VerifyApiKey" "The account of the presented key, in x-fireworks-account-id", q: &[], req: None, resp: None),
     Operation {
         method: "put",
         path: "/upload/{account}/{model}/{file}",
         id: "UploadModelFile",
-        summary: "Upload one model file through a signed URL (body: the raw bytes)",
+        summary: "Upload one model file through a signed URL: the raw bytes in one request, or in parts with Content-Range (308 with Range until complete); x-hearth-sha256 is checked",
         query: &["size", "expires", "sig"],
         request: None,
         response: None,
@@ -131,6 +141,12 @@ fn schemas() -> Map<String, Value> {
     add("UndeleteDeploymentRequest", generator.subschema_for::<UndeleteDeploymentRequest>());
     add("DeployedModel", generator.subschema_for::<DeployedModel>());
     add("Status", generator.subschema_for::<Status>());
+    add("ModelSource", generator.subschema_for::<ModelSource>());
+    add("Operation", generator.subschema_for::<hearth_api::resources::Operation>());
+    add("CreateLoraRequest", generator.subschema_for::<hearth_api::deepinfra::CreateLoraRequest>());
+    add("UpdateLoraRequest", generator.subschema_for::<hearth_api::deepinfra::UpdateLoraRequest>());
+    add("DeploymentOut", generator.subschema_for::<hearth_api::deepinfra::DeploymentOut>());
+    add("LoraStatus", generator.subschema_for::<hearth_api::deepinfra::LoraStatus>());
     // subschema_for returns references for named types; the definitions hold the bodies.
     let mut all: Map<String, Value> = generator.take_definitions(true).into_iter().collect();
     for (list, item) in [

@@ -326,3 +326,114 @@ async fn the_committed_openapi_document_matches_the_code_and_every_operation_is_
         );
     }
 }
+
+/// A PUT to an upload URL with extra headers, as a storage client sends it.
+async fn put_file(app: &App, path: &str, headers: &[(&str, String)], body: Vec<u8>) -> Reply {
+    let mut req = Request::builder().method("PUT").uri(path);
+    for (k, v) in headers {
+        req = req.header(*k, v);
+    }
+    let resp = app.router.clone().oneshot(req.body(Body::from(body)).expect("request")).await.expect("infallible");
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    Reply { status, headers, body: serde_json::from_slice(&bytes).unwrap_or(Value::Null) }
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use std::fmt::Write;
+    let digest = <sha2::Sha256 as sha2::Digest>::digest(data);
+    digest.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+#[tokio::test]
+async fn uploads_resume_part_by_part_and_are_verified() {
+    let app = App::new().await;
+    app.ok(
+        "POST",
+        "/v1/accounts/acme/models",
+        Some(json!({"modelId": "big", "model": {"kind": "HF_BASE_MODEL", "baseModelDetails": {}}})),
+    )
+    .await;
+    let data: Vec<u8> = (0..1000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let urls = app
+        .ok(
+            "POST",
+            "/v1/accounts/acme/models/big:getUploadEndpoint",
+            Some(json!({"filenameToSize": {"weights.bin": "1000", "other.bin": "3"}})),
+        )
+        .await;
+    let url =
+        urls["filenameToSignedUrls"]["weights.bin"].as_str().expect("url").trim_start_matches("http://127.0.0.1:8080");
+    let range = |r: &Reply| r.headers.get("range").map(|v| v.to_str().unwrap_or("").to_string());
+
+    // Nothing stored yet: 308 without a Range.
+    let r = put_file(&app, url, &[("content-range", "bytes */1000".into())], vec![]).await;
+    assert_eq!((r.status.as_u16(), range(&r)), (308, None));
+    let r = put_file(&app, url, &[("content-range", "bytes 0-399/1000".into())], data[..400].to_vec()).await;
+    assert_eq!((r.status.as_u16(), range(&r)), (308, Some("bytes=0-399".into())));
+    // A part resent after its answer was lost is answered with the offset, and writes nothing.
+    let r = put_file(&app, url, &[("content-range", "bytes 200-599/1000".into())], data[200..600].to_vec()).await;
+    assert_eq!((r.status.as_u16(), range(&r)), (308, Some("bytes=0-399".into())));
+    let r = put_file(&app, url, &[("content-range", "bytes */1000".into())], vec![]).await;
+    assert_eq!((r.status.as_u16(), range(&r)), (308, Some("bytes=0-399".into())));
+    // A range that is not of this file, or a body that does not match its range, is refused.
+    let r = put_file(&app, url, &[("content-range", "bytes 400-499/2000".into())], data[400..500].to_vec()).await;
+    assert_eq!((r.status.as_u16(), r.body["code"].clone()), (400, json!(3)), "{}", r.body);
+    let r = put_file(
+        &app,
+        url,
+        &[("content-range", "bytes 400-499/1000".into()), ("content-length", "99".into())],
+        data[400..499].to_vec(),
+    )
+    .await;
+    assert_eq!(r.status.as_u16(), 400, "{}", r.body);
+    let r = put_file(&app, url, &[("content-range", "bytes 400-x/1000".into())], vec![]).await;
+    assert!(r.body["message"].as_str().unwrap_or("").contains("Content-Range"), "{}", r.body);
+
+    // The last part with a wrong digest: refused, naming both, and the upload starts over.
+    let wrong = sha256_hex(b"not it");
+    let r = put_file(
+        &app,
+        url,
+        &[("content-range", "bytes 400-999/1000".into()), ("x-hearth-sha256", wrong.clone())],
+        data[400..].to_vec(),
+    )
+    .await;
+    assert_eq!(r.status.as_u16(), 400, "{}", r.body);
+    let msg = r.body["message"].as_str().unwrap_or("").to_string();
+    assert!(msg.contains(&wrong) && msg.contains(&sha256_hex(&data)), "{msg}");
+    let r = put_file(&app, url, &[("content-range", "bytes */1000".into())], vec![]).await;
+    assert_eq!((r.status.as_u16(), range(&r)), (308, None));
+
+    // Again, right this time.
+    let r = put_file(&app, url, &[("content-range", "bytes 0-599/1000".into())], data[..600].to_vec()).await;
+    assert_eq!((r.status.as_u16(), range(&r)), (308, Some("bytes=0-599".into())));
+    let r = put_file(
+        &app,
+        url,
+        &[("content-range", "bytes 600-999/1000".into()), ("x-hearth-sha256", sha256_hex(&data))],
+        data[600..].to_vec(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let r = put_file(&app, url, &[("content-range", "bytes */1000".into())], vec![]).await;
+    assert_eq!(r.status, StatusCode::OK);
+
+    // The whole-file PUT the SDK sends still works, with or without a digest.
+    let other =
+        urls["filenameToSignedUrls"]["other.bin"].as_str().expect("url").trim_start_matches("http://127.0.0.1:8080");
+    let r = put_file(&app, other, &[("x-hearth-sha256", wrong.clone())], b"abc".to_vec()).await;
+    assert_eq!(r.status.as_u16(), 400, "{}", r.body);
+    let r = put_file(&app, other, &[("x-hearth-sha256", "xyz".into())], b"abc".to_vec()).await;
+    assert!(r.body["message"].as_str().unwrap_or("").contains("x-hearth-sha256"), "{}", r.body);
+    let r = put_file(&app, other, &[("x-hearth-sha256", sha256_hex(b"abc"))], b"abc".to_vec()).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    // Both files count for validation (which then looks inside them).
+    let v = app.call("GET", "/v1/accounts/acme/models/big:validateUpload", Some(KEY), None).await;
+    let msg = v.body["message"].as_str().unwrap_or("");
+    assert!(!msg.contains("has not been uploaded"), "{msg}");
+}

@@ -60,8 +60,7 @@ async fn the_pirate_adapter_speaks_like_a_pirate_and_the_base_model_does_not_cha
             tokio::spawn(async move { (model, chat(&app, model, &q).await) })
         })
         .collect();
-    let mut i = 0;
-    for t in tasks {
+    for (i, t) in tasks.into_iter().enumerate() {
         let (model, answer) = t.await.expect("task");
         if model == "pirate" {
             assert!(answer.starts_with("Ahoy"), "the pirate adapter answered {answer:?}");
@@ -69,6 +68,5 @@ async fn the_pirate_adapter_speaks_like_a_pirate_and_the_base_model_does_not_cha
             assert_eq!(answer, alone[i / 2], "a base answer changed when batched with the adapter");
             assert!(!answer.starts_with("Ahoy"), "the base model answered like a pirate: {answer:?}");
         }
-        i += 1;
     }
 }

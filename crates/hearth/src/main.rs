@@ -161,6 +161,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         public_url: args.public_url.clone().unwrap_or_else(|| format!("http://{local}")),
         signed_url_ttl: Duration::from_secs(args.signed_url_ttl),
         purge_delay: Duration::from_secs(args.purge_delay),
+        // As with the Hugging Face tools, so a mirror (or a test's local hub) can stand in.
+        hf_endpoint: std::env::var("HF_ENDPOINT")
+            .ok()
+            .filter(|e| !e.is_empty())
+            .unwrap_or_else(|| "https://huggingface.co".to_string()),
     };
     let artifacts = ArtifactStore::new(args.data_dir.join("artifacts"));
     let control = ControlPlane::new(store, artifacts, config).await.map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -177,6 +182,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     for (key, account) in &keys {
         control.bootstrap_key(account, key).await.map_err(|e| anyhow::anyhow!("--api-key for {account}: {e}"))?;
+    }
+
+    let resumed = control.resume_imports().await.map_err(|e| anyhow::anyhow!("resuming imports: {e}"))?;
+    if resumed > 0 {
+        tracing::info!(resumed, "unfinished model imports started again");
     }
 
     // Soft-deleted deployments past their purge time are removed in the background.

@@ -36,6 +36,16 @@ pub(crate) fn inspect(dir: &Path) -> Result<AdapterSummary, Vec<String>> {
     let Some(files) = list_dir(dir, &mut problems) else {
         return Err(problems);
     };
+    // An image-model LoRA (Stable Diffusion, Flux: what Civitai mostly hosts) is refused with
+    // that one reason; the dozens of "unexpected tensor" problems it would raise explain nothing.
+    for name in files.keys().filter(|n| n.ends_with(".safetensors")) {
+        let mut ignored = Vec::new();
+        if let Some(header) = safetensors::read_header(&dir.join(name), name, &mut ignored) {
+            if let Some(reason) = image_lora_reason(header.tensors.keys().map(String::as_str)) {
+                return Err(vec![format!("{name}: {reason}")]);
+            }
+        }
+    }
     let config = if files.contains_key(CONFIG) {
         read_json(dir, CONFIG, &mut problems).and_then(|v| parse_config(v, &mut problems))
     } else {
@@ -80,6 +90,29 @@ pub(crate) fn inspect(dir: &Path) -> Result<AdapterSummary, Vec<String>> {
         parameter_count: header.parameter_count(),
         ranks: ranks.into_iter().collect(),
     })
+}
+
+/// Why tensors named like this belong to an image model's LoRA, if they do: kohya-ss names
+/// (`lora_unet_…`, `lora_te1_…`) or diffusers names (`unet.…`, `transformer.…` with
+/// `lora.down`/`lora_A`), none of which exist in a language model.
+pub(crate) fn image_lora_reason<'a>(names: impl Iterator<Item = &'a str>) -> Option<String> {
+    for name in names {
+        let kohya = ["lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_transformer_"]
+            .iter()
+            .any(|p| name.starts_with(p));
+        let diffusers = ["unet.", "text_encoder.", "text_encoder_2.", "transformer.", "diffusion_model."]
+            .iter()
+            .any(|p| name.starts_with(p))
+            && (name.contains("lora") || name.ends_with(".alpha"));
+        if kohya || diffusers {
+            let style = if kohya { "kohya-ss" } else { "diffusers" };
+            return Some(format!(
+                "this is an image-model LoRA ({style} tensor names such as {name}), not a PEFT adapter \
+                 of a language model; hearth serves language models only"
+            ));
+        }
+    }
+    None
 }
 
 fn get_bool(obj: &Map<String, Value>, key: &str, problems: &mut Vec<String>) -> bool {
@@ -503,6 +536,25 @@ mod tests {
         assert_eq!(s.parameter_count, 2 * (1024 + 768));
         // The list of linear modules stays in sync with where they live.
         assert!(LINEAR_MODULES.iter().all(|m| parent_of(m).is_some()));
+    }
+
+    #[test]
+    fn image_model_loras_are_refused_with_one_reason() {
+        for (file, tensor) in [
+            ("pirate_style.safetensors", "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"),
+            ("adapter_model.safetensors", "lora_te1_text_model_encoder_layers_0_mlp_fc1.alpha"),
+            ("flux.safetensors", "transformer.single_transformer_blocks.0.attn.to_k.lora_A.weight"),
+            ("sd.safetensors", "unet.down_blocks.0.attentions.0.to_q.lora.down.weight"),
+        ] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            write(dir.path(), file, &safetensors_bytes(&[(tensor.to_string(), "F16", vec![4, 4])]));
+            let problems = inspect_adapter(dir.path()).expect_err("image LoRA").into_vec();
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            assert!(problems[0].starts_with(file) && problems[0].contains("image-model LoRA"), "{problems:?}");
+        }
+        // A language model's PEFT names are not mistaken for one.
+        let names = tiny_adapter_tensors(8);
+        assert_eq!(image_lora_reason(names.iter().map(|(n, _, _)| n.as_str())), None);
     }
 
     #[test]

@@ -63,6 +63,8 @@ impl Runtime for LocalRuntime {
             .arg(format!("127.0.0.1:{port}"))
             .arg("--served-model-name")
             .arg(&spec.model)
+            .arg("--max-running")
+            .arg(super::MAX_BATCH_SIZE.to_string())
             .arg("--exit-with-parent")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

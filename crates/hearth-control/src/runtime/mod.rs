@@ -11,6 +11,9 @@ use async_trait::async_trait;
 
 use crate::error::Result;
 
+/// Sequences one replica decodes together at most (the engine's `--max-running`).
+pub const MAX_BATCH_SIZE: usize = 64;
+
 /// Everything a replica needs to start. Two specs that are equal run interchangeable
 /// replicas; a changed spec means replicas must be replaced (a rolling update).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -40,15 +40,25 @@ pub(super) async fn proxy(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let body = super::body(body)?;
-    let mut request: Value =
-        serde_json::from_slice(&body).map_err(|e| ApiError::invalid(format!("invalid JSON: {e}")))?;
+    let request: Value = serde_json::from_slice(&body).map_err(|e| ApiError::invalid(format!("invalid JSON: {e}")))?;
+    let path = uri.path().strip_prefix("/inference").unwrap_or(uri.path()).to_string();
+    forward(&s, &who, &path, request).await
+}
+
+/// Sends an OpenAI request to a replica of the deployment its `model` resolves to; `path` is
+/// the replica's route (`/v1/chat/completions`).
+pub(super) async fn forward(
+    s: &AppState,
+    who: &hearth_control::Principal,
+    path: &str,
+    mut request: Value,
+) -> ApiResult<Response> {
     let model =
         request.get("model").and_then(Value::as_str).ok_or_else(|| ApiError::invalid("model is required"))?.to_string();
-    let route = s.control.resolve_route(&who, &model).await?;
+    let route = s.control.resolve_route(who, &model).await?;
     // Replicas know the deployment by its base model's name.
     request["model"] = Value::String(route.served_model.clone());
     let payload = Bytes::from(request.to_string());
-    let path = uri.path().strip_prefix("/inference").unwrap_or(uri.path()).to_string();
 
     let fleet = &s.inference.fleet;
     fleet.touch(&route.deployment);

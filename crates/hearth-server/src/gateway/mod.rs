@@ -8,6 +8,7 @@
 mod deployed_models;
 mod deployments;
 mod inference;
+mod loras;
 mod models;
 mod upload;
 
@@ -79,6 +80,13 @@ pub fn router_with(control: ControlPlane, inference: Inference) -> Router {
         .route("/inference/v1/chat/completions", post(inference::proxy))
         .route("/inference/v1/completions", post(inference::proxy))
         .route("/inference/v1/models", get(inference::models))
+        // The second provider's LoRA API and its OpenAI route.
+        .route("/v1/lora/create", post(loras::create))
+        .route("/v1/lora/{lora_name}", get(loras::get).patch(loras::update).delete(loras::delete))
+        .route("/v1/lora/{lora_name}/status", get(loras::status))
+        .route("/v1/user/loras", get(loras::list))
+        .route("/v1/openai/chat/completions", post(loras::openai))
+        .route("/v1/openai/completions", post(loras::openai))
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY));
     let files = Router::new()
         .route("/upload/{account}/{model}/{file}", put(upload::put))
@@ -129,7 +137,8 @@ async fn verify_api_key(caller: Caller) -> Response {
     (StatusCode::OK, headers, Json(json!({"accountId": caller.0.account}))).into_response()
 }
 
-/// The authenticated caller, from `Authorization: Bearer <key>`.
+/// The authenticated caller, from `Authorization: Bearer <key>`, or `xi-api-key: <key>` as
+/// the second provider's clients send it.
 pub struct Caller(pub Principal);
 
 impl FromRequestParts<AppState> for Caller {
@@ -137,7 +146,15 @@ impl FromRequestParts<AppState> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         let key = match parts.headers.get("authorization") {
-            None => None,
+            None => match parts.headers.get("xi-api-key") {
+                None => None,
+                Some(v) => Some(
+                    v.to_str()
+                        .map_err(|_| ApiError::new(Code::Unauthenticated, "malformed xi-api-key header"))?
+                        .trim()
+                        .to_string(),
+                ),
+            },
             Some(v) => {
                 let v =
                     v.to_str().map_err(|_| ApiError::new(Code::Unauthenticated, "malformed Authorization header"))?;

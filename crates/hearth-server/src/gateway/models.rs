@@ -6,7 +6,7 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::Method;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use hearth_api::resources::{CreateModelRequest, GetUploadEndpointRequest, Model};
+use hearth_api::resources::{CreateModelRequest, GetUploadEndpointRequest, Model, ModelSource};
 use hearth_api::Code;
 
 use super::{
@@ -76,7 +76,7 @@ pub(super) async fn get_or_verb(
     }
 }
 
-/// POST `:getUploadEndpoint`; `:prepare` and `:import` exist in the spec but not in hearth.
+/// POST `:getUploadEndpoint` and `:import`; `:prepare` exists in the spec but not in hearth.
 pub(super) async fn post_verb(
     State(s): State<AppState>,
     Caller(who): Caller,
@@ -91,9 +91,11 @@ pub(super) async fn post_verb(
             let req: GetUploadEndpointRequest = parse_body(&body(b)?, "getUploadEndpoint request")?;
             Ok(Json(s.control.get_upload_endpoint(&who, &account, id, req).await?).into_response())
         }
-        Some(v @ ("prepare" | "import")) => {
-            Err(ApiError::new(Code::Unimplemented, format!("models:{v} is not supported by hearth")))
+        Some("import") => {
+            let source: ModelSource = parse_body(&body(b)?, "import model request")?;
+            Ok(Json(s.control.import_model(&who, &account, id, source).await?).into_response())
         }
+        Some("prepare") => Err(ApiError::new(Code::Unimplemented, "models:prepare is not supported by hearth")),
         Some(verb) => Err(unknown_verb("model", verb, "POST")),
         None => Err(ApiError::new(Code::Unimplemented, "POST on a model is not supported; use PATCH to update it")),
     }
