@@ -474,3 +474,20 @@ def test_lora_create_refusals(hearth, tiny_base, uid):
     assert requests.post(url, json=cases[0][0], timeout=10).status_code == 401
     assert requests.get(f"{hearth.base_url}/v1/lora/{uid('nope')}", headers=auth, timeout=10).status_code == 404
 
+
+def test_the_cli_imports_and_waits(hearth, sources, tiny_base, uid, tmp_path):
+    from test_cli import cli_env, run
+
+    env = cli_env(tmp_path, hearth)
+    model_id = uid("cli-hf")
+    p = run(env, "model", "create", model_id, "--from-hf", "hearth-test/tiny-llama@main", "--wait", "-o", "json")
+    m = json.loads(p.stdout)
+    assert m["state"] == "READY" and m["importedFrom"] == "hf://hearth-test/tiny-llama@main", m
+
+    sources.files["cli-lora.tar"] = _tar(fixtures.lora_adapter_files(), gz=False)
+    p = run(env, "model", "create", uid("cli-url"), "--base-model", tiny_base["name"],
+            "--from-url", f"{sources.url}/files/cli-lora.tar", "--header", "X-Trace: 1", "--wait", "-o", "json")
+    assert json.loads(p.stdout)["state"] == "READY"
+
+    p = run(env, "model", "create", uid("cli-missing"), "--from-hf", "nobody/missing", "--wait", ok=False)
+    assert p.returncode != 0 and "NOT_FOUND" in p.stderr and "nobody/missing" in p.stderr, p.stderr

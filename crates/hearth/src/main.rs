@@ -1,13 +1,16 @@
 //! The `hearth` binary. `hearth serve` runs the gateway: the Gateway control API over an
 //! embedded SQLite store (or PostgreSQL) and a local artifact directory. `hearth engine`
-//! runs one engine server: a model behind an OpenAI-compatible API.
+//! runs one engine server: a model behind an OpenAI-compatible API. The client commands
+//! (`model`, `deployment`, `lora`, `chat`) talk to a gateway over HTTP; they live in `cli/`.
+
+mod cli;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use hearth_control::{ArtifactStore, ControlConfig, ControlPlane};
 
 #[derive(Parser)]
@@ -25,6 +28,13 @@ enum Command {
     Engine(EngineArgs),
     /// Print the OpenAPI document of the gateway's API.
     Openapi,
+    #[command(flatten)]
+    Client(cli::ClientCommand),
+    /// Print a shell completion script, e.g. `hearth completions bash > /etc/bash_completion.d/hearth`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -141,6 +151,18 @@ async fn main() -> anyhow::Result<()> {
         Command::Openapi => {
             println!("{}", serde_json::to_string_pretty(&hearth_server::openapi::document())?);
             Ok(())
+        }
+        // Exiting here skips waiting for the runtime's blocking threads, one of which may be
+        // parked reading the terminal (the chat session).
+        Command::Client(cmd) => std::process::exit(cli::run(cmd).await),
+        Command::Completions { shell } => {
+            // Generated into memory first: the generator panics on a failed write (a closed pipe).
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "hearth", &mut script);
+            match std::io::Write::write_all(&mut std::io::stdout(), &script) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+                _ => Ok(()),
+            }
         }
     }
 }
