@@ -156,6 +156,60 @@ def test_a_deployment_at_zero_wakes_on_request_and_deletion_stops_replicas(heart
     client.deployments.delete(dep_id, hard=True)
 
 
+def test_load_scales_a_deployment_up_after_its_window_and_back_down_after_its_own(hearth, client, uid):
+    """Autoscaling from observed load: with a load target of one request per replica, steady
+    concurrent traffic holds the recommendation at the maximum for the 1 s scale-up window,
+    so a second replica starts; once traffic stops, the 3 s scale-down window brings it back
+    to one (recently used: it stays warm rather than going to zero)."""
+    import threading
+
+    model_id = uid("tiny-scale")
+    name = _upload_tiny(client, model_id)
+    dep_id = uid("scale")
+    api = fixtures.RawApi(hearth.base_url, hearth.api_key, hearth.account)
+    api.ok_json("POST", "deployments", params={"deploymentId": dep_id}, json={
+        "baseModel": name, "minReplicaCount": 1, "maxReplicaCount": 2,
+        "autoscalingPolicy": {"scaleUpWindow": "1s", "scaleDownWindow": "3s", "loadTargets": {"default": 1 / 64}}})
+    _wait_state(client, dep_id, "READY")
+    oai = _openai(hearth)
+    stop = threading.Event()
+    errors: list = []
+
+    def traffic() -> None:
+        while not stop.is_set():
+            try:
+                oai.completions.create(model=name, prompt="Once", max_tokens=200, temperature=0,
+                                       extra_body={"ignore_eos": True}, timeout=60)
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+                return
+
+    workers = [threading.Thread(target=traffic) for _ in range(6)]
+    for w in workers:
+        w.start()
+    try:
+        deadline = time.monotonic() + 30
+        while (client.deployments.get(dep_id).replica_count or 0) < 2:
+            assert not errors, errors
+            assert time.monotonic() < deadline, f"load did not scale the deployment up: {client.deployments.get(dep_id)}"
+            time.sleep(0.2)
+        assert client.deployments.get(dep_id).desired_replica_count == 2
+    finally:
+        stop.set()
+        for w in workers:
+            w.join()
+    assert not errors, errors
+    quiet = time.monotonic()
+    while (client.deployments.get(dep_id).replica_count or 0) > 1:
+        assert time.monotonic() < quiet + 30, "the deployment did not scale back down"
+        time.sleep(0.2)
+    # Not before its window: the last requests ended at `quiet`.
+    assert time.monotonic() - quiet >= 2.5, "scaled down before the scale-down window held"
+    d = client.deployments.get(dep_id)
+    assert d.replica_count == 1 and d.desired_replica_count == 1 and d.state == "READY"
+    client.deployments.delete(dep_id, hard=True, ignore_checks=True)
+
+
 def test_a_model_that_cannot_load_fails_the_deployment_with_the_reason(hearth, client, uid, tmp_path):
     # A checkpoint whose headers are valid but whose config asks for what the engine does not
     # implement (scaled rotary embeddings): the replica refuses to start, with a reason.

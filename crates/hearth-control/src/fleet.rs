@@ -16,6 +16,8 @@ pub struct Fleet {
     ready: RwLock<HashMap<String, Vec<String>>>,
     /// Endpoint → requests in flight there.
     in_flight: RwLock<HashMap<String, Arc<AtomicUsize>>>,
+    /// Deployment name → requests waiting for a ready replica (a deployment being woken).
+    waiting: RwLock<HashMap<String, Arc<AtomicUsize>>>,
     /// Deployment name → last time a request for it arrived.
     last_request: RwLock<HashMap<String, Instant>>,
     /// Wakes the reconciler early (a deployment was woken or changed).
@@ -31,6 +33,17 @@ pub struct InFlight {
 }
 
 impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Counts a request as waiting for a replica of a deployment for as long as it lives.
+pub struct Waiting {
+    counter: Arc<AtomicUsize>,
+}
+
+impl Drop for Waiting {
     fn drop(&mut self) {
         self.counter.fetch_sub(1, Ordering::Relaxed);
     }
@@ -80,6 +93,21 @@ impl Fleet {
     pub fn load(&self, deployment: &str) -> usize {
         let Ok(m) = self.in_flight.read() else { return 0 };
         self.ready_endpoints(deployment).iter().filter_map(|e| m.get(e)).map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Counts a request that found no ready replica: the autoscaler sees it as load.
+    pub fn wait_for(&self, deployment: &str) -> Waiting {
+        let counter = match self.waiting.write() {
+            Ok(mut m) => m.entry(deployment.to_string()).or_default().clone(),
+            Err(_) => Arc::default(),
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        Waiting { counter }
+    }
+
+    /// Requests waiting for a replica of a deployment.
+    pub fn waiting(&self, deployment: &str) -> usize {
+        self.waiting.read().ok().and_then(|m| m.get(deployment).map(|c| c.load(Ordering::Relaxed))).unwrap_or(0)
     }
 
     /// Asks the reconciler for a pass now rather than at its next tick.

@@ -7,6 +7,7 @@
 
 pub mod artifacts;
 pub mod auth;
+pub mod autoscale;
 pub mod deployed_models;
 pub mod deployments;
 pub mod error;

@@ -6,13 +6,14 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hearth_api::names::{Collection, ResourceName};
 use hearth_api::resources::{DeployedModel, DeployedModelState, Deployment, DeploymentState, ReplicaStats};
 use hearth_api::rpc::ResourceStatus;
 use hearth_api::Code;
 
+use crate::autoscale::{Observation, Policy, Scaler};
 use crate::error::Result;
 use crate::fleet::Fleet;
 use crate::records::{Doc, DEPLOYED_MODELS, DEPLOYMENTS};
@@ -25,6 +26,8 @@ pub struct Reconciler {
     fleet: Arc<Fleet>,
     /// Talks to replicas' admin API (their loaded LoRA adapters).
     http: reqwest::Client,
+    /// Each deployment's autoscaler (its pending scale change), by name.
+    scalers: std::sync::Mutex<HashMap<String, Scaler>>,
 }
 
 /// What one pass decided for one deployment, written back if it differs from the store.
@@ -35,12 +38,15 @@ struct Observed {
     state: DeploymentState,
     status: Option<ResourceStatus>,
     desired: i32,
+    /// The stored `desiredReplicaCount` this pass started from: the autoscaler's `desired`
+    /// is written only over that, never over a `:scale` that landed meanwhile.
+    desired_from: Option<i32>,
 }
 
 impl Reconciler {
     pub fn new(control: ControlPlane, runtime: Arc<dyn Runtime>, fleet: Arc<Fleet>) -> Reconciler {
         let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap_or_default();
-        Reconciler { control, runtime, fleet, http }
+        Reconciler { control, runtime, fleet, http, scalers: Default::default() }
     }
 
     /// Runs passes forever: every `period`, or sooner when kicked. A failed pass is logged
@@ -107,7 +113,7 @@ impl Reconciler {
                 self.write(
                     account,
                     id,
-                    Observed { ready: 0, starting: 0, state, status: d.status.clone(), desired: 0 },
+                    Observed { ready: 0, starting: 0, state, status: d.status.clone(), desired: 0, desired_from: None },
                 )
                 .await?;
             }
@@ -131,7 +137,7 @@ impl Reconciler {
             self.write(
                 account,
                 id,
-                Observed { ready: 0, starting: 0, state: DeploymentState::Failed, status, desired },
+                Observed { ready: 0, starting: 0, state: DeploymentState::Failed, status, desired, desired_from: None },
             )
             .await?;
             return Ok(Vec::new());
@@ -193,28 +199,28 @@ impl Reconciler {
             _ if rolling && ready_now < desired => DeploymentState::Updating,
             _ => DeploymentState::Ready,
         };
-        self.write(account, id, Observed { ready, starting, state: new_state, status: None, desired }).await?;
+        let desired_from = Some(d.desired_replica_count.unwrap_or(min));
+        self.write(account, id, Observed { ready, starting, state: new_state, status: None, desired, desired_from })
+            .await?;
         Ok(ready_endpoints)
     }
 
-    /// How many replicas a deployment should have now: what the API asked for (`minReplicaCount`
-    /// or `:scale`), raised to one while requests for it arrived within its scale-to-zero
-    /// window: a request wakes a deployment at zero, and idleness lets it fall back.
+    /// How many replicas a deployment should have now: the stored count (`minReplicaCount`,
+    /// `:scale`, or the autoscaler's last decision) moved by its autoscaler (`autoscale.rs`)
+    /// from the load this gateway observes.
     fn desired(&self, name: &str, d: &Deployment) -> i32 {
-        let min = d.min_replica_count.unwrap_or(0);
-        let max = d.max_replica_count.unwrap_or(1);
-        let mut desired = d.desired_replica_count.unwrap_or(min).clamp(0, max.max(0));
-        let window = d
-            .autoscaling_policy
-            .as_ref()
-            .and_then(|p| p.scale_to_zero_window)
-            .map(|w| w.0)
-            .unwrap_or(Duration::from_secs(crate::deployments::DEFAULT_SCALE_TO_ZERO_WINDOW));
-        let recently_used = self.fleet.last_request(name).is_some_and(|t| t.elapsed() < window);
-        if desired == 0 && max > 0 && recently_used {
-            desired = 1;
+        let policy = policy_of(d);
+        let current = d.desired_replica_count.unwrap_or(policy.min);
+        let seen = Observation {
+            load: self.fleet.load(name) + self.fleet.waiting(name),
+            last_request: self.fleet.last_request(name),
+        };
+        let mut scalers = self.scalers.lock().unwrap_or_else(|e| e.into_inner());
+        let decided = scalers.entry(name.to_string()).or_default().decide(&policy, &seen, current, Instant::now());
+        if decided != current {
+            tracing::info!(deployment = %name, from = current, to = decided, load = seen.load, "autoscaling");
         }
-        desired
+        decided
     }
 
     /// Writes observed state back, only when it changed, against the stored version.
@@ -225,6 +231,7 @@ impl Reconciler {
                 && d.status == o.status
                 && d.replica_stats.as_ref().and_then(|s| s.ready_replica_count) == Some(o.ready)
                 && d.replica_stats.as_ref().and_then(|s| s.initializing_replica_count) == Some(o.starting)
+                && (o.desired_from.is_none() || d.desired_replica_count == Some(o.desired))
         };
         let current: Option<Doc<Deployment>> = self.control.load(DEPLOYMENTS, account, id).await?;
         match current {
@@ -247,6 +254,12 @@ impl Reconciler {
                     }
                     if s == DeploymentState::Failed && o.state != DeploymentState::Failed && o.state != s {
                         return Ok(());
+                    }
+                    if let Some(from) = o.desired_from {
+                        let min = doc.value.min_replica_count.unwrap_or(0);
+                        if doc.value.desired_replica_count.unwrap_or(min) == from {
+                            doc.value.desired_replica_count = Some(o.desired);
+                        }
                     }
                     doc.value.replica_count = Some(o.ready);
                     doc.value.replica_stats = Some(ReplicaStats {
@@ -376,6 +389,25 @@ impl Reconciler {
 }
 
 /// The replica spec a deployment implies; None when its base model name is unreadable.
+/// A deployment's autoscaling knobs, with the defaults `normalise` stores on create.
+fn policy_of(d: &Deployment) -> Policy {
+    use crate::deployments::{
+        DEFAULT_LOAD_TARGET, DEFAULT_SCALE_DOWN_WINDOW, DEFAULT_SCALE_TO_ZERO_WINDOW, DEFAULT_SCALE_UP_WINDOW,
+    };
+    let p = d.autoscaling_policy.clone().unwrap_or_default();
+    let window = |w: Option<hearth_api::duration::ProtoDuration>, default: u64| {
+        w.map(|w| w.0).unwrap_or(Duration::from_secs(default))
+    };
+    Policy {
+        min: d.min_replica_count.unwrap_or(0),
+        max: d.max_replica_count.unwrap_or(1),
+        target: p.load_targets.as_ref().and_then(|t| t.get("default").copied()).unwrap_or(DEFAULT_LOAD_TARGET),
+        scale_up_window: window(p.scale_up_window, DEFAULT_SCALE_UP_WINDOW),
+        scale_down_window: window(p.scale_down_window, DEFAULT_SCALE_DOWN_WINDOW),
+        scale_to_zero_window: window(p.scale_to_zero_window, DEFAULT_SCALE_TO_ZERO_WINDOW),
+    }
+}
+
 fn spec_of(account: &str, name: &str, d: &Deployment) -> Option<ReplicaSpec> {
     let base = d.base_model.clone()?;
     let rn = ResourceName::parse(&base, Collection::Models).ok()?;

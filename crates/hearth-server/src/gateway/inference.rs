@@ -64,10 +64,16 @@ pub(super) async fn forward(
     fleet.touch(&route.deployment);
     let deadline = Instant::now() + s.inference.wake_timeout;
     let mut tried: Vec<String> = Vec::new();
+    // Counted as load while it waits, so the autoscaler wakes (or grows) the deployment.
+    let mut waiting = None;
     loop {
         let slot = match fleet.acquire(&route.deployment, &tried) {
-            Some(slot) => slot,
+            Some(slot) => {
+                drop(waiting.take());
+                slot
+            }
             None => {
+                waiting.get_or_insert_with(|| fleet.wait_for(&route.deployment));
                 if Instant::now() >= deadline {
                     return Err(ApiError::new(
                         Code::Unavailable,
