@@ -89,6 +89,11 @@ impl Fleet {
         })
     }
 
+    /// Requests in flight on one replica.
+    pub fn in_flight(&self, endpoint: &str) -> usize {
+        self.in_flight.read().ok().and_then(|m| m.get(endpoint).map(|c| c.load(Ordering::Relaxed))).unwrap_or(0)
+    }
+
     /// Requests in flight across a deployment's replicas.
     pub fn load(&self, deployment: &str) -> usize {
         let Ok(m) = self.in_flight.read() else { return 0 };

@@ -28,7 +28,14 @@ pub struct Reconciler {
     http: reqwest::Client,
     /// Each deployment's autoscaler (its pending scale change), by name.
     scalers: std::sync::Mutex<HashMap<String, Scaler>>,
+    /// Ready replicas on their way out (scaled down, or replaced by a roll), by id, with when
+    /// they stopped getting new requests.
+    draining: std::sync::Mutex<HashMap<String, Instant>>,
 }
+
+/// How long a retired replica may take to finish the requests it has before it is stopped
+/// regardless.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What one pass decided for one deployment, written back if it differs from the store.
 #[derive(Debug, PartialEq)]
@@ -46,7 +53,7 @@ struct Observed {
 impl Reconciler {
     pub fn new(control: ControlPlane, runtime: Arc<dyn Runtime>, fleet: Arc<Fleet>) -> Reconciler {
         let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap_or_default();
-        Reconciler { control, runtime, fleet, http, scalers: Default::default() }
+        Reconciler { control, runtime, fleet, http, scalers: Default::default(), draining: Default::default() }
     }
 
     /// Runs passes forever: every `period`, or sooner when kicked. A failed pass is logged
@@ -148,6 +155,7 @@ impl Reconciler {
             if matches!(r.phase, Phase::Failed(_)) {
                 tracing::warn!(deployment = %name, replica = %r.id, "replica crashed; replacing it");
                 self.runtime.stop(&r.id).await?;
+                self.draining.lock().unwrap_or_else(|e| e.into_inner()).remove(&r.id);
             } else {
                 live.push(r);
             }
@@ -157,21 +165,24 @@ impl Reconciler {
         let starting_now = current.iter().filter(|r| r.phase == Phase::Starting).count() as i32;
         let have = ready_now + starting_now;
         let mut starting = starting_now;
+        let mut retiring: HashSet<String> = HashSet::new();
         if have < desired {
             for _ in have..desired {
                 self.runtime.start(&spec).await?;
                 starting += 1;
             }
         } else if have > desired {
-            // Stop the ones still starting first: they serve nobody yet.
+            // Retire the ones still starting first (they serve nobody yet), then those already
+            // draining, so a pass never picks a second replica to drain in place of the first.
             let mut extra = (have - desired) as usize;
+            let draining = self.draining.lock().unwrap_or_else(|e| e.into_inner()).clone();
             let mut order: Vec<&Replica> = current.iter().collect();
-            order.sort_by_key(|r| r.phase == Phase::Ready);
+            order.sort_by_key(|r| (r.phase == Phase::Ready, !draining.contains_key(&r.id)));
             for r in order {
                 if extra == 0 {
                     break;
                 }
-                self.runtime.stop(&r.id).await?;
+                retiring.insert(r.id.clone());
                 if r.phase == Phase::Starting {
                     starting -= 1;
                 }
@@ -181,14 +192,15 @@ impl Reconciler {
         // Rolling update: old replicas serve until enough new ones are ready.
         let rolling = !stale.is_empty();
         if rolling && ready_now >= desired {
-            for r in &stale {
-                self.runtime.stop(&r.id).await?;
-            }
+            retiring.extend(stale.iter().map(|r| r.id.clone()));
+        }
+        for r in current.iter().chain(stale.iter()).filter(|r| retiring.contains(&r.id)) {
+            self.retire(r).await?;
         }
         let ready_endpoints: Vec<String> = current
             .iter()
             .chain(stale.iter().filter(|_| ready_now < desired))
-            .filter(|r| r.phase == Phase::Ready)
+            .filter(|r| r.phase == Phase::Ready && !retiring.contains(&r.id))
             .map(|r| r.endpoint.clone())
             .collect();
         let ready = ready_endpoints.len() as i32;
@@ -203,6 +215,33 @@ impl Reconciler {
         self.write(account, id, Observed { ready, starting, state: new_state, status: None, desired, desired_from })
             .await?;
         Ok(ready_endpoints)
+    }
+
+    /// Takes a replica out of service without cutting a request short. One still starting
+    /// stops at once. A ready one first leaves the published ready set (this pass), so the
+    /// router sends it nothing new; a later pass stops it once its requests in flight are
+    /// done, or after `DRAIN_TIMEOUT`.
+    async fn retire(&self, r: &Replica) -> Result<()> {
+        let since = {
+            let mut draining = self.draining.lock().unwrap_or_else(|e| e.into_inner());
+            match draining.get(&r.id) {
+                Some(t) => Some(*t),
+                None => {
+                    draining.insert(r.id.clone(), Instant::now());
+                    None
+                }
+            }
+        };
+        let done = match since {
+            _ if r.phase != Phase::Ready => true,
+            None => false,
+            Some(t) => self.fleet.in_flight(&r.endpoint) == 0 || t.elapsed() >= DRAIN_TIMEOUT,
+        };
+        if done {
+            self.runtime.stop(&r.id).await?;
+            self.draining.lock().unwrap_or_else(|e| e.into_inner()).remove(&r.id);
+        }
+        Ok(())
     }
 
     /// How many replicas a deployment should have now: the stored count (`minReplicaCount`,

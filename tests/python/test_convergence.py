@@ -1,0 +1,201 @@
+"""The reconciler converges: a gateway killed with its deployments running comes back to the
+same replicas (one per desired replica, no duplicates) with their LoRA addons, nothing
+stored is lost; and a changed deployment rolls (UPDATING) with a new replica ready before
+the old one stops, while requests keep being answered.
+
+Each test starts its own ``hearth serve --runtime local`` on a data directory it owns, so it
+can kill and restart it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import List
+
+import pytest
+from openai import OpenAI
+
+import fixtures
+from conftest import _free_port, _random_account, _random_key, _wait_healthy, hearth_binary
+
+ENGINE_FIXTURES = Path(__file__).resolve().parents[2] / "crates/hearth-engine/tests/fixtures"
+TINY_FILES = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+LORA_FILES = ["adapter_config.json", "adapter_model.safetensors"]
+
+
+class Gateway:
+    """One `hearth serve` on a fixed data directory; `start` may be called again after a kill."""
+
+    def __init__(self, tmp: Path):
+        self.data_dir = tmp / "data"
+        self.data_dir.mkdir()
+        self.log = tmp / "hearth.log"
+        self.key, self.account = _random_key(), _random_account()
+        self.proc = None
+        self.base_url = ""
+
+    def start(self) -> None:
+        port = _free_port()
+        cmd = [str(hearth_binary()), "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", str(self.data_dir),
+               "--api-key", self.key, "--account", self.account, "--runtime", "local",
+               "--reconcile-interval-ms", "200"]
+        if os.environ.get("HEARTH_DATABASE_URL"):
+            cmd += ["--database-url", os.environ["HEARTH_DATABASE_URL"]]
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.base_url = f"http://127.0.0.1:{port}"
+        assert _wait_healthy(self, time.monotonic() + 60) is None, self.log.read_text()[-3000:]
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=15)
+
+    @property
+    def api(self) -> fixtures.RawApi:
+        return fixtures.RawApi(self.base_url, self.key, self.account)
+
+    def openai(self) -> OpenAI:
+        return OpenAI(api_key=self.key, base_url=f"{self.base_url}/inference/v1", max_retries=0)
+
+
+@pytest.fixture
+def gateway(tmp_path):
+    g = Gateway(tmp_path)
+    g.start()
+    yield g
+    g.stop(signal.SIGKILL)
+
+
+def _replica_pids(model_id: str) -> List[int]:
+    out = subprocess.run(["pgrep", "-f", f"engine --model .*/models/{model_id} "], capture_output=True, text=True)
+    return sorted(int(p) for p in out.stdout.split())
+
+
+def _wait(what: str, check, timeout: float = 60, every: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(every)
+
+
+def _upload(api: fixtures.RawApi, model_id: str, directory: Path, files: List[str], base: str = "") -> str:
+    model = ({"kind": "HF_PEFT_ADDON", "peftDetails": {"baseModel": base}} if base
+             else {"kind": "HF_BASE_MODEL", "baseModelDetails": {}})
+    api.ok_json("POST", "models", json={"modelId": model_id, "model": model})
+    urls = api.ok_json("POST", f"models/{model_id}:getUploadEndpoint",
+                       json={"filenameToSize": {f: str((directory / f).stat().st_size) for f in files}})
+    for f, url in urls["filenameToSignedUrls"].items():
+        r = fixtures.put_signed(url, (directory / f).read_bytes())
+        assert r.status_code == 200, r.text
+    api.ok_json("GET", f"models/{model_id}:validateUpload")
+    return f"accounts/{api.account}/models/{model_id}"
+
+
+def _state(api: fixtures.RawApi, dep_id: str) -> dict:
+    return api.ok_json("GET", f"deployments/{dep_id}")
+
+
+def _everything(api: fixtures.RawApi) -> dict:
+    """What the store holds, by collection, without the fields the reconciler keeps updating."""
+    out = {}
+    for collection, key in (("models", "models"), ("deployments", "deployments"), ("deployedModels", "deployedModels")):
+        out[collection] = sorted(i["name"] for i in api.list_all(collection, key))
+    return out
+
+
+def test_a_restarted_gateway_converges_to_the_same_replicas_and_adapters(gateway):
+    api = gateway.api
+    base = _upload(api, "tiny", ENGINE_FIXTURES / "tiny_llama", TINY_FILES)
+    addon = _upload(api, "tiny-lora", ENGINE_FIXTURES / "lora/attn_only", LORA_FILES, base=base)
+    api.ok_json("POST", "deployments", params={"deploymentId": "live"},
+                json={"baseModel": base, "minReplicaCount": 2, "maxReplicaCount": 2, "enableAddons": True})
+    _wait("READY with 2 replicas", lambda: _state(api, "live").get("replicaCount") == 2)
+    dm = api.ok_json("POST", "deployedModels", json={"model": addon, "deployment": f"accounts/{api.account}/deployments/live"})
+    dm_id = dm["name"].rsplit("/", 1)[1]
+    _wait("the addon DEPLOYED", lambda: api.ok_json("GET", f"deployedModels/{dm_id}")["state"] == "DEPLOYED")
+
+    def answers(client: OpenAI) -> tuple:
+        ask = lambda m: client.completions.create(model=m, prompt="Hello", max_tokens=8, temperature=0).choices[0].text
+        return ask(base), ask(addon)
+
+    before = answers(gateway.openai())
+    stored = _everything(api)
+    old_pids = _replica_pids("tiny")
+    assert len(old_pids) == 2, old_pids
+
+    gateway.stop(signal.SIGKILL)
+    # Replicas do not outlive their gateway (they watch their parent), so nothing is orphaned.
+    _wait("the old replicas to exit", lambda: not _replica_pids("tiny"), timeout=15)
+
+    gateway.start()
+    api = gateway.api
+    _wait("READY with 2 replicas again",
+          lambda: (lambda d: d["state"] == "READY" and d["replicaCount"] == 2)(_state(api, "live")), timeout=60)
+    _wait("the addon DEPLOYED again", lambda: api.ok_json("GET", f"deployedModels/{dm_id}")["state"] == "DEPLOYED")
+    # Converged, and it stays converged: two replicas, never more, for a few passes.
+    for _ in range(15):
+        pids = _replica_pids("tiny")
+        assert len(pids) == 2 and not set(pids) & set(old_pids), pids
+        time.sleep(0.2)
+    assert _everything(api) == stored
+    assert answers(gateway.openai()) == before
+
+
+def test_a_changed_deployment_rolls_without_failing_a_request(gateway):
+    api = gateway.api
+    base = _upload(api, "tiny", ENGINE_FIXTURES / "tiny_llama", TINY_FILES)
+    api.ok_json("POST", "deployments", params={"deploymentId": "roll"},
+                json={"baseModel": base, "minReplicaCount": 1, "maxReplicaCount": 1})
+    _wait("READY", lambda: _state(api, "roll")["state"] == "READY")
+    old = _replica_pids("tiny")
+    assert len(old) == 1
+
+    client = gateway.openai()
+    stop = threading.Event()
+    served, failures = [0], []
+
+    def traffic() -> None:
+        while not stop.is_set():
+            try:
+                # Long enough that requests are in flight on the old replica when it is retired.
+                client.completions.create(model=base, prompt="Hi", max_tokens=120, temperature=0, timeout=30,
+                                          extra_body={"ignore_eos": True})
+                served[0] += 1
+            except Exception as e:  # noqa: BLE001 - every failure is reported
+                failures.append(repr(e))
+
+    workers = [threading.Thread(target=traffic) for _ in range(3)]
+    for w in workers:
+        w.start()
+    try:
+        time.sleep(0.5)
+        # A changed context length changes what the replica runs: it must be replaced.
+        api.ok_json("PATCH", "deployments/roll", json={"maxContextLength": 128})
+        seen_states, most_replicas = set(), 0
+        deadline = time.monotonic() + 60
+        while True:
+            d = _state(api, "roll")
+            seen_states.add(d["state"])
+            most_replicas = max(most_replicas, len(_replica_pids("tiny")))
+            pids = _replica_pids("tiny")
+            if d["state"] == "READY" and len(pids) == 1 and pids != old:
+                break
+            assert time.monotonic() < deadline, f"the roll did not finish: {d}"
+            time.sleep(0.05)
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for w in workers:
+            w.join()
+    assert "UPDATING" in seen_states, seen_states
+    assert most_replicas == 2, "the new replica was not started beside the old one"
+    assert not failures, failures[:3]
+    assert served[0] > 0
