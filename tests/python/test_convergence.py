@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import List
 
 import pytest
+import requests
 from openai import OpenAI
 
 import fixtures
@@ -199,3 +200,35 @@ def test_a_changed_deployment_rolls_without_failing_a_request(gateway):
     assert most_replicas == 2, "the new replica was not started beside the old one"
     assert not failures, failures[:3]
     assert served[0] > 0
+
+
+def test_num_peft_device_cached_reaches_the_replicas(gateway):
+    """A deployment's numPeftDeviceCached is its replicas' hot-adapter limit: with 1, two
+    adapters still both answer (each its own way, as when alone), one at a time hot."""
+    api = gateway.api
+    base = _upload(api, "tiny", ENGINE_FIXTURES / "tiny_llama", TINY_FILES)
+    addons = [_upload(api, f"lora-{i}", ENGINE_FIXTURES / "lora" / f, LORA_FILES, base=base)
+              for i, f in enumerate(("attn_only", "all_linear"))]
+    api.ok_json("POST", "deployments", params={"deploymentId": "cached"},
+                json={"baseModel": base, "minReplicaCount": 1, "maxReplicaCount": 1, "enableAddons": True,
+                      "numPeftDeviceCached": 1})
+    _wait("READY", lambda: _state(api, "cached")["state"] == "READY")
+    for a in addons:
+        dm = api.ok_json("POST", "deployedModels", json={"model": a, "deployment": f"accounts/{api.account}/deployments/cached"})
+        dm_id = dm["name"].rsplit("/", 1)[1]
+        _wait("DEPLOYED", lambda: api.ok_json("GET", f"deployedModels/{dm_id}")["state"] == "DEPLOYED")
+    [pid] = _replica_pids("tiny")
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    assert cmdline[cmdline.index(b"--max-hot-loras") + 1] == b"1", cmdline
+
+    client = gateway.openai()
+    ask = lambda m: client.completions.create(model=m, prompt="Hello", max_tokens=8, temperature=0).choices[0].text
+    alone = [ask(a) for a in addons]
+    assert alone[0] != alone[1]
+    import concurrent.futures as cf
+    with cf.ThreadPoolExecutor(8) as ex:
+        together = list(ex.map(ask, addons * 4))
+    assert together == alone * 4
+    endpoint = cmdline[cmdline.index(b"--listen") + 1].decode()
+    listed = requests.get(f"http://{endpoint}/v1/lora_adapters", timeout=10).json()["adapters"]
+    assert len(listed) == 2 and sum(a["hot"] for a in listed) == 1, listed

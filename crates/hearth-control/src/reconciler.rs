@@ -460,5 +460,6 @@ fn spec_of(account: &str, name: &str, d: &Deployment) -> Option<ReplicaSpec> {
             _ => String::new(),
         },
         max_context_length: d.max_context_length.unwrap_or(0).max(0) as u32,
+        max_hot_adapters: d.num_peft_device_cached.unwrap_or(0).max(0) as u32,
     })
 }

@@ -13,7 +13,7 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 
 use crate::error::{EngineError, Result};
-use crate::lora::LoraAdapter;
+use crate::lora::{LoraAdapter, LoraWeights};
 use crate::model::{KvCache, LlamaConfig, LlamaModel, Logits, SeqInput};
 use crate::sampling::{log_softmax, top_k, Sampled, Sampler, SamplingParams};
 use crate::tokenizer::Tokenizer;
@@ -30,6 +30,14 @@ pub struct EngineConfig {
     pub max_waiting: usize,
     /// Bytes of host memory all loaded LoRA adapters may take together.
     pub adapter_bytes: usize,
+    /// Adapters kept prepared for compute at once (the deployment's `numPeftDeviceCached`),
+    /// least recently used dropped first. It is also the most distinct adapters one step
+    /// runs: a step can only use prepared adapters.
+    pub max_hot_adapters: usize,
+    /// How long the oldest waiting request may be passed over because its adapter does not
+    /// fit in the step's adapter cap; after that nothing else is admitted until it fits, so
+    /// no adapter starves.
+    pub adapter_wait: std::time::Duration,
 }
 
 impl Default for EngineConfig {
@@ -40,6 +48,8 @@ impl Default for EngineConfig {
             kv_cache_bytes: 1 << 30,
             max_waiting: 1024,
             adapter_bytes: 1 << 30,
+            max_hot_adapters: 32,
+            adapter_wait: std::time::Duration::from_secs(1),
         }
     }
 }
@@ -47,7 +57,8 @@ impl Default for EngineConfig {
 /// What the admin API reports per loaded adapter.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct AdapterInfo {
-    /// Whether the adapter is prepared for compute (on CPU every loaded adapter is).
+    /// Whether the adapter is prepared for compute (one of the `max_hot_adapters` most
+    /// recently used), or only held in host memory.
     pub hot: bool,
     pub name: String,
     pub version: String,
@@ -62,7 +73,7 @@ pub struct AdapterInfo {
 impl AdapterInfo {
     fn of(a: &LoraAdapter) -> AdapterInfo {
         AdapterInfo {
-            hot: true,
+            hot: a.is_hot(),
             name: a.name.clone(),
             version: a.version.clone(),
             modules_patched: a.patched(),
@@ -172,11 +183,14 @@ pub struct EngineStats {
     pub steps: AtomicUsize,
     pub generated_tokens: AtomicUsize,
     pub cancelled: AtomicUsize,
+    /// Adapters whose prepared form was dropped to make room for another.
+    pub adapter_evictions: AtomicUsize,
 }
 
 struct Incoming {
     req: GenerateRequest,
     events: mpsc::UnboundedSender<Event>,
+    arrived: Instant,
 }
 
 /// The handle: cheap to clone; the scheduler stops when the last handle is dropped.
@@ -210,6 +224,7 @@ impl Engine {
             stats: stats.clone(),
             waiting: VecDeque::new(),
             running: Vec::new(),
+            hot: VecDeque::new(),
             cursor: 0,
         };
         std::thread::Builder::new()
@@ -331,7 +346,7 @@ impl Engine {
             a.requests.fetch_add(1, Ordering::Relaxed);
         }
         self.stats.waiting.fetch_add(1, Ordering::Relaxed);
-        self.tx.send(Incoming { req, events }).map_err(|_| EngineError::Stopped)?;
+        self.tx.send(Incoming { req, events, arrived: Instant::now() }).map_err(|_| EngineError::Stopped)?;
         Ok(rx)
     }
 }
@@ -374,6 +389,8 @@ struct Scheduler {
     stats: Arc<EngineStats>,
     waiting: VecDeque<Incoming>,
     running: Vec<Sequence>,
+    /// The hot adapters, least recently used first.
+    hot: VecDeque<Arc<LoraAdapter>>,
     /// Where the next step starts handing out its token budget, so that when the budget is
     /// smaller than the batch every sequence still gets its turn.
     cursor: usize,
@@ -408,26 +425,50 @@ impl Scheduler {
         KvCache::bytes_for(tokens, c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
     }
 
-    /// Moves waiting requests into the running set while the KV budget allows, oldest first
-    /// so nobody starves. Each sequence reserves room for its whole prompt and output.
+    /// Moves waiting requests into the running set, oldest first, while the KV budget allows
+    /// (a request that does not fit stops admission: nobody is overtaken for memory) and while
+    /// the running set uses at most `max_hot_adapters` distinct adapters. A request whose
+    /// adapter does not fit the cap is passed over, but only for `adapter_wait`: then it
+    /// stops admission until running sequences finish and make room, so its wait is bounded.
     fn admit(&mut self) {
-        while self.running.len() < self.config.max_running {
-            let Some(front) = self.waiting.front() else { break };
-            if front.events.is_closed() {
-                self.waiting.pop_front();
+        let cap = self.config.max_hot_adapters.max(1);
+        let mut i = 0;
+        while self.running.len() < self.config.max_running && i < self.waiting.len() {
+            let w = &self.waiting[i];
+            if w.events.is_closed() {
+                self.waiting.remove(i);
                 self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
                 self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
             let ctx = self.model.config.max_position_embeddings;
-            let tokens = (front.req.prompt.len() + front.req.max_tokens).min(ctx);
+            let tokens = (w.req.prompt.len() + w.req.max_tokens).min(ctx);
             let need = self.kv_bytes(tokens);
             let used: usize = self.running.iter().map(|s| s.kv_reserved).sum();
             if used + need > self.config.kv_cache_bytes && !self.running.is_empty() {
                 break;
             }
-            let Some(inc) = self.waiting.pop_front() else { break };
+            if let Some(a) = &w.req.adapter {
+                let mut distinct: Vec<*const LoraAdapter> =
+                    self.running.iter().filter_map(|s| s.req.adapter.as_ref().map(Arc::as_ptr)).collect();
+                distinct.sort_unstable();
+                distinct.dedup();
+                if !distinct.contains(&Arc::as_ptr(a)) && distinct.len() >= cap {
+                    if i == 0 && w.arrived.elapsed() >= self.config.adapter_wait {
+                        break;
+                    }
+                    i += 1;
+                    continue;
+                }
+            }
+            let Some(inc) = self.waiting.remove(i) else { break };
             self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+            if let Some(a) = &inc.req.adapter {
+                if let Err(e) = self.make_hot(a) {
+                    let _ = inc.events.send(Event::Error(format!("preparing adapter {}: {e}", a.name)));
+                    continue;
+                }
+            }
             let seed = inc.req.params.seed;
             self.running.push(Sequence {
                 cache: self.model.new_cache(),
@@ -447,6 +488,36 @@ impl Scheduler {
         // Sequences of the same adapter sit together, so a step's rows form one run per
         // adapter and each adapter's weights are read once per step.
         self.running.sort_by_key(|s| s.req.adapter.as_ref().map(|a| Arc::as_ptr(a) as usize).unwrap_or(0));
+    }
+
+    /// Makes `a` hot and most recently used, dropping the prepared form of the least recently
+    /// used adapters no running sequence needs while more than `max_hot_adapters` would be hot.
+    fn make_hot(&mut self, a: &Arc<LoraAdapter>) -> Result<()> {
+        if let Some(p) = self.hot.iter().position(|h| Arc::ptr_eq(h, a)) {
+            if let Some(h) = self.hot.remove(p) {
+                self.hot.push_back(h);
+            }
+            a.prepare()?;
+            return Ok(());
+        }
+        let cap = self.config.max_hot_adapters.max(1);
+        while self.hot.len() >= cap {
+            let running = &self.running;
+            let idle = self
+                .hot
+                .iter()
+                .position(|h| !running.iter().any(|s| s.req.adapter.as_ref().is_some_and(|r| Arc::ptr_eq(r, h))));
+            match idle.and_then(|p| self.hot.remove(p)) {
+                Some(old) => {
+                    old.evict();
+                    self.stats.adapter_evictions.fetch_add(1, Ordering::Relaxed);
+                }
+                None => break,
+            }
+        }
+        a.prepare()?;
+        self.hot.push_back(a.clone());
+        Ok(())
     }
 
     fn publish(&self) {
@@ -494,6 +565,12 @@ impl Scheduler {
                 pending_tokens.push([self.running[*i].pending.unwrap_or(0)]);
             }
         }
+        // Each sequence's adapter in its prepared form (admission made it hot).
+        let weights: Vec<Option<Arc<LoraWeights>>> = self
+            .running
+            .iter()
+            .map(|s| s.req.adapter.as_ref().map(|a| a.prepare()).transpose())
+            .collect::<Result<_>>()?;
         let results = {
             let mut inputs = Vec::with_capacity(plan.len());
             let mut pending_iter = pending_tokens.iter();
@@ -516,7 +593,7 @@ impl Scheduler {
                     };
                     (&s.req.prompt[range.clone()], want)
                 };
-                inputs.push(SeqInput { tokens, cache: &mut s.cache, logits, adapter: s.req.adapter.as_deref() });
+                inputs.push(SeqInput { tokens, cache: &mut s.cache, logits, adapter: weights[i].as_deref() });
                 plan_iter.next();
             }
             self.model.forward(&mut inputs)?

@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
@@ -87,13 +88,44 @@ impl LoraModule {
     }
 }
 
+/// An adapter's hot form: every module prepared for compute (F32, scale folded into B,
+/// rows permuted for a GGUF base). What the forward pass reads.
+#[derive(Debug)]
+pub struct LoraWeights {
+    modules: HashMap<(usize, Target), LoraModule>,
+}
+
+impl LoraWeights {
+    pub fn module(&self, layer: usize, target: Target) -> Option<&LoraModule> {
+        self.modules.get(&(layer, target))
+    }
+}
+
+/// One module as the file stores it (its own dtype), and what preparing it applies.
+#[derive(Debug)]
+struct StoredModule {
+    a: Tensor,
+    b: Tensor,
+    rank: usize,
+    scale: f64,
+    /// Heads to permute B's rows over (Q and K of a GGUF base).
+    permute_heads: Option<usize>,
+}
+
+/// A loaded adapter. It always holds its checked tensors as the file stores them (cold: host
+/// memory, counted against the adapter budget); it is hot while it also holds the prepared
+/// [`LoraWeights`]. The engine's scheduler decides which adapters are hot (an LRU of at most
+/// `max_hot_adapters`), preparing one when a request needs it and dropping the prepared form
+/// of the least recently used.
 #[derive(Debug)]
 pub struct LoraAdapter {
     pub name: String,
     /// A content hash of the adapter's files: its version.
     pub version: String,
-    modules: HashMap<(usize, Target), LoraModule>,
+    stored: HashMap<(usize, Target), StoredModule>,
+    hot: std::sync::RwLock<Option<Arc<LoraWeights>>>,
     pub ranks: Vec<usize>,
+    /// Host memory the stored (cold) form takes.
     pub bytes: usize,
     pub target_modules: Vec<String>,
     /// Requests and generated tokens served with this adapter (this version).
@@ -102,12 +134,46 @@ pub struct LoraAdapter {
 }
 
 impl LoraAdapter {
-    pub fn module(&self, layer: usize, target: Target) -> Option<&LoraModule> {
-        self.modules.get(&(layer, target))
+    pub fn patched(&self) -> usize {
+        self.stored.len()
     }
 
-    pub fn patched(&self) -> usize {
-        self.modules.len()
+    /// The prepared form, if the adapter is hot.
+    pub fn weights(&self) -> Option<Arc<LoraWeights>> {
+        self.hot.read().ok().and_then(|h| h.clone())
+    }
+
+    pub fn is_hot(&self) -> bool {
+        self.weights().is_some()
+    }
+
+    /// Makes the adapter hot (a no-op when it is) and returns its prepared form.
+    pub fn prepare(&self) -> Result<Arc<LoraWeights>> {
+        if let Some(w) = self.weights() {
+            return Ok(w);
+        }
+        let mut modules = HashMap::with_capacity(self.stored.len());
+        for (key, m) in &self.stored {
+            let a = m.a.to_dtype(DType::F32)?.contiguous()?;
+            let b = (m.b.to_dtype(DType::F32)? * m.scale)?;
+            let b = match m.permute_heads {
+                Some(heads) => permute_rows(&b, heads)?,
+                None => b.contiguous()?,
+            };
+            modules.insert(*key, LoraModule { a, b, rank: m.rank });
+        }
+        let w = Arc::new(LoraWeights { modules });
+        if let Ok(mut h) = self.hot.write() {
+            *h = Some(w.clone());
+        }
+        Ok(w)
+    }
+
+    /// Drops the prepared form; requests that hold it keep it until they finish.
+    pub fn evict(&self) {
+        if let Ok(mut h) = self.hot.write() {
+            *h = None;
+        }
     }
 }
 
@@ -267,8 +333,8 @@ pub fn load_peft(
         }
         let entry = pairs.entry((layer, target)).or_default();
         match which {
-            "lora_A" => entry.0 = Some(t.to_dtype(DType::F32)?),
-            "lora_B" => entry.1 = Some(t.to_dtype(DType::F32)?),
+            "lora_A" => entry.0 = Some(t.clone()),
+            "lora_B" => entry.1 = Some(t.clone()),
             other => return Err(refuse(format!("tensor {key}: {other} is not lora_A or lora_B"))),
         }
     }
@@ -304,15 +370,17 @@ pub fn load_peft(
         }
         let a_alpha = *pattern(&cfg.alpha_pattern, &full).unwrap_or(&alpha);
         let scale = if cfg.use_rslora { a_alpha / (ra as f64).sqrt() } else { a_alpha / ra as f64 };
-        let b = (b * scale)?;
-        let b = match target {
-            Target::Q if gguf_layout => permute_rows(&b, base.num_attention_heads)?,
-            Target::K if gguf_layout => permute_rows(&b, base.num_key_value_heads)?,
-            _ => b,
+        let permute_heads = match target {
+            Target::Q if gguf_layout => Some(base.num_attention_heads),
+            Target::K if gguf_layout => Some(base.num_key_value_heads),
+            _ => None,
         };
-        total += (a.elem_count() + b.elem_count()) * 4;
+        if !a.dtype().is_float() || !b.dtype().is_float() {
+            return Err(refuse(format!("{full}: LoRA weights must be floating point, found {:?}", a.dtype())));
+        }
+        total += a.elem_count() * a.dtype().size_in_bytes() + b.elem_count() * b.dtype().size_in_bytes();
         ranks.push(ra);
-        modules.insert((layer, target), LoraModule { a: a.contiguous()?, b: b.contiguous()?, rank: ra });
+        modules.insert((layer, target), StoredModule { a, b, rank: ra, scale, permute_heads });
     }
     if modules.is_empty() {
         return Err(refuse(format!(
@@ -336,7 +404,8 @@ pub fn load_peft(
     Ok(LoraAdapter {
         name: name.to_string(),
         version,
-        modules,
+        stored: modules,
+        hot: Default::default(),
         ranks,
         bytes: total,
         target_modules,

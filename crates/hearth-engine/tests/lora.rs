@@ -24,9 +24,13 @@ fn json(path: &Path) -> Value {
 }
 
 fn tiny_engine() -> Engine {
+    tiny_engine_with(EngineConfig::default())
+}
+
+fn tiny_engine_with(config: EngineConfig) -> Engine {
     let loaded =
         hearth_engine::load(&common::fixtures().join("tiny_llama"), Precision::Native, &Device::Cpu).expect("tiny");
-    Engine::start(loaded.model, loaded.tokenizer, EngineConfig::default())
+    Engine::start(loaded.model, loaded.tokenizer, config)
 }
 
 /// Checks one adapter directory against its reference.json on a base model file.
@@ -42,6 +46,8 @@ async fn check_adapter(base: &Path, precision: Precision, adapter_dir: &Path, to
     )
     .unwrap_or_else(|e| panic!("{}: {e}", adapter_dir.display()));
     assert!(adapter.patched() > 0);
+    assert!(!adapter.is_hot(), "loading leaves an adapter cold until it is used");
+    let weights = adapter.prepare().expect("prepare");
     for p in r["prompts"].as_array().expect("prompts") {
         let tokens = ids(&p["token_ids"]);
         let expected: Vec<f64> =
@@ -53,7 +59,7 @@ async fn check_adapter(base: &Path, precision: Precision, adapter_dir: &Path, to
                 tokens: &tokens,
                 cache: &mut cache,
                 logits: Logits::All,
-                adapter: Some(&adapter),
+                adapter: Some(&weights),
             }])
             .expect("forward");
         let rows: Vec<Vec<f32>> = out[0].as_ref().expect("logits").to_vec2().expect("rows");
@@ -108,8 +114,97 @@ async fn smollm2_adapters_on_the_gguf_base_match_peft() {
 
 #[tokio::test]
 async fn a_mixed_batch_returns_each_request_its_single_output() {
+    mixed_batch(tiny_engine()).await;
+}
+
+/// The same batch with two hot slots for four adapters: steps run at most two adapters, the
+/// least recently used lose their prepared form and regain it when needed, and every request
+/// still gets exactly its single-request output.
+#[tokio::test]
+async fn a_mixed_batch_with_fewer_hot_slots_than_adapters_returns_the_same() {
+    let engine = tiny_engine_with(EngineConfig { max_hot_adapters: 2, ..EngineConfig::default() });
+    mixed_batch(engine.clone()).await;
+    assert!(engine.adapters().iter().filter(|a| a.hot).count() <= 2, "{:?}", engine.adapters());
+    assert!(engine.stats().adapter_evictions.load(std::sync::atomic::Ordering::Relaxed) > 0);
+}
+
+/// With one hot slot and a steady stream of requests for adapter `a`, a request for `b` is
+/// passed over only for `adapter_wait`, then admitted as soon as the running `a` requests
+/// finish: it is served while the stream goes on, instead of waiting for it to stop.
+#[tokio::test]
+async fn a_waiting_adapter_does_not_starve() {
+    let config = EngineConfig {
+        max_hot_adapters: 1,
+        adapter_wait: std::time::Duration::from_millis(200),
+        ..EngineConfig::default()
+    };
+    let engine = tiny_engine_with(config);
+    engine.load_adapter("a", &lora_dir().join("attn_only"), None).expect("a");
+    engine.load_adapter("b", &lora_dir().join("all_linear"), None).expect("b");
+    // A producer keeps eight requests for `a` in flight or queued at all times, of varied
+    // lengths, so some `a` sequence is always running and more always wait.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let producer = {
+        let (engine, stop) = (engine.clone(), stop.clone());
+        tokio::spawn(async move {
+            use std::sync::atomic::{AtomicUsize, Ordering};
+            let outstanding = Arc::new(AtomicUsize::new(0));
+            let mut sent = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                while outstanding.load(Ordering::Relaxed) < 8 {
+                    outstanding.fetch_add(1, Ordering::Relaxed);
+                    let (engine, outstanding) = (engine.clone(), outstanding.clone());
+                    let len = 16 + sent % 17;
+                    tokio::spawn(async move {
+                        let out = run(&engine, vec![5, 6, 7, 10 + (len as u32)], len, Some("a")).await;
+                        assert_eq!(out, len);
+                        outstanding.fetch_sub(1, Ordering::Relaxed);
+                    });
+                    sent += 1;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+            sent
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let b = tokio::time::timeout(std::time::Duration::from_secs(60), run(&engine, vec![5, 6, 7, 8], 4, Some("b")))
+        .await
+        .expect("the request for b starved behind a's stream");
+    assert_eq!(b, 4);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = producer.await.expect("producer");
+    assert!(sent > 16, "the stream of a was not steady ({sent} requests)");
+}
+
+/// Generates `max_tokens` tokens (ignoring EOS) and returns how many came.
+async fn run(engine: &Engine, prompt: Vec<u32>, max_tokens: usize, adapter: Option<&str>) -> usize {
+    let adapter = adapter.map(|a| engine.adapter(a).expect("adapter loaded"));
+    let mut rx = engine
+        .generate(GenerateRequest {
+            prompt,
+            max_tokens,
+            params: SamplingParams { temperature: 0.0, ..Default::default() },
+            stop: vec![],
+            ignore_eos: true,
+            prompt_logprobs: false,
+            adapter,
+        })
+        .expect("queued");
+    let mut n = 0;
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Event::Token { .. } => n += 1,
+            Event::Finished { .. } => break,
+            Event::Error(e) => panic!("{e}"),
+            Event::PromptLogprobs(_) => {}
+        }
+    }
+    n
+}
+
+async fn mixed_batch(engine: Engine) {
     let r = json(&lora_dir().join("mixed_batch.json"));
-    let engine = tiny_engine();
     let rows = r["rows"].as_array().expect("rows").clone();
     let mut names: Vec<String> = rows.iter().filter_map(|row| row["adapter"].as_str().map(str::to_string)).collect();
     names.sort();

@@ -239,6 +239,18 @@ async fn metrics(State(app): State<App>) -> Response {
         "Sequences freed because their client went away.",
         s.cancelled.load(Ordering::Relaxed) as u64,
     );
+    line(
+        "hearth_engine_adapter_evictions_total",
+        "counter",
+        "LoRA adapters whose prepared form was dropped to make room for another (--max-hot-loras).",
+        s.adapter_evictions.load(Ordering::Relaxed) as u64,
+    );
+    line(
+        "hearth_engine_adapters_hot",
+        "gauge",
+        "LoRA adapters prepared for compute.",
+        app.engine.adapters().iter().filter(|a| a.hot).count() as u64,
+    );
     let per = s.per_adapter.lock().map(|m| m.clone()).unwrap_or_default();
     let families: [(&str, &str, &str); 3] = [
         ("hearth_adapter_requests_total", "counter", "Requests served, by LoRA adapter (\"base\" for none)."),

@@ -76,6 +76,9 @@ impl Runtime for LocalRuntime {
         if !spec.precision.is_empty() {
             cmd.arg("--precision").arg(&spec.precision);
         }
+        if spec.max_hot_adapters > 0 {
+            cmd.arg("--max-hot-loras").arg(spec.max_hot_adapters.to_string());
+        }
         let mut child =
             cmd.spawn().map_err(|e| ControlError::Internal(format!("starting {}: {e}", self.binary.display())))?;
         let log_tail = Arc::new(std::sync::Mutex::new(Vec::new()));

@@ -27,6 +27,8 @@ pub struct ReplicaSpec {
     /// `FP32`, `BF16`, `FP16`, or empty for the checkpoint's own precision.
     pub precision: String,
     pub max_context_length: u32,
+    /// LoRA adapters kept hot on the replica (`numPeftDeviceCached`); 0 for the engine's default.
+    pub max_hot_adapters: u32,
 }
 
 impl ReplicaSpec {
@@ -34,7 +36,10 @@ impl ReplicaSpec {
     /// tell its old replicas from its new ones.
     pub fn fingerprint(&self) -> String {
         use sha2::{Digest, Sha256};
-        let text = format!("{}|{}|{}|{}", self.deployment, self.model, self.precision, self.max_context_length);
+        let text = format!(
+            "{}|{}|{}|{}|{}",
+            self.deployment, self.model, self.precision, self.max_context_length, self.max_hot_adapters
+        );
         hex::encode(&Sha256::digest(text.as_bytes())[..6])
     }
 }

@@ -11,7 +11,7 @@ use super::config::LlamaConfig;
 use super::kv::KvCache;
 use super::weights::{Checkpoint, Embedding, Linear, Precision};
 use crate::error::{EngineError, Result};
-use crate::lora::{LoraAdapter, Target};
+use crate::lora::{LoraWeights, Target};
 
 struct Layer {
     attn_norm: Tensor,
@@ -51,12 +51,12 @@ pub enum Logits {
 }
 
 /// One sequence's part of a step: its new tokens, appended after what its cache holds, and
-/// the LoRA adapter (if any) its projections get.
+/// the LoRA adapter (if any, in its prepared form) its projections get.
 pub struct SeqInput<'a> {
     pub tokens: &'a [u32],
     pub cache: &'a mut KvCache,
     pub logits: Logits,
-    pub adapter: Option<&'a LoraAdapter>,
+    pub adapter: Option<&'a LoraWeights>,
 }
 
 /// A run of consecutive rows of the step that share an adapter (or none). Computed once per
@@ -64,7 +64,7 @@ pub struct SeqInput<'a> {
 struct Segment<'a> {
     start: usize,
     len: usize,
-    adapter: Option<&'a LoraAdapter>,
+    adapter: Option<&'a LoraWeights>,
 }
 
 /// Adds each segment's LoRA delta for `target` of `layer` to `y`, the base projection of `x`.
@@ -267,7 +267,7 @@ impl LlamaModel {
         let mut row = 0;
         for s in seqs.iter() {
             let n = s.tokens.len();
-            let same = |a: Option<&LoraAdapter>, b: Option<&LoraAdapter>| match (a, b) {
+            let same = |a: Option<&LoraWeights>, b: Option<&LoraWeights>| match (a, b) {
                 (None, None) => true,
                 (Some(a), Some(b)) => std::ptr::eq(a, b),
                 _ => false,
