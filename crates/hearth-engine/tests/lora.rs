@@ -177,9 +177,20 @@ async fn a_waiting_adapter_does_not_starve() {
     assert!(sent > 16, "the stream of a was not steady ({sent} requests)");
 }
 
-/// Generates `max_tokens` tokens (ignoring EOS) and returns how many came.
+/// Generates `max_tokens` tokens (ignoring EOS) with a loaded adapter; returns how many came.
 async fn run(engine: &Engine, prompt: Vec<u32>, max_tokens: usize, adapter: Option<&str>) -> usize {
     let adapter = adapter.map(|a| engine.adapter(a).expect("adapter loaded"));
+    run_with(engine, prompt, max_tokens, adapter).await
+}
+
+/// Generates `max_tokens` tokens (ignoring EOS) with this adapter version; returns how many
+/// came, and panics on an error or a request that ends without finishing.
+async fn run_with(
+    engine: &Engine,
+    prompt: Vec<u32>,
+    max_tokens: usize,
+    adapter: Option<Arc<hearth_engine::lora::LoraAdapter>>,
+) -> usize {
     let mut rx = engine
         .generate(GenerateRequest {
             prompt,
@@ -195,12 +206,12 @@ async fn run(engine: &Engine, prompt: Vec<u32>, max_tokens: usize, adapter: Opti
     while let Some(ev) = rx.recv().await {
         match ev {
             Event::Token { .. } => n += 1,
-            Event::Finished { .. } => break,
+            Event::Finished { completion_tokens, .. } => return completion_tokens.max(n),
             Event::Error(e) => panic!("{e}"),
             Event::PromptLogprobs(_) => {}
         }
     }
-    n
+    panic!("the request ended without finishing");
 }
 
 async fn mixed_batch(engine: Engine) {
@@ -271,27 +282,7 @@ async fn reloading_and_unloading_under_traffic_loses_no_request() {
         let e = engine.clone();
         tasks.push(tokio::spawn(async move {
             let adapter = if i % 3 == 0 { None } else { e.adapter("x") };
-            let mut rx = e
-                .generate(GenerateRequest {
-                    prompt: vec![5, 6, 7, (i % 50) as u32 + 10],
-                    max_tokens: 12,
-                    params: SamplingParams { temperature: 0.0, ..Default::default() },
-                    stop: vec![],
-                    ignore_eos: true,
-                    prompt_logprobs: false,
-                    adapter,
-                })
-                .expect("queued");
-            let mut n = 0;
-            while let Some(ev) = rx.recv().await {
-                match ev {
-                    Event::Token { .. } => n += 1,
-                    Event::Finished { completion_tokens, .. } => return completion_tokens.max(n),
-                    Event::Error(e) => panic!("{e}"),
-                    Event::PromptLogprobs(_) => {}
-                }
-            }
-            panic!("request {i} ended without finishing");
+            run_with(&e, vec![5, 6, 7, (i % 50) as u32 + 10], 12, adapter).await
         }));
         if i == 8 {
             engine.load_adapter("x", &dirs[1], None).expect("reload swaps");
