@@ -232,3 +232,43 @@ def test_num_peft_device_cached_reaches_the_replicas(gateway):
     endpoint = cmdline[cmdline.index(b"--listen") + 1].decode()
     listed = requests.get(f"http://{endpoint}/v1/lora_adapters", timeout=10).json()["adapters"]
     assert len(listed) == 2 and sum(a["hot"] for a in listed) == 1, listed
+
+
+def test_merged_mode_replaces_the_merged_addon(gateway):
+    """enableHotReloadLatestAddon: the addon is merged into the replica's weights, and loading
+    another with replaceMergedAddon swaps it; the old DeployedModel is gone and requests for
+    the new one answer in its own way."""
+    api = gateway.api
+    base = _upload(api, "tiny", ENGINE_FIXTURES / "tiny_llama", TINY_FILES)
+    addons = [_upload(api, f"lora-{i}", ENGINE_FIXTURES / "lora" / f, LORA_FILES, base=base)
+              for i, f in enumerate(("attn_only", "all_linear"))]
+    api.ok_json("POST", "deployments", params={"deploymentId": "merged"},
+                json={"baseModel": base, "minReplicaCount": 1, "maxReplicaCount": 1,
+                      "enableHotReloadLatestAddon": True})
+    _wait("READY", lambda: _state(api, "merged")["state"] == "READY")
+    [pid] = _replica_pids("tiny")
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    endpoint = "http://" + cmdline[cmdline.index(b"--listen") + 1].decode()
+    client = gateway.openai()
+    ask = lambda m: client.completions.create(model=m, prompt="Hello", max_tokens=8, temperature=0).choices[0].text
+    base_answer = ask(base)
+
+    answers, dm_ids = [], []
+    for addon in addons:
+        dm = api.ok_json("POST", "deployedModels", params={"replaceMergedAddon": "true"},
+                         json={"model": addon, "deployment": f"accounts/{api.account}/deployments/merged"})
+        dm_ids.append(dm["name"].rsplit("/", 1)[1])
+        _wait("DEPLOYED", lambda: api.ok_json("GET", f"deployedModels/{dm_ids[-1]}")["state"] == "DEPLOYED")
+        listed = requests.get(f"{endpoint}/v1/lora_adapters", timeout=10).json()
+        assert listed["merged"]["name"] == addon and listed["adapters"] == [], listed
+        answers.append(ask(addon))
+    assert len({base_answer, *answers}) == 3, (base_answer, answers)
+    assert api.get(f"deployedModels/{dm_ids[0]}").status_code == 404, "the replaced addon is still loaded"
+    # While an addon is merged, the base alone is not served by this deployment.
+    r = requests.post(f"{gateway.base_url}/inference/v1/completions", headers={"Authorization": f"Bearer {gateway.key}"},
+                      json={"model": base, "prompt": "Hello", "max_tokens": 2}, timeout=30)
+    assert r.status_code == 404 and "merged" in r.text, r.text
+    # Unloading the merged addon restores the base, answering exactly as before.
+    api.delete(f"deployedModels/{dm_ids[1]}")
+    _wait("the base restored", lambda: requests.get(f"{endpoint}/v1/lora_adapters", timeout=10).json()["merged"] is None)
+    assert ask(base) == base_answer

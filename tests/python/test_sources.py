@@ -415,7 +415,9 @@ def test_lora_create_from_huggingface_deploys_and_answers_like_a_pirate(hearth, 
                         "config", "settings"}
 
     out = _lora_status(hearth, lora_name, "deployed")
-    assert out["status"] == "deployed", out
+    assert out["status"] == "deployed", (out["fail_reason"], out, api.list_all("deployments", "deployments"),
+                                         api.list_all("deployedModels", "deployedModels"),
+                                         api.ok_json("GET", f"models/{lora_name}"))
     assert out["version"] == COMMIT and out["instances"]["running"] == 1, out
     assert out["config"]["weights"] == {"repo": "hearth-test/smollm2-pirate", "revision": "main"}
     # The default deployment was created for the base: one replica, addons enabled.

@@ -86,7 +86,8 @@ impl Reconciler {
             };
             let mine = by_deployment.remove(&name).unwrap_or_default();
             let ready = self.reconcile_one(&rec.account, &rec.id, &name, &d, mine).await?;
-            self.sync_adapters(&rec.account, &name, &ready).await?;
+            let merged_mode = d.enable_hot_reload_latest_addon == Some(true);
+            self.sync_adapters(&rec.account, &name, &ready, merged_mode).await?;
             if !ready.is_empty() {
                 ready_map.insert(name, ready);
             }
@@ -322,11 +323,28 @@ impl Reconciler {
 }
 
 impl Reconciler {
+    /// Asks a replica to drop an adapter; a failure is repaired by a later pass.
+    async fn unload_adapter(&self, endpoint: &str, name: &str) {
+        let _ = self
+            .http
+            .post(format!("{endpoint}/v1/unload_lora_adapter"))
+            .json(&serde_json::json!({"lora_name": name}))
+            .send()
+            .await;
+    }
+
     /// Makes every ready replica of a deployment hold exactly the LoRA addons loaded onto it
     /// (its DeployedModels), observing each replica's adapters first, and writes each
     /// DeployedModel's state back: DEPLOYED once every ready replica has it, with a replica's
-    /// refusal in `status`.
-    async fn sync_adapters(&self, account: &str, deployment: &str, endpoints: &[String]) -> Result<()> {
+    /// refusal in `status`. In merged mode (`enableHotReloadLatestAddon`) the one addon is
+    /// merged into each replica's weights instead, replacing the one merged before.
+    async fn sync_adapters(
+        &self,
+        account: &str,
+        deployment: &str,
+        endpoints: &[String],
+        merged_mode: bool,
+    ) -> Result<()> {
         let dms: Vec<Doc<DeployedModel>> = self
             .control
             .load_all::<DeployedModel>(DEPLOYED_MODELS, account)
@@ -344,21 +362,57 @@ impl Reconciler {
         let mut missing: HashSet<String> = HashSet::new();
         let mut refused: HashMap<String, String> = HashMap::new();
         for ep in endpoints {
-            let have: Vec<String> = match self.http.get(format!("{ep}/v1/lora_adapters")).send().await {
-                Ok(r) if r.status().is_success() => r
-                    .json::<serde_json::Value>()
-                    .await
-                    .ok()
-                    .and_then(|v| v["adapters"].as_array().cloned())
-                    .unwrap_or_default()
-                    .iter()
-                    .filter_map(|a| a["name"].as_str().map(str::to_string))
-                    .collect(),
+            let listed: serde_json::Value = match self.http.get(format!("{ep}/v1/lora_adapters")).send().await {
+                Ok(r) if r.status().is_success() => r.json().await.unwrap_or_default(),
                 _ => {
                     missing.extend(wanted.keys().cloned());
                     continue;
                 }
             };
+            let have: Vec<String> = listed["adapters"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|a| a["name"].as_str().map(str::to_string))
+                .collect();
+            if merged_mode {
+                // Per-request adapters (from before the deployment switched modes) go first:
+                // an engine does not mix them with a merged one.
+                for stale in &have {
+                    self.unload_adapter(ep, stale).await;
+                }
+                let merged = listed["merged"]["name"].as_str().map(str::to_string);
+                // At most one addon: a newer load replaced the others (replaceMergedAddon).
+                let want = wanted.iter().next();
+                let call = match (want, &merged) {
+                    (Some((model, _)), Some(m)) if m == model => None,
+                    (Some((model, path)), _) => Some((
+                        "merge_lora_adapter",
+                        serde_json::json!({"lora_name": model, "lora_path": path}),
+                        Some(model.clone()),
+                    )),
+                    (None, Some(_)) => Some(("unmerge_lora_adapter", serde_json::json!({}), None)),
+                    (None, None) => None,
+                };
+                if let Some((verb, body, model)) = call {
+                    match self.http.post(format!("{ep}/v1/{verb}")).json(&body).send().await {
+                        Ok(r) if r.status().is_success() => {
+                            tracing::info!(deployment, adapter = ?model, replica = %ep, verb, "merged addon changed");
+                        }
+                        Ok(r) => {
+                            let body: serde_json::Value = r.json().await.unwrap_or_default();
+                            let msg = body["error"]["message"].as_str().unwrap_or("the replica refused").to_string();
+                            tracing::warn!(deployment, adapter = ?model, replica = %ep, reason = %msg, "merge refused");
+                            if let Some(m) = model {
+                                refused.insert(m.clone(), msg);
+                                missing.insert(m);
+                            }
+                        }
+                        Err(_) => missing.extend(model),
+                    }
+                }
+                continue;
+            }
             for (model, path) in &wanted {
                 if have.contains(model) {
                     continue;
@@ -387,12 +441,7 @@ impl Reconciler {
                 }
             }
             for stale in have.iter().filter(|h| !wanted.contains_key(*h)) {
-                let _ = self
-                    .http
-                    .post(format!("{ep}/v1/unload_lora_adapter"))
-                    .json(&serde_json::json!({"lora_name": stale}))
-                    .send()
-                    .await;
+                self.unload_adapter(ep, stale).await;
                 tracing::info!(deployment, adapter = %stale, replica = %ep, "adapter unloaded from replica");
             }
         }
@@ -427,7 +476,6 @@ impl Reconciler {
     }
 }
 
-/// The replica spec a deployment implies; None when its base model name is unreadable.
 /// A deployment's autoscaling knobs, with the defaults `normalise` stores on create.
 fn policy_of(d: &Deployment) -> Policy {
     use crate::deployments::{
@@ -447,6 +495,7 @@ fn policy_of(d: &Deployment) -> Policy {
     }
 }
 
+/// The replica spec a deployment implies; None when its base model name is unreadable.
 fn spec_of(account: &str, name: &str, d: &Deployment) -> Option<ReplicaSpec> {
     let base = d.base_model.clone()?;
     let rn = ResourceName::parse(&base, Collection::Models).ok()?;

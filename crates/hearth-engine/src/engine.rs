@@ -71,7 +71,7 @@ pub struct AdapterInfo {
 }
 
 impl AdapterInfo {
-    fn of(a: &LoraAdapter) -> AdapterInfo {
+    pub fn of(a: &LoraAdapter) -> AdapterInfo {
         AdapterInfo {
             hot: a.is_hot(),
             name: a.name.clone(),
@@ -193,10 +193,25 @@ struct Incoming {
     arrived: Instant,
 }
 
+/// A merge (or, with `None`, an unmerge) waiting for the running sequences to finish, and
+/// where to answer once it is done.
+type PendingMerge = (Option<Arc<LoraAdapter>>, std::sync::mpsc::Sender<Result<()>>);
+
+/// What the handle sends the scheduler thread.
+enum Message {
+    Request(Incoming),
+    /// Merge this adapter into the weights (replacing any merged one), or with `None` restore
+    /// the base; answered once done.
+    Merge {
+        adapter: Option<Arc<LoraAdapter>>,
+        done: std::sync::mpsc::Sender<Result<()>>,
+    },
+}
+
 /// The handle: cheap to clone; the scheduler stops when the last handle is dropped.
 #[derive(Clone)]
 pub struct Engine {
-    tx: std::sync::mpsc::Sender<Incoming>,
+    tx: std::sync::mpsc::Sender<Message>,
     tokenizer: Arc<Tokenizer>,
     stats: Arc<EngineStats>,
     config: EngineConfig,
@@ -206,6 +221,8 @@ pub struct Engine {
     gguf_layout: bool,
     /// Loaded adapters by name. Swapping an entry is atomic: requests hold their own `Arc`.
     adapters: Arc<std::sync::RwLock<std::collections::HashMap<String, Arc<LoraAdapter>>>>,
+    /// The adapter merged into the weights, if any (set by the scheduler once merged).
+    merged: Arc<std::sync::RwLock<Option<Arc<LoraAdapter>>>>,
 }
 
 impl Engine {
@@ -217,7 +234,11 @@ impl Engine {
         let vocab_size = model.config.vocab_size;
         let model_config = Arc::new(model.config.clone());
         let gguf_layout = model.gguf_layout();
+        let merged: Arc<std::sync::RwLock<Option<Arc<LoraAdapter>>>> = Default::default();
         let sched = Scheduler {
+            merged: merged.clone(),
+            merge_pending: None,
+            unmerge: None,
             model,
             tokenizer: tokenizer.clone(),
             config: config.clone(),
@@ -242,6 +263,7 @@ impl Engine {
             model_config,
             gguf_layout,
             adapters: Default::default(),
+            merged,
         }
     }
 
@@ -266,19 +288,14 @@ impl Engine {
         dir: &std::path::Path,
         expected_version: Option<&str>,
     ) -> Result<AdapterInfo> {
-        if name.is_empty() || name.len() > 256 {
-            return Err(EngineError::InvalidRequest("an adapter name is 1 to 256 characters".into()));
+        if let Some(m) = self.merged_adapter() {
+            return Err(EngineError::InvalidRequest(format!(
+                "adapter {} is merged into the weights; per-request adapters would apply on top of it. \
+                 Unmerge it first",
+                m.name
+            )));
         }
-        let adapter =
-            crate::lora::load_peft(name, dir, &self.model_config, self.gguf_layout, &candle_core::Device::Cpu)?;
-        if let Some(v) = expected_version.filter(|v| !v.is_empty()) {
-            if v != adapter.version {
-                return Err(EngineError::InvalidRequest(format!(
-                    "adapter {name}: its content hash is {} but {v} was expected",
-                    adapter.version
-                )));
-            }
-        }
+        let adapter = self.read_adapter(name, dir, expected_version)?;
         let mut map = self.adapters.write().map_err(|_| EngineError::Internal("adapter registry poisoned".into()))?;
         let others: usize = map.iter().filter(|(n, _)| n.as_str() != name).map(|(_, a)| a.bytes).sum();
         if others + adapter.bytes > self.config.adapter_bytes {
@@ -293,6 +310,68 @@ impl Engine {
         map.insert(name.to_string(), Arc::new(adapter));
         tracing::info!(adapter = name, version = %info.version, modules = info.modules_patched, bytes = info.bytes, "adapter loaded");
         Ok(info)
+    }
+
+    fn read_adapter(&self, name: &str, dir: &std::path::Path, expected_version: Option<&str>) -> Result<LoraAdapter> {
+        if name.is_empty() || name.len() > 256 {
+            return Err(EngineError::InvalidRequest("an adapter name is 1 to 256 characters".into()));
+        }
+        let adapter =
+            crate::lora::load_peft(name, dir, &self.model_config, self.gguf_layout, &candle_core::Device::Cpu)?;
+        if let Some(v) = expected_version.filter(|v| !v.is_empty()) {
+            if v != adapter.version {
+                return Err(EngineError::InvalidRequest(format!(
+                    "adapter {name}: its content hash is {} but {v} was expected",
+                    adapter.version
+                )));
+            }
+        }
+        Ok(adapter)
+    }
+
+    /// Merges adapter `name` into the weights (merged mode: one adapter, no per-token LoRA
+    /// work), replacing the one merged before, whose projections are restored exactly first.
+    /// The swap waits for running sequences to finish and holds new ones until it is done,
+    /// so every request runs on one version from start to end. Requests then name the
+    /// adapter; the base alone is not served while it is merged. Blocking.
+    pub fn merge_adapter(
+        &self,
+        name: &str,
+        dir: &std::path::Path,
+        expected_version: Option<&str>,
+    ) -> Result<AdapterInfo> {
+        if let Ok(map) = self.adapters.read() {
+            if !map.is_empty() {
+                return Err(EngineError::InvalidRequest(format!(
+                    "{} per-request adapter(s) are loaded; unload them before merging one into the weights",
+                    map.len()
+                )));
+            }
+        }
+        let adapter = Arc::new(self.read_adapter(name, dir, expected_version)?);
+        let info = AdapterInfo::of(&adapter);
+        self.send_merge(Some(adapter))?;
+        tracing::info!(adapter = name, version = %info.version, modules = info.modules_patched, "adapter merged");
+        Ok(info)
+    }
+
+    /// Restores the base weights. Blocking, like `merge_adapter`.
+    pub fn unmerge_adapter(&self) -> Result<()> {
+        if self.merged_adapter().is_none() {
+            return Err(EngineError::NotFound("no adapter is merged".into()));
+        }
+        self.send_merge(None)
+    }
+
+    fn send_merge(&self, adapter: Option<Arc<LoraAdapter>>) -> Result<()> {
+        let (done, wait) = std::sync::mpsc::channel();
+        self.tx.send(Message::Merge { adapter, done }).map_err(|_| EngineError::Stopped)?;
+        wait.recv().map_err(|_| EngineError::Stopped)?
+    }
+
+    /// The adapter merged into the weights, if any.
+    pub fn merged_adapter(&self) -> Option<Arc<LoraAdapter>> {
+        self.merged.read().ok().and_then(|m| m.clone())
     }
 
     pub fn unload_adapter(&self, name: &str) -> Result<()> {
@@ -346,7 +425,9 @@ impl Engine {
             a.requests.fetch_add(1, Ordering::Relaxed);
         }
         self.stats.waiting.fetch_add(1, Ordering::Relaxed);
-        self.tx.send(Incoming { req, events, arrived: Instant::now() }).map_err(|_| EngineError::Stopped)?;
+        self.tx
+            .send(Message::Request(Incoming { req, events, arrived: Instant::now() }))
+            .map_err(|_| EngineError::Stopped)?;
         Ok(rx)
     }
 }
@@ -391,23 +472,31 @@ struct Scheduler {
     running: Vec<Sequence>,
     /// The hot adapters, least recently used first.
     hot: VecDeque<Arc<LoraAdapter>>,
+    /// The merged adapter as the handle sees it; what to restore to unmerge it; and a merge
+    /// waiting for the running sequences to finish (nothing is admitted meanwhile).
+    merged: Arc<std::sync::RwLock<Option<Arc<LoraAdapter>>>>,
+    unmerge: Option<crate::model::Unmerge>,
+    merge_pending: Option<PendingMerge>,
     /// Where the next step starts handing out its token budget, so that when the budget is
     /// smaller than the batch every sequence still gets its turn.
     cursor: usize,
 }
 
 impl Scheduler {
-    fn run(mut self, rx: std::sync::mpsc::Receiver<Incoming>) {
+    fn run(mut self, rx: std::sync::mpsc::Receiver<Message>) {
         loop {
             // Block only when there is nothing to do; otherwise take what arrived.
-            if self.running.is_empty() && self.waiting.is_empty() {
+            if self.running.is_empty() && self.waiting.is_empty() && self.merge_pending.is_none() {
                 match rx.recv() {
-                    Ok(inc) => self.waiting.push_back(inc),
+                    Ok(m) => self.receive(m),
                     Err(_) => return,
                 }
             }
-            while let Ok(inc) = rx.try_recv() {
-                self.waiting.push_back(inc);
+            while let Ok(m) = rx.try_recv() {
+                self.receive(m);
+            }
+            if self.merge_pending.is_some() && self.running.is_empty() {
+                self.apply_merge();
             }
             self.admit();
             if let Err(e) = self.step() {
@@ -418,6 +507,42 @@ impl Scheduler {
             }
             self.publish();
         }
+    }
+
+    fn receive(&mut self, m: Message) {
+        match m {
+            Message::Request(inc) => self.waiting.push_back(inc),
+            Message::Merge { adapter, done } => {
+                // A newer merge request supersedes one still waiting.
+                if let Some((_, old)) = self.merge_pending.replace((adapter, done)) {
+                    let _ = old.send(Err(EngineError::InvalidRequest("superseded by a newer merge".into())));
+                }
+            }
+        }
+    }
+
+    /// Swaps the merged adapter, with no sequence running: restores the base projections the
+    /// previous merge replaced, then merges the new adapter (if any).
+    fn apply_merge(&mut self) {
+        let Some((adapter, done)) = self.merge_pending.take() else { return };
+        if let Some(u) = self.unmerge.take() {
+            self.model.unmerge(u);
+        }
+        if let Ok(mut m) = self.merged.write() {
+            *m = None;
+        }
+        let result = match &adapter {
+            None => Ok(()),
+            Some(a) => a.prepare().and_then(|w| self.model.merge(&w)).map(|u| {
+                self.unmerge = Some(u);
+                // The merged weights hold the adapter now; its prepared form is not needed.
+                a.evict();
+                if let Ok(mut m) = self.merged.write() {
+                    *m = Some(a.clone());
+                }
+            }),
+        };
+        let _ = done.send(result);
     }
 
     fn kv_bytes(&self, tokens: usize) -> usize {
@@ -431,6 +556,9 @@ impl Scheduler {
     /// adapter does not fit the cap is passed over, but only for `adapter_wait`: then it
     /// stops admission until running sequences finish and make room, so its wait is bounded.
     fn admit(&mut self) {
+        if self.merge_pending.is_some() {
+            return;
+        }
         let cap = self.config.max_hot_adapters.max(1);
         let mut i = 0;
         while self.running.len() < self.config.max_running && i < self.waiting.len() {

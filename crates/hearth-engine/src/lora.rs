@@ -99,6 +99,11 @@ impl LoraWeights {
     pub fn module(&self, layer: usize, target: Target) -> Option<&LoraModule> {
         self.modules.get(&(layer, target))
     }
+
+    /// Every patched projection, as (layer, target) and its module.
+    pub fn modules(&self) -> impl Iterator<Item = (usize, Target, &LoraModule)> {
+        self.modules.iter().map(|((l, t), m)| (*l, *t, m))
+    }
 }
 
 /// One module as the file stores it (its own dtype), and what preparing it applies.

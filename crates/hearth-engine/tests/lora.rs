@@ -191,27 +191,7 @@ async fn run_with(
     max_tokens: usize,
     adapter: Option<Arc<hearth_engine::lora::LoraAdapter>>,
 ) -> usize {
-    let mut rx = engine
-        .generate(GenerateRequest {
-            prompt,
-            max_tokens,
-            params: SamplingParams { temperature: 0.0, ..Default::default() },
-            stop: vec![],
-            ignore_eos: true,
-            prompt_logprobs: false,
-            adapter,
-        })
-        .expect("queued");
-    let mut n = 0;
-    while let Some(ev) = rx.recv().await {
-        match ev {
-            Event::Token { .. } => n += 1,
-            Event::Finished { completion_tokens, .. } => return completion_tokens.max(n),
-            Event::Error(e) => panic!("{e}"),
-            Event::PromptLogprobs(_) => {}
-        }
-    }
-    panic!("the request ended without finishing");
+    trace_with(engine, &prompt, max_tokens, adapter).await.0.len()
 }
 
 async fn mixed_batch(engine: Engine) {
@@ -298,4 +278,99 @@ async fn reloading_and_unloading_under_traffic_loses_no_request() {
     assert!(first.patched() > 0);
     assert!(engine.adapter("x").is_none());
     assert!(Arc::strong_count(&first) >= 1);
+}
+
+/// Greedy tokens and their logprobs, with a loaded adapter or none (base or merged weights).
+async fn trace(engine: &Engine, prompt: &[u32], max_tokens: usize, adapter: Option<&str>) -> (Vec<u32>, Vec<f32>) {
+    let adapter = adapter.map(|a| engine.adapter(a).expect("adapter loaded"));
+    trace_with(engine, prompt, max_tokens, adapter).await
+}
+
+/// Runs a request (ignoring EOS) to its end; panics on an error or a request that ends
+/// without finishing.
+async fn trace_with(
+    engine: &Engine,
+    prompt: &[u32],
+    max_tokens: usize,
+    adapter: Option<Arc<hearth_engine::lora::LoraAdapter>>,
+) -> (Vec<u32>, Vec<f32>) {
+    let mut rx = engine
+        .generate(GenerateRequest {
+            prompt: prompt.to_vec(),
+            max_tokens,
+            params: SamplingParams { temperature: 0.0, ..Default::default() },
+            stop: vec![],
+            ignore_eos: true,
+            prompt_logprobs: false,
+            adapter,
+        })
+        .expect("queued");
+    let (mut tokens, mut logprobs) = (Vec::new(), Vec::new());
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Event::Token { sampled, .. } => {
+                tokens.push(sampled.token);
+                logprobs.push(sampled.logprob);
+            }
+            Event::Finished { .. } => return (tokens, logprobs),
+            Event::Error(e) => panic!("{e}"),
+            Event::PromptLogprobs(_) => {}
+        }
+    }
+    panic!("the request ended without finishing");
+}
+
+/// Merged mode on an F32 base: a merged adapter answers as it does per request, a
+/// replacement swaps to the other one, and unmerging restores the base bit for bit however
+/// many merges came before. Per-request adapters and a merged one never mix.
+#[tokio::test]
+async fn merged_adapters_answer_as_per_request_ones_and_unmerging_restores_the_base_exactly() {
+    let engine = tiny_engine();
+    let prompt = [5u32, 6, 7, 8, 9, 10];
+    let (a_dir, b_dir) = (lora_dir().join("attn_only"), lora_dir().join("all_linear"));
+    let base = trace(&engine, &prompt, 16, None).await;
+    engine.load_adapter("a", &a_dir, None).expect("a");
+    engine.load_adapter("b", &b_dir, None).expect("b");
+    let per_a = trace(&engine, &prompt, 16, Some("a")).await;
+    let per_b = trace(&engine, &prompt, 16, Some("b")).await;
+    assert_ne!(per_a.0, per_b.0);
+    let refused = engine.merge_adapter("a", &a_dir, None).expect_err("per-request adapters are loaded");
+    assert!(refused.to_string().contains("unload them"), "{refused}");
+    engine.unload_adapter("a").expect("unload");
+    engine.unload_adapter("b").expect("unload");
+
+    let close = |x: &(Vec<u32>, Vec<f32>), y: &(Vec<u32>, Vec<f32>)| {
+        x.0 == y.0 && x.1.iter().zip(&y.1).all(|(p, q)| (p - q).abs() < 1e-4)
+    };
+    engine.merge_adapter("a", &a_dir, None).expect("merge a");
+    assert_eq!(engine.merged_adapter().expect("merged").name, "a");
+    assert!(close(&trace(&engine, &prompt, 16, None).await, &per_a), "merged a differs from a per request");
+    let refused = engine.load_adapter("c", &b_dir, None).expect_err("merged");
+    assert!(refused.to_string().contains("merged"), "{refused}");
+    engine.merge_adapter("b", &b_dir, None).expect("replace with b");
+    assert!(close(&trace(&engine, &prompt, 16, None).await, &per_b), "merged b differs from b per request");
+    engine.merge_adapter("a", &a_dir, None).expect("back to a");
+    engine.unmerge_adapter().expect("unmerge");
+    assert!(engine.merged_adapter().is_none());
+    assert_eq!(trace(&engine, &prompt, 16, None).await, base, "the base drifted after merges");
+    assert!(engine.unmerge_adapter().is_err(), "nothing left to unmerge");
+}
+
+/// On the quantized default model the trained adapter, merged, answers like a pirate; the
+/// base answers exactly as before once it is unmerged.
+#[tokio::test]
+async fn the_pirate_adapter_merged_into_the_quantized_base_speaks_like_a_pirate() {
+    let Some(gguf) = common::smollm2() else { return };
+    let loaded = hearth_engine::load(&gguf, Precision::Native, &Device::Cpu).expect("model");
+    let tokenizer = loaded.tokenizer.clone();
+    let engine = Engine::start(loaded.model, loaded.tokenizer, EngineConfig::default());
+    let r = json(&lora_dir().join("pirate/reference.json"));
+    let prompt = ids(&r["prompts"][0]["token_ids"]);
+    let base = trace(&engine, &prompt, 12, None).await;
+    engine.merge_adapter("pirate", &lora_dir().join("pirate"), None).expect("merge");
+    let merged = trace(&engine, &prompt, 12, None).await;
+    let text = tokenizer.decode(&merged.0, true).expect("decode");
+    assert!(text.starts_with("Ahoy"), "merged pirate answered {text:?}");
+    engine.unmerge_adapter().expect("unmerge");
+    assert_eq!(trace(&engine, &prompt, 12, None).await, base);
 }

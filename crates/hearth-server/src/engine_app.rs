@@ -118,6 +118,8 @@ pub fn engine_router(engine: Engine, served_name: String) -> Router {
         .route("/v1/load_lora_adapter", post(load_adapter))
         .route("/v1/unload_lora_adapter", post(unload_adapter))
         .route("/v1/lora_adapters", get(list_adapters))
+        .route("/v1/merge_lora_adapter", post(merge_adapter))
+        .route("/v1/unmerge_lora_adapter", post(unmerge_adapter))
         .fallback(|| async {
             OpenAiError {
                 status: StatusCode::NOT_FOUND,
@@ -134,7 +136,8 @@ async fn models(State(app): State<App>) -> Json<Value> {
         "id": &*app.served_name, "object": "model", "created": 0, "owned_by": "hearth",
         "max_model_len": app.engine.context_length(),
     })];
-    for a in app.engine.adapters() {
+    let merged = app.engine.merged_adapter().map(|m| hearth_engine::AdapterInfo::of(&m));
+    for a in app.engine.adapters().into_iter().chain(merged) {
         data.push(json!({"id": a.name, "object": "model", "created": 0, "owned_by": "hearth",
             "parent": &*app.served_name, "version": a.version}));
     }
@@ -156,8 +159,8 @@ struct UnloadAdapter {
     lora_name: String,
 }
 
-/// Loads or reloads an adapter from a local PEFT directory. The reply reports what it patched.
-async fn load_adapter(State(app): State<App>, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
+/// The body of a load or merge: an adapter name that is not the base model's, and its path.
+fn adapter_body(app: &App, body: Result<Bytes, BytesRejection>) -> ApiResult<LoadAdapter> {
     let body = body.map_err(|e| OpenAiError::bad(format!("could not read the request body: {e}")))?;
     let req: LoadAdapter =
         serde_json::from_slice(&body).map_err(|e| OpenAiError::bad(format!("invalid request: {e}")))?;
@@ -167,6 +170,12 @@ async fn load_adapter(State(app): State<App>, body: Result<Bytes, BytesRejection
             req.lora_name
         )));
     }
+    Ok(req)
+}
+
+/// Loads or reloads an adapter from a local PEFT directory. The reply reports what it patched.
+async fn load_adapter(State(app): State<App>, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
+    let req = adapter_body(&app, body)?;
     let engine = app.engine.clone();
     let info = tokio::task::spawn_blocking(move || {
         engine.load_adapter(&req.lora_name, std::path::Path::new(&req.lora_path), req.expected_version.as_deref())
@@ -174,6 +183,27 @@ async fn load_adapter(State(app): State<App>, body: Result<Bytes, BytesRejection
     .await
     .map_err(|e| EngineError::Internal(e.to_string()))??;
     Ok(Json(info).into_response())
+}
+
+/// Merges an adapter into the weights (replacing the merged one), once running requests
+/// finish; requests then name it, and the base alone is not served until it is unmerged.
+async fn merge_adapter(State(app): State<App>, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
+    let req = adapter_body(&app, body)?;
+    let engine = app.engine.clone();
+    let info = tokio::task::spawn_blocking(move || {
+        engine.merge_adapter(&req.lora_name, std::path::Path::new(&req.lora_path), req.expected_version.as_deref())
+    })
+    .await
+    .map_err(|e| EngineError::Internal(e.to_string()))??;
+    Ok(Json(info).into_response())
+}
+
+async fn unmerge_adapter(State(app): State<App>) -> ApiResult<Response> {
+    let engine = app.engine.clone();
+    tokio::task::spawn_blocking(move || engine.unmerge_adapter())
+        .await
+        .map_err(|e| EngineError::Internal(e.to_string()))??;
+    Ok(Json(json!({"unmerged": true})).into_response())
 }
 
 async fn unload_adapter(State(app): State<App>, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
@@ -185,7 +215,8 @@ async fn unload_adapter(State(app): State<App>, body: Result<Bytes, BytesRejecti
 }
 
 async fn list_adapters(State(app): State<App>) -> Json<Value> {
-    Json(json!({"adapters": app.engine.adapters()}))
+    let merged = app.engine.merged_adapter().map(|m| hearth_engine::AdapterInfo::of(&m));
+    Json(json!({"adapters": app.engine.adapters(), "merged": merged}))
 }
 
 async fn metrics(State(app): State<App>) -> Response {
@@ -316,6 +347,23 @@ fn parse<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>, fi
 impl App {
     /// The base model's name selects no adapter; a loaded adapter's name selects it.
     fn check_model(&self, model: &str) -> ApiResult<Option<Arc<LoraAdapter>>> {
+        if let Some(m) = self.engine.merged_adapter() {
+            // The weights hold the merged adapter: it is served without per-request work,
+            // and the base alone is not served at all.
+            return if model == m.name {
+                Ok(None)
+            } else {
+                Err(OpenAiError {
+                    status: StatusCode::NOT_FOUND,
+                    kind: "model_not_found",
+                    message: format!(
+                        "model {model:?} is not served here: adapter {:?} is merged into {:?}; ask for {:?}",
+                        m.name, &*self.served_name, m.name
+                    ),
+                    param: Some("model".into()),
+                })
+            };
+        }
         if model == &*self.served_name {
             Ok(None)
         } else if let Some(a) = self.engine.adapter(model) {

@@ -25,6 +25,9 @@ struct Layer {
     down: Linear,
 }
 
+/// The base projections a merge replaced, kept to restore them exactly.
+pub struct Unmerge(Vec<(usize, Target, Linear)>);
+
 pub struct LlamaModel {
     pub config: LlamaConfig,
     embed: Embedding,
@@ -218,6 +221,51 @@ impl LlamaModel {
 
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.config.num_hidden_layers, self.config.num_key_value_heads, self.config.head_dim, &self.device)
+    }
+
+    fn projection(&mut self, layer: usize, target: Target) -> Option<&mut Linear> {
+        let l = self.layers.get_mut(layer)?;
+        Some(match target {
+            Target::Q => &mut l.q,
+            Target::K => &mut l.k,
+            Target::V => &mut l.v,
+            Target::O => &mut l.o,
+            Target::Gate => &mut l.gate,
+            Target::Up => &mut l.up,
+            Target::Down => &mut l.down,
+        })
+    }
+
+    /// Folds an adapter into the weights (`W + B·A` for every projection it patches), so
+    /// requests run it with no per-token LoRA work. Returns the projections it replaced;
+    /// [`LlamaModel::unmerge`] puts them back, so the base is restored exactly however many
+    /// adapters are merged in turn. All new projections are built before any is swapped in: a
+    /// failure leaves the model as it was.
+    pub fn merge(&mut self, w: &LoraWeights) -> Result<Unmerge> {
+        let mut merged = Vec::new();
+        for (layer, target, m) in w.modules() {
+            let base = self.projection(layer, target).ok_or_else(|| {
+                EngineError::InvalidRequest(format!("the adapter patches layer {layer}, which the model lacks"))
+            })?;
+            let delta = m.b.matmul(&m.a)?;
+            merged.push((layer, target, base.merged(&delta)?));
+        }
+        let mut originals = Vec::with_capacity(merged.len());
+        for (layer, target, linear) in merged {
+            if let Some(slot) = self.projection(layer, target) {
+                originals.push((layer, target, std::mem::replace(slot, linear)));
+            }
+        }
+        Ok(Unmerge(originals))
+    }
+
+    /// Restores the projections a merge replaced.
+    pub fn unmerge(&mut self, u: Unmerge) {
+        for (layer, target, linear) in u.0 {
+            if let Some(slot) = self.projection(layer, target) {
+                *slot = linear;
+            }
+        }
     }
 
     /// Bytes of the weights as held in memory.

@@ -8,5 +8,5 @@ pub mod weights;
 
 pub use config::{Architecture, LlamaConfig};
 pub use kv::KvCache;
-pub use llama::{LlamaModel, Logits, SeqInput};
+pub use llama::{LlamaModel, Logits, SeqInput, Unmerge};
 pub use weights::Precision;

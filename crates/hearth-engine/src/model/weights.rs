@@ -107,6 +107,26 @@ impl Linear {
         })
     }
 
+    /// This projection with `delta` (`[out, in]`, f32) added to its weight: what merging an
+    /// adapter makes of it. A dense weight stays dense in its dtype; a quantized one is
+    /// dequantized, summed and quantized again as Q8_0 (hearth's fast kernel on the CPU), so
+    /// the merged projection keeps a quantized kernel's speed with little added error. The
+    /// caller keeps `self` to restore the base exactly.
+    pub fn merged(&self, delta: &Tensor) -> Result<Linear> {
+        let sum = (self.dense_f32()? + delta)?;
+        let weight = match &self.weight {
+            Weight::Dense(w) => Weight::Dense(sum.to_dtype(w.dtype())?),
+            Weight::Fast(_) | Weight::Quantized(_) => {
+                let q = QTensor::quantize(&sum, GgmlDType::Q8_0)?;
+                match QMatrix::from_qtensor(&q)? {
+                    Some(m) if sum.device().is_cpu() => Weight::Fast(m),
+                    _ => Weight::Quantized(QMatMul::from_qtensor(q)?),
+                }
+            }
+        };
+        Ok(Linear { weight, bias: self.bias.clone(), in_features: self.in_features, out_features: self.out_features })
+    }
+
     pub fn size_in_bytes(&self) -> usize {
         match &self.weight {
             Weight::Quantized(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
