@@ -137,7 +137,7 @@ def _start(binary: Path, workdir: Path, attempt: int, runtime: str = "none", ext
         "--extra-api-key", f"{key2}:{account2}",
         "--runtime", runtime,
     ]
-    db_url = os.environ.get("HEARTH_DATABASE_URL")
+    db_url = database_url(runtime)
     if db_url:
         cmd += ["--database-url", db_url]
     env = {k: v for k, v in os.environ.items() if k not in _SERVER_ENV_VARS}
@@ -160,6 +160,22 @@ def _start(binary: Path, workdir: Path, attempt: int, runtime: str = "none", ext
         proc=proc,
         command=cmd,
     )
+
+
+def database_url(runtime: str) -> Optional[str]:
+    """The store a server gets: ``HEARTH_DATABASE_URL`` when set (the suite's PostgreSQL run),
+    else the server's own SQLite. A ``--runtime local`` server gets a fresh database of its own
+    on that PostgreSQL: its reconciler manages every deployment in its store, so two of them
+    must never share one (hearth runs one local-runtime gateway per store)."""
+    url = os.environ.get("HEARTH_DATABASE_URL")
+    if not url or runtime != "local":
+        return url
+    psql = shutil.which("psql") or next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin/psql"))), None)
+    if psql is None:
+        pytest.fail("HEARTH_DATABASE_URL is set but psql is not installed", pytrace=False)
+    name = "hearth_e2e_" + secrets.token_hex(4)
+    subprocess.run([str(psql), url, "-qc", f"CREATE DATABASE {name}"], check=True, capture_output=True, timeout=60)
+    return url.split("?", 1)[0].rsplit("/", 1)[0] + "/" + name
 
 
 def _wait_healthy(server: HearthServer, deadline: float) -> Optional[str]:

@@ -288,3 +288,74 @@ def test_lora_addons_load_onto_replicas_and_answer_in_the_same_deployment(hearth
         assert time.monotonic() < deadline, "an unloaded adapter kept answering"
         time.sleep(0.2)
     client.lora.unload(dms[0].name.rsplit("/", 1)[1])
+
+
+def test_the_whole_flow_through_the_official_clients(hearth, client, uid):
+    """Upload a base and two LoRAs, deploy, load both, chat with the base and both adapters at
+    once (each answers its own way), stream, unload one, soft delete, undelete, hard delete:
+    the control plane through the fireworks-ai SDK, inference through the openai client."""
+    import concurrent.futures as cf
+    import openai
+
+    base_id = uid("flow-base")
+    base = _upload_tiny(client, base_id)
+    addons = []
+    for fixture in ("attn_only", "all_linear"):
+        addon_id = uid(f"flow-{fixture.replace('_', '-')}")
+        client.models.create(model_id=addon_id, model={"kind": "HF_PEFT_ADDON", "peftDetails": {"baseModel": base}})
+        fixtures.upload_model_files(client, addon_id, {f: (LORA_FIXTURES / fixture / f).read_bytes()
+                                                       for f in ("adapter_config.json", "adapter_model.safetensors")})
+        client.models.validate_upload(addon_id)
+        assert client.models.get(addon_id).state == "READY"
+        addons.append(f"accounts/{hearth.account}/models/{addon_id}")
+    dep_id = uid("flow")
+    client.deployments.create(base_model=base, deployment_id=dep_id, min_replica_count=1, max_replica_count=1,
+                              enable_addons=True)
+    _wait_state(client, dep_id, "READY")
+    dep_name = f"accounts/{hearth.account}/deployments/{dep_id}"
+    dms = [client.lora.load(model=a, deployment=dep_name) for a in addons]
+    for dm in dms:
+        _wait_dm(client, dm.name.rsplit("/", 1)[1], "DEPLOYED")
+
+    oa = _openai(hearth)
+
+    def chat(model: str) -> str:
+        r = oa.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hello"}], max_tokens=8,
+                                       temperature=0)
+        return r.choices[0].message.content
+
+    alone = {m: chat(m) for m in [base, *addons]}
+    assert len(set(alone.values())) == 3, alone
+    with cf.ThreadPoolExecutor(9) as ex:
+        together = list(ex.map(chat, [base, *addons] * 3))
+    assert together == [alone[base], alone[addons[0]], alone[addons[1]]] * 3
+    stream = oa.chat.completions.create(model=addons[0], messages=[{"role": "user", "content": "Hello"}],
+                                        max_tokens=8, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == alone[addons[0]]
+
+    client.lora.unload(dms[1].name.rsplit("/", 1)[1])
+    with pytest.raises((openai.BadRequestError, openai.NotFoundError)):
+        chat(addons[1])
+    assert chat(addons[0]) == alone[addons[0]]
+
+    # Soft delete with the adapter still loaded (ignoreChecks, which unloads it too).
+    client.deployments.delete(dep_id, ignore_checks=True)
+    assert client.deployments.get(dep_id).state == "DELETED"
+    deadline = time.monotonic() + 15
+    while _replica_pids(base_id):
+        assert time.monotonic() < deadline, "replicas of a deleted deployment kept running"
+        time.sleep(0.2)
+    with pytest.raises(openai.BadRequestError, match="no deployment"):
+        chat(base)
+    assert client.lora.list().deployed_models in (None, []) or all(
+        d.deployment != dep_name for d in client.lora.list().deployed_models)
+    client.deployments.undelete(dep_id, body={})
+    _wait_state(client, dep_id, "READY")
+    again = client.lora.load(model=addons[0], deployment=dep_name)
+    _wait_dm(client, again.name.rsplit("/", 1)[1], "DEPLOYED")
+    assert chat(addons[0]) == alone[addons[0]] and chat(base) == alone[base]
+
+    client.deployments.delete(dep_id, hard=True, ignore_checks=True)
+    with pytest.raises(Exception) as gone:
+        client.deployments.get(dep_id)
+    assert getattr(gone.value, "status_code", None) == 404

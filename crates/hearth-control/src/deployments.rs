@@ -3,8 +3,10 @@
 //! machine below is the one the runtime will move along.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use chrono::Utc;
+
 use hearth_api::duration::ProtoDuration;
 use hearth_api::names::{validate_id, Collection, ResourceName};
 use hearth_api::resources::{
@@ -26,6 +28,8 @@ pub const MAX_REPLICAS: i32 = 1000;
 pub const DEFAULT_SCALE_UP_WINDOW: u64 = 30;
 pub const DEFAULT_SCALE_DOWN_WINDOW: u64 = 600;
 pub const DEFAULT_SCALE_TO_ZERO_WINDOW: u64 = 3600;
+/// The shortest scale-to-zero window the hosted service accepts; `hearth serve
+/// --min-scale-to-zero-window` may lower it.
 pub const MIN_SCALE_TO_ZERO_WINDOW: u64 = 300;
 pub const MAX_SCALE_WINDOW: u64 = 3600;
 pub const DEFAULT_LOAD_TARGET: f64 = 0.8;
@@ -166,7 +170,8 @@ fn refuse_unimplemented(d: &Deployment) -> Result<()> {
 }
 
 /// Fills defaults and checks every user-settable field of a deployment about to be stored.
-fn normalise(d: &mut Deployment) -> Result<()> {
+/// `min_to_zero` is the shortest scale-to-zero window accepted (`ControlConfig`).
+fn normalise(d: &mut Deployment, min_to_zero: Duration) -> Result<()> {
     refuse_unimplemented(d)?;
     if let Some(n) = &d.display_name {
         if n.chars().count() >= 64 {
@@ -210,9 +215,10 @@ fn normalise(d: &mut Deployment) -> Result<()> {
             )));
         }
     }
-    if zero.0.as_secs_f64() < MIN_SCALE_TO_ZERO_WINDOW as f64 {
+    if zero.0 < min_to_zero {
         return Err(ControlError::InvalidArgument(format!(
-            "autoscalingPolicy.scaleToZeroWindow must be at least {MIN_SCALE_TO_ZERO_WINDOW}s (5 minutes), got {zero}"
+            "autoscalingPolicy.scaleToZeroWindow must be at least {}s, got {zero}",
+            min_to_zero.as_secs_f64()
         )));
     }
     let targets =
@@ -318,7 +324,7 @@ impl ControlPlane {
             base_model: Some(base),
             ..body
         };
-        normalise(&mut d)?;
+        normalise(&mut d, self.config.min_scale_to_zero_window)?;
         d.state = Some(DeploymentState::Creating);
         d.desired_replica_count = d.min_replica_count;
         d.replica_count = Some(0);
@@ -386,7 +392,7 @@ impl ControlPlane {
                         )));
                     }
                     let mut updated = patch::apply(&doc.value, body, update_mask, &DEPLOYMENT_PATCH)?;
-                    normalise(&mut updated)?;
+                    normalise(&mut updated, self.config.min_scale_to_zero_window)?;
                     // A running deployment that changed rolls to the new spec.
                     if updated != doc.value && doc.value.state == Some(DeploymentState::Ready) {
                         updated.state = Some(DeploymentState::Updating);

@@ -13,6 +13,7 @@ pub mod deployments;
 pub mod error;
 pub mod fleet;
 pub mod inspect;
+mod lease;
 pub mod listing;
 mod loras;
 pub mod models;
@@ -46,6 +47,8 @@ pub struct ControlConfig {
     pub purge_delay: Duration,
     /// The Hugging Face Hub (or mirror) that `huggingfaceSource` imports read from.
     pub hf_endpoint: String,
+    /// The shortest `scaleToZeroWindow` a deployment may ask for.
+    pub min_scale_to_zero_window: Duration,
 }
 
 impl Default for ControlConfig {
@@ -55,6 +58,7 @@ impl Default for ControlConfig {
             signed_url_ttl: Duration::from_secs(3600),
             purge_delay: Duration::from_secs(7 * 24 * 3600),
             hf_endpoint: "https://huggingface.co".to_string(),
+            min_scale_to_zero_window: Duration::from_secs(deployments::MIN_SCALE_TO_ZERO_WINDOW),
         }
     }
 }

@@ -28,10 +28,16 @@ pub struct Reconciler {
     http: reqwest::Client,
     /// Each deployment's autoscaler (its pending scale change), by name.
     scalers: std::sync::Mutex<HashMap<String, Scaler>>,
+    /// This gateway's name in the store's runtime lease (`lease.rs`), renewed every pass.
+    holder: String,
     /// Ready replicas on their way out (scaled down, or replaced by a roll), by id, with when
     /// they stopped getting new requests.
     draining: std::sync::Mutex<HashMap<String, Instant>>,
 }
+
+/// How long the runtime lease lasts without a renewal: a pass renews it, so a gateway that
+/// stopped passing (or died) hands its store over this long after its last pass.
+pub const LEASE_TTL: Duration = Duration::from_secs(30);
 
 /// How long a retired replica may take to finish the requests it has before it is stopped
 /// regardless.
@@ -51,9 +57,10 @@ struct Observed {
 }
 
 impl Reconciler {
-    pub fn new(control: ControlPlane, runtime: Arc<dyn Runtime>, fleet: Arc<Fleet>) -> Reconciler {
+    /// `holder` names this gateway in the store's runtime lease, which it must already hold.
+    pub fn new(control: ControlPlane, runtime: Arc<dyn Runtime>, fleet: Arc<Fleet>, holder: String) -> Reconciler {
         let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap_or_default();
-        Reconciler { control, runtime, fleet, http, scalers: Default::default(), draining: Default::default() }
+        Reconciler { control, runtime, fleet, http, holder, scalers: Default::default(), draining: Default::default() }
     }
 
     /// Runs passes forever: every `period`, or sooner when kicked. A failed pass is logged
@@ -68,8 +75,10 @@ impl Reconciler {
         }
     }
 
-    /// One pass over every deployment.
+    /// One pass over every deployment. It first renews the runtime lease: a gateway that lost
+    /// it (another took over the store) acts on nothing.
     pub async fn pass(&self) -> Result<()> {
+        self.control.hold_runtime_lease(&self.holder, LEASE_TTL).await?;
         let replicas = self.runtime.replicas().await?;
         let mut by_deployment: HashMap<String, Vec<Replica>> = HashMap::new();
         for r in replicas {

@@ -118,6 +118,10 @@ struct ServeArgs {
     /// Seconds a soft-deleted deployment is kept (and can be undeleted) before it is purged.
     #[arg(long, env = "HEARTH_PURGE_DELAY", default_value_t = 7 * 24 * 3600)]
     purge_delay: u64,
+    /// Seconds: the shortest autoscalingPolicy.scaleToZeroWindow a deployment may ask for (the
+    /// hosted service's 300; lower it for development and tests).
+    #[arg(long, env = "HEARTH_MIN_SCALE_TO_ZERO_WINDOW", default_value_t = 300)]
+    min_scale_to_zero_window: u64,
     /// Seconds an inference request for a deployment with no ready replica waits for one
     /// (waking it from zero) before it is answered 503.
     #[arg(long, env = "HEARTH_WAKE_TIMEOUT", default_value_t = 120)]
@@ -187,6 +191,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         public_url: args.public_url.clone().unwrap_or_else(|| format!("http://{local}")),
         signed_url_ttl: Duration::from_secs(args.signed_url_ttl),
         purge_delay: Duration::from_secs(args.purge_delay),
+        min_scale_to_zero_window: Duration::from_secs(args.min_scale_to_zero_window),
         // As with the Hugging Face tools, so a mirror (or a test's local hub) can stand in.
         hf_endpoint: std::env::var("HF_ENDPOINT")
             .ok()
@@ -228,17 +233,30 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     });
 
     let fleet = std::sync::Arc::new(hearth_control::fleet::Fleet::default());
+    let mut lease_holder = None;
     if args.runtime == RuntimeKind::Local {
+        // One local-runtime gateway manages a store's replicas; it is named by host and data
+        // directory, so this same gateway restarted takes its lease straight back.
+        let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+        let dir = std::fs::canonicalize(&args.data_dir).unwrap_or_else(|_| args.data_dir.clone());
+        let holder = format!("{}:{}", if host.is_empty() { "localhost" } else { &host }, dir.display());
+        control
+            .hold_runtime_lease(&holder, hearth_control::reconciler::LEASE_TTL)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .context("taking the store's runtime lease")?;
         // Replicas are `hearth engine` children of this process, started by the reconciler.
         let binary = std::env::current_exe().context("locating the hearth binary to run replicas")?;
         let runtime =
             std::sync::Arc::new(hearth_control::runtime::local::LocalRuntime::new(binary, control.artifacts().clone()));
-        let reconciler = hearth_control::reconciler::Reconciler::new(control.clone(), runtime, fleet.clone());
+        let reconciler =
+            hearth_control::reconciler::Reconciler::new(control.clone(), runtime, fleet.clone(), holder.clone());
         tokio::spawn(reconciler.run(Duration::from_millis(args.reconcile_interval_ms)));
+        lease_holder = Some(holder);
     }
 
     let inference = hearth_server::Inference::new(fleet, Duration::from_secs(args.wake_timeout));
-    let app = hearth_server::gateway_router_with(control, inference);
+    let app = hearth_server::gateway_router_with(control.clone(), inference);
     tracing::info!(
         listen = %local,
         store = if args.database_url.is_some() { "postgres" } else { "sqlite" },
@@ -246,7 +264,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         data_dir = %args.data_dir.display(),
         "hearth gateway ready"
     );
-    axum_serve(listener, app).await
+    let served = axum_serve(listener, app).await;
+    if let Some(holder) = lease_holder {
+        // A clean stop hands the store over at once rather than when the lease expires.
+        if let Err(e) = control.release_runtime_lease(&holder).await {
+            tracing::warn!(error = %e, "could not release the runtime lease; it expires on its own");
+        }
+    }
+    served
 }
 
 async fn engine(args: EngineArgs) -> anyhow::Result<()> {
