@@ -72,6 +72,9 @@ def gateway(tmp_path):
     g.start()
     yield g
     g.stop(signal.SIGKILL)
+    # Its replicas notice within half a second; the next test must not count them.
+    _wait("this gateway's replicas to exit", lambda: subprocess.run(
+        ["pgrep", "-f", f"engine --model {g.data_dir}/"], capture_output=True).returncode != 0, timeout=15)
 
 
 def _replica_pids(model_id: str) -> List[int]:

@@ -184,6 +184,7 @@ impl ControlPlane {
             }
         }
         tracing::info!(account, deployed_model = %doc.id, model = %model_name, deployment = %deployment_name, "addon load requested");
+        self.changed();
         Ok(self.deployed_model_view(account, &doc))
     }
 
@@ -267,6 +268,7 @@ impl ControlPlane {
         if let Some(model) = became_default {
             self.clear_other_defaults(account, &model, id).await?;
         }
+        self.changed();
         render(&self.deployed_model_view(account, &doc), None)
     }
 
@@ -302,6 +304,7 @@ impl ControlPlane {
             }
         }
         tracing::info!(account, deployed_model = %id, "addon unloaded");
+        self.changed();
         Ok(())
     }
 }

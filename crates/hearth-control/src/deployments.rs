@@ -335,6 +335,7 @@ impl ControlPlane {
         }
         let doc = self.insert_doc(DEPLOYMENTS, account, &id, &d).await?;
         tracing::info!(account, deployment = %id, "deployment created");
+        self.changed();
         Ok(self.deployment_view(account, &doc))
     }
 
@@ -405,6 +406,7 @@ impl ControlPlane {
                 },
             )
             .await?;
+        self.changed();
         render(&self.deployment_view(account, &doc), None)
     }
 
@@ -449,6 +451,7 @@ impl ControlPlane {
         if hard {
             self.store.delete(DEPLOYMENTS, account, id, None).await?;
             tracing::info!(account, deployment = %id, "deployment purged");
+            self.changed();
             return Ok(());
         }
         let purge_delay = chrono::Duration::from_std(self.config.purge_delay).map_err(ControlError::internal)?;
@@ -468,6 +471,7 @@ impl ControlPlane {
         )
         .await?;
         tracing::info!(account, deployment = %id, "deployment soft-deleted");
+        self.changed();
         Ok(())
     }
 
@@ -506,6 +510,7 @@ impl ControlPlane {
             )
             .await?;
         tracing::info!(account, deployment = %id, "deployment undeleted");
+        self.changed();
         Ok(self.deployment_view(account, &doc))
     }
 
@@ -542,6 +547,7 @@ impl ControlPlane {
         )
         .await?;
         tracing::info!(account, deployment = %id, replicas = n, "deployment scaled");
+        self.changed();
         Ok(())
     }
 

@@ -75,6 +75,9 @@ pub struct ControlPlane {
     /// stalled transfer is caught by the read timeout instead.
     pub(crate) http: reqwest::Client,
     pub(crate) imports: sources::Imports,
+    /// Signalled when a deployment or a loaded addon changes, so the reconciler acts now
+    /// rather than at its next tick.
+    pub(crate) changes: Arc<tokio::sync::Notify>,
 }
 
 impl ControlPlane {
@@ -97,6 +100,7 @@ impl ControlPlane {
             auth_cache: Arc::new(auth::KeyCache::default()),
             http,
             imports: Arc::default(),
+            changes: Arc::default(),
         })
     }
 
@@ -106,6 +110,12 @@ impl ControlPlane {
 
     pub fn artifacts(&self) -> &ArtifactStore {
         &self.artifacts
+    }
+
+    /// Wakes the reconciler: desired state changed. A wake with no reconciler waiting is kept
+    /// for its next wait, so none is lost.
+    pub(crate) fn changed(&self) {
+        self.changes.notify_one();
     }
 
     pub fn config(&self) -> &ControlConfig {

@@ -30,6 +30,8 @@ pub struct Reconciler {
     scalers: std::sync::Mutex<HashMap<String, Scaler>>,
     /// This gateway's name in the store's runtime lease (`lease.rs`), renewed every pass.
     holder: String,
+    /// Whether the last pass left something in transition (see `run`).
+    busy: std::sync::atomic::AtomicBool,
     /// Ready replicas on their way out (scaled down, or replaced by a roll), by id, with when
     /// they stopped getting new requests.
     draining: std::sync::Mutex<HashMap<String, Instant>>,
@@ -38,6 +40,9 @@ pub struct Reconciler {
 /// How long the runtime lease lasts without a renewal: a pass renews it, so a gateway that
 /// stopped passing (or died) hands its store over this long after its last pass.
 pub const LEASE_TTL: Duration = Duration::from_secs(30);
+
+/// The reconciler's period while something is in transition.
+const BUSY_PERIOD: Duration = Duration::from_millis(50);
 
 /// How long a retired replica may take to finish the requests it has before it is stopped
 /// regardless.
@@ -60,7 +65,16 @@ impl Reconciler {
     /// `holder` names this gateway in the store's runtime lease, which it must already hold.
     pub fn new(control: ControlPlane, runtime: Arc<dyn Runtime>, fleet: Arc<Fleet>, holder: String) -> Reconciler {
         let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap_or_default();
-        Reconciler { control, runtime, fleet, http, holder, scalers: Default::default(), draining: Default::default() }
+        Reconciler {
+            control,
+            runtime,
+            fleet,
+            http,
+            holder,
+            busy: Default::default(),
+            scalers: Default::default(),
+            draining: Default::default(),
+        }
     }
 
     /// Runs passes forever: every `period`, or sooner when kicked. A failed pass is logged
@@ -68,10 +82,19 @@ impl Reconciler {
     /// again from the store and the runtime.
     pub async fn run(self, period: Duration) {
         loop {
+            self.busy.store(false, std::sync::atomic::Ordering::Relaxed);
             if let Err(e) = self.pass().await {
                 tracing::warn!(error = %e, "reconcile pass failed; retrying");
             }
-            let _ = tokio::time::timeout(period, self.fleet.kicker.notified()).await;
+            // While something is on its way (a replica starting, an addon loading, a replica
+            // draining), look again soon: the user is waiting for that change to show.
+            let wait =
+                if self.busy.load(std::sync::atomic::Ordering::Relaxed) { period.min(BUSY_PERIOD) } else { period };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.fleet.kicker.notified() => {}
+                _ = self.control.changes.notified() => {}
+            }
         }
     }
 
@@ -214,6 +237,9 @@ impl Reconciler {
             .map(|r| r.endpoint.clone())
             .collect();
         let ready = ready_endpoints.len() as i32;
+        if starting > 0 || rolling || !retiring.is_empty() {
+            self.busy.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         let min = d.min_replica_count.unwrap_or(0);
         let new_state = match state {
             DeploymentState::Creating if ready >= 1 && ready >= min => DeploymentState::Ready,
@@ -457,6 +483,9 @@ impl Reconciler {
         for dm in dms {
             let model = dm.value.model.clone().unwrap_or_default();
             let deployed = !endpoints.is_empty() && !missing.contains(&model);
+            if !deployed && !endpoints.is_empty() && !refused.contains_key(&model) {
+                self.busy.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
             let state = if deployed { DeployedModelState::Deployed } else { DeployedModelState::Deploying };
             let status = refused.get(&model).map(|m| ResourceStatus::new(Code::FailedPrecondition, m.clone()));
             if dm.value.state == Some(state) && dm.value.status == status {
