@@ -16,6 +16,8 @@ pub struct Fleet {
     ready: RwLock<HashMap<String, Vec<String>>>,
     /// Endpoint → requests in flight there.
     in_flight: RwLock<HashMap<String, Arc<AtomicUsize>>>,
+    /// (Deployment, adapter model) → the replica that last served it.
+    affinity: RwLock<HashMap<(String, String), String>>,
     /// Deployment name → requests waiting for a ready replica (a deployment being woken).
     waiting: RwLock<HashMap<String, Arc<AtomicUsize>>>,
     /// Deployment name → last time a request for it arrived.
@@ -64,9 +66,13 @@ impl Fleet {
     }
 
     /// Picks the ready replica with the fewest requests in flight and counts one more there.
-    pub fn acquire(&self, deployment: &str, exclude: &[String]) -> Option<InFlight> {
+    /// With `model` (an adapter's name), the replica that last served it is preferred while it
+    /// has at most one request more than the least loaded: its adapter is likely still hot
+    /// there (prepared, one of its `--max-hot-loras`), which a cold replica would first prepare.
+    pub fn acquire(&self, deployment: &str, exclude: &[String], model: Option<&str>) -> Option<InFlight> {
         let endpoints = self.ready_endpoints(deployment);
         let mut best: Option<(usize, String, Arc<AtomicUsize>)> = None;
+        let mut loads: Vec<(String, usize, Arc<AtomicUsize>)> = Vec::new();
         for e in endpoints.into_iter().filter(|e| !exclude.contains(e)) {
             let counter = {
                 let existing = self.in_flight.read().ok().and_then(|m| m.get(&e).cloned());
@@ -80,11 +86,24 @@ impl Fleet {
             };
             let load = counter.load(Ordering::Relaxed);
             if best.as_ref().is_none_or(|(l, _, _)| load < *l) {
-                best = Some((load, e, counter));
+                best = Some((load, e.clone(), counter.clone()));
+            }
+            loads.push((e, load, counter));
+        }
+        let key = model.map(|m| (deployment.to_string(), m.to_string()));
+        if let (Some(key), Some((least, _, _))) = (&key, &best) {
+            let warm = self.affinity.read().ok().and_then(|a| a.get(key).cloned());
+            if let Some((e, load, counter)) = warm.and_then(|w| loads.into_iter().find(|(e, _, _)| *e == w)) {
+                if load <= least + 1 {
+                    best = Some((load, e, counter));
+                }
             }
         }
         best.map(|(_, endpoint, counter)| {
             counter.fetch_add(1, Ordering::Relaxed);
+            if let (Some(key), Ok(mut a)) = (key, self.affinity.write()) {
+                a.insert(key, endpoint.clone());
+            }
             InFlight { counter, endpoint }
         })
     }
@@ -133,5 +152,29 @@ impl Fleet {
     /// Waits until the ready set changes (or a short while passes).
     pub async fn wait_changed(&self) {
         let _ = tokio::time::timeout(std::time::Duration::from_millis(200), self.changed.notified()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn least_loaded_first_and_an_adapter_sticks_to_its_warm_replica() {
+        let fleet = Fleet::default();
+        fleet.publish(HashMap::from([("d".to_string(), vec!["a".to_string(), "b".to_string()])]));
+        let first = fleet.acquire("d", &[], Some("lora-x")).expect("a replica");
+        // The same adapter goes back to its replica while that has at most one more request...
+        let second = fleet.acquire("d", &[], Some("lora-x")).expect("a replica");
+        assert_eq!(second.endpoint, first.endpoint);
+        // ...but not once it is two ahead: then the least loaded wins, and becomes the warm one.
+        let third = fleet.acquire("d", &[], Some("lora-x")).expect("a replica");
+        assert_ne!(third.endpoint, first.endpoint);
+        // The base model (no adapter) only looks at load.
+        let base = fleet.acquire("d", &[], None).expect("a replica");
+        assert_eq!(base.endpoint, third.endpoint, "b has 1 in flight, a has 2");
+        drop((first, second));
+        assert_eq!(fleet.in_flight("a"), 0);
+        assert!(fleet.acquire("d", &["a".to_string(), "b".to_string()], None).is_none());
     }
 }

@@ -19,6 +19,8 @@ pub struct Route {
     /// The name to ask the replicas for: the base model's resource name, or the addon's
     /// (replicas load an addon under its model's resource name).
     pub served_model: String,
+    /// Whether `served_model` is a LoRA addon (not the base model).
+    pub adapter: bool,
 }
 
 fn usable(name: &str, d: &Deployment) -> Result<()> {
@@ -99,7 +101,7 @@ impl ControlPlane {
                         d.value.base_model.unwrap_or_default()
                     )));
                 }
-                Ok(Route { deployment: rn.to_string(), served_model: model_name })
+                Ok(Route { deployment: rn.to_string(), served_model: model_name, adapter: false })
             }
             None => {
                 // The model's default deployment: the oldest live deployment of it in the
@@ -120,7 +122,7 @@ impl ControlPlane {
                 })?;
                 let name = ResourceName::new(&who.account, Collection::Deployments, &d.id).to_string();
                 usable(&name, &d.value)?;
-                Ok(Route { deployment: name, served_model: model_name })
+                Ok(Route { deployment: name, served_model: model_name, adapter: false })
             }
         }
     }
@@ -153,6 +155,6 @@ impl ControlPlane {
             .await?
             .ok_or_else(|| ControlError::NotFound(format!("deployment {dep} not found")))?;
         usable(&dep, &d.value)?;
-        Ok(Route { deployment: dep, served_model: dm.model.unwrap_or_default() })
+        Ok(Route { deployment: dep, served_model: dm.model.unwrap_or_default(), adapter: true })
     }
 }

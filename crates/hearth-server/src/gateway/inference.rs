@@ -67,7 +67,9 @@ pub(super) async fn forward(
     // Counted as load while it waits, so the autoscaler wakes (or grows) the deployment.
     let mut waiting = None;
     loop {
-        let slot = match fleet.acquire(&route.deployment, &tried) {
+        // An adapter prefers the replica that last served it (it is likely hot there).
+        let adapter = route.adapter.then_some(route.served_model.as_str());
+        let slot = match fleet.acquire(&route.deployment, &tried, adapter) {
             Some(slot) => {
                 drop(waiting.take());
                 slot
