@@ -276,34 +276,45 @@ def measure_decode(srv, repeats, deadline):
     return statistics.median(rates), rates
 
 
+def released_together(n, work, label):
+    """Runs work(i) for i in 0..n, each on its own thread, all released at one instant.
+    Returns (results, seconds from the release to the last one done); raises the first error."""
+    gate = threading.Event()
+    results = [None] * n
+
+    def client(i):
+        gate.wait()
+        try:
+            results[i] = work(i)
+        except Exception as e:  # reported below, after every thread is joined
+            results[i] = e
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(n)]
+    for th in threads:
+        th.start()
+    time.sleep(0.2)  # every thread parked on the gate
+    t0 = time.perf_counter()
+    gate.set()
+    for th in threads:
+        th.join(REQUEST_TIMEOUT + 10)
+    wall = time.perf_counter() - t0
+    bad = [x for x in results if x is None or isinstance(x, Exception)]
+    if bad:
+        raise RuntimeError(f"{label}: {bad[0]!r}")
+    return results, wall
+
+
 def measure_concurrent(srv, streams, repeats, deadline):
     rates = []
     for r in range(repeats):
         deadline.check(f"{streams} streams on {srv.label}")
-        gate = threading.Event()
-        results = [None] * streams
 
-        def client(i):
-            gate.wait()
-            try:
-                _, resp = request(srv.port, srv.body(prompt_ids(10_000 * (r + 1) + i, SHORT_PROMPT), STREAM_TOKENS))
-                results[i] = check_usage(resp, STREAM_TOKENS, srv.label)["completion_tokens"]
-            except Exception as e:  # reported below, after every thread is joined
-                results[i] = e
+        def one(i):
+            _, resp = request(srv.port, srv.body(prompt_ids(10_000 * (r + 1) + i, SHORT_PROMPT), STREAM_TOKENS))
+            return check_usage(resp, STREAM_TOKENS, srv.label)["completion_tokens"]
 
-        threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(streams)]
-        for th in threads:
-            th.start()
-        time.sleep(0.2)  # every thread parked on the gate
-        t0 = time.perf_counter()
-        gate.set()
-        for th in threads:
-            th.join(REQUEST_TIMEOUT + 10)
-        wall = time.perf_counter() - t0
-        bad = [x for x in results if not isinstance(x, int)]
-        if bad:
-            raise RuntimeError(f"{srv.label}, {streams} streams: {bad[0]!r}")
-        rates.append(sum(results) / wall)
+        tokens, wall = released_together(streams, one, f"{srv.label}, {streams} streams")
+        rates.append(sum(tokens) / wall)
     return statistics.median(rates), rates
 
 

@@ -47,7 +47,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -63,6 +62,7 @@ from engine_vs_llamacpp import (  # noqa: E402
     kill_all,
     proc_cpu_s,
     prompt_ids,
+    released_together,
     request,
     rss_kib,
     started,
@@ -398,32 +398,15 @@ def body(srv, prompt, max_tokens, model=SERVED, lora_id=None):
 
 def streams_once(srv, bodies):
     """Every body sent by its own client, all released together; (tokens/s, per-response text)."""
-    gate = threading.Event()
-    results = [None] * len(bodies)
 
-    def client(i):
-        gate.wait()
-        try:
-            _, resp = request(srv.port, bodies[i])
-            got = (resp.get("usage") or {}).get("completion_tokens")
-            if got != bodies[i]["max_tokens"]:
-                raise RuntimeError(f"asked for {bodies[i]['max_tokens']} tokens with ignore_eos, usage says {got}")
-            results[i] = (got, resp["choices"][0].get("text", ""))
-        except Exception as e:  # reported below, after every thread is joined
-            results[i] = e
+    def one(i):
+        _, resp = request(srv.port, bodies[i])
+        got = (resp.get("usage") or {}).get("completion_tokens")
+        if got != bodies[i]["max_tokens"]:
+            raise RuntimeError(f"asked for {bodies[i]['max_tokens']} tokens with ignore_eos, usage says {got}")
+        return got, resp["choices"][0].get("text", "")
 
-    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(len(bodies))]
-    for th in threads:
-        th.start()
-    time.sleep(0.2)  # every thread parked on the gate
-    t0 = time.perf_counter()
-    gate.set()
-    for th in threads:
-        th.join(REQUEST_TIMEOUT + 10)
-    wall = time.perf_counter() - t0
-    bad = [x for x in results if not isinstance(x, tuple)]
-    if bad:
-        raise RuntimeError(f"{srv.label}: {bad[0]!r}")
+    results, wall = released_together(len(bodies), one, srv.label)
     return sum(n for n, _ in results) / wall, [t for _, t in results]
 
 
