@@ -15,10 +15,11 @@ sum(completion_tokens) / (last response - release), the median of --repeats runs
   (b) hearth, every stream on the same adapter.
   (c) hearth, one distinct adapter per stream (--max-hot-loras = streams; all of them hot:
       a warm-up request per adapter precedes the measurement).
-  (d) hearth with --pool adapters registered (POST /v1/load_lora_adapter) and
-      --max-hot-loras --pool-hot; each request picks one of them uniformly at random, so nearly
-      every request finds its adapter cold and the per-step cap lets at most --pool-hot
-      distinct adapters (so streams) run together.
+  (d) hearth with --pool adapters registered (POST /v1/load_lora_adapter),
+      --max-hot-loras --pool-hot and --max-loras-per-step = streams; each request picks one of
+      them uniformly at random, so nearly every request finds its adapter cold. On the CPU a
+      cold adapter is servable as loaded (the hot form shares its bytes), so the per-step cap,
+      not the hot set, bounds how many distinct adapters (so streams) run together.
   (e0) llama-server, base only (context for (e): the same server, no adapter applied).
   (e) llama-server with the same adapters as (c), converted by convert_lora_to_gguf.py (F16),
       all loaded at start with --lora and --lora-init-without-apply, their global scale then
@@ -366,11 +367,11 @@ def http_json(port, method, path, body=None, timeout=REQUEST_TIMEOUT):
     return json.loads(raw) if raw else None
 
 
-def start_hearth(binary, model, threads, logdir, label, loras=(), max_hot=32, max_lora_mb=1024):
+def start_hearth(binary, model, threads, logdir, label, loras=(), max_hot=32, per_step=32, max_lora_mb=1024):
     port = free_port()
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads), RUST_LOG=os.environ.get("RUST_LOG", "warn"))
     argv = [binary, "engine", "--model", model, "--listen", f"127.0.0.1:{port}", "--served-model-name", SERVED,
-            "--max-hot-loras", str(max_hot), "--max-lora-mb", str(max_lora_mb)]
+            "--max-hot-loras", str(max_hot), "--max-loras-per-step", str(per_step), "--max-lora-mb", str(max_lora_mb)]
     for name, path in loras:
         argv += ["--lora", f"{name}={path}"]
     return Server("hearth", argv, env, port, logdir, label)
@@ -520,7 +521,7 @@ def main():
         if rows_wanted & {"a", "b", "c", "f"}:
             quiet.wait("starting hearth")
             srv = start_hearth(args.hearth, args.model, args.threads, logdir, "hearth-abcf", adapters, max_hot=n,
-                               max_lora_mb=max(1024, math.ceil((n + 1) * step / (1 << 20)) + 64))
+                               per_step=n, max_lora_mb=max(1024, math.ceil((n + 1) * step / (1 << 20)) + 64))
             try:
                 started(srv)
                 request(srv.port, body(srv, prompt_ids(7, SHORT_PROMPT), 8))
@@ -564,7 +565,7 @@ def main():
             mb = math.ceil(args.pool * pbytes / (1 << 20)) + 16
             quiet.wait("starting hearth for (d)")
             srv = start_hearth(args.hearth, args.model, args.threads, logdir, "hearth-d", max_hot=args.pool_hot,
-                               max_lora_mb=mb)
+                               per_step=n, max_lora_mb=mb)
             try:
                 started(srv)
                 log(f"(d): registering {args.pool} rank-{pool_rank} adapters ({pbytes / 1e6:.1f} MB each, "
@@ -654,12 +655,12 @@ def report(args, res, pool_rank, pool_files, pool_targets):
     d = res.get("d", {})
     drow = (f"(d) hearth, {args.pool:,} registered adapters (rank {pool_rank}, "
             f"{'all seven projections' if pool_targets == ALL_TARGETS else ', '.join(pool_targets)}"
-            f"{'' if pool_files == args.pool else f'; {pool_files} distinct files, each under {args.pool // pool_files} names'}), "
-            f"--max-hot-loras {args.pool_hot}, uniform random pick")
+            f"{'' if pool_files in (None, args.pool) else f'; {pool_files} distinct files, each under {args.pool // pool_files} names'}), "
+            f"--max-hot-loras {args.pool_hot}, --max-loras-per-step {n}, uniform random pick")
     rows = [
         ("a", "(a) hearth, base only", rate(v("a")), "—", "—", "—"),
         ("b", f"(b) hearth, all {n} streams on one adapter", rate(v("b")), "(b)/(a) " + ratio(v("b"), v("a"))[0], "—", "—"),
-        ("c", f"(c) hearth, {n} distinct adapters, one per stream, --max-hot-loras {n}", rate(v("c")),
+        ("c", f"(c) hearth, {n} distinct adapters, one per stream, --max-hot-loras {n}, --max-loras-per-step {n}", rate(v("c")),
          "(c)/(a) " + ratio(v("c"), v("a"))[0], "≥ 0.9", ratio(v("c"), v("a"), 0.9)[1]),
         ("d", drow, rate(v("d")), "(d)/(a) " + ratio(v("d"), v("a"))[0], "≥ 0.8", ratio(v("d"), v("a"), 0.8)[1]),
         ("e0", "(e0) llama-server, base only (context)", rate(v("e0")), "(a)/(e0) " + ratio(v("a"), v("e0"))[0], "—", "—"),

@@ -30,10 +30,16 @@ pub struct EngineConfig {
     pub max_waiting: usize,
     /// Bytes of host memory all loaded LoRA adapters may take together.
     pub adapter_bytes: usize,
-    /// Adapters kept prepared for compute at once (the deployment's `numPeftDeviceCached`),
-    /// least recently used dropped first. It is also the most distinct adapters one step
-    /// runs: a step can only use prepared adapters.
+    /// Adapters kept prepared for compute (the deployment's `numPeftDeviceCached`), least
+    /// recently used dropped first. A step only runs prepared adapters, so on a GPU, where
+    /// the prepared form is a device copy, this also caps the distinct adapters of a step.
+    /// On the CPU the prepared form shares the stored bytes (the kernel reads the layout
+    /// adapters are loaded in): adapters that running sequences need stay hot beyond this
+    /// number, costing no memory, and the set is trimmed back as they finish.
     pub max_hot_adapters: usize,
+    /// The most distinct adapters one step runs: each adds its weights' worth of memory
+    /// reads to the step.
+    pub max_step_adapters: usize,
     /// How long the oldest waiting request may be passed over because its adapter does not
     /// fit in the step's adapter cap; after that nothing else is admitted until it fits, so
     /// no adapter starves.
@@ -49,6 +55,7 @@ impl Default for EngineConfig {
             max_waiting: 1024,
             adapter_bytes: 1 << 30,
             max_hot_adapters: 32,
+            max_step_adapters: 32,
             adapter_wait: std::time::Duration::from_secs(1),
         }
     }
@@ -533,7 +540,7 @@ impl Scheduler {
         }
         let result = match &adapter {
             None => Ok(()),
-            Some(a) => a.prepare().and_then(|w| self.model.merge(&w)).map(|u| {
+            Some(a) => a.prepare(self.model.device()).and_then(|w| self.model.merge(&w)).map(|u| {
                 self.unmerge = Some(u);
                 // The merged weights hold the adapter now; its prepared form is not needed.
                 a.evict();
@@ -552,14 +559,14 @@ impl Scheduler {
 
     /// Moves waiting requests into the running set, oldest first, while the KV budget allows
     /// (a request that does not fit stops admission: nobody is overtaken for memory) and while
-    /// the running set uses at most `max_hot_adapters` distinct adapters. A request whose
+    /// the running set uses at most `step_adapter_cap` distinct adapters. A request whose
     /// adapter does not fit the cap is passed over, but only for `adapter_wait`: then it
     /// stops admission until running sequences finish and make room, so its wait is bounded.
     fn admit(&mut self) {
         if self.merge_pending.is_some() {
             return;
         }
-        let cap = self.config.max_hot_adapters.max(1);
+        let cap = self.step_adapter_cap();
         let mut i = 0;
         while self.running.len() < self.config.max_running && i < self.waiting.len() {
             let w = &self.waiting[i];
@@ -618,6 +625,14 @@ impl Scheduler {
         self.running.sort_by_key(|s| s.req.adapter.as_ref().map(|a| Arc::as_ptr(a) as usize).unwrap_or(0));
     }
 
+    /// The most distinct adapters the running set may use: `max_step_adapters`, and on a GPU
+    /// no more than can be hot at once (see `EngineConfig::max_hot_adapters`).
+    fn step_adapter_cap(&self) -> usize {
+        let cap = self.config.max_step_adapters;
+        let cap = if self.model.device().is_cpu() { cap } else { cap.min(self.config.max_hot_adapters) };
+        cap.max(1)
+    }
+
     /// Makes `a` hot and most recently used, dropping the prepared form of the least recently
     /// used adapters no running sequence needs while more than `max_hot_adapters` would be hot.
     fn make_hot(&mut self, a: &Arc<LoraAdapter>) -> Result<()> {
@@ -625,11 +640,19 @@ impl Scheduler {
             if let Some(h) = self.hot.remove(p) {
                 self.hot.push_back(h);
             }
-            a.prepare()?;
+            a.prepare(self.model.device())?;
             return Ok(());
         }
-        let cap = self.config.max_hot_adapters.max(1);
-        while self.hot.len() >= cap {
+        self.trim_hot(self.config.max_hot_adapters.max(1) - 1);
+        a.prepare(self.model.device())?;
+        self.hot.push_back(a.clone());
+        Ok(())
+    }
+
+    /// Drops the prepared form of least recently used adapters that no running sequence
+    /// needs while more than `keep` are hot.
+    fn trim_hot(&mut self, keep: usize) {
+        while self.hot.len() > keep {
             let running = &self.running;
             let idle = self
                 .hot
@@ -643,9 +666,6 @@ impl Scheduler {
                 None => break,
             }
         }
-        a.prepare()?;
-        self.hot.push_back(a.clone());
-        Ok(())
     }
 
     fn publish(&self) {
@@ -697,7 +717,7 @@ impl Scheduler {
         let weights: Vec<Option<Arc<LoraWeights>>> = self
             .running
             .iter()
-            .map(|s| s.req.adapter.as_ref().map(|a| a.prepare()).transpose())
+            .map(|s| s.req.adapter.as_ref().map(|a| a.prepare(self.model.device())).transpose())
             .collect::<Result<_>>()?;
         let results = {
             let mut inputs = Vec::with_capacity(plan.len());
@@ -773,6 +793,9 @@ impl Scheduler {
                 prompt_tokens: s.req.prompt.len(),
                 completion_tokens: s.generated.len(),
             });
+        }
+        if self.hot.len() > self.config.max_hot_adapters {
+            self.trim_hot(self.config.max_hot_adapters.max(1));
         }
         Ok(())
     }

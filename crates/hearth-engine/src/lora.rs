@@ -1,7 +1,8 @@
 //! LoRA adapters in the PEFT on-disk format (`adapter_config.json` +
 //! `adapter_model.safetensors`), loaded for the Llama family: each patched projection gets
-//! `A [r, in]` and `B [out, r]` with the scale (`alpha/r`, or `alpha/√r` for rsLoRA, per
-//! `rank_pattern` and `alpha_pattern`) folded into B, so applying it is two small matmuls.
+//! `A [r, in]` and `B [out, r]` and a scale (`alpha/r`, or `alpha/√r` for rsLoRA, per
+//! `rank_pattern` and `alpha_pattern`), kept in the file's float format, so applying it is a
+//! shrink and an expand (see `kernels::lora`).
 //!
 //! What hearth does not implement is refused by name (DoRA, `modules_to_save`, biases,
 //! embedding or `lm_head` targets, `.bin` weights), and so is an adapter that does not fit the
@@ -15,6 +16,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use crate::error::{EngineError, Result};
+pub use crate::kernels::lora::{LoraMatrix, LoraPair};
 use crate::model::LlamaConfig;
 
 /// The projections an adapter may patch, in a layer.
@@ -73,52 +75,47 @@ impl Target {
     }
 }
 
-/// One patched projection: `delta(x) = (x · Aᵀ) · Bᵀ`, scale already in B.
-#[derive(Debug)]
-pub struct LoraModule {
-    pub a: Tensor,
-    pub b: Tensor,
-    pub rank: usize,
-}
+/// Every patched projection of an adapter, by layer and target, in the layout the CPU kernel
+/// reads (see [`crate::kernels::lora`]): A and B packed in the file's float format, B's rows
+/// already permuted for a GGUF base, the scale kept beside them.
+pub type Modules = HashMap<(usize, Target), LoraPair>;
 
-impl LoraModule {
-    /// The delta for rows `x [n, in]`, as `[n, out]`.
-    pub fn delta(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.matmul(&self.a.t()?)?.matmul(&self.b.t()?)?)
-    }
-}
-
-/// An adapter's hot form: every module prepared for compute (F32, scale folded into B,
-/// rows permuted for a GGUF base). What the forward pass reads.
+/// An adapter's hot form: what the forward pass reads. On the CPU the kernel reads the
+/// stored layout directly, so the hot form shares the stored bytes and preparing costs no
+/// copy; on a GPU it is each module's A and scaled B uploaded to the device in F32.
 #[derive(Debug)]
 pub struct LoraWeights {
-    modules: HashMap<(usize, Target), LoraModule>,
+    modules: Arc<Modules>,
+    /// Device copies, `(A [r, in], B·scale [out, r])`, when the model is not on the CPU.
+    on_device: Option<HashMap<(usize, Target), (Tensor, Tensor)>>,
 }
 
 impl LoraWeights {
-    pub fn module(&self, layer: usize, target: Target) -> Option<&LoraModule> {
+    pub fn module(&self, layer: usize, target: Target) -> Option<&LoraPair> {
         self.modules.get(&(layer, target))
     }
 
+    /// The device copies of a module (models not on the CPU).
+    pub fn device_module(&self, layer: usize, target: Target) -> Option<&(Tensor, Tensor)> {
+        self.on_device.as_ref().and_then(|m| m.get(&(layer, target)))
+    }
+
     /// Every patched projection, as (layer, target) and its module.
-    pub fn modules(&self) -> impl Iterator<Item = (usize, Target, &LoraModule)> {
+    pub fn modules(&self) -> impl Iterator<Item = (usize, Target, &LoraPair)> {
         self.modules.iter().map(|((l, t), m)| (*l, *t, m))
     }
 }
 
-/// One module as the file stores it (its own dtype), and what preparing it applies.
-#[derive(Debug)]
-struct StoredModule {
-    a: Tensor,
-    b: Tensor,
-    rank: usize,
-    scale: f64,
-    /// Heads to permute B's rows over (Q and K of a GGUF base).
-    permute_heads: Option<usize>,
+/// `scale · B · A` as a dense F32 `[out, in]` tensor on `device`: what merging adds to the
+/// base weight.
+pub fn dense_delta(m: &LoraPair, device: &Device) -> Result<Tensor> {
+    let a = Tensor::from_vec(m.a_f32(), (m.rank, m.n_in), device)?;
+    let b = Tensor::from_vec(m.b_f32(), (m.n_out, m.rank), device)?;
+    Ok((b.matmul(&a)? * m.scale as f64)?)
 }
 
-/// A loaded adapter. It always holds its checked tensors as the file stores them (cold: host
-/// memory, counted against the adapter budget); it is hot while it also holds the prepared
+/// A loaded adapter. It always holds its checked modules as loaded (cold: host memory,
+/// counted against the adapter budget); it is hot while it also holds the prepared
 /// [`LoraWeights`]. The engine's scheduler decides which adapters are hot (an LRU of at most
 /// `max_hot_adapters`), preparing one when a request needs it and dropping the prepared form
 /// of the least recently used.
@@ -127,7 +124,7 @@ pub struct LoraAdapter {
     pub name: String,
     /// A content hash of the adapter's files: its version.
     pub version: String,
-    stored: HashMap<(usize, Target), StoredModule>,
+    stored: Arc<Modules>,
     hot: std::sync::RwLock<Option<Arc<LoraWeights>>>,
     pub ranks: Vec<usize>,
     /// Host memory the stored (cold) form takes.
@@ -152,22 +149,24 @@ impl LoraAdapter {
         self.weights().is_some()
     }
 
-    /// Makes the adapter hot (a no-op when it is) and returns its prepared form.
-    pub fn prepare(&self) -> Result<Arc<LoraWeights>> {
+    /// Makes the adapter hot for a model on `device` (a no-op when it is) and returns its
+    /// prepared form.
+    pub fn prepare(&self, device: &Device) -> Result<Arc<LoraWeights>> {
         if let Some(w) = self.weights() {
             return Ok(w);
         }
-        let mut modules = HashMap::with_capacity(self.stored.len());
-        for (key, m) in &self.stored {
-            let a = m.a.to_dtype(DType::F32)?.contiguous()?;
-            let b = (m.b.to_dtype(DType::F32)? * m.scale)?;
-            let b = match m.permute_heads {
-                Some(heads) => permute_rows(&b, heads)?,
-                None => b.contiguous()?,
-            };
-            modules.insert(*key, LoraModule { a, b, rank: m.rank });
-        }
-        let w = Arc::new(LoraWeights { modules });
+        let on_device = if device.is_cpu() {
+            None
+        } else {
+            let mut m = HashMap::with_capacity(self.stored.len());
+            for (key, p) in self.stored.iter() {
+                let a = Tensor::from_vec(p.a_f32(), (p.rank, p.n_in), device)?;
+                let b = Tensor::from_vec(p.b_f32(), (p.n_out, p.rank), device)?;
+                m.insert(*key, (a, (b * p.scale as f64)?));
+            }
+            Some(m)
+        };
+        let w = Arc::new(LoraWeights { modules: self.stored.clone(), on_device });
         if let Ok(mut h) = self.hot.write() {
             *h = Some(w.clone());
         }
@@ -228,6 +227,16 @@ fn permute_rows(b: &Tensor, heads: usize) -> Result<Tensor> {
     let (out, r) = b.dims2()?;
     let hd = out / heads;
     Ok(b.reshape((heads, 2, hd / 2, r))?.transpose(1, 2)?.contiguous()?.reshape((out, r))?)
+}
+
+/// A 2-D tensor's values, row-major, in its own float format (F64 and F8 narrowed to F32).
+fn to_matrix(t: &Tensor) -> Result<LoraMatrix> {
+    let t = t.contiguous()?.flatten_all()?;
+    Ok(match t.dtype() {
+        DType::F16 => LoraMatrix::F16(t.to_vec1()?),
+        DType::BF16 => LoraMatrix::BF16(t.to_vec1()?),
+        _ => LoraMatrix::F32(t.to_dtype(DType::F32)?.to_vec1()?),
+    })
 }
 
 /// Loads and checks a PEFT LoRA adapter directory against the base model's config.
@@ -383,9 +392,14 @@ pub fn load_peft(
         if !a.dtype().is_float() || !b.dtype().is_float() {
             return Err(refuse(format!("{full}: LoRA weights must be floating point, found {:?}", a.dtype())));
         }
-        total += a.elem_count() * a.dtype().size_in_bytes() + b.elem_count() * b.dtype().size_in_bytes();
+        let b = match permute_heads {
+            Some(heads) => permute_rows(&b, heads)?,
+            None => b,
+        };
+        let pair = LoraPair::new(&to_matrix(&a)?, &to_matrix(&b)?, ra, in_f, out_f, scale as f32);
+        total += pair.size_in_bytes();
         ranks.push(ra);
-        modules.insert((layer, target), StoredModule { a, b, rank: ra, scale, permute_heads });
+        modules.insert((layer, target), pair);
     }
     if modules.is_empty() {
         return Err(refuse(format!(
@@ -409,7 +423,7 @@ pub fn load_peft(
     Ok(LoraAdapter {
         name: name.to_string(),
         version,
-        stored: modules,
+        stored: Arc::new(modules),
         hot: Default::default(),
         ranks,
         bytes: total,

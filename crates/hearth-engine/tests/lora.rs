@@ -47,7 +47,7 @@ async fn check_adapter(base: &Path, precision: Precision, adapter_dir: &Path, to
     .unwrap_or_else(|e| panic!("{}: {e}", adapter_dir.display()));
     assert!(adapter.patched() > 0);
     assert!(!adapter.is_hot(), "loading leaves an adapter cold until it is used");
-    let weights = adapter.prepare().expect("prepare");
+    let weights = adapter.prepare(&candle_core::Device::Cpu).expect("prepare");
     for p in r["prompts"].as_array().expect("prompts") {
         let tokens = ids(&p["token_ids"]);
         let expected: Vec<f64> =
@@ -117,15 +117,29 @@ async fn a_mixed_batch_returns_each_request_its_single_output() {
     mixed_batch(tiny_engine()).await;
 }
 
-/// The same batch with two hot slots for four adapters: steps run at most two adapters, the
-/// least recently used lose their prepared form and regain it when needed, and every request
-/// still gets exactly its single-request output.
+/// The same batch with two hot slots and a cap of two adapters per step for four adapters:
+/// steps run at most two adapters, the least recently used lose their prepared form and
+/// regain it when needed, and every request still gets exactly its single-request output.
 #[tokio::test]
 async fn a_mixed_batch_with_fewer_hot_slots_than_adapters_returns_the_same() {
-    let engine = tiny_engine_with(EngineConfig { max_hot_adapters: 2, ..EngineConfig::default() });
+    let engine =
+        tiny_engine_with(EngineConfig { max_hot_adapters: 2, max_step_adapters: 2, ..EngineConfig::default() });
     mixed_batch(engine.clone()).await;
     assert!(engine.adapters().iter().filter(|a| a.hot).count() <= 2, "{:?}", engine.adapters());
     assert!(engine.stats().adapter_evictions.load(std::sync::atomic::Ordering::Relaxed) > 0);
+}
+
+/// On the CPU the per-step cap, not the hot set, bounds a step: with one hot slot and room
+/// for four adapters per step, the four adapters of the batch run together (hot while their
+/// sequences run), each request still gets its single-request output, and once the batch is
+/// done the hot set is back to one.
+#[tokio::test]
+async fn on_the_cpu_a_step_runs_more_adapters_than_are_kept_hot() {
+    let engine =
+        tiny_engine_with(EngineConfig { max_hot_adapters: 1, max_step_adapters: 4, ..EngineConfig::default() });
+    mixed_batch(engine.clone()).await;
+    assert!(engine.adapters().iter().filter(|a| a.hot).count() <= 1, "{:?}", engine.adapters());
+    assert!(engine.stats().adapter_evictions.load(std::sync::atomic::Ordering::Relaxed) >= 3);
 }
 
 /// With one hot slot and a steady stream of requests for adapter `a`, a request for `b` is
@@ -135,6 +149,7 @@ async fn a_mixed_batch_with_fewer_hot_slots_than_adapters_returns_the_same() {
 async fn a_waiting_adapter_does_not_starve() {
     let config = EngineConfig {
         max_hot_adapters: 1,
+        max_step_adapters: 1,
         adapter_wait: std::time::Duration::from_millis(200),
         ..EngineConfig::default()
     };

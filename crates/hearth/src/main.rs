@@ -73,10 +73,14 @@ struct EngineArgs {
     /// Megabytes of host memory all loaded LoRA adapters may take together.
     #[arg(long, env = "HEARTH_MAX_LORA_MB", default_value_t = 1024)]
     max_lora_mb: usize,
-    /// LoRA adapters kept prepared for compute (least recently used dropped first); also the
-    /// most distinct adapters one step runs. A deployment's numPeftDeviceCached.
+    /// LoRA adapters kept prepared for compute (least recently used dropped first); on a GPU
+    /// also the most distinct adapters one step runs. A deployment's numPeftDeviceCached.
     #[arg(long, env = "HEARTH_MAX_HOT_LORAS", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
     max_hot_loras: u32,
+    /// The most distinct LoRA adapters one step runs (each adds its weights to the bytes the
+    /// step reads).
+    #[arg(long, env = "HEARTH_MAX_LORAS_PER_STEP", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+    max_loras_per_step: u32,
     /// Exit when the process that started this one exits (replicas started by a gateway).
     #[arg(long, hide = true)]
     exit_with_parent: bool,
@@ -304,6 +308,7 @@ async fn engine(args: EngineArgs) -> anyhow::Result<()> {
         max_waiting: args.max_waiting,
         adapter_bytes: args.max_lora_mb << 20,
         max_hot_adapters: args.max_hot_loras as usize,
+        max_step_adapters: args.max_loras_per_step as usize,
         ..hearth_engine::EngineConfig::default()
     };
     let engine = hearth_engine::Engine::start(loaded.model, loaded.tokenizer, config);

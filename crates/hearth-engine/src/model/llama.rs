@@ -11,6 +11,7 @@ use super::config::LlamaConfig;
 use super::kv::KvCache;
 use super::weights::{Checkpoint, Embedding, Linear, Precision};
 use crate::error::{EngineError, Result};
+use crate::kernels::lora::{self as lora_kernel, Group};
 use crate::lora::{LoraWeights, Target};
 
 struct Layer {
@@ -72,21 +73,67 @@ struct Segment<'a> {
 
 /// Adds each segment's LoRA delta for `target` of `layer` to `y`, the base projection of `x`.
 /// The base matmul already ran once for all rows; each adapter adds its shrink and expand over
-/// its own rows only.
+/// its own rows only. On the CPU one kernel call covers every segment, in place; elsewhere
+/// each segment's delta is two matmuls on the adapter's device copies.
 fn with_lora<'a>(y: Tensor, x: &Tensor, layer: usize, target: Target, segments: &[Segment<'a>]) -> Result<Tensor> {
     let patched = |s: &Segment<'a>| s.adapter.and_then(|a| a.module(layer, target));
     if !segments.iter().any(|s| patched(s).is_some()) {
         return Ok(y);
     }
+    if y.device().is_cpu() && y.dtype() == DType::F32 && x.dtype() == DType::F32 {
+        let groups: Vec<Group<'_>> = segments
+            .iter()
+            .filter_map(|s| patched(s).map(|pair| Group { rows: s.start..s.start + s.len, pair }))
+            .collect();
+        y.inplace_op2(x, &LoraStep(groups))?;
+        return Ok(y);
+    }
     let out = y.dim(1)?;
     let mut pieces = Vec::with_capacity(segments.len());
     for s in segments {
-        match patched(s) {
-            Some(m) => pieces.push(m.delta(&x.narrow(0, s.start, s.len)?)?),
-            None => pieces.push(Tensor::zeros((s.len, out), DType::F32, y.device())?),
+        match s.adapter.and_then(|a| a.device_module(layer, target)) {
+            Some((a, b)) => {
+                let rows = x.narrow(0, s.start, s.len)?;
+                pieces.push(rows.matmul(&a.t()?.to_dtype(rows.dtype())?)?.matmul(&b.t()?.to_dtype(rows.dtype())?)?)
+            }
+            None if patched(s).is_some() => {
+                return Err(EngineError::Internal("an adapter on a GPU model has no device copy".into()))
+            }
+            None => pieces.push(Tensor::zeros((s.len, out), y.dtype(), y.device())?),
         }
     }
     Ok((y + Tensor::cat(&pieces, 0)?)?)
+}
+
+/// The CPU LoRA step as an in-place op on a projection's output `[rows, out]`, reading its
+/// input `[rows, in]`.
+struct LoraStep<'a>(Vec<Group<'a>>);
+
+impl candle_core::InplaceOp2 for LoraStep<'_> {
+    fn name(&self) -> &'static str {
+        "lora-step"
+    }
+
+    fn cpu_fwd(
+        &self,
+        y: &mut candle_core::CpuStorage,
+        yl: &candle_core::Layout,
+        x: &candle_core::CpuStorage,
+        xl: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        use candle_core::CpuStorage;
+        let (CpuStorage::F32(y), CpuStorage::F32(x)) = (y, x) else {
+            candle_core::bail!("the LoRA step takes F32 activations");
+        };
+        let (Some((y0, y1)), Some((x0, x1))) = (yl.contiguous_offsets(), xl.contiguous_offsets()) else {
+            candle_core::bail!("the LoRA step takes contiguous activations");
+        };
+        let (&[_, n_out], &[_, n_in]) = (yl.dims(), xl.dims()) else {
+            candle_core::bail!("the LoRA step takes [rows, features] activations");
+        };
+        lora_kernel::apply(&mut y[y0..y1], &x[x0..x1], n_in, n_out, &self.0);
+        Ok(())
+    }
 }
 
 /// Names of one layer's tensors in each checkpoint format.
@@ -244,10 +291,10 @@ impl LlamaModel {
     pub fn merge(&mut self, w: &LoraWeights) -> Result<Unmerge> {
         let mut merged = Vec::new();
         for (layer, target, m) in w.modules() {
+            let delta = crate::lora::dense_delta(m, &self.device)?;
             let base = self.projection(layer, target).ok_or_else(|| {
                 EngineError::InvalidRequest(format!("the adapter patches layer {layer}, which the model lacks"))
             })?;
-            let delta = m.b.matmul(&m.a)?;
             merged.push((layer, target, base.merged(&delta)?));
         }
         let mut originals = Vec::with_capacity(merged.len());
