@@ -408,21 +408,32 @@ impl LlamaModel {
         }
         let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
 
-        let mut results = Vec::with_capacity(seqs.len());
+        // One lm_head product for every row that needs logits: the head is the largest matrix
+        // of a small model, and run per sequence it would be read from memory once per
+        // sequence per step instead of once.
+        let mut rows: Vec<u32> = Vec::new();
+        let mut spans = Vec::with_capacity(seqs.len());
         let mut offset = 0;
         for s in seqs.iter_mut() {
             let n = s.tokens.len();
             s.cache.commit(n);
-            let logits = match s.logits {
-                _ if n == 0 => None,
-                Logits::None => None,
-                Logits::Last => Some(self.lm_head.forward(&x.narrow(0, offset + n - 1, 1)?)?),
-                Logits::All => Some(self.lm_head.forward(&x.narrow(0, offset, n)?)?),
-            };
-            results.push(logits);
+            let start = rows.len();
+            match s.logits {
+                _ if n == 0 => {}
+                Logits::None => {}
+                Logits::Last => rows.push((offset + n - 1) as u32),
+                Logits::All => rows.extend((offset..offset + n).map(|r| r as u32)),
+            }
+            spans.push((rows.len() > start).then_some((start, rows.len() - start)));
             offset += n;
         }
-        Ok(results)
+        if rows.is_empty() {
+            return Ok(spans.iter().map(|_| None).collect());
+        }
+        let picked =
+            if rows.len() == total { x } else { x.index_select(&Tensor::new(rows.as_slice(), &self.device)?, 0)? };
+        let logits = self.lm_head.forward(&picked)?;
+        spans.into_iter().map(|span| span.map(|(start, len)| Ok(logits.narrow(0, start, len)?)).transpose()).collect()
     }
 
     /// `[T, heads*hd]` → `[heads, T, hd]` with the rotary embedding applied per position.
