@@ -763,7 +763,11 @@ impl Scheduler {
                     let next = range.start + j + 1;
                     if let Some(&tok) = s.req.prompt.get(next) {
                         let lp = log_softmax(row);
-                        s.prompt_logprobs.push(Sampled { token: tok, logprob: lp[tok as usize], top: top_k(&lp, k) });
+                        s.prompt_logprobs.push(Sampled {
+                            token: tok,
+                            logprob: Some(lp[tok as usize]),
+                            top: top_k(&lp, k),
+                        });
                     }
                 }
                 if s.in_prefill() {

@@ -68,7 +68,9 @@ impl SamplingParams {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sampled {
     pub token: u32,
-    pub logprob: f32,
+    /// Computed only for requests that ask for logprobs: it takes a softmax over the whole
+    /// vocabulary, which greedy decoding otherwise never needs.
+    pub logprob: Option<f32>,
     pub top: Vec<(u32, f32)>,
 }
 
@@ -112,8 +114,24 @@ impl Sampler {
     /// penalty covers both (as Hugging Face's does), presence and frequency only what was
     /// generated (as OpenAI's do).
     pub fn sample(&mut self, logits: &[f32], prompt: &[u32], generated: &[u32], p: &SamplingParams) -> Sampled {
-        let raw = log_softmax(logits);
-        let mut l: Vec<f32> = logits.to_vec();
+        let penalized = p.repetition_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
+        let mut l = std::borrow::Cow::Borrowed(logits);
+        if penalized {
+            self.penalize(l.to_mut(), prompt, generated, p);
+        }
+        let token = if p.temperature == 0.0 { argmax(&l) } else { self.draw(&l, p) };
+        let (logprob, top) = match p.logprobs {
+            Some(k) => {
+                let raw = log_softmax(logits);
+                (raw.get(token as usize).copied().or(Some(f32::NEG_INFINITY)), top_k(&raw, k))
+            }
+            None => (None, Vec::new()),
+        };
+        Sampled { token, logprob, top }
+    }
+
+    /// Applies the repetition, presence and frequency penalties to `l`.
+    fn penalize(&self, l: &mut [f32], prompt: &[u32], generated: &[u32], p: &SamplingParams) {
         if p.repetition_penalty != 1.0 {
             for &t in prompt.iter().chain(generated) {
                 if let Some(x) = l.get_mut(t as usize) {
@@ -131,12 +149,6 @@ impl Sampler {
                     *x -= p.presence_penalty + p.frequency_penalty * c as f32;
                 }
             }
-        }
-        let token = if p.temperature == 0.0 { argmax(&l) } else { self.draw(&l, p) };
-        Sampled {
-            token,
-            logprob: raw.get(token as usize).copied().unwrap_or(f32::NEG_INFINITY),
-            top: p.logprobs.map(|k| top_k(&raw, k)).unwrap_or_default(),
         }
     }
 
@@ -191,8 +203,11 @@ mod tests {
         let out = s.sample(&[0.0, 2.0, 1.0], &[], &[], &p);
         assert_eq!(out.token, 1);
         let lp = log_softmax(&[0.0, 2.0, 1.0]);
-        assert_eq!(out.logprob, lp[1]);
+        assert_eq!(out.logprob, Some(lp[1]));
         assert_eq!(out.top, vec![(1, lp[1]), (2, lp[2])]);
+        // Without logprobs asked for, none are computed.
+        let plain = s.sample(&[0.0, 2.0, 1.0], &[], &[], &SamplingParams { temperature: 0.0, ..Default::default() });
+        assert_eq!((plain.token, plain.logprob, plain.top), (1, None, vec![]));
     }
 
     #[test]

@@ -313,7 +313,7 @@ async fn trace_with(
         .generate(GenerateRequest {
             prompt: prompt.to_vec(),
             max_tokens,
-            params: SamplingParams { temperature: 0.0, ..Default::default() },
+            params: SamplingParams { temperature: 0.0, logprobs: Some(0), ..Default::default() },
             stop: vec![],
             ignore_eos: true,
             prompt_logprobs: false,
@@ -325,7 +325,7 @@ async fn trace_with(
         match ev {
             Event::Token { sampled, .. } => {
                 tokens.push(sampled.token);
-                logprobs.push(sampled.logprob);
+                logprobs.push(sampled.logprob.expect("logprobs were asked for"));
             }
             Event::Finished { .. } => return (tokens, logprobs),
             Event::Error(e) => panic!("{e}"),

@@ -622,7 +622,7 @@ fn completion_logprobs(app: &App, tokens: &[Sampled], prompt: Option<(&[u32], &[
 
 /// The chat `logprobs` object.
 fn chat_logprobs(app: &App, tokens: &[Sampled]) -> Value {
-    let entry = |id: u32, lp: f32| {
+    let entry = |id: u32, lp: Option<f32>| {
         let t = app.token_text(id);
         json!({"token": t, "logprob": lp, "bytes": t.as_bytes()})
     };
@@ -630,7 +630,7 @@ fn chat_logprobs(app: &App, tokens: &[Sampled]) -> Value {
         .iter()
         .map(|s| {
             let mut e = entry(s.token, s.logprob);
-            e["top_logprobs"] = Value::Array(s.top.iter().map(|(t, l)| entry(*t, *l)).collect());
+            e["top_logprobs"] = Value::Array(s.top.iter().map(|(t, l)| entry(*t, Some(*l))).collect());
             e
         })
         .collect();
