@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{CpuStorage, DType, Device, Tensor, D};
 
 use super::config::LlamaConfig;
 use super::kv::KvCache;
@@ -386,7 +386,9 @@ impl LlamaModel {
             let q = self.rope(&q, nh, &cos, &sin)?; // [nh, T, hd]
             let k = self.rope(&k, nkv, &cos, &sin)?; // [nkv, T, hd]
             let v = v.reshape((total, nkv, hd))?.transpose(0, 1)?; // [nkv, T, hd]
-            let mut outs = Vec::with_capacity(seqs.len());
+                                                                   // Every sequence's new keys and values go into its cache first; then each
+                                                                   // sequence's queries attend over what its cache holds.
+            let mut chunks = Vec::with_capacity(seqs.len());
             let mut offset = 0;
             for s in seqs.iter_mut() {
                 let n = s.tokens.len();
@@ -395,10 +397,19 @@ impl LlamaModel {
                 }
                 let start = s.cache.len();
                 let (kc, vc) = s.cache.append(li, &k.narrow(1, offset, n)?, &v.narrow(1, offset, n)?)?;
-                outs.push(attention(&q.narrow(1, offset, n)?, &kc, &vc, start)?);
+                chunks.push(Chunk { row: offset, n, start, k: kc, v: vc });
                 offset += n;
             }
-            let attn = Tensor::cat(&outs, 1)?.transpose(0, 1)?.reshape((total, nh * hd))?; // [T, nh*hd]
+            let attn = if self.device.is_cpu() {
+                attention_cpu(&q, &chunks, total)?
+            } else {
+                let outs = chunks
+                    .iter()
+                    .map(|c| attention(&q.narrow(1, c.row, c.n)?, &c.k, &c.v, c.start))
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::cat(&outs, 1)?.transpose(0, 1)?.reshape((total, nh * hd))?
+                // [T, nh*hd]
+            };
             x = (x + with_lora(layer.o.forward(&attn)?, &attn, li, Target::O, &segments)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.mlp_norm, eps)?;
             let gate = with_lora(layer.gate.forward(&h)?, &h, li, Target::Gate, &segments)?;
@@ -448,6 +459,139 @@ impl LlamaModel {
         };
         Ok(y.squeeze(0)?)
     }
+}
+
+/// One sequence's part of a step for attention: its `n` new rows from `row` on, at positions
+/// `start..start+n`, and views of its cached keys and values `[nkv, start+n, hd]`.
+struct Chunk {
+    row: usize,
+    n: usize,
+    start: usize,
+    k: Tensor,
+    v: Tensor,
+}
+
+/// Attention for every chunk of a step on the CPU, as `[total, nh*hd]`, from the rotated
+/// queries `[nh, total, hd]`. Decode rows (one new token) attend in one kernel that reads the
+/// caches in place, run over the sequences in parallel: as tensor ops, each would copy its
+/// whole cache out of the strided buffer and dispatch a dozen small ops, one sequence after
+/// another, while the other threads wait. Prefill chunks keep the tensor ops.
+fn attention_cpu(q: &Tensor, chunks: &[Chunk], total: usize) -> Result<Tensor> {
+    use rayon::prelude::*;
+    let (nh, _, hd) = q.dims3()?;
+    let qs: Vec<f32> = q.contiguous()?.flatten_all()?.to_vec1()?;
+    let mut out = vec![0f32; total * nh * hd];
+    let mut decode = Vec::new();
+    for c in chunks {
+        if c.n == 1 {
+            decode.push(c);
+            continue;
+        }
+        let o = attention(&q.narrow(1, c.row, c.n)?, &c.k, &c.v, c.start)?; // [nh, n, hd]
+        let o: Vec<f32> = o.transpose(0, 1)?.flatten_all()?.to_vec1()?;
+        out[c.row * nh * hd..(c.row + c.n) * nh * hd].copy_from_slice(&o);
+    }
+    if decode.is_empty() {
+        return Ok(Tensor::from_vec(out, (total, nh * hd), q.device())?);
+    }
+    let guards: Vec<_> = decode.iter().map(|c| (c.k.storage_and_layout(), c.v.storage_and_layout())).collect();
+    let mut jobs = Vec::with_capacity(decode.len());
+    for (c, ((kg, kl), (vg, vl))) in decode.iter().zip(&guards) {
+        let (candle_core::Storage::Cpu(CpuStorage::F32(k)), candle_core::Storage::Cpu(CpuStorage::F32(v))) =
+            (&**kg, &**vg)
+        else {
+            return Err(EngineError::Internal("the KV cache is not f32 on the CPU".into()));
+        };
+        let (nkv, len, _) = c.k.dims3()?;
+        jobs.push(DecodeRow {
+            q: &qs,
+            row: c.row,
+            total,
+            len,
+            group: nh / nkv,
+            k: Strided { data: k, offset: kl.start_offset(), head: kl.stride()[0], token: kl.stride()[1] },
+            v: Strided { data: v, offset: vl.start_offset(), head: vl.stride()[0], token: vl.stride()[1] },
+        });
+    }
+    let rows: Vec<(usize, Vec<f32>)> = if jobs.len() == 1 {
+        jobs.iter().map(|j| (j.row, j.attend(nh, hd))).collect()
+    } else {
+        jobs.par_iter().map(|j| (j.row, j.attend(nh, hd))).collect()
+    };
+    for (row, o) in rows {
+        out[row * nh * hd..(row + 1) * nh * hd].copy_from_slice(&o);
+    }
+    Ok(Tensor::from_vec(out, (total, nh * hd), q.device())?)
+}
+
+/// A `[heads, tokens, hd]` view into a cache buffer, by element strides.
+struct Strided<'a> {
+    data: &'a [f32],
+    offset: usize,
+    head: usize,
+    token: usize,
+}
+
+impl Strided<'_> {
+    fn at(&self, head: usize, token: usize, hd: usize) -> &[f32] {
+        let i = self.offset + head * self.head + token * self.token;
+        &self.data[i..i + hd]
+    }
+}
+
+/// One decode row: its query (row `row` of `q`, `[nh, total, hd]`) against `len` cached keys
+/// and values.
+struct DecodeRow<'a> {
+    q: &'a [f32],
+    row: usize,
+    total: usize,
+    len: usize,
+    group: usize,
+    k: Strided<'a>,
+    v: Strided<'a>,
+}
+
+impl DecodeRow<'_> {
+    /// Softmax(q·Kᵀ/√hd)·V for every head, as `[nh * hd]`.
+    fn attend(&self, nh: usize, hd: usize) -> Vec<f32> {
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut out = vec![0f32; nh * hd];
+        let mut scores = vec![0f32; self.len];
+        for h in 0..nh {
+            let kv = h / self.group;
+            let q = &self.q[(h * self.total + self.row) * hd..][..hd];
+            for (t, s) in scores.iter_mut().enumerate() {
+                *s = dot(q, self.k.at(kv, t, hd)) * scale;
+            }
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            let o = &mut out[h * hd..(h + 1) * hd];
+            for (t, &p) in scores.iter().enumerate() {
+                let w = p / sum;
+                for (o, v) in o.iter_mut().zip(self.v.at(kv, t, hd)) {
+                    *o += w * v;
+                }
+            }
+        }
+        out
+    }
+}
+
+/// `Σ a[i]·b[i]` over eight independent lanes, so the compiler can vectorize it.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ac.zip(bc) {
+        for i in 0..8 {
+            lanes[i] += x[i] * y[i];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
 }
 
 /// Causal attention of `n` new queries `[nh, n, hd]` (at positions `start..start+n`) over the
