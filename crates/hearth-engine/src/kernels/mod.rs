@@ -26,8 +26,10 @@
 //! Threads: rayon's global pool (`RAYON_NUM_THREADS`, by default one per CPU: 2 on the
 //! serving VM), with the calling thread always working too (see `QMatrix::run`).
 //!
-//! The LoRA step of a mixed batch (shrink and expand per adapter over its rows) is in [`lora`].
+//! The LoRA step of a mixed batch (shrink and expand per adapter over its rows) is in [`lora`],
+//! decode attention over the KV caches in [`attention`].
 
+pub mod attention;
 pub mod lora;
 mod scalar;
 #[cfg(test)]

@@ -11,6 +11,7 @@ use super::config::LlamaConfig;
 use super::kv::KvCache;
 use super::weights::{Checkpoint, Embedding, Linear, Precision};
 use crate::error::{EngineError, Result};
+use crate::kernels::attention::{DecodeRow, Strided};
 use crate::kernels::lora::{self as lora_kernel, Group};
 use crate::lora::{LoraWeights, Target};
 
@@ -522,76 +523,6 @@ fn attention_cpu(q: &Tensor, chunks: &[Chunk], total: usize) -> Result<Tensor> {
         out[row * nh * hd..(row + 1) * nh * hd].copy_from_slice(&o);
     }
     Ok(Tensor::from_vec(out, (total, nh * hd), q.device())?)
-}
-
-/// A `[heads, tokens, hd]` view into a cache buffer, by element strides.
-struct Strided<'a> {
-    data: &'a [f32],
-    offset: usize,
-    head: usize,
-    token: usize,
-}
-
-impl Strided<'_> {
-    fn at(&self, head: usize, token: usize, hd: usize) -> &[f32] {
-        let i = self.offset + head * self.head + token * self.token;
-        &self.data[i..i + hd]
-    }
-}
-
-/// One decode row: its query (row `row` of `q`, `[nh, total, hd]`) against `len` cached keys
-/// and values.
-struct DecodeRow<'a> {
-    q: &'a [f32],
-    row: usize,
-    total: usize,
-    len: usize,
-    group: usize,
-    k: Strided<'a>,
-    v: Strided<'a>,
-}
-
-impl DecodeRow<'_> {
-    /// Softmax(q·Kᵀ/√hd)·V for every head, as `[nh * hd]`.
-    fn attend(&self, nh: usize, hd: usize) -> Vec<f32> {
-        let scale = 1.0 / (hd as f32).sqrt();
-        let mut out = vec![0f32; nh * hd];
-        let mut scores = vec![0f32; self.len];
-        for h in 0..nh {
-            let kv = h / self.group;
-            let q = &self.q[(h * self.total + self.row) * hd..][..hd];
-            for (t, s) in scores.iter_mut().enumerate() {
-                *s = dot(q, self.k.at(kv, t, hd)) * scale;
-            }
-            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            let o = &mut out[h * hd..(h + 1) * hd];
-            for (t, &p) in scores.iter().enumerate() {
-                let w = p / sum;
-                for (o, v) in o.iter_mut().zip(self.v.at(kv, t, hd)) {
-                    *o += w * v;
-                }
-            }
-        }
-        out
-    }
-}
-
-/// `Σ a[i]·b[i]` over eight independent lanes, so the compiler can vectorize it.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ac.zip(bc) {
-        for i in 0..8 {
-            lanes[i] += x[i] * y[i];
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
 }
 
 /// Causal attention of `n` new queries `[nh, n, hd]` (at positions `start..start+n`) over the
