@@ -4,17 +4,18 @@ stored is lost; and a changed deployment rolls (UPDATING) with a new replica rea
 the old one stops, while requests keep being answered.
 
 Each test starts its own ``hearth serve --runtime local`` on a data directory it owns, so it
-can kill and restart it."""
+can kill and restart it; one hands a stopped gateway's store over to a second gateway."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import List
+from typing import List, Optional, Sequence
 
 import pytest
 import requests
@@ -31,21 +32,29 @@ LORA_FILES = ["adapter_config.json", "adapter_model.safetensors"]
 class Gateway:
     """One `hearth serve` on a fixed data directory; `start` may be called again after a kill."""
 
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, db_url: Optional[str] = None, extra: Sequence[str] = ()):
+        tmp.mkdir(exist_ok=True)
         self.data_dir = tmp / "data"
         self.data_dir.mkdir()
         self.log = tmp / "hearth.log"
         self.key, self.account = _random_key(), _random_account()
         self.proc = None
         self.base_url = ""
-        # One database for this gateway across its restarts (PostgreSQL run), shared with no other.
-        self.db_url = database_url("local")
+        # One database for this gateway across its restarts (PostgreSQL run), shared with no other
+        # unless a test hands it another gateway's store.
+        self.db_url = db_url or database_url("local")
+        self.extra = list(extra)
+
+    @property
+    def store(self) -> str:
+        """What another gateway passes as --database-url to share this one's store."""
+        return self.db_url or str(self.data_dir / "hearth.db")
 
     def start(self) -> None:
         port = _free_port()
         cmd = [str(hearth_binary()), "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", str(self.data_dir),
                "--api-key", self.key, "--account", self.account, "--runtime", "local",
-               "--reconcile-interval-ms", "200", "--min-scale-to-zero-window", "1"]
+               "--reconcile-interval-ms", "200", "--min-scale-to-zero-window", "1", *self.extra]
         if self.db_url:
             cmd += ["--database-url", self.db_url]
         with open(self.log, "ab") as out:
@@ -363,7 +372,7 @@ def test_a_second_local_gateway_on_the_same_store_is_refused(gateway, tmp_path):
     deployment: the second is refused at start, naming the first."""
     other = tmp_path / "other"
     other.mkdir()
-    db = gateway.db_url or str(gateway.data_dir / "hearth.db")
+    db = gateway.store
     p = subprocess.run([str(hearth_binary()), "serve", "--listen", f"127.0.0.1:{_free_port()}", "--data-dir", str(other),
                         "--runtime", "local", "--database-url", db], capture_output=True, text=True, timeout=60)
     assert p.returncode != 0, p.stderr
@@ -374,3 +383,45 @@ def test_a_second_local_gateway_on_the_same_store_is_refused(gateway, tmp_path):
     api.ok_json("POST", "deployments", params={"deploymentId": "still"},
                 json={"baseModel": base, "minReplicaCount": 1, "maxReplicaCount": 1})
     _wait("READY", lambda: _state(api, "still")["state"] == "READY")
+
+
+def test_a_gateway_that_lost_its_lease_stops_its_replicas(tmp_path):
+    """A gateway that makes no reconciler pass for longer than its runtime lease (here it is
+    stopped with SIGSTOP past a 2 s lease) loses the store to another gateway, which starts
+    replicas of its own. Once it runs again it finds the lease taken and stops its replicas
+    instead of serving duplicates; the deployment goes on answering through the new gateway."""
+    a = Gateway(tmp_path / "a", extra=["--runtime-lease-ttl", "2"])
+    b = None
+    a.start()
+    try:
+        api = a.api
+        base = _upload(api, "tiny", ENGINE_FIXTURES / "tiny_llama", TINY_FILES)
+        api.ok_json("POST", "deployments", params={"deploymentId": "handover"},
+                    json={"baseModel": base, "minReplicaCount": 1, "maxReplicaCount": 1})
+        _wait("READY", lambda: _state(api, "handover")["state"] == "READY")
+        (old,) = _replica_pids("tiny")
+
+        a.proc.send_signal(signal.SIGSTOP)
+        time.sleep(3)
+        # The new gateway shares the store and has the artifacts (as a standby with the same
+        # volume would), and the same key and account, which the store already holds.
+        b = Gateway(tmp_path / "b", db_url=a.store, extra=["--runtime-lease-ttl", "2"])
+        b.key, b.account = a.key, a.account
+        shutil.copytree(a.data_dir / "artifacts", b.data_dir / "artifacts")
+        b.start()
+        new = _wait("the new gateway's replica", lambda: [p for p in _replica_pids("tiny") if p != old])
+        assert old in _replica_pids("tiny"), "the stopped gateway's replica runs on until it finds out"
+
+        a.proc.send_signal(signal.SIGCONT)
+        _wait("the old gateway's replica to stop", lambda: old not in _replica_pids("tiny"), timeout=30)
+        assert _replica_pids("tiny") == new
+        assert "lost the runtime lease" in a.log.read_text()
+        out = b.openai().completions.create(model=base, prompt="Hi", max_tokens=2, temperature=0, timeout=60)
+        assert out.usage.completion_tokens == 2
+    finally:
+        for g in (a, b):
+            if g is not None:
+                if g.proc and g.proc.poll() is None:
+                    g.proc.send_signal(signal.SIGCONT)
+                g.stop(signal.SIGKILL)
+        _wait("both gateways' replicas to exit", lambda: not _replica_pids("tiny"), timeout=15)

@@ -14,7 +14,7 @@ use hearth_api::rpc::ResourceStatus;
 use hearth_api::Code;
 
 use crate::autoscale::{Observation, Policy, Scaler};
-use crate::error::Result;
+use crate::error::{ControlError, Result};
 use crate::fleet::Fleet;
 use crate::records::{Doc, DEPLOYED_MODELS, DEPLOYMENTS};
 use crate::runtime::{Phase, Replica, ReplicaSpec, Runtime};
@@ -30,6 +30,8 @@ pub struct Reconciler {
     scalers: std::sync::Mutex<HashMap<String, Scaler>>,
     /// This gateway's name in the store's runtime lease (`lease.rs`), renewed every pass.
     holder: String,
+    /// How long each renewal holds the lease.
+    lease_ttl: Duration,
     /// Whether the last pass left something in transition (see `run`).
     busy: std::sync::atomic::AtomicBool,
     /// Ready replicas on their way out (scaled down, or replaced by a roll), by id, with when
@@ -37,8 +39,8 @@ pub struct Reconciler {
     draining: std::sync::Mutex<HashMap<String, Instant>>,
 }
 
-/// How long the runtime lease lasts without a renewal: a pass renews it, so a gateway that
-/// stopped passing (or died) hands its store over this long after its last pass.
+/// How long the runtime lease lasts without a renewal, by default: a pass renews it, so a
+/// gateway that stopped passing (or died) hands its store over this long after its last pass.
 pub const LEASE_TTL: Duration = Duration::from_secs(30);
 
 /// The reconciler's period while something is in transition.
@@ -62,8 +64,15 @@ struct Observed {
 }
 
 impl Reconciler {
-    /// `holder` names this gateway in the store's runtime lease, which it must already hold.
-    pub fn new(control: ControlPlane, runtime: Arc<dyn Runtime>, fleet: Arc<Fleet>, holder: String) -> Reconciler {
+    /// `holder` names this gateway in the store's runtime lease, which it must already hold;
+    /// each pass renews it for `lease_ttl`.
+    pub fn new(
+        control: ControlPlane,
+        runtime: Arc<dyn Runtime>,
+        fleet: Arc<Fleet>,
+        holder: String,
+        lease_ttl: Duration,
+    ) -> Reconciler {
         let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap_or_default();
         Reconciler {
             control,
@@ -71,6 +80,7 @@ impl Reconciler {
             fleet,
             http,
             holder,
+            lease_ttl,
             busy: Default::default(),
             scalers: Default::default(),
             draining: Default::default(),
@@ -98,10 +108,45 @@ impl Reconciler {
         }
     }
 
+    /// Stops every replica of this gateway and routes nothing more to them: another gateway
+    /// holds the store's lease now (this one went without a pass for longer than the lease,
+    /// stopped or cut off from the store), runs replicas of its own for every deployment, and
+    /// ours would be duplicates serving state this gateway no longer follows. The next pass
+    /// that takes the lease back (the other gateway gone) starts them again.
+    async fn stand_down(&self) {
+        self.fleet.publish(HashMap::new());
+        let replicas = match self.runtime.replicas().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "lost the runtime lease but could not list this gateway's replicas");
+                return;
+            }
+        };
+        if !replicas.is_empty() {
+            tracing::warn!(
+                replicas = replicas.len(),
+                "lost the runtime lease to another gateway; stopping this one's replicas"
+            );
+        }
+        for r in replicas {
+            if let Err(e) = self.runtime.stop(&r.id).await {
+                tracing::warn!(replica = %r.id, error = %e, "stopping a replica after losing the runtime lease");
+            }
+        }
+        if let Ok(mut d) = self.draining.lock() {
+            d.clear();
+        }
+    }
+
     /// One pass over every deployment. It first renews the runtime lease: a gateway that lost
-    /// it (another took over the store) acts on nothing.
+    /// it (another took over the store) acts on nothing, and stands down.
     pub async fn pass(&self) -> Result<()> {
-        self.control.hold_runtime_lease(&self.holder, LEASE_TTL).await?;
+        if let Err(e) = self.control.hold_runtime_lease(&self.holder, self.lease_ttl).await {
+            if matches!(e, ControlError::FailedPrecondition(_)) {
+                self.stand_down().await;
+            }
+            return Err(e);
+        }
         let replicas = self.runtime.replicas().await?;
         let mut by_deployment: HashMap<String, Vec<Replica>> = HashMap::new();
         for r in replicas {

@@ -135,6 +135,11 @@ struct ServeArgs {
     /// answered for, never started).
     #[arg(long, env = "HEARTH_RUNTIME", value_enum, default_value_t = RuntimeKind::Local)]
     runtime: RuntimeKind,
+    /// Seconds the runtime lease (one `--runtime local` gateway per store) lasts without a
+    /// renewal: every reconciler pass renews it; a gateway that makes no pass for this long
+    /// hands the store to another, and stops its own replicas when it finds that out.
+    #[arg(long, env = "HEARTH_RUNTIME_LEASE_TTL", default_value_t = hearth_control::reconciler::LEASE_TTL.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    runtime_lease_ttl: u64,
     /// Milliseconds between reconciler passes (it also runs whenever something changes).
     #[arg(long, env = "HEARTH_RECONCILE_INTERVAL_MS", default_value_t = 1000)]
     reconcile_interval_ms: u64,
@@ -244,8 +249,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
         let dir = std::fs::canonicalize(&args.data_dir).unwrap_or_else(|_| args.data_dir.clone());
         let holder = format!("{}:{}", if host.is_empty() { "localhost" } else { &host }, dir.display());
+        let lease_ttl = Duration::from_secs(args.runtime_lease_ttl);
         control
-            .hold_runtime_lease(&holder, hearth_control::reconciler::LEASE_TTL)
+            .hold_runtime_lease(&holder, lease_ttl)
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))
             .context("taking the store's runtime lease")?;
@@ -253,8 +259,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let binary = std::env::current_exe().context("locating the hearth binary to run replicas")?;
         let runtime =
             std::sync::Arc::new(hearth_control::runtime::local::LocalRuntime::new(binary, control.artifacts().clone()));
-        let reconciler =
-            hearth_control::reconciler::Reconciler::new(control.clone(), runtime, fleet.clone(), holder.clone());
+        let reconciler = hearth_control::reconciler::Reconciler::new(
+            control.clone(),
+            runtime,
+            fleet.clone(),
+            holder.clone(),
+            lease_ttl,
+        );
         tokio::spawn(reconciler.run(Duration::from_millis(args.reconcile_interval_ms)));
         lease_holder = Some(holder);
     }
