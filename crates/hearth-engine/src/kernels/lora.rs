@@ -12,18 +12,16 @@
 //! widened in registers, exact), the scale is applied to the rank-sized intermediate, and one
 //! call covers every run of rows of the step.
 //!
-//! Layout ([`LoraPair`]): A is `[rank, in]` as PEFT stores it, so the shrink is `rank` dot
-//! products with contiguous rows; B is kept transposed, `[rank, out]`, so the expand is `rank`
-//! contiguous `y += t_j · row_j` updates with no horizontal sums. Rows of one run are taken a
-//! few at a time so each weight row, once loaded, serves them all from L1.
+//! Layout ([`LoraPair`]): A and B are packed at load into panels read front to back (the
+//! shrink takes four rows of A against each load of the input; the expand keeps eight outputs
+//! in a register through every rank). Rows of one run are taken a few at a time, so an
+//! adapter's weights, once loaded, serve them all from cache.
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, PoisonError};
 
 use half::{bf16, f16};
 
-use super::{Checked, Kernel, PARALLEL_MIN_WORK};
+use super::{share_items, Checked, Kernel, PARALLEL_MIN_WORK};
 
 /// Rows of one run an item computes together.
 const ROWS_PER_ITEM: usize = 8;
@@ -220,27 +218,7 @@ pub fn apply_with(kernel: Kernel, y: &mut [f32], x: &[f32], n_in: usize, n_out: 
         }
         return;
     }
-    // This thread starts at once and helpers join as the pool wakes them (as in
-    // `QMatrix::run_scoped`): items are claimed one at a time from a shared counter.
-    let slots: Vec<Mutex<Option<Item<'_>>>> = items.into_iter().map(|i| Mutex::new(Some(i))).collect();
-    let next = AtomicUsize::new(0);
-    let work = || {
-        let mut t = Vec::new();
-        loop {
-            let i = next.fetch_add(1, Ordering::Relaxed);
-            let Some(slot) = slots.get(i) else { break };
-            if let Some(mut item) = slot.lock().unwrap_or_else(PoisonError::into_inner).take() {
-                item.run(kernel, &mut t);
-            }
-        }
-    };
-    let work = &work;
-    rayon::in_place_scope(|s| {
-        for _ in 1..threads.min(slots.len()) {
-            s.spawn(move |_| work());
-        }
-        work();
-    });
+    share_items(items, threads, |mut item: Item<'_>, t: &mut Vec<f32>| item.run(kernel, t));
 }
 
 struct Item<'a> {

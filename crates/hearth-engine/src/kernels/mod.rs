@@ -415,21 +415,8 @@ impl QMatrix {
                 row = rest;
             }
         }
-        let slots: Vec<Mutex<Option<Item<'_>>>> = items.into_iter().map(|i| Mutex::new(Some(i))).collect();
-        let next = AtomicUsize::new(0);
-        let work = || loop {
-            let i = next.fetch_add(1, Ordering::Relaxed);
-            let Some(slot) = slots.get(i) else { break };
-            if let Some(mut item) = slot.lock().unwrap_or_else(PoisonError::into_inner).take() {
-                self.run_span(kernel, acts, item.tiles, item.tokens, &mut item.outs);
-            }
-        };
-        let work = &work;
-        rayon::in_place_scope(|s| {
-            for _ in 1..threads.min(slots.len()) {
-                s.spawn(move |_| work());
-            }
-            work();
+        share_items(items, threads, |mut item: Item<'_>, _: &mut ()| {
+            self.run_span(kernel, acts, item.tiles, item.tokens, &mut item.outs)
         });
     }
 
@@ -470,6 +457,32 @@ impl QMatrix {
             }
         }
     }
+}
+
+/// Runs `f` on every item, on this thread and on up to `threads − 1` helpers spawned on
+/// rayon's pool, each claiming the next item from a shared counter; returns when all are done.
+/// This thread starts at once, so a helper the pool wakes late finds less (or nothing) left.
+/// Each worker gets its own scratch `S` for `f`.
+fn share_items<T: Send, S: Default>(items: Vec<T>, threads: usize, f: impl Fn(T, &mut S) + Sync) {
+    let slots: Vec<Mutex<Option<T>>> = items.into_iter().map(|i| Mutex::new(Some(i))).collect();
+    let next = AtomicUsize::new(0);
+    let work = || {
+        let mut scratch = S::default();
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(slot) = slots.get(i) else { break };
+            if let Some(item) = slot.lock().unwrap_or_else(PoisonError::into_inner).take() {
+                f(item, &mut scratch);
+            }
+        }
+    };
+    let work = &work;
+    rayon::in_place_scope(|s| {
+        for _ in 1..threads.min(slots.len()) {
+            s.spawn(move |_| work());
+        }
+        work();
+    });
 }
 
 /// Multiply-accumulates below which a product runs on the calling thread alone: waking a

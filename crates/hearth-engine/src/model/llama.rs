@@ -387,8 +387,9 @@ impl LlamaModel {
             let q = self.rope(&q, nh, &cos, &sin)?; // [nh, T, hd]
             let k = self.rope(&k, nkv, &cos, &sin)?; // [nkv, T, hd]
             let v = v.reshape((total, nkv, hd))?.transpose(0, 1)?; // [nkv, T, hd]
-                                                                   // Every sequence's new keys and values go into its cache first; then each
-                                                                   // sequence's queries attend over what its cache holds.
+
+            // Every sequence's new keys and values go into its cache first; then each
+            // sequence's queries attend over what its cache holds.
             let mut chunks = Vec::with_capacity(seqs.len());
             let mut offset = 0;
             for s in seqs.iter_mut() {
@@ -401,6 +402,7 @@ impl LlamaModel {
                 chunks.push(Chunk { row: offset, n, start, k: kc, v: vc });
                 offset += n;
             }
+            // [T, nh*hd]
             let attn = if self.device.is_cpu() {
                 attention_cpu(&q, &chunks, total)?
             } else {
@@ -409,7 +411,6 @@ impl LlamaModel {
                     .map(|c| attention(&q.narrow(1, c.row, c.n)?, &c.k, &c.v, c.start))
                     .collect::<Result<Vec<_>>>()?;
                 Tensor::cat(&outs, 1)?.transpose(0, 1)?.reshape((total, nh * hd))?
-                // [T, nh*hd]
             };
             x = (x + with_lora(layer.o.forward(&attn)?, &attn, li, Target::O, &segments)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.mlp_norm, eps)?;
