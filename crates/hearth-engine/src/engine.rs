@@ -780,10 +780,16 @@ impl Scheduler {
                 finished.push((*i, reason));
             }
         }
-        // Remove finished sequences, highest index first so indices stay valid.
+        // Remove finished sequences, highest index first so indices stay valid, and trim the
+        // hot set to its bound before telling anyone they are done: a client that has seen
+        // every request finish also sees the adapters those requests kept hot let go.
         finished.sort_by_key(|f| std::cmp::Reverse(f.0));
-        for (i, reason) in finished {
-            let s = self.running.swap_remove(i);
+        let done: Vec<(Sequence, FinishReason)> =
+            finished.into_iter().map(|(i, reason)| (self.running.swap_remove(i), reason)).collect();
+        if self.hot.len() > self.config.max_hot_adapters {
+            self.trim_hot(self.config.max_hot_adapters.max(1));
+        }
+        for (s, reason) in done {
             let text = self.tail_text(&s)?;
             tracing::debug!(
                 prompt = s.req.prompt.len(),
@@ -797,9 +803,6 @@ impl Scheduler {
                 prompt_tokens: s.req.prompt.len(),
                 completion_tokens: s.generated.len(),
             });
-        }
-        if self.hot.len() > self.config.max_hot_adapters {
-            self.trim_hot(self.config.max_hot_adapters.max(1));
         }
         Ok(())
     }
