@@ -13,10 +13,14 @@ use tower::ServiceExt;
 const MODEL: &str = "tiny";
 
 fn router() -> Router {
+    router_with(hearth_engine::EngineConfig::default())
+}
+
+fn router_with(config: hearth_engine::EngineConfig) -> Router {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../hearth-engine/tests/fixtures/tiny_llama");
     let loaded =
         hearth_engine::load(&dir, hearth_engine::Precision::Native, &candle_core::Device::Cpu).expect("tiny model");
-    let engine = hearth_engine::Engine::start(loaded.model, loaded.tokenizer, hearth_engine::EngineConfig::default());
+    let engine = hearth_engine::Engine::start(loaded.model, loaded.tokenizer, config);
     hearth_server::engine_router(engine, MODEL.to_string())
 }
 
@@ -248,6 +252,59 @@ async fn a_client_that_disconnects_frees_its_slot() {
     };
     // 16 busy requests ran to the end; the abandoned one stopped early.
     assert!(metric(&m, "hearth_engine_generation_tokens_total") < 17 * 240, "{m}");
+}
+
+/// Polls `/metrics` until every named metric reads its value.
+async fn wait_for_metrics(app: &Router, want: &[(&str, u64)]) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let m = get_text(app, "/metrics").await;
+        if want.iter().all(|&(name, v)| metric(&m, name) == v) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "metrics never reached {want:?}: {m}");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_full_kv_cache_queues_requests_and_a_full_queue_refuses_with_429() {
+    // The tiny model's KV cache takes 512 bytes a token: this budget holds one sequence of
+    // the context's 256 tokens, and two more requests may wait.
+    let app = router_with(hearth_engine::EngineConfig {
+        kv_cache_bytes: 256 * 512,
+        max_waiting: 2,
+        ..hearth_engine::EngineConfig::default()
+    });
+    let body = |prompt: &str| json!({"model": MODEL, "prompt": prompt, "max_tokens": 200, "temperature": 0, "ignore_eos": true});
+    let alone = post(&app, "/v1/completions", body("Second")).await.1["choices"][0]["text"].clone();
+    let spawn = |prompt: &'static str| {
+        let app = app.clone();
+        tokio::spawn(async move { post(&app, "/v1/completions", body(prompt)).await })
+    };
+    // "First" decodes 200 tokens (about 200 ms in a debug build); the waits below take a few.
+    // The gauges are published after each step: first see the request above gone.
+    wait_for_metrics(&app, &[("hearth_engine_running_sequences", 0)]).await;
+    let first = spawn("First");
+    wait_for_metrics(&app, &[("hearth_engine_running_sequences", 1), ("hearth_engine_waiting_requests", 0)]).await;
+    let queued = [spawn("Second"), spawn("Third")];
+    wait_for_metrics(&app, &[("hearth_engine_running_sequences", 1), ("hearth_engine_waiting_requests", 2)]).await;
+    let m = get_text(&app, "/metrics").await;
+    assert_eq!(metric(&m, "hearth_engine_running_sequences"), 1, "{m}");
+    assert!(metric(&m, "hearth_engine_kv_cache_reserved_bytes") <= 256 * 512, "{m}");
+    // The cache is spoken for and the queue is full: refused at once, not left hanging.
+    let (s, v) = post(&app, "/v1/completions", body("Fourth")).await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("waiting"), "the refusal should say the queue is full: {msg:?}");
+    // The waiting ones were not failed: each runs once the cache has room, with the answer
+    // it gets alone.
+    assert_eq!(first.await.expect("task").0, StatusCode::OK);
+    let [second, third] = queued;
+    let (s, second) = second.await.expect("task");
+    assert_eq!(s, StatusCode::OK, "{second}");
+    assert_eq!(second["choices"][0]["text"], alone);
+    assert_eq!(third.await.expect("task").0, StatusCode::OK);
 }
 
 #[tokio::test]
