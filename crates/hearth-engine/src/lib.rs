@@ -17,6 +17,6 @@ pub mod tokenizer;
 
 pub use engine::{AdapterInfo, Engine, EngineConfig, Event, FinishReason, GenerateRequest};
 pub use error::EngineError;
-pub use load::{load, Loaded};
+pub use load::{device_name, load, select_device, Loaded};
 pub use model::Precision;
 pub use sampling::SamplingParams;

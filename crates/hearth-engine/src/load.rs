@@ -10,6 +10,51 @@ use crate::model::weights::Checkpoint;
 use crate::model::{LlamaModel, Precision};
 use crate::tokenizer::Tokenizer;
 
+/// The device a `--device` name picks: `cpu`; `cuda` or `cuda:N` (a GPU, in a build with the
+/// `cuda` feature); `auto` (the first GPU when this build has CUDA and the machine has a GPU,
+/// else the CPU). A GPU that was asked for by name and cannot be opened is an error, never a
+/// quiet fall back to the CPU.
+pub fn select_device(name: &str) -> Result<Device> {
+    let name = name.trim().to_ascii_lowercase();
+    let ordinal = match name.as_str() {
+        "cpu" => return Ok(Device::Cpu),
+        "auto" => {
+            if !candle_core::utils::cuda_is_available() {
+                return Ok(Device::Cpu);
+            }
+            return Ok(Device::new_cuda(0).unwrap_or_else(|e| {
+                tracing::info!(error = %e, "no usable CUDA device; computing on the CPU");
+                Device::Cpu
+            }));
+        }
+        "cuda" => 0,
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => n,
+            _ => {
+                return Err(EngineError::InvalidRequest(format!(
+                    "device {other:?} is not one hearth knows; use cpu, cuda, cuda:N or auto"
+                )))
+            }
+        },
+    };
+    if !candle_core::utils::cuda_is_available() {
+        return Err(EngineError::InvalidRequest(format!(
+            "device {name:?} needs CUDA, and this hearth was built without it; build with \
+             `cargo build --release --features cuda` where the CUDA toolkit is installed"
+        )));
+    }
+    Device::new_cuda(ordinal).map_err(|e| EngineError::InvalidRequest(format!("CUDA device {ordinal}: {e}")))
+}
+
+/// A short name for logs and metrics: `cpu` or `cuda:N`.
+pub fn device_name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".to_string(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
 /// A loaded model with its tokenizer, ready for `Engine::start`.
 pub struct Loaded {
     pub model: LlamaModel,
@@ -74,4 +119,25 @@ fn check_vocab(model: &LlamaModel, tokenizer: &Tokenizer) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_names_pick_a_device_or_say_what_is_missing() {
+        assert!(select_device("cpu").expect("cpu").is_cpu());
+        assert!(select_device(" CPU ").expect("cpu").is_cpu());
+        let err = select_device("tpu").expect_err("unknown").to_string();
+        assert!(err.contains("cpu, cuda, cuda:N or auto"), "{err}");
+        let err = select_device("cuda:x").expect_err("bad ordinal").to_string();
+        assert!(err.contains("cuda:N"), "{err}");
+        if !candle_core::utils::cuda_is_available() {
+            assert!(select_device("auto").expect("auto").is_cpu());
+            let err = select_device("cuda:1").expect_err("no CUDA in this build").to_string();
+            assert!(err.contains("--features cuda"), "{err}");
+        }
+        assert_eq!(device_name(&Device::Cpu), "cpu");
+    }
 }

@@ -54,6 +54,10 @@ struct EngineArgs {
     /// Compute precision: FP32, BF16 or FP16; unset serves the checkpoint as it is (quantized stays quantized).
     #[arg(long, env = "HEARTH_PRECISION")]
     precision: Option<String>,
+    /// Where to compute: cpu, cuda, cuda:N, or auto (the first GPU when this build has the
+    /// `cuda` feature and the machine a GPU, else the CPU).
+    #[arg(long, env = "HEARTH_DEVICE", default_value = "auto")]
+    device: String,
     /// The name requests use in "model"; defaults to the model file's or directory's name.
     #[arg(long, env = "HEARTH_SERVED_MODEL_NAME")]
     served_model_name: Option<String>,
@@ -296,14 +300,17 @@ async fn engine(args: EngineArgs) -> anyhow::Result<()> {
         Some(n) => n,
         None => args.model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".to_string()),
     };
+    let device = hearth_engine::select_device(&args.device)?;
     let started = std::time::Instant::now();
     let path = args.model.clone();
-    let loaded = tokio::task::spawn_blocking(move || hearth_engine::load(&path, precision, &candle_core::Device::Cpu))
+    let on = device.clone();
+    let loaded = tokio::task::spawn_blocking(move || hearth_engine::load(&path, precision, &on))
         .await?
         .with_context(|| format!("loading {}", args.model.display()))?;
     let c = &loaded.model.config;
     tracing::info!(
         model = %args.model.display(),
+        device = %hearth_engine::device_name(&device),
         architecture = c.architecture.name(),
         layers = c.num_hidden_layers,
         hidden = c.hidden_size,
