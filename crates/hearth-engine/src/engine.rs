@@ -255,11 +255,10 @@ impl Engine {
             hot: VecDeque::new(),
             cursor: 0,
         };
-        std::thread::Builder::new()
-            .name("hearth-scheduler".into())
-            .spawn(move || sched.run(rx))
-            .map_err(|e| tracing::error!(error = %e, "could not start the scheduler thread"))
-            .ok();
+        // Without its threads the engine cannot run; its requests then fail with `Stopped`.
+        if let Err(e) = crate::threads::spawn_scheduler(move || sched.run(rx)) {
+            tracing::error!(error = %e, "the engine did not start");
+        }
         Engine {
             tx,
             tokenizer,
@@ -491,6 +490,7 @@ struct Scheduler {
 
 impl Scheduler {
     fn run(mut self, rx: std::sync::mpsc::Receiver<Message>) {
+        let helpers = crate::threads::Helpers::start();
         loop {
             // Block only when there is nothing to do; otherwise take what arrived.
             if self.running.is_empty() && self.waiting.is_empty() && self.merge_pending.is_none() {
@@ -506,7 +506,7 @@ impl Scheduler {
                 self.apply_merge();
             }
             self.admit();
-            if let Err(e) = self.step() {
+            if let Err(e) = self.step(&helpers) {
                 tracing::error!(error = %e, "engine step failed; failing its sequences");
                 for s in self.running.drain(..) {
                     let _ = s.events.send(Event::Error(e.to_string()));
@@ -675,7 +675,7 @@ impl Scheduler {
 
     /// One forward pass: every decoding sequence contributes its pending token, then prefill
     /// chunks fill the rest of the token budget.
-    fn step(&mut self) -> Result<()> {
+    fn step(&mut self, helpers: &crate::threads::Helpers) -> Result<()> {
         // A client that went away frees its sequence now.
         let before = self.running.len();
         self.running.retain(|s| !s.events.is_closed());
@@ -744,7 +744,7 @@ impl Scheduler {
                 inputs.push(SeqInput { tokens, cache: &mut s.cache, logits, adapter: weights[i].as_deref() });
                 plan_iter.next();
             }
-            self.model.forward(&mut inputs)?
+            helpers.busy(|| self.model.forward(&mut inputs))?
         };
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
 

@@ -13,6 +13,7 @@ pub mod load;
 pub mod lora;
 pub mod model;
 pub mod sampling;
+mod threads;
 pub mod tokenizer;
 
 pub use engine::{AdapterInfo, Engine, EngineConfig, Event, FinishReason, GenerateRequest};

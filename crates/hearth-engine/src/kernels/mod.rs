@@ -23,8 +23,9 @@
 //! Scales stay f16 for Q4_1 because decode streams the whole model from DRAM per token and
 //! f32 scales would add 20% to that traffic; converting 16 of them is one `vcvtph2ps`.
 //!
-//! Threads: rayon's global pool (`RAYON_NUM_THREADS`, by default one per CPU: 2 on the
-//! serving VM), with the calling thread always working too (see `QMatrix::run`).
+//! Threads: the current rayon pool (in an engine, its own pool of `RAYON_NUM_THREADS`, by
+//! default one per CPU, whose other threads spin for work during a forward pass: see
+//! `crate::threads`), with the calling thread always working too (see `QMatrix::run`).
 //!
 //! The LoRA step of a mixed batch (shrink and expand per adapter over its rows) is in [`lora`],
 //! decode attention over the KV caches in [`attention`].
@@ -321,10 +322,11 @@ impl QMatrix {
     }
 
     /// Runs the product on this thread, and on rayon's pool when it is large enough to repay
-    /// a second thread. Two schemes, both with this thread working from the start. It is
-    /// usually the engine's scheduler, outside the pool, and a plain parallel iterator parks it
-    /// until the pool is done: two thread wake-ups per call, about 20 µs together on this VM,
-    /// which over the 211 calls of a decoded token made two threads slower than one.
+    /// a second thread. Two schemes, both with this thread working from the start: a plain
+    /// parallel iterator called from outside a pool parks the caller until the pool is done
+    /// (two thread wake-ups per call, about 20 µs together on the reference VM, which over
+    /// the 211 calls of a decoded token made two threads slower than one), and even inside
+    /// the engine's pool, `eager` decodes a few percent faster than `scoped`.
     /// - small batches (decode): `eager`, which never waits for a helper that has not started;
     /// - large batches (prefill): `scoped`, which writes straight into `out`.
     fn run(&self, kernel: Checked, acts: Activations, tokens: usize, out: &mut [f32]) {
