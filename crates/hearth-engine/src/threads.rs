@@ -1,19 +1,21 @@
 //! The threads an engine computes on.
 //!
 //! Each engine owns a rayon pool (`RAYON_NUM_THREADS` threads, else one per CPU) and runs its
-//! scheduler loop on one of the pool's threads. Two things follow, and both were measured on
-//! the 2-core reference machine with SmolLM2-135M:
+//! scheduler loop on one of the pool's threads:
 //!
 //! - The scheduler is one of the compute threads, not one more beside them. When it ran on a
 //!   thread of its own next to a 2-thread pool, three threads competed for two cores: the
 //!   scheduler, the helper it had woken, and an idle pool thread spinning before it slept.
 //!   Inside the pool, a parallel section started by the scheduler lets it work as a member.
-//!   32-stream decode went from 415 to 522 tokens/s.
 //! - During a forward pass, the other threads spin, looking for work (`Helpers`). A pass makes
 //!   over two hundred matrix products, each a few tens of µs at batch 1. A rayon thread that
 //!   has gone to sleep needs a futex wake to start, which the waker pays for, and the wake
-//!   often lands after the product is done. Batch-1 decode on 2 threads went from 105 to 133
-//!   tokens/s. Between passes (sampling, detokenizing, waiting for requests) they sleep.
+//!   often lands after the product is done. Between passes (sampling, detokenizing, waiting
+//!   for requests) they sleep.
+//!
+//! Together, on the 2-core reference machine (`scripts/bench-engine`, figures in
+//! docs/benchmarks.md): batch-1 decode on 2 threads went from 109 to 118 tokens/s and 32
+//! streams from 418 to 566.
 //!
 //! Spinning helpers are what llama.cpp's threads do as well (its `--poll`); here they spin only
 //! while a forward pass runs.
@@ -86,8 +88,9 @@ impl Helpers {
     pub(crate) fn busy<R>(&self, f: impl FnOnce() -> R) -> R {
         self.shared.set(ACTIVE);
         let r = f();
-        // No notification: a spinning helper sees the change at its next look.
-        let _ = self.shared.state.compare_exchange(ACTIVE, IDLE, Ordering::AcqRel, Ordering::Acquire);
+        // No notification: a spinning helper sees the change at its next look. (Only `drop`
+        // sets EXIT, and it cannot run while `busy` borrows `self`.)
+        self.shared.state.store(IDLE, Ordering::Release);
         r
     }
 }

@@ -282,15 +282,14 @@ async fn a_full_kv_cache_queues_requests_and_a_full_queue_refuses_with_429() {
         let app = app.clone();
         tokio::spawn(async move { post(&app, "/v1/completions", body(prompt)).await })
     };
-    // "First" decodes 200 tokens (about 200 ms in a debug build); the waits below take a few.
     // The gauges are published after each step: first see the request above gone.
     wait_for_metrics(&app, &[("hearth_engine_running_sequences", 0)]).await;
+    // "First" decodes 200 tokens (about 200 ms in a debug build); the waits below take a few.
     let first = spawn("First");
     wait_for_metrics(&app, &[("hearth_engine_running_sequences", 1), ("hearth_engine_waiting_requests", 0)]).await;
     let queued = [spawn("Second"), spawn("Third")];
     wait_for_metrics(&app, &[("hearth_engine_running_sequences", 1), ("hearth_engine_waiting_requests", 2)]).await;
     let m = get_text(&app, "/metrics").await;
-    assert_eq!(metric(&m, "hearth_engine_running_sequences"), 1, "{m}");
     assert!(metric(&m, "hearth_engine_kv_cache_reserved_bytes") <= 256 * 512, "{m}");
     // The cache is spoken for and the queue is full: refused at once, not left hanging.
     let (s, v) = post(&app, "/v1/completions", body("Fourth")).await;

@@ -325,8 +325,8 @@ impl QMatrix {
     /// a second thread. Two schemes, both with this thread working from the start: a plain
     /// parallel iterator called from outside a pool parks the caller until the pool is done
     /// (two thread wake-ups per call, about 20 µs together on the reference VM, which over
-    /// the 211 calls of a decoded token made two threads slower than one), and even inside
-    /// the engine's pool, `eager` decodes a few percent faster than `scoped`.
+    /// the 211 calls of a decoded token made two threads slower than one). In an engine the
+    /// caller is a member of its pool (see `crate::threads`), where either scheme would do.
     /// - small batches (decode): `eager`, which never waits for a helper that has not started;
     /// - large batches (prefill): `scoped`, which writes straight into `out`.
     fn run(&self, kernel: Checked, acts: Activations, tokens: usize, out: &mut [f32]) {
