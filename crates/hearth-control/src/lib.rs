@@ -12,7 +12,6 @@ pub mod deployed_models;
 pub mod deployments;
 pub mod error;
 pub mod fleet;
-pub mod inspect;
 mod lease;
 pub mod listing;
 mod loras;

@@ -17,12 +17,12 @@ use serde_json::Value;
 use crate::artifacts::{validate_file_name, Sha256Digest, UploadPart, UploadProgress, MAX_FILES};
 use crate::auth::Principal;
 use crate::error::{ControlError, Result};
-use crate::inspect::{self, AdapterSummary, BaseSummary, ModelFormat};
 use crate::listing::{paginate, render, ListPage, ListRequest, Listable};
 use crate::patch::{self, Patchable};
 use crate::records::{Doc, MODELS};
 use crate::signing::Grant;
 use crate::ControlPlane;
+use hearth_formats::{self as inspect, AdapterSummary, BaseSummary, ModelDims, ModelFormat};
 
 /// The largest single file hearth accepts: far above any checkpoint shard in practice, and
 /// low enough that a typo in a size is caught.
@@ -37,7 +37,7 @@ pub(crate) struct ModelRecord {
     #[serde(default)]
     pub announced: BTreeMap<String, u64>,
     #[serde(default)]
-    pub base: Option<BaseSummary>,
+    pub base: Option<BaseFacts>,
     #[serde(default)]
     pub adapter: Option<AdapterSummary>,
     /// The source of an import still running; cleared when it ends either way. It may hold
@@ -50,6 +50,38 @@ pub(crate) struct ModelRecord {
     /// The deployment an imported addon is loaded onto once READY (the LoRA API's create).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deploy_onto: Option<String>,
+}
+
+/// What validation learned about a base model, as stored: what an addon's validation checks it
+/// against later.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct BaseFacts {
+    pub format: ModelFormat,
+    /// "llama", "mistral" or "qwen2".
+    pub architecture: String,
+    pub dims: ModelDims,
+    #[serde(default)]
+    pub context_length: Option<u32>,
+    #[serde(default)]
+    pub parameter_count: u64,
+    #[serde(default)]
+    pub dtype: String,
+    #[serde(default)]
+    pub files: Vec<String>,
+}
+
+impl From<&BaseSummary> for BaseFacts {
+    fn from(b: &BaseSummary) -> BaseFacts {
+        BaseFacts {
+            format: b.format,
+            architecture: b.config.architecture.name().to_string(),
+            dims: b.config.dims,
+            context_length: Some(b.config.max_position_embeddings),
+            parameter_count: b.parameter_count,
+            dtype: b.dtype.clone(),
+            files: b.files.clone(),
+        }
+    }
 }
 
 pub(crate) const MODEL_LIST: Listable = Listable {
@@ -733,12 +765,12 @@ impl ControlPlane {
         let mut warnings = Vec::new();
         // For an addon, the base's architecture is recorded as its `baseModelType`.
         let mut base_arch = None;
-        let outcome: std::result::Result<(Option<BaseSummary>, Option<AdapterSummary>), Vec<String>> = match kind {
+        let outcome: std::result::Result<(Option<BaseFacts>, Option<AdapterSummary>), Vec<String>> = match kind {
             ModelKind::HfBaseModel => {
                 let summary = tokio::task::spawn_blocking(move || inspect::inspect_base(&dir))
                     .await
                     .map_err(ControlError::internal)?;
-                summary.map(|s| (Some(s), None)).map_err(|p| p.0)
+                summary.map(|s| (Some(BaseFacts::from(&s)), None)).map_err(|p| p.0)
             }
             _ => {
                 let base_name =
@@ -758,7 +790,7 @@ impl ControlPlane {
                 match adapter {
                     Err(p) => Err(p.0),
                     Ok(a) => {
-                        let problems = inspect::check_adapter_against_base(&a, &base);
+                        let problems = inspect::check_adapter_against_base(&a, &base.dims, &base.architecture);
                         if problems.is_empty() {
                             Ok((None, Some(a)))
                         } else {

@@ -27,6 +27,8 @@ struct LoraConfig {
     target_modules: Vec<String>,
     /// In file order: PEFT uses the first key that matches.
     rank_pattern: Vec<(String, u32)>,
+    /// In file order, like `rank_pattern`.
+    alpha_pattern: Vec<(String, f64)>,
     layers_to_transform: Option<BTreeSet<u32>>,
     base_model_name_or_path: Option<String>,
 }
@@ -250,9 +252,9 @@ fn parse_config(value: Value, problems: &mut Vec<String>) -> Option<LoraConfig> 
     }
     let rank_pattern = parse_pattern(&obj, "rank_pattern", problems, |v| as_rank(v).ok_or("a positive integer"));
     let alpha_pattern = parse_pattern(&obj, "alpha_pattern", problems, |v| {
-        v.as_f64().filter(|a| a.is_finite() && *a > 0.0).map(|_| 0u32).ok_or("a positive number")
+        v.as_f64().filter(|a| a.is_finite() && *a > 0.0).ok_or("a positive number")
     });
-    let (Some(rank_pattern), Some(_)) = (rank_pattern, alpha_pattern) else {
+    let (Some(rank_pattern), Some(alpha_pattern)) = (rank_pattern, alpha_pattern) else {
         return None;
     };
     let layers_to_transform = match obj.get("layers_to_transform") {
@@ -290,6 +292,7 @@ fn parse_config(value: Value, problems: &mut Vec<String>) -> Option<LoraConfig> 
         use_rslora,
         target_modules,
         rank_pattern,
+        alpha_pattern,
         layers_to_transform,
         base_model_name_or_path,
     })
@@ -297,12 +300,12 @@ fn parse_config(value: Value, problems: &mut Vec<String>) -> Option<LoraConfig> 
 
 /// Parses `rank_pattern` / `alpha_pattern`: an object of module name (or name suffix) to value.
 /// `None` when it is malformed (already reported).
-fn parse_pattern(
+fn parse_pattern<T>(
     obj: &Map<String, Value>,
     key: &str,
     problems: &mut Vec<String>,
-    value: impl Fn(&Value) -> Result<u32, &'static str>,
-) -> Option<Vec<(String, u32)>> {
+    value: impl Fn(&Value) -> Result<T, &'static str>,
+) -> Option<Vec<(String, T)>> {
     let map = match obj.get(key) {
         None | Some(Value::Null) => return Some(Vec::new()),
         Some(Value::Object(map)) => map,
@@ -443,11 +446,16 @@ fn collect_modules(
             wrong.push(format!("{path}: rank {rank} must be positive and below 2^32"));
             continue;
         };
+        let mut scale = 0.0;
         if let Some(config) = config {
+            // PEFT's rule (`get_pattern_key`): the first key in file order that names the module.
             let (expected, source) = config.rank_pattern.iter().find(|(key, _)| key_matches(key, path)).map_or_else(
                 || (config.r, format!("r = {}", config.r)),
                 |(key, r)| (*r, format!("rank_pattern[{key:?}] = {r}")),
             );
+            let alpha =
+                config.alpha_pattern.iter().find(|(key, _)| key_matches(key, path)).map_or(config.lora_alpha, |p| p.1);
+            scale = if config.use_rslora { alpha / f64::from(rank).sqrt() } else { alpha / f64::from(rank) };
             if rank != expected {
                 wrong.push(format!("{path}: rank {rank} but {CONFIG} says {source}"));
             }
@@ -466,6 +474,7 @@ fn collect_modules(
             rank,
             in_features,
             out_features,
+            scale,
         });
     }
     push_limited(problems, wrong, NAMES_REPORTED * 2, "mismatched LoRA tensors");
@@ -526,11 +535,25 @@ mod tests {
         assert_eq!(s.modules.len(), 4);
         assert_eq!(
             s.modules.first(),
-            Some(&LoraModule { layer: 0, module: "q_proj".into(), rank: 8, in_features: 64, out_features: 64 })
+            Some(&LoraModule {
+                layer: 0,
+                module: "q_proj".into(),
+                rank: 8,
+                in_features: 64,
+                out_features: 64,
+                scale: 2.0
+            })
         );
         assert_eq!(
             s.modules.get(1),
-            Some(&LoraModule { layer: 0, module: "v_proj".into(), rank: 8, in_features: 64, out_features: 32 })
+            Some(&LoraModule {
+                layer: 0,
+                module: "v_proj".into(),
+                rank: 8,
+                in_features: 64,
+                out_features: 32,
+                scale: 2.0
+            })
         );
         // Per layer: q (8*64 + 64*8) + v (8*64 + 32*8).
         assert_eq!(s.parameter_count, 2 * (1024 + 768));

@@ -7,6 +7,7 @@ use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::Path;
 
+use super::config::{Architecture, ModelConfig, RopeScaling};
 use super::{
     element_count, fmt_shape, layer_index, push_limited, BaseSummary, ModelDims, ModelFormat, MAX_LAYERS, MAX_STRING,
     MAX_TENSORS,
@@ -587,8 +588,12 @@ fn check_extent<'a>(
 /// Hyperparameters from the metadata.
 struct Hparams {
     arch: String,
+    architecture: Architecture,
     dims: ModelDims,
     context_length: u32,
+    rms_norm_eps: f64,
+    rope_theta: f64,
+    rope_scaling: RopeScaling,
     name: Option<String>,
     tokenizer: Option<String>,
     has_chat_template: bool,
@@ -700,6 +705,7 @@ fn read_hparams(h: &Header, file: &str, problems: &mut Vec<String>) -> Option<Hp
     let key_length = field("attention.key_length", false);
     let value_length = field("attention.value_length", false);
     let experts = field("expert_count", false);
+    let rope_dims = field("rope.dimension_count", false);
 
     if let Some(n) = experts {
         problems.push(format!("{file}: {arch}.expert_count {n}: mixture-of-experts models are not supported"));
@@ -733,8 +739,51 @@ fn read_hparams(h: &Header, file: &str, problems: &mut Vec<String>) -> Option<Hp
              this is not supported"
         ));
     }
+    if let Some(n) = rope_dims.filter(|&n| n != head_dim) {
+        problems.push(format!(
+            "{file}: {arch}.rope.dimension_count {n} differs from the head size {head_dim} (partial rotary \
+             embeddings are not supported)"
+        ));
+    }
+    if head_dim % 2 != 0 {
+        problems.push(format!("{file}: the head size {head_dim} must be even for rotary embeddings"));
+    }
+    let float = |suffix: &str, default: f64, problems: &mut Vec<String>| -> f64 {
+        let key = format!("{arch}.{suffix}");
+        match meta.get(&key) {
+            None => default,
+            Some(Meta::Float(v)) if v.is_finite() && *v > 0.0 => *v,
+            Some(other) => {
+                problems.push(format!("{file}: {key} must be a positive number, found {}", describe(other)));
+                default
+            }
+        }
+    };
+    let rms_norm_eps = float("attention.layer_norm_rms_epsilon", 1e-5, problems);
+    let rope_theta = float("rope.freq_base", 10000.0, problems);
+    let scaling_key = format!("{arch}.rope.scaling.type");
+    let rope_scaling = match meta.get(&scaling_key) {
+        None => RopeScaling::None,
+        Some(Meta::Str(Some(t))) if t == "none" => RopeScaling::None,
+        Some(Meta::Str(Some(t))) if t == "linear" => {
+            RopeScaling::Linear { factor: float("rope.scaling.factor", 1.0, problems) }
+        }
+        Some(other) => {
+            problems.push(format!(
+                "{file}: {scaling_key} {} is not supported (supported: none, linear, or Llama 3 frequency \
+                 factors in rope_freqs.weight)",
+                describe(other)
+            ));
+            RopeScaling::None
+        }
+    };
+    let architecture = Architecture::from_name(&arch)?;
     Some(Hparams {
         arch,
+        architecture,
+        rms_norm_eps,
+        rope_theta,
+        rope_scaling,
         dims: ModelDims {
             hidden_size: hidden,
             num_layers: layers,
@@ -758,22 +807,22 @@ struct Expected {
     required: bool,
 }
 
-fn expected_tensors(hp: &Hparams) -> Vec<Expected> {
-    let d = &hp.dims;
+fn expected_tensors(c: &ModelConfig) -> Vec<Expected> {
+    let d = &c.dims;
     let hidden = u64::from(d.hidden_size);
     let ff = u64::from(d.intermediate_size);
     let vocab = u64::from(d.vocab_size);
     let (q, kv) = (d.q_width(), d.kv_width());
-    // llama.cpp loads q/k/v biases for qwen2 always, and optionally for llama-style models.
-    let qkv_bias_required = hp.arch == "qwen2";
     let mut out = Vec::new();
     let mut push = |name: String, dims: Vec<u64>, required: bool| out.push(Expected { name, dims, required });
     push("token_embd.weight".into(), vec![hidden, vocab], true);
     push("output_norm.weight".into(), vec![hidden], true);
     // Absent when the output projection is tied to the embeddings.
-    push("output.weight".into(), vec![hidden, vocab], false);
+    push("output.weight".into(), vec![hidden, vocab], !c.tie_word_embeddings);
     // Llama 3 style rope scaling stores its frequency factors.
-    push("rope_freqs.weight".into(), vec![u64::from(d.head_dim / 2)], false);
+    if c.rope_scaling == RopeScaling::FreqFactors {
+        push("rope_freqs.weight".into(), vec![u64::from(d.head_dim / 2)], true);
+    }
     for i in 0..d.num_layers {
         let p = format!("blk.{i}");
         push(format!("{p}.attn_norm.weight"), vec![hidden], true);
@@ -788,10 +837,14 @@ fn expected_tensors(hp: &Hparams) -> Vec<Expected> {
             ("ffn_down", ff, hidden),
         ] {
             push(format!("{p}.{m}.weight"), vec![ne0, ne1], true);
-            let is_qkv = matches!(m, "attn_q" | "attn_k" | "attn_v");
-            let bias_allowed = is_qkv || hp.arch != "qwen2";
-            if bias_allowed {
-                push(format!("{p}.{m}.bias"), vec![ne1], is_qkv && qkv_bias_required);
+            // A bias is all or nothing per kind of projection: the config says which are served.
+            let bias = match m {
+                "attn_q" | "attn_k" | "attn_v" => c.qkv_bias,
+                "attn_output" => c.o_bias,
+                _ => c.mlp_bias,
+            };
+            if bias {
+                push(format!("{p}.{m}.bias"), vec![ne1], true);
             }
         }
     }
@@ -809,11 +862,12 @@ fn squeeze(dims: &[u64]) -> &[u64] {
 
 fn check_shapes(
     hp: &Hparams,
+    config: &ModelConfig,
     tensors: &BTreeMap<String, TensorFacts>,
     all_listed: &BTreeSet<&str>,
     problems: &mut Vec<String>,
 ) {
-    let expected = expected_tensors(hp);
+    let expected = expected_tensors(config);
     let mut known = BTreeSet::new();
     let (mut missing, mut wrong, mut unexpected) = (Vec::new(), Vec::new(), Vec::new());
     for e in &expected {
@@ -850,6 +904,35 @@ fn check_shapes(
     push_limited(problems, unexpected, NAMES_REPORTED, "unexpected tensors");
 }
 
+/// The hyperparameters with what the tensor list adds: a tied output, which biases exist
+/// (judged on the first block; `check_shapes` then requires them in every block) and Llama 3
+/// frequency factors.
+fn model_config(hp: &Hparams, listed: &BTreeSet<&str>, file: &str, problems: &mut Vec<String>) -> ModelConfig {
+    let qwen2 = hp.architecture == Architecture::Qwen2;
+    let mut rope_scaling = hp.rope_scaling.clone();
+    if listed.contains("rope_freqs.weight") {
+        if rope_scaling != RopeScaling::None {
+            problems.push(format!(
+                "{file}: both rope.scaling.type and rope_freqs.weight are set; a model scales RoPE one way"
+            ));
+        }
+        rope_scaling = RopeScaling::FreqFactors;
+    }
+    ModelConfig {
+        architecture: hp.architecture,
+        dims: hp.dims,
+        max_position_embeddings: hp.context_length,
+        rms_norm_eps: hp.rms_norm_eps,
+        rope_theta: hp.rope_theta,
+        rope_scaling,
+        tie_word_embeddings: !listed.contains("output.weight"),
+        // llama.cpp loads q/k/v biases for qwen2 always, and optionally for llama-style models.
+        qkv_bias: qwen2 || listed.contains("blk.0.attn_q.bias"),
+        o_bias: !qwen2 && listed.contains("blk.0.attn_output.bias"),
+        mlp_bias: !qwen2 && listed.contains("blk.0.ffn_up.bias"),
+    }
+}
+
 /// Inspects the single GGUF file `file` of the upload in `dir`.
 pub(crate) fn inspect(
     dir: &Path,
@@ -861,7 +944,8 @@ pub(crate) fn inspect(
     let tensors = check_data(&header, file, problems);
     let hp = read_hparams(&header, file, problems)?;
     let all_listed: BTreeSet<&str> = header.tensors.iter().map(|t| t.name.as_str()).collect();
-    check_shapes(&hp, &tensors, &all_listed, problems);
+    let config = model_config(&hp, &all_listed, file, problems);
+    check_shapes(&hp, &config, &tensors, &all_listed, problems);
 
     let parameter_count = tensors.values().fold(0u64, |acc, t| acc.saturating_add(t.elements));
     let mut by_type: BTreeMap<&str, u64> = BTreeMap::new();
@@ -880,11 +964,9 @@ pub(crate) fn inspect(
         .map_or_else(|| "unknown".to_string(), |(ty, _)| ty.to_string());
     Some(BaseSummary {
         format: ModelFormat::Gguf,
-        architecture: hp.arch,
+        config,
         name: hp.name,
         parameter_count,
-        context_length: Some(hp.context_length),
-        dims: hp.dims,
         dtype,
         files: files.keys().cloned().collect(),
         has_chat_template: hp.has_chat_template,
@@ -908,10 +990,10 @@ mod tests {
     fn tiny_gguf_is_summarised() {
         let s = inspect_bytes(&tiny_gguf().bytes()).expect("valid");
         assert_eq!(s.format, ModelFormat::Gguf);
-        assert_eq!(s.architecture, "llama");
+        assert_eq!(s.config.architecture.name(), "llama");
         assert_eq!(s.name.as_deref(), Some("tiny"));
-        assert_eq!(s.dims, tiny_dims());
-        assert_eq!(s.context_length, Some(256));
+        assert_eq!(s.config.dims, tiny_dims());
+        assert_eq!(s.config.max_position_embeddings, 256);
         assert_eq!(s.parameter_count, tiny_parameter_count(false));
         // token_embd (6400 elements, Q8_0) and one attn_q (4096, Q4_1) leave F32 dominant.
         assert_eq!(s.dtype, "F32");

@@ -1,5 +1,8 @@
-//! Header-only inspection of uploaded checkpoints: Hugging Face safetensors directories, single
-//! GGUF files and PEFT LoRA adapters. Says precisely what is wrong with an upload, or summarises it.
+//! Checkpoint formats and the rules of what hearth serves. Header-only inspection of Hugging
+//! Face safetensors directories, single GGUF files and PEFT LoRA adapters: says precisely what
+//! is wrong with one, or summarises it as the engine will serve it. `:validateUpload` and the
+//! engine's loader both start here, so whatever validates is what serves, and a refusal reads
+//! the same in both places.
 //!
 //! Everything here reads headers, never tensor data: a safetensors header is at most 100 MB, a
 //! GGUF header is walked with a bounded reader that skips array contents instead of keeping
@@ -17,10 +20,13 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+pub mod config;
 mod gguf;
 mod hf;
 mod peft;
 mod safetensors;
+
+pub use config::{Architecture, ModelConfig, RopeScaling};
 #[cfg(test)]
 mod testutil;
 
@@ -147,16 +153,13 @@ impl ModelDims {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BaseSummary {
     pub format: ModelFormat,
-    /// "llama", "mistral" or "qwen2".
-    pub architecture: String,
+    /// The hyperparameters, exactly as the engine serves them.
+    pub config: ModelConfig,
     /// GGUF `general.name`; for Hugging Face, config.json's `_name_or_path` when set.
     #[serde(default)]
     pub name: Option<String>,
     /// Sum of the element counts of all tensors.
     pub parameter_count: u64,
-    /// `max_position_embeddings` or `{arch}.context_length`.
-    pub context_length: Option<u32>,
-    pub dims: ModelDims,
     /// The tensor type holding most elements: "BF16", "F16", "F32", or a GGUF type like "Q4_K".
     pub dtype: String,
     /// The regular files of the upload, sorted.
@@ -171,7 +174,7 @@ pub struct BaseSummary {
 }
 
 /// One patched linear layer of a LoRA addon.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LoraModule {
     pub layer: u32,
     /// The linear layer's own name, e.g. "q_proj".
@@ -181,6 +184,21 @@ pub struct LoraModule {
     pub in_features: u64,
     /// lora_B's first dimension: what the patched layer produces.
     pub out_features: u64,
+    /// What `B·A` is multiplied by: `alpha / rank`, or `alpha / √rank` with rsLoRA, with
+    /// `rank_pattern` and `alpha_pattern` resolved as PEFT resolves them.
+    #[serde(default)]
+    pub scale: f64,
+}
+
+impl LoraModule {
+    /// The module's full name in the base model, as PEFT and transformers name it.
+    pub fn path(&self) -> String {
+        let parent = match self.module.as_str() {
+            "q_proj" | "k_proj" | "v_proj" | "o_proj" => "self_attn",
+            _ => "mlp",
+        };
+        format!("model.layers.{}.{parent}.{}", self.layer, self.module)
+    }
 }
 
 /// Summary of a LoRA addon that passed inspection.
@@ -250,11 +268,40 @@ pub fn inspect_base(dir: &Path) -> Result<BaseSummary, Problems> {
             None
         }
     };
+    finish(summary, problems)
+}
+
+/// Inspects a Hugging Face directory as the engine serves it: `config.json` and what it
+/// implies; other files beside them (a GGUF export, say) are not looked at.
+pub fn inspect_hf_dir(dir: &Path) -> Result<BaseSummary, Problems> {
+    let mut problems = Vec::new();
+    let Some(files) = list_dir(dir, &mut problems) else {
+        return Err(Problems::capped(problems));
+    };
+    finish(hf::inspect(dir, &files, &mut problems), problems)
+}
+
+/// Inspects one GGUF file, wherever it is.
+pub fn inspect_gguf_file(path: &Path) -> Result<BaseSummary, Problems> {
+    let mut problems = Vec::new();
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+        return Err(Problems(vec![format!("{}: not a file name", path.display())]));
+    };
+    let size = match fs::metadata(path) {
+        Ok(m) if m.is_file() => m.len(),
+        Ok(_) => return Err(Problems(vec![format!("{name}: not a regular file")])),
+        Err(e) => return Err(Problems(vec![format!("{name}: cannot read: {e}")])),
+    };
+    let files = BTreeMap::from([(name.to_string(), size)]);
+    finish(gguf::inspect(dir, name, &files, &mut problems), problems)
+}
+
+/// A summary only when no problem was found.
+fn finish(summary: Option<BaseSummary>, mut problems: Vec<String>) -> Result<BaseSummary, Problems> {
     match summary {
         Some(summary) if problems.is_empty() => Ok(summary),
         _ => {
             if problems.is_empty() {
-                // Defensive: every path that yields no summary records why.
                 problems.push("the upload could not be inspected".to_string());
             }
             Err(Problems::capped(problems))
@@ -269,13 +316,13 @@ pub fn inspect_adapter(dir: &Path) -> Result<AdapterSummary, Problems> {
 }
 
 /// Checks that an inspected LoRA addon fits an inspected base model; empty means it fits.
-pub fn check_adapter_against_base(adapter: &AdapterSummary, base: &BaseSummary) -> Vec<String> {
+/// `architecture` names the base's architecture in messages.
+pub fn check_adapter_against_base(adapter: &AdapterSummary, dims: &ModelDims, architecture: &str) -> Vec<String> {
     let mut problems = Vec::new();
     if adapter.modules.is_empty() {
         problems
             .push("the adapter patches no modules: adapter_model.safetensors has no lora_A/lora_B pairs".to_string());
     }
-    let dims = &base.dims;
     for m in &adapter.modules {
         let (layer, module) = (m.layer, m.module.as_str());
         if m.layer >= dims.num_layers {
@@ -289,7 +336,7 @@ pub fn check_adapter_against_base(adapter: &AdapterSummary, base: &BaseSummary) 
             problems.push(format!(
                 "layer {layer} {module}: {module} is not a linear layer of the base {} \
                  architecture (expected one of {})",
-                base.architecture,
+                architecture,
                 LINEAR_MODULES.join(", ")
             ));
             continue;
@@ -514,13 +561,13 @@ mod tests {
         let adapter_dir = tempfile::tempdir().expect("tempdir");
         write_adapter(adapter_dir.path(), &default_adapter_config(), &tiny_adapter_tensors(8));
         let adapter = inspect_adapter(adapter_dir.path()).expect("adapter");
-        assert_eq!(check_adapter_against_base(&adapter, &base), Vec::<String>::new());
+        assert_eq!(check_adapter_against_base(&adapter, &base.config.dims, "llama"), Vec::<String>::new());
 
         // The same adapter fits the GGUF rendition of the same model.
         let gguf_dir = tempfile::tempdir().expect("tempdir");
         write(gguf_dir.path(), "model.gguf", &tiny_gguf().bytes());
         let gguf_base = inspect_base(gguf_dir.path()).expect("gguf base");
-        assert_eq!(check_adapter_against_base(&adapter, &gguf_base), Vec::<String>::new());
+        assert_eq!(check_adapter_against_base(&adapter, &gguf_base.config.dims, "llama"), Vec::<String>::new());
     }
 
     #[test]
@@ -528,8 +575,8 @@ mod tests {
         let base_dir = tempfile::tempdir().expect("tempdir");
         write_llama_dir(base_dir.path());
         let mut base = inspect_base(base_dir.path()).expect("base");
-        base.dims.hidden_size = 576;
-        base.dims.num_layers = 1;
+        base.config.dims.hidden_size = 576;
+        base.config.dims.num_layers = 1;
         let adapter = AdapterSummary {
             r: 8,
             lora_alpha: 16.0,
@@ -537,13 +584,27 @@ mod tests {
             target_modules: vec!["q_proj".into(), "qkv_proj".into()],
             base_model_name_or_path: None,
             modules: vec![
-                LoraModule { layer: 0, module: "q_proj".into(), rank: 8, in_features: 64, out_features: 64 },
-                LoraModule { layer: 1, module: "qkv_proj".into(), rank: 8, in_features: 64, out_features: 128 },
+                LoraModule {
+                    layer: 0,
+                    module: "q_proj".into(),
+                    rank: 8,
+                    in_features: 64,
+                    out_features: 64,
+                    scale: 2.0,
+                },
+                LoraModule {
+                    layer: 1,
+                    module: "qkv_proj".into(),
+                    rank: 8,
+                    in_features: 64,
+                    out_features: 128,
+                    scale: 2.0,
+                },
             ],
             parameter_count: 0,
             ranks: vec![8],
         };
-        let problems = check_adapter_against_base(&adapter, &base);
+        let problems = check_adapter_against_base(&adapter, &base.config.dims, "llama");
         assert_eq!(
             problems,
             vec![
@@ -558,7 +619,7 @@ mod tests {
         );
         let empty = AdapterSummary { modules: vec![], ..adapter };
         assert_eq!(
-            check_adapter_against_base(&empty, &base),
+            check_adapter_against_base(&empty, &base.config.dims, "llama"),
             vec!["the adapter patches no modules: adapter_model.safetensors has no \
                   lora_A/lora_B pairs"
                 .to_string()]

@@ -9,6 +9,7 @@ use std::path::Path;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use super::config::{self, Architecture, ModelConfig};
 use super::safetensors::{self, Tensor};
 use super::{
     fmt_shape, is_float_dtype, layer_index, list_names, push_limited, read_json, BaseSummary, ModelDims, ModelFormat,
@@ -23,61 +24,11 @@ const MAX_TOKENIZER: u64 = 512 << 20;
 /// Missing or unexpected tensor names reported before summarising.
 const NAMES_REPORTED: usize = 10;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Arch {
-    Llama,
-    Mistral,
-    Qwen2,
-}
-
-impl Arch {
-    fn from_class(class: &str) -> Option<Self> {
-        match class {
-            "LlamaForCausalLM" => Some(Arch::Llama),
-            "MistralForCausalLM" => Some(Arch::Mistral),
-            "Qwen2ForCausalLM" => Some(Arch::Qwen2),
-            _ => None,
-        }
-    }
-
-    fn from_model_type(model_type: &str) -> Option<Self> {
-        match model_type {
-            "llama" => Some(Arch::Llama),
-            "mistral" => Some(Arch::Mistral),
-            "qwen2" => Some(Arch::Qwen2),
-            _ => None,
-        }
-    }
-
-    fn model_type(self) -> &'static str {
-        match self {
-            Arch::Llama => "llama",
-            Arch::Mistral => "mistral",
-            Arch::Qwen2 => "qwen2",
-        }
-    }
-
-    fn class(self) -> &'static str {
-        match self {
-            Arch::Llama => "LlamaForCausalLM",
-            Arch::Mistral => "MistralForCausalLM",
-            Arch::Qwen2 => "Qwen2ForCausalLM",
-        }
-    }
-}
-
-/// The parts of config.json that determine the tensor set.
+/// What config.json says: the hyperparameters, and the facts a summary reports.
 #[derive(Debug, Clone)]
 struct Config {
-    arch: Arch,
-    dims: ModelDims,
-    max_position_embeddings: Option<u32>,
-    tie_word_embeddings: bool,
+    model: ModelConfig,
     torch_dtype: Option<String>,
-    /// Llama's `attention_bias`: q/k/v/o projections carry biases.
-    attention_bias: bool,
-    /// Llama's `mlp_bias`: gate/up/down projections carry biases.
-    mlp_bias: bool,
     name: Option<String>,
 }
 
@@ -89,7 +40,7 @@ pub(crate) fn inspect(dir: &Path, files: &BTreeMap<String, u64>, problems: &mut 
 
     let config = config?;
     let weights = weights?;
-    check_tensors(&config, &weights, problems);
+    check_tensors(&config.model, &weights, problems);
 
     let parameter_count = weights.tensors.values().fold(0u64, |acc, t| acc.saturating_add(t.elements));
     let dtype = dominant_dtype(&weights.tensors)
@@ -97,11 +48,9 @@ pub(crate) fn inspect(dir: &Path, files: &BTreeMap<String, u64>, problems: &mut 
         .unwrap_or_else(|| "unknown".to_string());
     Some(BaseSummary {
         format: ModelFormat::HuggingFace,
-        architecture: config.arch.model_type().to_string(),
+        config: config.model,
         name: config.name,
         parameter_count,
-        context_length: config.max_position_embeddings,
-        dims: config.dims,
         dtype,
         files: files.keys().cloned().collect(),
         has_chat_template,
@@ -190,6 +139,9 @@ fn parse_config(value: Value, problems: &mut Vec<String>) -> Option<Config> {
         return None;
     }
     let (arch, hidden, layers, heads, inter, vocab) = (arch?, hidden?, layers?, heads?, inter?, vocab?);
+    if !problems.is_empty() {
+        return None;
+    }
     let kv_heads = kv_heads.unwrap_or(heads);
     if heads % kv_heads != 0 {
         problems.push(format!(
@@ -208,29 +160,33 @@ fn parse_config(value: Value, problems: &mut Vec<String>) -> Option<Config> {
             return None;
         }
     };
-    Some(Config {
-        arch,
-        dims: ModelDims {
-            hidden_size: hidden,
-            num_layers: layers,
-            num_heads: heads,
-            num_kv_heads: kv_heads,
-            head_dim,
-            intermediate_size: inter,
-            vocab_size: vocab,
-        },
-        max_position_embeddings: max_pos,
-        tie_word_embeddings,
-        torch_dtype,
-        attention_bias,
-        mlp_bias,
-        name,
-    })
+    let dims = ModelDims {
+        hidden_size: hidden,
+        num_layers: layers,
+        num_heads: heads,
+        num_kv_heads: kv_heads,
+        head_dim,
+        intermediate_size: inter,
+        vocab_size: vocab,
+    };
+    if head_dim % 2 != 0 {
+        problems.push(format!("config.json: head_dim {head_dim} must be even for rotary embeddings"));
+    }
+    if !problems.is_empty() {
+        return None;
+    }
+    match config::hf_config(&obj, arch, dims, max_pos, attention_bias, mlp_bias, tie_word_embeddings) {
+        Ok(model) => Some(Config { model, torch_dtype, name }),
+        Err(p) => {
+            problems.extend(p);
+            None
+        }
+    }
 }
 
 /// The architecture from `architectures` (what transformers instantiates), cross-checked with
 /// `model_type` (what selects the config class).
-fn parse_arch(obj: &Map<String, Value>, problems: &mut Vec<String>) -> Option<Arch> {
+fn parse_arch(obj: &Map<String, Value>, problems: &mut Vec<String>) -> Option<Architecture> {
     let model_type = match obj.get("model_type") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(s.as_str()),
@@ -259,22 +215,22 @@ fn parse_arch(obj: &Map<String, Value>, problems: &mut Vec<String>) -> Option<Ar
     };
     match (class, model_type) {
         (Some(class), model_type) => {
-            let Some(arch) = Arch::from_class(class) else {
+            let Some(arch) = Architecture::from_class(class) else {
                 problems.push(format!("config.json: architecture {class} is not supported (supported: {SUPPORTED})"));
                 return None;
             };
-            if let Some(mt) = model_type.filter(|mt| *mt != arch.model_type()) {
+            if let Some(mt) = model_type.filter(|mt| *mt != arch.name()) {
                 problems.push(format!(
                     "config.json: model_type {mt} does not match architecture {class} (expected \
                      model_type {})",
-                    arch.model_type()
+                    arch.name()
                 ));
                 return None;
             }
             Some(arch)
         }
         (None, Some(mt)) => {
-            let arch = Arch::from_model_type(mt);
+            let arch = Architecture::from_name(mt);
             if arch.is_none() {
                 problems.push(format!(
                     "config.json: model_type {mt} is not supported (supported: llama, mistral, \
@@ -504,7 +460,7 @@ struct Expected {
     required: bool,
 }
 
-fn expected_tensors(c: &Config) -> Vec<Expected> {
+fn expected_tensors(c: &ModelConfig) -> Vec<Expected> {
     let d = &c.dims;
     let hidden = u64::from(d.hidden_size);
     let inter = u64::from(d.intermediate_size);
@@ -516,7 +472,6 @@ fn expected_tensors(c: &Config) -> Vec<Expected> {
     push("model.norm.weight".into(), vec![hidden], true);
     // vLLM and transformers ignore a stored lm_head when the embeddings are tied.
     push("lm_head.weight".into(), vec![vocab, hidden], !c.tie_word_embeddings);
-    let qkv_bias = c.arch == Arch::Qwen2 || c.attention_bias;
     for i in 0..d.num_layers {
         let p = format!("model.layers.{i}");
         push(format!("{p}.input_layernorm.weight"), vec![hidden], true);
@@ -525,7 +480,7 @@ fn expected_tensors(c: &Config) -> Vec<Expected> {
             [("q_proj", q, hidden), ("k_proj", kv, hidden), ("v_proj", kv, hidden), ("o_proj", hidden, q)]
         {
             push(format!("{p}.self_attn.{m}.weight"), vec![out_f, in_f], true);
-            let bias = if m == "o_proj" { c.attention_bias } else { qkv_bias };
+            let bias = if m == "o_proj" { c.o_bias } else { c.qkv_bias };
             if bias {
                 push(format!("{p}.self_attn.{m}.bias"), vec![out_f], true);
             }
@@ -541,7 +496,7 @@ fn expected_tensors(c: &Config) -> Vec<Expected> {
     out
 }
 
-fn check_tensors(c: &Config, w: &Weights, problems: &mut Vec<String>) {
+fn check_tensors(c: &ModelConfig, w: &Weights, problems: &mut Vec<String>) {
     let expected = expected_tensors(c);
     let mut missing = Vec::new();
     let mut wrong = Vec::new();
@@ -579,7 +534,7 @@ fn check_tensors(c: &Config, w: &Weights, problems: &mut Vec<String>) {
         match layer_index(name) {
             Some((i, _)) if i >= c.dims.num_layers => unexpected
                 .push(format!("{name}: layer {i} but config.json has num_hidden_layers {}", c.dims.num_layers)),
-            _ => unexpected.push(format!("{name}: unexpected tensor for {}", c.arch.class())),
+            _ => unexpected.push(format!("{name}: unexpected tensor for {}", c.architecture.class())),
         }
     }
     push_limited(problems, wrong, NAMES_REPORTED * 2, "tensors with wrong shapes");
@@ -628,9 +583,9 @@ mod tests {
         write_llama_dir(dir.path());
         let s = inspect_base(dir.path()).expect("valid");
         assert_eq!(s.format, ModelFormat::HuggingFace);
-        assert_eq!(s.architecture, "llama");
-        assert_eq!(s.dims, tiny_dims());
-        assert_eq!(s.context_length, Some(256));
+        assert_eq!(s.config.architecture.name(), "llama");
+        assert_eq!(s.config.dims, tiny_dims());
+        assert_eq!(s.config.max_position_embeddings, 256);
         assert_eq!(s.dtype, "BF16");
         assert_eq!(s.parameter_count, tiny_parameter_count(false));
         assert_eq!(s.files, vec!["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]);
@@ -662,7 +617,7 @@ mod tests {
         write(dir.path(), "pytorch_model.bin", b"pickle");
         write(dir.path(), "consolidated.safetensors", b"not even a header");
         let s = inspect_base(dir.path()).expect("valid");
-        assert_eq!(s.architecture, "qwen2");
+        assert_eq!(s.config.architecture.name(), "qwen2");
         assert_eq!(s.parameter_count, tiny_parameter_count(true) - 64 * 100);
         assert!(s.has_chat_template);
     }
@@ -805,6 +760,6 @@ mod tests {
         }
         write_json(dir.path(), "config.json", &config);
         let s = inspect_base(dir.path()).expect("valid");
-        assert_eq!(s.architecture, "mistral");
+        assert_eq!(s.config.architecture.name(), "mistral");
     }
 }
