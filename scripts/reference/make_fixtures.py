@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -1018,6 +1019,28 @@ def gguf_tokenizer_fields(tk) -> tuple[list[str], list[int], list[str]]:
     return tokens, types, merges
 
 
+def llama3_rope_factors(cfg: dict) -> np.ndarray:
+    """The per-frequency divisors llama.cpp's convert_hf_to_gguf.py stores as rope_freqs.weight for a
+    config with Llama 3 rope scaling (written out here from that recipe, not from hearth's code)."""
+    rs = cfg["rope_scaling"]
+    d = cfg["head_dim"]
+    freqs = 1.0 / (cfg["rope_theta"] ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    factor, low, high = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+    old = rs["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old / low, old / high
+    out = []
+    for f in freqs.tolist():
+        wavelen = 2 * math.pi / f
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
 def write_tiny_gguf(path: Path, cfg: dict, sd: dict, tk, qtype=None) -> None:
     import gguf
 
@@ -1076,6 +1099,8 @@ def write_tiny_gguf(path: Path, cfg: dict, sd: dict, tk, qtype=None) -> None:
         put(f"blk.{i}.ffn_down.weight", sd[p + "mlp.down_proj.weight"])
     put("output_norm.weight", sd["model.norm.weight"])
     put("output.weight", sd["lm_head.weight"])
+    if cfg.get("rope_scaling", {}).get("rope_type") == "llama3":
+        w.add_tensor("rope_freqs.weight", llama3_rope_factors(cfg))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -1118,6 +1143,8 @@ def dequantized_state_dict(path: Path, cfg: dict) -> dict[str, torch.Tensor]:
     r = gguf.GGUFReader(str(path))
     sd = {}
     for t in r.tensors:
+        if t.name == "rope_freqs.weight":  # RoPE scaling, not a weight of the HF model
+            continue
         a = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
         a = a.reshape([int(x) for x in reversed(t.shape.tolist())])
         if ".attn_q." in t.name:
@@ -1201,6 +1228,8 @@ def numpy_llama_logprobs_from_gguf(path: Path, ids: list[int]) -> np.ndarray:
         return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
 
     inv = theta ** (-np.arange(0, d, 2, dtype=np.float64) / d)  # [d/2]
+    if "rope_freqs.weight" in W:  # llama.cpp divides each frequency by its factor
+        inv = inv / W["rope_freqs.weight"].reshape(-1)
     ang = np.arange(n, dtype=np.float64)[:, None] * inv[None, :]  # [n, d/2]
     cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
 
@@ -1309,6 +1338,63 @@ def tiny(out_dir: Path, vers: dict) -> None:
             else:
                 print("  gguf.quants.quantize not available: skipping model-q8_0.gguf")
         write_json(d / "reference.json", ref)
+    tiny_llama3(out_dir, vers)
+
+
+def tiny_llama3(out_dir: Path, vers: dict) -> None:
+    """A tiny Llama with Llama 3.1 rope scaling (rope_type llama3), as safetensors + config.json and as a
+    GGUF carrying the same scaling as rope_freqs.weight. original_max_position_embeddings 64 with
+    head_dim 16 and theta 5e5 puts the 8 frequencies in all three bands (kept, blended, divided)."""
+    title = "tiny random Llama with Llama 3 rope scaling"
+    print(f"{title}: reusing the tiny Llama tokenizer")
+    tk = train_tiny_tokenizer("llama")
+    d = out_dir / "tiny_llama3"
+    cfg = tiny_config("llama")
+    cfg["rope_theta"] = 500000.0
+    cfg["rope_scaling"] = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
+    seed = 4321
+    sd = tiny_weights(cfg, seed, biases=False)
+    write_tiny_checkpoint(d, "llama", cfg, sd, tk)
+    model, tok = load_tiny(d)
+    rope = getattr(model.config, "rope_parameters", None) or getattr(model.config, "rope_scaling", None) or {}
+    assert rope.get("rope_type") == "llama3", rope
+    ref, prompts = tiny_reference(model, tok, cfg, title)
+    ref["files"] = {"weights": "model.safetensors", "tokenizer": "tokenizer.json", "config": "config.json"}
+    ref["weights"] = {"seed": seed, "std": 0.02, "norm_weights": "1 + N(0, 0.1)", "biases": None}
+    ref["generator"] = {"script": "scripts/reference/make_fixtures.py", "versions": vers}
+
+    # How far plain RoPE (the scaling ignored) is from the reference: a tolerance well below this
+    # catches an engine that reads the config but serves unscaled positions.
+    plain_cfg = {k: v for k, v in cfg.items() if k != "rope_scaling"}
+    with torch.no_grad():
+        from transformers import AutoModelForCausalLM, LlamaConfig
+
+        plain = AutoModelForCausalLM.from_config(LlamaConfig(**plain_cfg), attn_implementation="eager").eval()
+        plain.load_state_dict(sd)
+        worst = 0.0
+        for p in prompts:
+            ids = torch.tensor([p["token_ids"]])
+            a = model(ids).logits[0].double().log_softmax(-1)
+            b = plain(ids).logits[0].double().log_softmax(-1)
+            worst = max(worst, (a - b).abs().max().item())
+    ref["sensitivity"] = {"max_abs_logprob_change_rope_scaling_ignored": worst}
+    print(f"  sensitivity: {ref['sensitivity']}")
+    assert worst > 1e-3, "the prompts are too short for rope scaling to matter"
+
+    write_tiny_gguf(d / "model.gguf", cfg, sd, tk)
+    back = dequantized_state_dict(d / "model.gguf", cfg)
+    assert all(torch.equal(back[k], sd[k]) for k in sd)
+    npdiff = check_numpy_gguf_forward(d / "model.gguf", prompts)
+    print(f"  independent numpy forward on model.gguf (rope_freqs.weight divisors) vs reference: {npdiff:.3g}")
+    assert npdiff < 1e-5
+    ref["gguf"] = {"file": "model.gguf", "type": "F32", "rope": "llama3 scaling as rope_freqs.weight"}
+    write_json(d / "reference.json", ref)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -86,9 +86,13 @@ pub fn load(path: &Path, precision: Precision, device: &Device) -> Result<Loaded
     } else {
         None
     };
+    // The header checks are hearth-formats', the same `:validateUpload` runs, and so are
+    // their refusals.
+    let refused = |p: hearth_formats::Problems| EngineError::InvalidModel(p.to_string());
     match gguf {
         Some(file) => {
-            let (model, ckpt) = LlamaModel::load_gguf(&file, precision, device)?;
+            let summary = hearth_formats::inspect_gguf_file(&file).map_err(refused)?;
+            let (model, ckpt) = LlamaModel::load_gguf(&file, &summary.config, precision, device)?;
             let Checkpoint::Gguf { content, .. } = &ckpt else {
                 return Err(EngineError::Internal("a GGUF load returned another checkpoint kind".into()));
             };
@@ -100,7 +104,8 @@ pub fn load(path: &Path, precision: Precision, device: &Device) -> Result<Loaded
             if !path.exists() {
                 return Err(EngineError::InvalidModel(format!("{}: no such file or directory", path.display())));
             }
-            let model = LlamaModel::load_hf(path, precision, device)?;
+            let summary = hearth_formats::inspect_hf_dir(path).map_err(refused)?;
+            let model = LlamaModel::load_hf(path, &summary.config, precision, device)?;
             let tokenizer = Tokenizer::from_hf_dir(path)?;
             check_vocab(&model, &tokenizer)?;
             Ok(Loaded { model, tokenizer })

@@ -83,6 +83,21 @@ async fn tiny_qwen2_with_qkv_biases_matches_transformers() {
     check_model(&dir, &dir.join("reference.json"), Precision::Native, 1e-4).await;
 }
 
+/// Llama 3.1 rope scaling (`rope_type: llama3` in config.json) is served, not refused or
+/// ignored: ignoring it moves these logprobs by up to 3.7e-3 (the fixture's `sensitivity`).
+#[tokio::test]
+async fn tiny_llama3_rope_scaling_matches_transformers() {
+    let dir = common::fixtures().join("tiny_llama3");
+    check_model(&dir, &dir.join("reference.json"), Precision::Native, 1e-4).await;
+}
+
+/// The same scaling as llama.cpp stores it, per-frequency divisors in `rope_freqs.weight`.
+#[tokio::test]
+async fn tiny_llama3_gguf_rope_freqs_match_transformers() {
+    let dir = common::fixtures().join("tiny_llama3");
+    check_model(&dir.join("model.gguf"), &dir.join("reference.json"), Precision::Native, 1e-4).await;
+}
+
 #[tokio::test]
 async fn smollm2_fp32_from_gguf_matches_transformers() {
     let Some(gguf) = common::smollm2() else { return };

@@ -292,23 +292,12 @@ pub(crate) fn hf_config(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::tiny_dims;
     use serde_json::json;
-
-    fn dims() -> ModelDims {
-        ModelDims {
-            hidden_size: 64,
-            num_layers: 2,
-            num_heads: 4,
-            num_kv_heads: 2,
-            head_dim: 16,
-            intermediate_size: 128,
-            vocab_size: 512,
-        }
-    }
 
     fn config_of(arch: Architecture, obj: Value) -> Result<ModelConfig, Vec<String>> {
         let obj = obj.as_object().cloned().unwrap_or_default();
-        hf_config(&obj, arch, dims(), Some(256), false, false, false)
+        hf_config(&obj, arch, tiny_dims(), Some(256), false, false, false)
     }
 
     fn config(obj: Value) -> Result<ModelConfig, Vec<String>> {

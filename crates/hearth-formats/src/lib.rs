@@ -323,6 +323,17 @@ pub fn check_adapter_against_base(adapter: &AdapterSummary, dims: &ModelDims, ar
         problems
             .push("the adapter patches no modules: adapter_model.safetensors has no lora_A/lora_B pairs".to_string());
     }
+    if !adapter.modules.is_empty() && adapter.modules.iter().all(|m| dims.linear(&m.module).is_none()) {
+        let mut names: Vec<&str> = adapter.modules.iter().map(|m| m.module.as_str()).collect();
+        names.dedup();
+        return vec![format!(
+            "the adapter patches no module of the base {architecture} model: {} {} not among its linear layers \
+             ({}); the adapter was made for another architecture",
+            list_names(&names),
+            if names.len() == 1 { "is" } else { "are" },
+            LINEAR_MODULES.join(", ")
+        )];
+    }
     for m in &adapter.modules {
         let (layer, module) = (m.layer, m.module.as_str());
         if m.layer >= dims.num_layers {
@@ -344,14 +355,14 @@ pub fn check_adapter_against_base(adapter: &AdapterSummary, dims: &ModelDims, ar
         if m.in_features != shape.in_features {
             problems.push(format!(
                 "layer {layer} {module}: lora_A expects {} input features but the base model's {} \
-                 is {}",
+                 is {} (the adapter was trained for another base model)",
                 m.in_features, shape.in_what, shape.in_features
             ));
         }
         if m.out_features != shape.out_features {
             problems.push(format!(
                 "layer {layer} {module}: lora_B produces {} output features but the base model's \
-                 {} is {}",
+                 {} is {} (the adapter was trained for another base model)",
                 m.out_features, shape.out_what, shape.out_features
             ));
         }
@@ -609,7 +620,7 @@ mod tests {
             problems,
             vec![
                 "layer 0 q_proj: lora_A expects 64 input features but the base model's hidden \
-                 size is 576"
+                 size is 576 (the adapter was trained for another base model)"
                     .to_string(),
                 "layer 1 qkv_proj: the base model has 1 layers (0 to 0)".to_string(),
                 "layer 1 qkv_proj: qkv_proj is not a linear layer of the base llama architecture \

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{CpuStorage, DType, Device, Tensor, D};
 
-use super::config::LlamaConfig;
+use super::config::{LlamaConfig, ModelConfig, RopeScaling};
 use super::kv::KvCache;
 use super::weights::{Checkpoint, Embedding, Linear, Precision};
 use crate::error::{EngineError, Result};
@@ -159,30 +159,25 @@ fn names(gguf: bool, i: usize) -> [String; 9] {
 }
 
 impl LlamaModel {
-    /// Loads a GGUF file.
-    pub fn load_gguf(path: &Path, precision: Precision, device: &Device) -> Result<(LlamaModel, Checkpoint)> {
-        let ckpt = Checkpoint::open_gguf(path)?;
-        let Checkpoint::Gguf { content, .. } = &ckpt else { unreachable!("open_gguf returns Gguf") };
-        let config = LlamaConfig::from_gguf(
-            &content.metadata,
-            content.tensor_infos.contains_key("output.weight"),
-            content.tensor_infos.contains_key("blk.0.attn_q.bias"),
-        )?;
-        let mut ckpt = ckpt;
-        let model = Self::build(config, &mut ckpt, true, precision, device)?;
+    /// Loads a GGUF file whose header hearth-formats read as `config`.
+    pub fn load_gguf(
+        path: &Path,
+        config: &ModelConfig,
+        precision: Precision,
+        device: &Device,
+    ) -> Result<(LlamaModel, Checkpoint)> {
+        let mut ckpt = Checkpoint::open_gguf(path)?;
+        let model = Self::build(LlamaConfig::from(config), &mut ckpt, true, precision, device)?;
         Ok((model, ckpt))
     }
 
-    /// Loads a Hugging Face directory: `config.json` and its safetensors (one file or an
-    /// index of shards).
-    pub fn load_hf(dir: &Path, precision: Precision, device: &Device) -> Result<LlamaModel> {
-        let read = |name: &str| {
-            std::fs::read_to_string(dir.join(name))
-                .map_err(|e| EngineError::InvalidModel(format!("{}: {e}", dir.join(name).display())))
-        };
-        let config = LlamaConfig::from_hf_json(&read("config.json")?)?;
+    /// Loads a Hugging Face directory whose `config.json` hearth-formats read as `config`:
+    /// its safetensors, one file or an index of shards.
+    pub fn load_hf(dir: &Path, config: &ModelConfig, precision: Precision, device: &Device) -> Result<LlamaModel> {
         let files: Vec<PathBuf> = if dir.join("model.safetensors.index.json").exists() {
-            let index: serde_json::Value = serde_json::from_str(&read("model.safetensors.index.json")?)
+            let text = std::fs::read_to_string(dir.join("model.safetensors.index.json"))
+                .map_err(|e| EngineError::InvalidModel(format!("model.safetensors.index.json: {e}")))?;
+            let index: serde_json::Value = serde_json::from_str(&text)
                 .map_err(|e| EngineError::InvalidModel(format!("model.safetensors.index.json: {e}")))?;
             let mut shards: Vec<String> = index["weight_map"]
                 .as_object()
@@ -197,7 +192,7 @@ impl LlamaModel {
             vec![dir.join("model.safetensors")]
         };
         let mut ckpt = Checkpoint::open_hf(&files)?;
-        Self::build(config, &mut ckpt, false, precision, device)
+        Self::build(LlamaConfig::from(config), &mut ckpt, false, precision, device)
     }
 
     fn build(
@@ -217,17 +212,32 @@ impl LlamaModel {
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let [an, q, k, v, o, mn, g, u, d] = names(gguf, i);
-            let bias = |n: &str| c.attention_bias.then(|| format!("{n}.bias"));
+            let hp = &c.hparams;
+            let bias = |n: &str, has: bool| has.then(|| format!("{n}.bias"));
+            let mut linear = |n: &str, has_bias: bool, shape: (usize, usize)| {
+                ckpt.linear(&format!("{n}.weight"), bias(n, has_bias).as_deref(), shape, precision, device)
+            };
+            let (q, k, v, o) = (
+                linear(&q, hp.qkv_bias, (q_out, h))?,
+                linear(&k, hp.qkv_bias, (kv_out, h))?,
+                linear(&v, hp.qkv_bias, (kv_out, h))?,
+                linear(&o, hp.o_bias, (h, q_out))?,
+            );
+            let (gate, up, down) = (
+                linear(&g, hp.mlp_bias, (inter, h))?,
+                linear(&u, hp.mlp_bias, (inter, h))?,
+                linear(&d, hp.mlp_bias, (h, inter))?,
+            );
             layers.push(Layer {
                 attn_norm: ckpt.vector(&format!("{an}.weight"), h, device)?,
-                q: ckpt.linear(&format!("{q}.weight"), bias(&q).as_deref(), (q_out, h), precision, device)?,
-                k: ckpt.linear(&format!("{k}.weight"), bias(&k).as_deref(), (kv_out, h), precision, device)?,
-                v: ckpt.linear(&format!("{v}.weight"), bias(&v).as_deref(), (kv_out, h), precision, device)?,
-                o: ckpt.linear(&format!("{o}.weight"), None, (h, q_out), precision, device)?,
+                q,
+                k,
+                v,
+                o,
                 mlp_norm: ckpt.vector(&format!("{mn}.weight"), h, device)?,
-                gate: ckpt.linear(&format!("{g}.weight"), None, (inter, h), precision, device)?,
-                up: ckpt.linear(&format!("{u}.weight"), None, (inter, h), precision, device)?,
-                down: ckpt.linear(&format!("{d}.weight"), None, (h, inter), precision, device)?,
+                gate,
+                up,
+                down,
             });
         }
         let (embed_name, norm_name, out_name) = if gguf {
@@ -244,7 +254,14 @@ impl LlamaModel {
         } else {
             ckpt.tied_output(embed_name, (c.vocab_size, h), precision, device)?
         };
-        let (cos, sin) = rope_tables(c, device)?;
+        // Llama 3 scaling in a GGUF: per-frequency divisors stored beside the weights.
+        let freq_factors = match c.hparams.rope_scaling {
+            RopeScaling::FreqFactors => {
+                Some(ckpt.vector("rope_freqs.weight", c.head_dim / 2, &Device::Cpu)?.to_vec1::<f32>()?)
+            }
+            _ => None,
+        };
+        let (cos, sin) = rope_tables(c, freq_factors.as_deref(), device)?;
         Ok(LlamaModel {
             config,
             embed,
@@ -553,11 +570,11 @@ fn attention(q: &Tensor, k: &Tensor, v: &Tensor, start: usize) -> Result<Tensor>
     Ok(probs.matmul(&v.contiguous()?)?.reshape((nh, n, hd))?)
 }
 
-/// cos and sin of every position × frequency, `[max_positions, head_dim/2]`.
-fn rope_tables(c: &LlamaConfig, device: &Device) -> Result<(Tensor, Tensor)> {
+/// cos and sin of every position × frequency, `[max_positions, head_dim/2]`, with the
+/// frequencies hearth-formats derives from the config (RoPE scaling included).
+fn rope_tables(c: &LlamaConfig, freq_factors: Option<&[f32]>, device: &Device) -> Result<(Tensor, Tensor)> {
     let half = c.head_dim / 2;
-    let inv: Vec<f32> =
-        (0..half).map(|i| 1.0 / (c.rope_theta as f32).powf((2 * i) as f32 / c.head_dim as f32)).collect();
+    let inv: Vec<f32> = c.hparams.rope_inv_freq(freq_factors).into_iter().map(|f| f as f32).collect();
     let inv = Tensor::from_vec(inv, (1, half), device)?;
     let pos = Tensor::arange(0u32, c.max_position_embeddings as u32, device)?
         .to_dtype(DType::F32)?
