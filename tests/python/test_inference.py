@@ -211,21 +211,20 @@ def test_load_scales_a_deployment_up_after_its_window_and_back_down_after_its_ow
 
 
 def test_a_model_that_cannot_load_fails_the_deployment_with_the_reason(hearth, client, uid, tmp_path):
-    # A checkpoint whose headers are valid but whose config asks for what the engine does not
-    # implement (scaled rotary embeddings): the replica refuses to start, with a reason.
+    # What validates is what serves, so this model is damaged after validation, on disk and
+    # outside any API (as a failing disk would): the replica refuses to start, with a reason.
     model_id = uid("tiny-broken")
     client.models.create(model_id=model_id, model={"kind": "HF_BASE_MODEL", "baseModelDetails": {}})
     files = {f: (ENGINE_FIXTURE / f).read_bytes() for f in FILES}
-    config = json.loads(files["config.json"])
-    config["rope_scaling"] = {"type": "linear", "factor": 2.0}
-    files["config.json"] = json.dumps(config).encode()
     fixtures.upload_model_files(client, model_id, files)
     client.models.validate_upload(model_id)
+    weights = hearth.data_dir / "artifacts" / hearth.account / "models" / model_id / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:4096])
     dep_id = uid("broken")
     client.deployments.create(base_model=f"accounts/{hearth.account}/models/{model_id}", deployment_id=dep_id,
                               min_replica_count=1, max_replica_count=1)
     d = _wait_state(client, dep_id, "FAILED")
-    assert d.status and "rope_scaling" in d.status.message, d
+    assert d.status and "model.safetensors" in d.status.message, d
     assert not _replica_pids(model_id)
     client.deployments.delete(dep_id, hard=True)
 

@@ -10,6 +10,7 @@ pub mod duration;
 pub mod names;
 pub mod openai;
 pub mod query;
+pub mod replica;
 pub mod resources;
 pub mod rpc;
 

@@ -1,16 +1,19 @@
 //! The DeployedModels service ("Load LoRA"): which addon is loaded onto which deployment.
-//! New ones start DEPLOYING; the runtime moves them to DEPLOYED once every replica has the
-//! adapter.
+//! It writes only the spec row; new ones show DEPLOYING until the runtime's reconciler writes
+//! DEPLOYED (every ready replica has the adapter) into the status row.
+
+use std::collections::HashMap;
 
 use hearth_api::names::{Collection, ResourceName};
-use hearth_api::resources::{DeployedModel, DeployedModelState, DeploymentState, ModelKind, ModelState};
+use hearth_api::resources::{DeployedModel, ModelKind, ModelState};
 use serde_json::Value;
 
 use crate::auth::Principal;
 use crate::error::{ControlError, Result};
 use crate::listing::{paginate, render, ListPage, ListRequest, Listable};
-use crate::patch::{self, Patchable};
-use crate::records::{Doc, DEPLOYED_MODELS};
+use crate::patch::{Patch, Patchable};
+use crate::records::deployed_model::{self as record, DeployedModelSpec, DeployedModelStatus};
+use crate::records::Doc;
 use crate::ControlPlane;
 
 pub(crate) const DEPLOYED_MODEL_LIST: Listable = Listable {
@@ -53,17 +56,16 @@ fn check_text(dm: &DeployedModel) -> Result<()> {
 }
 
 impl ControlPlane {
-    fn deployed_model_view(&self, account: &str, doc: &Doc<DeployedModel>) -> DeployedModel {
-        let mut dm = doc.value.clone();
-        dm.name = Some(ResourceName::new(account, Collection::DeployedModels, &doc.id).to_string());
-        dm.create_time = Some(doc.create_time);
-        dm.update_time = Some(doc.update_time);
-        dm
+    async fn deployed_model_view(&self, account: &str, doc: &Doc<DeployedModelSpec>) -> DeployedModel {
+        let status: Option<Doc<DeployedModelStatus>> = self.load(account, &doc.id).await.unwrap_or(None);
+        record::view(account, doc, status.as_ref())
     }
 
     pub(crate) async fn deployed_models_of(&self, account: &str) -> Result<Vec<DeployedModel>> {
-        let docs: Vec<Doc<DeployedModel>> = self.load_all(DEPLOYED_MODELS, account).await?;
-        Ok(docs.iter().map(|d| self.deployed_model_view(account, d)).collect())
+        let statuses: HashMap<String, Doc<DeployedModelStatus>> =
+            self.load_all::<DeployedModelStatus>(account).await?.into_iter().map(|d| (d.id.clone(), d)).collect();
+        let docs: Vec<Doc<DeployedModelSpec>> = self.load_all(account).await?;
+        Ok(docs.iter().map(|d| record::view(account, d, statuses.get(&d.id))).collect())
     }
 
     /// Loads an addon onto a deployment. `replace_merged_addon` is the hot-reload mode: the
@@ -96,6 +98,7 @@ impl ControlPlane {
             .await
             .map_err(|_| ControlError::FailedPrecondition(format!("deployment {deployment_name} does not exist")))?
             .value;
+        let deployment_base = Some(deployment.base_model.as_str()).filter(|b| !b.is_empty());
 
         let m = &model.value.model;
         if m.kind != Some(ModelKind::HfPeftAddon) {
@@ -108,24 +111,24 @@ impl ControlPlane {
                 "model {model_name} is not READY: upload its files and call :validateUpload first"
             )));
         }
-        if deployment.state == Some(DeploymentState::Deleted) {
+        if deployment.is_deleted() {
             return Err(ControlError::FailedPrecondition(format!("deployment {deployment_name} is deleted")));
         }
         let addon_base = m.peft_details.as_ref().and_then(|p| p.base_model.clone()).unwrap_or_default();
-        if Some(addon_base.as_str()) != deployment.base_model.as_deref() {
+        if Some(addon_base.as_str()) != deployment_base {
             return Err(ControlError::FailedPrecondition(format!(
                 "model {model_name} is an addon of {addon_base}, but deployment {deployment_name} serves {}",
-                deployment.base_model.as_deref().unwrap_or("no base model")
+                deployment_base.unwrap_or("no base model")
             )));
         }
-        let hot_reload = deployment.enable_hot_reload_latest_addon == Some(true);
+        let hot_reload = deployment.merged_mode();
         if hot_reload && !replace_merged_addon {
             return Err(ControlError::FailedPrecondition(format!(
                 "deployment {deployment_name} merges one addon at a time (enableHotReloadLatestAddon); \
                  pass replaceMergedAddon=true to replace it"
             )));
         }
-        if !hot_reload && deployment.enable_addons != Some(true) {
+        if !hot_reload && !deployment.addons_enabled() {
             return Err(ControlError::FailedPrecondition(format!(
                 "deployment {deployment_name} does not have enableAddons set; update it with enableAddons=true first"
             )));
@@ -137,34 +140,31 @@ impl ControlPlane {
             )));
         }
 
-        let existing = self.load_all::<DeployedModel>(DEPLOYED_MODELS, account).await?;
-        if let Some(dup) = existing.iter().find(|d| {
-            d.value.model.as_deref() == Some(model_name.as_str())
-                && d.value.deployment.as_deref() == Some(deployment_name.as_str())
-        }) {
+        let existing = self.load_all::<DeployedModelSpec>(account).await?;
+        if let Some(dup) =
+            existing.iter().find(|d| d.value.model == model_name && d.value.deployment == deployment_name)
+        {
             return Err(ControlError::AlreadyExists(format!(
                 "model {model_name} is already loaded onto {deployment_name} as {}",
                 ResourceName::new(account, Collection::DeployedModels, &dup.id)
             )));
         }
-        let first_for_model = !existing.iter().any(|d| d.value.model.as_deref() == Some(model_name.as_str()));
+        let first_for_model = !existing.iter().any(|d| d.value.model == model_name);
         let make_default = first_for_model || body.default == Some(true);
 
-        let dm = DeployedModel {
+        let dm = DeployedModelSpec {
             display_name: body.display_name,
             description: body.description,
-            model: Some(model_name.clone()),
-            deployment: Some(deployment_name.clone()),
-            default: Some(make_default),
-            state: Some(DeployedModelState::Deploying),
+            model: model_name.clone(),
+            deployment: deployment_name.clone(),
+            default: make_default,
             public: body.public,
-            ..DeployedModel::default()
         };
         // An id of eight hex digits, as the hosted service issues; retried on the rare clash.
         let mut doc = None;
         for _ in 0..8 {
             let id = format!("{:08x}", rand::random::<u32>());
-            match self.insert_doc(DEPLOYED_MODELS, account, &id, &dm).await {
+            match self.insert_doc(account, &id, &dm).await {
                 Ok(d) => {
                     doc = Some(d);
                     break;
@@ -179,26 +179,25 @@ impl ControlPlane {
         }
         if replace_merged_addon {
             // The merged slot holds one addon: the others on this deployment are replaced.
-            for old in existing.iter().filter(|d| d.value.deployment.as_deref() == Some(deployment_name.as_str())) {
-                self.store.delete(DEPLOYED_MODELS, account, &old.id, None).await?;
+            for old in existing.iter().filter(|d| d.value.deployment == deployment_name) {
+                self.remove_deployed_model_rows(account, &old.id).await?;
             }
         }
         tracing::info!(account, deployed_model = %doc.id, model = %model_name, deployment = %deployment_name, "addon load requested");
         self.changed();
-        Ok(self.deployed_model_view(account, &doc))
+        Ok(record::view(account, &doc, None))
     }
 
     /// One deployment per model is its default target; setting a new default clears the rest.
     async fn clear_other_defaults(&self, account: &str, model: &str, keep: &str) -> Result<()> {
-        for other in self.load_all::<DeployedModel>(DEPLOYED_MODELS, account).await? {
-            if other.id != keep && other.value.model.as_deref() == Some(model) && other.value.default == Some(true) {
+        for other in self.load_all::<DeployedModelSpec>(account).await? {
+            if other.id != keep && other.value.model == model && other.value.default {
                 self.modify(
-                    DEPLOYED_MODELS,
                     account,
                     &other.id,
                     || not_found(account, &other.id),
-                    |d: &mut Doc<DeployedModel>| {
-                        d.value.default = Some(false);
+                    |d: &mut Doc<DeployedModelSpec>| {
+                        d.value.default = false;
                         Ok(())
                     },
                 )
@@ -216,9 +215,8 @@ impl ControlPlane {
         read_mask: Option<&str>,
     ) -> Result<Value> {
         self.authorize(who, account)?;
-        let doc: Doc<DeployedModel> =
-            self.load(DEPLOYED_MODELS, account, id).await?.ok_or_else(|| not_found(account, id))?;
-        render(&self.deployed_model_view(account, &doc), read_mask)
+        let doc: Doc<DeployedModelSpec> = self.load(account, id).await?.ok_or_else(|| not_found(account, id))?;
+        render(&self.deployed_model_view(account, &doc).await, read_mask)
     }
 
     pub async fn list_deployed_models(&self, who: &Principal, account: &str, req: &ListRequest) -> Result<ListPage> {
@@ -241,26 +239,27 @@ impl ControlPlane {
         update_mask: Option<&str>,
     ) -> Result<Value> {
         self.authorize(who, account)?;
+        let patch: Patch<DeployedModel> = Patch::parse(body, update_mask, &DEPLOYED_MODEL_PATCH)?;
         let mut became_default = None;
         let doc = self
             .modify(
-                DEPLOYED_MODELS,
                 account,
                 id,
                 || not_found(account, id),
-                |doc: &mut Doc<DeployedModel>| {
-                    let updated = patch::apply(&doc.value, body, update_mask, &DEPLOYED_MODEL_PATCH)?;
+                |doc: &mut Doc<DeployedModelSpec>| {
+                    let updated = patch.apply(&doc.value.to_wire())?;
                     check_text(&updated)?;
-                    if updated.model != doc.value.model || updated.deployment != doc.value.deployment {
+                    let new = DeployedModelSpec::from_wire(&updated);
+                    if new.model != doc.value.model || new.deployment != doc.value.deployment {
                         return Err(ControlError::InvalidArgument(
                             "model and deployment of a deployed model cannot change; unload it and load the other one"
                                 .to_string(),
                         ));
                     }
-                    if updated.default == Some(true) && doc.value.default != Some(true) {
-                        became_default = updated.model.clone();
+                    if new.default && !doc.value.default {
+                        became_default = Some(new.model.clone());
                     }
-                    doc.value = updated;
+                    doc.value = new;
                     Ok(())
                 },
             )
@@ -269,34 +268,32 @@ impl ControlPlane {
             self.clear_other_defaults(account, &model, id).await?;
         }
         self.changed();
-        render(&self.deployed_model_view(account, &doc), None)
+        render(&self.deployed_model_view(account, &doc).await, None)
     }
 
     /// Unloads an addon. If it was its model's default, the oldest remaining deployment of
     /// that model becomes the default, so the plain model name keeps resolving.
     pub async fn delete_deployed_model(&self, who: &Principal, account: &str, id: &str) -> Result<()> {
         self.authorize(who, account)?;
-        let doc: Doc<DeployedModel> =
-            self.load(DEPLOYED_MODELS, account, id).await?.ok_or_else(|| not_found(account, id))?;
-        self.store.delete(DEPLOYED_MODELS, account, id, None).await?;
-        if doc.value.default == Some(true) {
-            let model = doc.value.model.clone().unwrap_or_default();
-            let mut rest: Vec<Doc<DeployedModel>> = self
-                .load_all::<DeployedModel>(DEPLOYED_MODELS, account)
+        let doc: Doc<DeployedModelSpec> = self.load(account, id).await?.ok_or_else(|| not_found(account, id))?;
+        self.remove_deployed_model_rows(account, id).await?;
+        if doc.value.default {
+            let model = doc.value.model.clone();
+            let mut rest: Vec<Doc<DeployedModelSpec>> = self
+                .load_all::<DeployedModelSpec>(account)
                 .await?
                 .into_iter()
-                .filter(|d| d.value.model.as_deref() == Some(model.as_str()))
+                .filter(|d| d.value.model == model)
                 .collect();
             rest.sort_by_key(|d| d.create_time);
             if let Some(next) = rest.first() {
                 let next_id = next.id.clone();
                 self.modify(
-                    DEPLOYED_MODELS,
                     account,
                     &next_id,
                     || not_found(account, &next_id),
-                    |d: &mut Doc<DeployedModel>| {
-                        d.value.default = Some(true);
+                    |d: &mut Doc<DeployedModelSpec>| {
+                        d.value.default = true;
                         Ok(())
                     },
                 )

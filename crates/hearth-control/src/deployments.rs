@@ -1,8 +1,8 @@
-//! The Deployments service: create, read, update, soft delete, undelete, scale and purge
-//! deployments. Until a runtime drives them, new deployments stay CREATING; the state
-//! machine below is the one the runtime will move along.
+//! The Deployments service: create, read, update, soft delete, undelete, scale, expire and
+//! purge deployments. It writes only the spec row of a deployment; the state the API shows
+//! comes from the status row the runtime's reconciler writes (`records/deployment.rs`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -10,20 +10,26 @@ use chrono::Utc;
 use hearth_api::duration::ProtoDuration;
 use hearth_api::names::{validate_id, Collection, ResourceName};
 use hearth_api::resources::{
-    AutoscalingPolicy, DeployedModel, Deployment, DeploymentState, DirectRouteType, HotLoadBucketType, ModelKind,
-    ModelState, Precision, ScaleDeploymentRequest,
+    AutoscalingPolicy, Deployment, DeploymentState, DirectRouteType, HotLoadBucketType, ModelKind, ModelState,
+    Precision, ScaleDeploymentRequest,
 };
 use serde_json::Value;
 
 use crate::auth::Principal;
 use crate::error::{ControlError, Result};
 use crate::listing::{paginate, render, ListPage, ListRequest, Listable};
-use crate::patch::{self, Patchable};
-use crate::records::{random_id, Doc, DEPLOYED_MODELS, DEPLOYMENTS};
+use crate::patch::{Patch, Patchable};
+use crate::records::deployed_model::{DeployedModelSpec, DeployedModelStatus};
+use crate::records::deployment::{self as record, DeploymentSpec, DeploymentStatus};
+use crate::records::{decode_body, random_id, Doc, Record, DEPLOYMENTS};
 use crate::ControlPlane;
 
 /// Replica counts above this are refused: a typo, not a plan, on any machine hearth runs on.
 pub const MAX_REPLICAS: i32 = 1000;
+
+/// Sequences one replica decodes together at most (the engine's `--max-running`); one
+/// replica's capacity, to the autoscaler.
+pub const REPLICA_BATCH_SIZE: usize = 64;
 
 pub const DEFAULT_SCALE_UP_WINDOW: u64 = 30;
 pub const DEFAULT_SCALE_DOWN_WINDOW: u64 = 600;
@@ -251,22 +257,63 @@ fn normalise(d: &mut Deployment, min_to_zero: Duration) -> Result<()> {
 }
 
 impl ControlPlane {
-    fn deployment_view(&self, account: &str, doc: &Doc<Deployment>) -> Deployment {
-        let mut d = doc.value.clone();
-        d.name = Some(ResourceName::new(account, Collection::Deployments, &doc.id).to_string());
-        d.create_time = Some(doc.create_time);
-        d.update_time = Some(doc.update_time);
-        d
+    pub(crate) async fn deployment_view(&self, account: &str, id: &str) -> Result<Deployment> {
+        let status: Option<Doc<DeploymentStatus>> = self.load(account, id).await.unwrap_or(None);
+        match self.store.get(DEPLOYMENTS, account, id).await? {
+            None => Err(not_found(account, id)),
+            Some(rec) => Ok(self.view_of_row(account, rec, status.as_ref())),
+        }
+    }
+
+    fn view_of_row(
+        &self,
+        account: &str,
+        rec: hearth_store::Record,
+        status: Option<&Doc<DeploymentStatus>>,
+    ) -> Deployment {
+        match decode_body::<DeploymentSpec>(&rec.body) {
+            Ok(spec) => {
+                let doc = Doc {
+                    id: rec.id.clone(),
+                    value: spec,
+                    version: rec.version,
+                    create_time: rec.create_time,
+                    update_time: rec.update_time,
+                };
+                record::view(account, &rec.id, &doc, status)
+            }
+            Err(why) => record::unreadable_view(account, &rec.id, &why, status),
+        }
     }
 
     /// All deployments of an account as the API shows them, deleted ones included.
     pub(crate) async fn deployments_of(&self, account: &str) -> Result<Vec<Deployment>> {
-        let docs: Vec<Doc<Deployment>> = self.load_all(DEPLOYMENTS, account).await?;
-        Ok(docs.iter().map(|d| self.deployment_view(account, d)).collect())
+        let statuses: HashMap<String, Doc<DeploymentStatus>> =
+            self.load_all::<DeploymentStatus>(account).await?.into_iter().map(|d| (d.id.clone(), d)).collect();
+        let rows = self.store.list(DEPLOYMENTS, account).await?;
+        Ok(rows
+            .into_iter()
+            .map(|rec| {
+                let status = statuses.get(&rec.id);
+                self.view_of_row(account, rec, status)
+            })
+            .collect())
     }
 
-    pub(crate) async fn load_deployment(&self, account: &str, id: &str) -> Result<Doc<Deployment>> {
-        self.load(DEPLOYMENTS, account, id).await?.ok_or_else(|| not_found(account, id))
+    pub(crate) async fn load_deployment(&self, account: &str, id: &str) -> Result<Doc<DeploymentSpec>> {
+        self.load(account, id).await?.ok_or_else(|| not_found(account, id))
+    }
+
+    /// A deployment's spec and status, for the rules that depend on its state.
+    pub(crate) async fn deployment_with_status(
+        &self,
+        account: &str,
+        id: &str,
+    ) -> Result<Option<(Doc<DeploymentSpec>, DeploymentStatus)>> {
+        let Some(spec) = self.load::<DeploymentSpec>(account, id).await? else { return Ok(None) };
+        let status =
+            self.load::<DeploymentStatus>(account, id).await.ok().flatten().map(|d| d.value).unwrap_or_default();
+        Ok(Some((spec, status)))
     }
 
     /// The base model of a deployment must be a READY base model the account may use.
@@ -325,18 +372,16 @@ impl ControlPlane {
             ..body
         };
         normalise(&mut d, self.config.min_scale_to_zero_window)?;
-        d.state = Some(DeploymentState::Creating);
-        d.desired_replica_count = d.min_replica_count;
-        d.replica_count = Some(0);
+        let spec = DeploymentSpec { generation: 1, ..DeploymentSpec::from_wire(&d) };
         if opts.validate_only {
-            let mut preview = d;
-            preview.name = Some(ResourceName::new(account, Collection::Deployments, &id).to_string());
-            return Ok(preview);
+            let now = Utc::now();
+            let doc = Doc { id: id.clone(), value: spec, version: 0, create_time: now, update_time: now };
+            return Ok(record::view(account, &id, &doc, None));
         }
-        let doc = self.insert_doc(DEPLOYMENTS, account, &id, &d).await?;
+        let doc = self.insert_doc(account, &id, &spec).await?;
         tracing::info!(account, deployment = %id, "deployment created");
         self.changed();
-        Ok(self.deployment_view(account, &doc))
+        Ok(record::view(account, &id, &doc, None))
     }
 
     pub async fn get_deployment(
@@ -347,8 +392,7 @@ impl ControlPlane {
         read_mask: Option<&str>,
     ) -> Result<Value> {
         self.authorize(who, account)?;
-        let doc = self.load_deployment(account, id).await?;
-        render(&self.deployment_view(account, &doc), read_mask)
+        render(&self.deployment_view(account, id).await?, read_mask)
     }
 
     pub async fn list_deployments(&self, who: &Principal, account: &str, req: &ListRequest) -> Result<ListPage> {
@@ -372,42 +416,45 @@ impl ControlPlane {
         update_mask: Option<&str>,
     ) -> Result<Value> {
         self.authorize(who, account)?;
-        let parsed: Deployment = serde_json::from_value(body.clone())
-            .map_err(|e| ControlError::InvalidArgument(format!("invalid deployment: {e}")))?;
-        refuse_unimplemented(&parsed)?;
+        let patch: Patch<Deployment> = Patch::parse(body, update_mask, &DEPLOYMENT_PATCH)?;
+        refuse_unimplemented(&patch.value)?;
         // A changed base model must be one this account may deploy.
         let current = self.load_deployment(account, id).await?;
-        if let Some(base) = parsed.base_model.as_deref().filter(|b| Some(*b) != current.value.base_model.as_deref()) {
+        if let Some(base) = patch.value.base_model.as_deref().filter(|b| *b != current.value.base_model) {
             self.check_base_model(account, Some(base)).await?;
         }
-        let doc = self
-            .modify(
-                DEPLOYMENTS,
-                account,
-                id,
-                || not_found(account, id),
-                |doc: &mut Doc<Deployment>| {
-                    if doc.value.state == Some(DeploymentState::Deleted) {
-                        return Err(ControlError::FailedPrecondition(format!(
-                            "deployment accounts/{account}/deployments/{id} is deleted; undelete it before updating"
-                        )));
-                    }
-                    let mut updated = patch::apply(&doc.value, body, update_mask, &DEPLOYMENT_PATCH)?;
-                    normalise(&mut updated, self.config.min_scale_to_zero_window)?;
-                    // A running deployment that changed rolls to the new spec.
-                    if updated != doc.value && doc.value.state == Some(DeploymentState::Ready) {
-                        updated.state = Some(DeploymentState::Updating);
-                    }
-                    let desired = updated.desired_replica_count.unwrap_or(0);
-                    let (min, max) = (updated.min_replica_count.unwrap_or(0), updated.max_replica_count.unwrap_or(0));
-                    updated.desired_replica_count = Some(desired.clamp(min, max));
-                    doc.value = updated;
-                    Ok(())
-                },
-            )
-            .await?;
+        let min_to_zero = self.config.min_scale_to_zero_window;
+        self.modify(
+            account,
+            id,
+            || not_found(account, id),
+            |doc: &mut Doc<DeploymentSpec>| {
+                if doc.value.is_deleted() {
+                    return Err(ControlError::FailedPrecondition(format!(
+                        "deployment accounts/{account}/deployments/{id} is deleted; undelete it before updating"
+                    )));
+                }
+                let mut updated = patch.apply(&doc.value.to_wire())?;
+                normalise(&mut updated, min_to_zero)?;
+                let old = &doc.value;
+                let new = DeploymentSpec {
+                    delete_time: old.delete_time,
+                    purge_time: old.purge_time,
+                    generation: old.generation,
+                    scale: old.scale,
+                    ..DeploymentSpec::from_wire(&updated)
+                };
+                // Any change is a new generation: the runtime rolls to it (and a FAILED
+                // deployment tries again).
+                if new != *old {
+                    doc.value = DeploymentSpec { generation: old.generation + 1, ..new };
+                }
+                Ok(())
+            },
+        )
+        .await?;
         self.changed();
-        render(&self.deployment_view(account, &doc), None)
+        render(&self.deployment_view(account, id).await?, None)
     }
 
     /// Soft delete (the default) marks the deployment DELETED and schedules its purge;
@@ -422,96 +469,124 @@ impl ControlPlane {
         ignore_checks: bool,
     ) -> Result<()> {
         self.authorize(who, account)?;
-        let doc = self.load_deployment(account, id).await?;
+        // A hard delete removes even a deployment whose record cannot be read.
+        let spec = match self.load_deployment(account, id).await {
+            Ok(doc) => Some(doc),
+            Err(ControlError::DataLoss(_)) if hard => None,
+            Err(e) => return Err(e),
+        };
         let name = ResourceName::new(account, Collection::Deployments, id).to_string();
-        let loaded: Vec<Doc<DeployedModel>> = self
-            .load_all::<DeployedModel>(DEPLOYED_MODELS, account)
-            .await?
-            .into_iter()
-            .filter(|dm| dm.value.deployment.as_deref() == Some(name.as_str()))
-            .collect();
+        let loaded = self.addons_loaded_on(account, &name).await?;
         if !loaded.is_empty() && !ignore_checks {
             let names: Vec<String> = loaded
                 .iter()
-                .map(|dm| ResourceName::new(account, Collection::DeployedModels, &dm.id).to_string())
+                .map(|dm| ResourceName::new(account, Collection::DeployedModels, dm).to_string())
                 .collect();
             return Err(ControlError::FailedPrecondition(format!(
                 "deployment {name} still has LoRA addons loaded ({}); unload them first or pass ignoreChecks=true",
                 names.join(", ")
             )));
         }
-        if !hard && doc.value.state == Some(DeploymentState::Deleted) {
+        if !hard && spec.as_ref().is_some_and(|s| s.value.is_deleted()) {
             return Err(ControlError::NotFound(format!(
                 "deployment {name} is already deleted; undelete it, or pass hard=true to purge it now"
             )));
         }
         for dm in &loaded {
-            self.store.delete(DEPLOYED_MODELS, account, &dm.id, None).await?;
+            self.remove_deployed_model_rows(account, dm).await?;
         }
         if hard {
-            self.store.delete(DEPLOYMENTS, account, id, None).await?;
+            self.remove_deployment_rows(account, id, None).await?;
             tracing::info!(account, deployment = %id, "deployment purged");
             self.changed();
             return Ok(());
         }
+        self.soft_delete(account, id).await?;
+        tracing::info!(account, deployment = %id, "deployment soft-deleted");
+        self.changed();
+        Ok(())
+    }
+
+    async fn soft_delete(&self, account: &str, id: &str) -> Result<()> {
         let purge_delay = chrono::Duration::from_std(self.config.purge_delay).map_err(ControlError::internal)?;
         self.modify(
-            DEPLOYMENTS,
             account,
             id,
             || not_found(account, id),
-            |doc: &mut Doc<Deployment>| {
+            |doc: &mut Doc<DeploymentSpec>| {
                 let now = Utc::now();
-                doc.value.state = Some(DeploymentState::Deleted);
                 doc.value.delete_time = Some(now);
                 doc.value.purge_time = Some(now + purge_delay);
-                doc.value.desired_replica_count = Some(0);
                 Ok(())
             },
         )
         .await?;
-        tracing::info!(account, deployment = %id, "deployment soft-deleted");
-        self.changed();
         Ok(())
+    }
+
+    /// The ids of the DeployedModels loaded onto deployment `name`.
+    pub(crate) async fn addons_loaded_on(&self, account: &str, name: &str) -> Result<Vec<String>> {
+        Ok(self
+            .load_all::<DeployedModelSpec>(account)
+            .await?
+            .into_iter()
+            .filter(|dm| dm.value.deployment == name)
+            .map(|dm| dm.id)
+            .collect())
+    }
+
+    /// Removes a deployment's spec (only at `version`, when given) and then its status row.
+    /// Returns whether the spec was removed.
+    async fn remove_deployment_rows(&self, account: &str, id: &str, version: Option<i64>) -> Result<bool> {
+        let removed = self.store.delete(DEPLOYMENTS, account, id, version).await?;
+        if removed || version.is_none() {
+            self.store.delete(DeploymentStatus::KIND, account, id, None).await?;
+        }
+        Ok(removed)
+    }
+
+    pub(crate) async fn remove_deployed_model_rows(&self, account: &str, id: &str) -> Result<bool> {
+        let removed = self.store.delete(DeployedModelSpec::KIND, account, id, None).await?;
+        self.store.delete(DeployedModelStatus::KIND, account, id, None).await?;
+        Ok(removed)
     }
 
     /// Brings back a DELETED or FAILED deployment. Anything else is, as AIP-164 asks,
     /// ALREADY_EXISTS: there is nothing to undelete.
     pub async fn undelete_deployment(&self, who: &Principal, account: &str, id: &str) -> Result<Deployment> {
         self.authorize(who, account)?;
-        let current = self.load_deployment(account, id).await?;
-        // The base model may have gone while the deployment was deleted.
-        if matches!(current.value.state, Some(DeploymentState::Deleted | DeploymentState::Failed)) {
-            self.check_base_model(account, current.value.base_model.as_deref()).await?;
+        let (spec, status) = self.deployment_with_status(account, id).await?.ok_or_else(|| not_found(account, id))?;
+        let state = record::state_of(&spec.value, &status);
+        if !matches!(state, DeploymentState::Deleted | DeploymentState::Failed) {
+            return Err(ControlError::AlreadyExists(format!(
+                "deployment accounts/{account}/deployments/{id} is {state} and not deleted; nothing to undelete"
+            )));
         }
-        let doc = self
-            .modify(
-                DEPLOYMENTS,
-                account,
-                id,
-                || not_found(account, id),
-                |doc: &mut Doc<Deployment>| {
-                    match doc.value.state {
-                        Some(DeploymentState::Deleted | DeploymentState::Failed) => {}
-                        other => {
-                            return Err(ControlError::AlreadyExists(format!(
-                            "deployment accounts/{account}/deployments/{id} is {} and not deleted; nothing to undelete",
-                            other.map(|s| s.as_str()).unwrap_or("STATE_UNSPECIFIED")
-                        )))
-                        }
-                    }
-                    doc.value.state = Some(DeploymentState::Creating);
-                    doc.value.status = None;
-                    doc.value.delete_time = None;
-                    doc.value.purge_time = None;
-                    doc.value.desired_replica_count = doc.value.min_replica_count;
-                    Ok(())
-                },
-            )
-            .await?;
+        // The base model may have gone while the deployment was deleted.
+        self.check_base_model(account, Some(&spec.value.base_model)).await?;
+        self.modify(
+            account,
+            id,
+            || not_found(account, id),
+            |doc: &mut Doc<DeploymentSpec>| {
+                let s = &mut doc.value;
+                if s.generation != spec.value.generation || s.delete_time != spec.value.delete_time {
+                    return Err(ControlError::Aborted(format!(
+                        "deployment accounts/{account}/deployments/{id} changed while being undeleted; retry"
+                    )));
+                }
+                s.delete_time = None;
+                s.purge_time = None;
+                // A new generation clears the failure; it starts again from its minimum.
+                s.generation += 1;
+                s.request_scale(s.min_replica_count);
+                Ok(())
+            },
+        )
+        .await?;
         tracing::info!(account, deployment = %id, "deployment undeleted");
         self.changed();
-        Ok(self.deployment_view(account, &doc))
+        self.deployment_view(account, id).await
     }
 
     /// Sets the replica count directly, within `0..=maxReplicaCount`.
@@ -525,23 +600,23 @@ impl ControlPlane {
         self.authorize(who, account)?;
         let n = req.replica_count.unwrap_or(0);
         self.modify(
-            DEPLOYMENTS,
             account,
             id,
             || not_found(account, id),
-            |doc: &mut Doc<Deployment>| {
-                if doc.value.state == Some(DeploymentState::Deleted) {
+            |doc: &mut Doc<DeploymentSpec>| {
+                let s = &mut doc.value;
+                if s.is_deleted() {
                     return Err(ControlError::FailedPrecondition(format!(
                         "deployment accounts/{account}/deployments/{id} is deleted; undelete it before scaling"
                     )));
                 }
-                let max = doc.value.max_replica_count.unwrap_or(1);
+                let max = s.max_replica_count;
                 if n < 0 || n > max {
                     return Err(ControlError::OutOfRange(format!(
                     "replicaCount must be between 0 and maxReplicaCount ({max}), got {n}; raise maxReplicaCount first"
                 )));
                 }
-                doc.value.desired_replica_count = Some(n);
+                s.request_scale(n);
                 Ok(())
             },
         )
@@ -551,15 +626,40 @@ impl ControlPlane {
         Ok(())
     }
 
+    /// Soft-deletes deployments whose `expireTime` has passed, as the spec says. Returns how
+    /// many.
+    pub async fn expire_deployments(&self) -> Result<usize> {
+        let now = Utc::now();
+        let mut expired = 0;
+        for rec in self.store.list_all(DEPLOYMENTS).await? {
+            let Ok(spec) = decode_body::<DeploymentSpec>(&rec.body) else { continue };
+            if spec.is_deleted() || spec.expire_time.is_none_or(|t| t > now) {
+                continue;
+            }
+            match self.soft_delete(&rec.account, &rec.id).await {
+                Ok(()) => {
+                    tracing::info!(account = %rec.account, deployment = %rec.id, "deployment deleted at its expireTime");
+                    expired += 1;
+                }
+                Err(ControlError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if expired > 0 {
+            self.changed();
+        }
+        Ok(expired)
+    }
+
     /// Removes soft-deleted deployments whose purge time has passed. Returns how many.
     pub async fn purge_expired_deployments(&self) -> Result<usize> {
         let now = Utc::now();
         let mut purged = 0;
         for rec in self.store.list_all(DEPLOYMENTS).await? {
-            let Ok(d) = serde_json::from_str::<Deployment>(&rec.body) else { continue };
-            let due = d.state == Some(DeploymentState::Deleted) && d.purge_time.is_some_and(|t| t <= now);
+            let Ok(spec) = decode_body::<DeploymentSpec>(&rec.body) else { continue };
+            let due = spec.is_deleted() && spec.purge_time.is_some_and(|t| t <= now);
             // The version guard keeps an undelete that raced with the purge.
-            if due && self.store.delete(DEPLOYMENTS, &rec.account, &rec.id, Some(rec.version)).await? {
+            if due && self.remove_deployment_rows(&rec.account, &rec.id, Some(rec.version)).await? {
                 tracing::info!(account = %rec.account, deployment = %rec.id, "deployment purged after its purge time");
                 purged += 1;
             }

@@ -28,6 +28,9 @@ pub enum ControlError {
     ResourceExhausted(String),
     #[error("{0}")]
     Unavailable(String),
+    /// A stored record that cannot be read.
+    #[error("{0}")]
+    DataLoss(String),
     /// Something hearth did wrong. The detail is logged; the client sees a generic message.
     #[error("internal error: {0}")]
     Internal(String),
@@ -49,6 +52,7 @@ impl ControlError {
             ControlError::Unimplemented(_) => Code::Unimplemented,
             ControlError::ResourceExhausted(_) => Code::ResourceExhausted,
             ControlError::Unavailable(_) => Code::Unavailable,
+            ControlError::DataLoss(_) => Code::DataLoss,
             ControlError::Internal(_) => Code::Internal,
         }
     }

@@ -1,5 +1,7 @@
 //! hearth's control plane: the services that validate and change Models, Deployments and
-//! DeployedModels, authentication, the artifact store and signed upload URLs.
+//! DeployedModels, authentication, the artifact store and signed upload URLs, and the
+//! versioned records the store keeps. The runtime (hearth-runtime) reads specs and writes
+//! statuses through [`observe`].
 //!
 //! Services take parsed wire types and return resources or a `ControlError`; they never see
 //! HTTP. Every rule about resources (which fields may be set, which transitions are legal,
@@ -7,20 +9,17 @@
 
 pub mod artifacts;
 pub mod auth;
-pub mod autoscale;
 pub mod deployed_models;
 pub mod deployments;
 pub mod error;
-pub mod fleet;
 mod lease;
 pub mod listing;
 mod loras;
 pub mod models;
+pub mod observe;
 mod patch;
-pub mod reconciler;
 mod records;
 pub mod routing;
-pub mod runtime;
 pub mod signing;
 mod sources;
 
@@ -91,7 +90,7 @@ impl ControlPlane {
             .read_timeout(Duration::from_secs(120))
             .build()
             .map_err(ControlError::internal)?;
-        Ok(ControlPlane {
+        let control = ControlPlane {
             store,
             artifacts,
             signer,
@@ -100,7 +99,9 @@ impl ControlPlane {
             http,
             imports: Arc::default(),
             changes: Arc::default(),
-        })
+        };
+        control.migrate_records().await?;
+        Ok(control)
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {

@@ -30,10 +30,11 @@ use serde_json::json;
 
 use crate::auth::Principal;
 use crate::deployments::CreateDeploymentOptions;
+use crate::deployments::REPLICA_BATCH_SIZE;
 use crate::error::{ControlError, Result};
 use crate::models::ModelRecord;
-use crate::records::{Doc, DEPLOYED_MODELS, DEPLOYMENTS, MODELS};
-use crate::runtime::MAX_BATCH_SIZE;
+use crate::records::deployed_model::DeployedModelSpec;
+use crate::records::Doc;
 use crate::ControlPlane;
 
 fn lora_not_found(name: &str) -> ControlError {
@@ -77,7 +78,7 @@ impl ControlPlane {
         }
         let source = model_source(&req.source);
         crate::sources::check(&source)?;
-        if self.load::<ModelRecord>(MODELS, &account, &req.lora_name).await?.is_some() {
+        if self.load::<ModelRecord>(&account, &req.lora_name).await?.is_some() {
             return Err(ControlError::AlreadyExists(format!(
                 "a LoRA or model named {} already exists in account {account}",
                 req.lora_name
@@ -107,13 +108,13 @@ impl ControlPlane {
     async fn default_lora_deployment(&self, who: &Principal, base: &ResourceName) -> Result<String> {
         let account = &who.account;
         let base_name = base.to_string();
-        let mut live: Vec<Doc<Deployment>> = self
-            .load_all::<Deployment>(DEPLOYMENTS, account)
+        let mut live: Vec<Doc<crate::records::deployment::DeploymentSpec>> = self
+            .load_all(account)
             .await?
             .into_iter()
-            .filter(|d| d.value.base_model.as_deref() == Some(base_name.as_str()))
-            .filter(|d| !matches!(d.value.state, Some(DeploymentState::Deleted)))
-            .filter(|d| d.value.enable_addons == Some(true))
+            .filter(|d: &Doc<crate::records::deployment::DeploymentSpec>| {
+                d.value.base_model == base_name && !d.value.is_deleted() && d.value.addons_enabled()
+            })
             .collect();
         live.sort_by_key(|d| d.create_time);
         if let Some(d) = live.first() {
@@ -159,7 +160,6 @@ impl ControlPlane {
             )),
         };
         self.modify(
-            MODELS,
             account,
             id,
             || lora_not_found(id),
@@ -176,7 +176,7 @@ impl ControlPlane {
     }
 
     async fn lora_record(&self, account: &str, name: &str) -> Result<Doc<ModelRecord>> {
-        let doc = self.load::<ModelRecord>(MODELS, account, name).await?.ok_or_else(|| lora_not_found(name))?;
+        let doc = self.load::<ModelRecord>(account, name).await?.ok_or_else(|| lora_not_found(name))?;
         if doc.value.model.kind != Some(ModelKind::HfPeftAddon) {
             return Err(ControlError::NotFound(format!("{name} is a base model, not a LoRA")));
         }
@@ -193,17 +193,24 @@ impl ControlPlane {
         let m = &doc.value.model;
         let model_name = ResourceName::new(account, Collection::Models, &doc.id).to_string();
         let loaded: Vec<(String, DeployedModel)> = self
-            .load_all::<DeployedModel>(DEPLOYED_MODELS, account)
+            .deployed_models_of(account)
             .await?
             .into_iter()
-            .filter(|d| d.value.model.as_deref() == Some(model_name.as_str()))
-            .map(|d| (d.id, d.value))
+            .filter(|d| d.model.as_deref() == Some(model_name.as_str()))
+            .filter_map(|d| {
+                let id = ResourceName::parse(d.name.as_deref()?, Collection::DeployedModels).ok()?.id;
+                Some((id, d))
+            })
             .collect();
         let chosen = loaded.iter().find(|(_, d)| d.default == Some(true)).or(loaded.first());
         let deployment_name = chosen.and_then(|(_, d)| d.deployment.clone()).or(doc.value.deploy_onto.clone());
         let deployment = match &deployment_name {
             Some(n) => match ResourceName::parse(n, Collection::Deployments) {
-                Ok(rn) => self.load::<Deployment>(DEPLOYMENTS, &rn.account, &rn.id).await?.map(|d| d.value),
+                Ok(rn) => match self.deployment_view(&rn.account, &rn.id).await {
+                    Ok(d) => Some(d),
+                    Err(ControlError::NotFound(_)) => None,
+                    Err(e) => return Err(e),
+                },
                 Err(_) => None,
             },
             None => None,
@@ -257,7 +264,7 @@ impl ControlPlane {
             config: Some(DeployLlmConfig {
                 gpu: "other".to_string(),
                 num_gpus,
-                max_batch_size: MAX_BATCH_SIZE as i64,
+                max_batch_size: REPLICA_BATCH_SIZE as i64,
                 weights: hf,
             }),
             settings,
@@ -299,8 +306,8 @@ impl ControlPlane {
         let doc = self.lora_record(&account, name).await?;
         let mut last = self.render_lora(&account, &doc).await?;
         let model_name = ResourceName::new(&account, Collection::Models, name).to_string();
-        for dm in self.load_all::<DeployedModel>(DEPLOYED_MODELS, &account).await? {
-            if dm.value.model.as_deref() == Some(model_name.as_str()) {
+        for dm in self.load_all::<DeployedModelSpec>(&account).await? {
+            if dm.value.model == model_name {
                 match self.delete_deployed_model(who, &account, &dm.id).await {
                     Ok(()) | Err(ControlError::NotFound(_)) => {}
                     Err(e) => return Err(e),
@@ -324,7 +331,7 @@ impl ControlPlane {
             }
         });
         let mut docs: Vec<Doc<ModelRecord>> = self
-            .load_all::<ModelRecord>(MODELS, &account)
+            .load_all::<ModelRecord>(&account)
             .await?
             .into_iter()
             .filter(|d| d.value.model.kind == Some(ModelKind::HfPeftAddon))

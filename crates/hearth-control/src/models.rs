@@ -11,78 +11,22 @@ use hearth_api::resources::{
     GetDownloadEndpointResponse, GetUploadEndpointRequest, GetUploadEndpointResponse, Model, ModelKind, ModelSource,
     ModelState, Operation, PeftDetails, Precision, ValidateUploadResponse,
 };
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::artifacts::{validate_file_name, Sha256Digest, UploadPart, UploadProgress, MAX_FILES};
 use crate::auth::Principal;
 use crate::error::{ControlError, Result};
 use crate::listing::{paginate, render, ListPage, ListRequest, Listable};
-use crate::patch::{self, Patchable};
+use crate::patch::{Patch, Patchable};
+pub(crate) use crate::records::model::{BaseFacts, ModelRecord};
 use crate::records::{Doc, MODELS};
 use crate::signing::Grant;
 use crate::ControlPlane;
-use hearth_formats::{self as inspect, AdapterSummary, BaseSummary, ModelDims, ModelFormat};
+use hearth_formats as inspect;
 
 /// The largest single file hearth accepts: far above any checkpoint shard in practice, and
 /// low enough that a typo in a size is caught.
 pub const MAX_FILE_SIZE: u64 = 1 << 40;
-
-/// What the store keeps for a model: the resource as the API shows it (minus the fields
-/// derived on read), and what validation learned from its files.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) struct ModelRecord {
-    pub model: Model,
-    /// The files the last `:getUploadEndpoint` announced, by name, with their sizes.
-    #[serde(default)]
-    pub announced: BTreeMap<String, u64>,
-    #[serde(default)]
-    pub base: Option<BaseFacts>,
-    #[serde(default)]
-    pub adapter: Option<AdapterSummary>,
-    /// The source of an import still running; cleared when it ends either way. It may hold
-    /// credentials, so it is never shown.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub import: Option<ModelSource>,
-    /// What the source calls the version imported (a Hub commit).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub source_version: Option<String>,
-    /// The deployment an imported addon is loaded onto once READY (the LoRA API's create).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub deploy_onto: Option<String>,
-}
-
-/// What validation learned about a base model, as stored: what an addon's validation checks it
-/// against later.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) struct BaseFacts {
-    pub format: ModelFormat,
-    /// "llama", "mistral" or "qwen2".
-    pub architecture: String,
-    pub dims: ModelDims,
-    #[serde(default)]
-    pub context_length: Option<u32>,
-    #[serde(default)]
-    pub parameter_count: u64,
-    #[serde(default)]
-    pub dtype: String,
-    #[serde(default)]
-    pub files: Vec<String>,
-}
-
-impl From<&BaseSummary> for BaseFacts {
-    fn from(b: &BaseSummary) -> BaseFacts {
-        BaseFacts {
-            format: b.format,
-            architecture: b.config.architecture.name().to_string(),
-            dims: b.config.dims,
-            context_length: Some(b.config.max_position_embeddings),
-            parameter_count: b.parameter_count,
-            dtype: b.dtype.clone(),
-            files: b.files.clone(),
-        }
-    }
-}
 
 pub(crate) const MODEL_LIST: Listable = Listable {
     fields: &[
@@ -249,7 +193,7 @@ impl ControlPlane {
     }
 
     pub(crate) async fn load_model(&self, account: &str, id: &str) -> Result<Doc<ModelRecord>> {
-        self.load(MODELS, account, id).await?.ok_or_else(|| not_found(account, id))
+        self.load(account, id).await?.ok_or_else(|| not_found(account, id))
     }
 
     /// Resolves a model referenced by name from `account`: its own models, or another
@@ -262,7 +206,7 @@ impl ControlPlane {
     ) -> Result<(ResourceName, Doc<ModelRecord>)> {
         let rn = ResourceName::parse(name, Collection::Models)
             .map_err(|e| ControlError::InvalidArgument(format!("{field}: {e}")))?;
-        let doc: Option<Doc<ModelRecord>> = self.load(MODELS, &rn.account, &rn.id).await?;
+        let doc: Option<Doc<ModelRecord>> = self.load(&rn.account, &rn.id).await?;
         match doc {
             Some(doc) if rn.account == account || doc.value.model.public == Some(true) => Ok((rn, doc)),
             Some(_) => Err(ControlError::PermissionDenied(format!(
@@ -393,12 +337,11 @@ impl ControlPlane {
             model,
             announced: BTreeMap::new(),
             base: None,
-            adapter: None,
             import: req.source.clone(),
             source_version: None,
             deploy_onto: deploy_onto.filter(|_| req.source.is_some()),
         };
-        let doc = self.insert_doc(MODELS, account, &id, &record).await?;
+        let doc = self.insert_doc(account, &id, &record).await?;
         tracing::info!(account, model = %id, kind = %kind, "model created");
         if let Some(source) = req.source {
             self.spawn_import(account, &id, source);
@@ -420,7 +363,6 @@ impl ControlPlane {
         crate::sources::check(&source)?;
         let from = crate::sources::describe(&source);
         self.modify(
-            MODELS,
             account,
             id,
             || not_found(account, id),
@@ -482,7 +424,7 @@ impl ControlPlane {
 
     pub async fn list_models(&self, who: &Principal, account: &str, req: &ListRequest) -> Result<ListPage> {
         self.authorize(who, account)?;
-        let docs: Vec<Doc<ModelRecord>> = self.load_all(MODELS, account).await?;
+        let docs: Vec<Doc<ModelRecord>> = self.load_all(account).await?;
         let items = docs
             .iter()
             .map(|d| serde_json::to_value(self.model_view(account, d)).map_err(ControlError::internal))
@@ -499,17 +441,18 @@ impl ControlPlane {
         update_mask: Option<&str>,
     ) -> Result<Value> {
         self.authorize(who, account)?;
-        let parsed: Model = serde_json::from_value(body.clone())
-            .map_err(|e| ControlError::InvalidArgument(format!("invalid model: {e}")))?;
-        check_user_fields(&Model { kind: None, peft_details: None, base_model_details: None, ..parsed }, None)?;
+        let patch: Patch<Model> = Patch::parse(body, update_mask, &MODEL_PATCH)?;
+        check_user_fields(
+            &Model { kind: None, peft_details: None, base_model_details: None, ..patch.value.clone() },
+            None,
+        )?;
         let doc = self
             .modify(
-                MODELS,
                 account,
                 id,
                 || not_found(account, id),
                 |doc: &mut Doc<ModelRecord>| {
-                    let updated = patch::apply(&doc.value.model, body, update_mask, &MODEL_PATCH)?;
+                    let updated = patch.apply(&doc.value.model)?;
                     check_user_fields(&updated, Some(&doc.value.model))?;
                     doc.value.model = updated;
                     Ok(())
@@ -550,7 +493,7 @@ impl ControlPlane {
             )));
         }
         let addons: Vec<String> = self
-            .load_all::<ModelRecord>(MODELS, account)
+            .load_all::<ModelRecord>(account)
             .await?
             .into_iter()
             .filter(|d| {
@@ -604,7 +547,6 @@ impl ControlPlane {
             announced.insert(name.clone(), size.0 as u64);
         }
         self.modify(
-            MODELS,
             account,
             id,
             || not_found(account, id),
@@ -765,12 +707,13 @@ impl ControlPlane {
         let mut warnings = Vec::new();
         // For an addon, the base's architecture is recorded as its `baseModelType`.
         let mut base_arch = None;
-        let outcome: std::result::Result<(Option<BaseFacts>, Option<AdapterSummary>), Vec<String>> = match kind {
+        let outcome: std::result::Result<(Option<BaseFacts>, Option<inspect::AdapterSummary>), Vec<String>> = match kind
+        {
             ModelKind::HfBaseModel => {
                 let summary = tokio::task::spawn_blocking(move || inspect::inspect_base(&dir))
                     .await
                     .map_err(ControlError::internal)?;
-                summary.map(|s| (Some(BaseFacts::from(&s)), None)).map_err(|p| p.0)
+                summary.map(|s| (Some(BaseFacts::from_summary(&s)), None)).map_err(|p| p.0)
             }
             _ => {
                 let base_name =
@@ -790,7 +733,7 @@ impl ControlPlane {
                 match adapter {
                     Err(p) => Err(p.0),
                     Ok(a) => {
-                        let problems = inspect::check_adapter_against_base(&a, &base.dims, &base.architecture);
+                        let problems = inspect::check_adapter_against_base(&a, &base.dims(), &base.architecture);
                         if problems.is_empty() {
                             Ok((None, Some(a)))
                         } else {
@@ -805,7 +748,6 @@ impl ControlPlane {
             Err(problems) => return Err(self.validation_failure(account, id, problems)),
         };
         self.modify(
-            MODELS,
             account,
             id,
             || not_found(account, id),
@@ -816,12 +758,11 @@ impl ControlPlane {
                     details.parameter_count = i64::try_from(b.parameter_count).ok();
                     details.model_type = Some(b.architecture.clone());
                     details.default_precision = default_precision(&b.dtype);
-                    match b.format {
-                        ModelFormat::HuggingFace => {
-                            details.checkpoint_format = Some(CheckpointFormat::Huggingface);
-                            details.huggingface_files = Some(b.files.clone());
-                        }
-                        ModelFormat::Gguf => details.checkpoint_format = Some(CheckpointFormat::Native),
+                    if b.is_gguf() {
+                        details.checkpoint_format = Some(CheckpointFormat::Native);
+                    } else {
+                        details.checkpoint_format = Some(CheckpointFormat::Huggingface);
+                        details.huggingface_files = Some(b.files.clone());
                     }
                     if let Some(ctx) = b.context_length {
                         m.context_length = i32::try_from(ctx).ok();
@@ -844,7 +785,6 @@ impl ControlPlane {
                 m.state = Some(ModelState::Ready);
                 m.status = None;
                 doc.value.base = base.clone();
-                doc.value.adapter = adapter.clone();
                 Ok(())
             },
         )

@@ -33,40 +33,63 @@ pub(crate) fn camel(segment: &str) -> String {
     out
 }
 
-/// Returns `current` with the patch applied. `patch` has already been parsed as a `T` by the
-/// caller's deserializer, so its fields and enum values are known to be valid.
-pub(crate) fn apply<T: Serialize + DeserializeOwned>(
-    current: &T,
-    patch: &Value,
-    update_mask: Option<&str>,
-    rules: &Patchable,
-) -> Result<T> {
-    let patch_obj = patch.as_object().ok_or_else(|| {
-        ControlError::InvalidArgument(format!("the body of a {} update must be a JSON object", rules.resource))
-    })?;
-    let paths: Vec<String> = match update_mask.map(str::trim).filter(|m| !m.is_empty()) {
-        Some("*") => rules.mutable.iter().map(|s| s.to_string()).collect(),
-        Some(mask) => mask.split(',').map(|p| p.trim().split('.').map(camel).collect::<Vec<_>>().join(".")).collect(),
-        None => patch_obj.keys().cloned().collect(),
-    };
-    let mut merged = serde_json::to_value(current).map_err(ControlError::internal)?;
-    for path in &paths {
-        let top = path.split('.').next().unwrap_or("");
-        if rules.output_only.contains(&top) {
-            continue;
+/// A PATCH request, parsed once: the body as the resource's wire type (so unknown fields and
+/// bad values are refused here, before anything is read from the store), and the fields it
+/// changes: `updateMask`'s paths, or the body's own fields.
+#[derive(Debug, Clone)]
+pub(crate) struct Patch<T> {
+    /// The body, parsed.
+    pub value: T,
+    /// The same body as JSON, after parsing: what `apply` copies fields from.
+    parsed: Value,
+    /// The field paths to change, checked against the resource's rules.
+    paths: Vec<String>,
+    resource: &'static str,
+}
+
+impl<T: Serialize + DeserializeOwned> Patch<T> {
+    pub(crate) fn parse(body: &Value, update_mask: Option<&str>, rules: &Patchable) -> Result<Patch<T>> {
+        let patch_obj = body.as_object().ok_or_else(|| {
+            ControlError::InvalidArgument(format!("the body of a {} update must be a JSON object", rules.resource))
+        })?;
+        let value: T = serde_json::from_value(body.clone())
+            .map_err(|e| ControlError::InvalidArgument(format!("invalid {}: {e}", rules.resource)))?;
+        let parsed = serde_json::to_value(&value).map_err(ControlError::internal)?;
+        let requested: Vec<String> = match update_mask.map(str::trim).filter(|m| !m.is_empty()) {
+            Some("*") => rules.mutable.iter().map(|s| s.to_string()).collect(),
+            Some(mask) => {
+                mask.split(',').map(|p| p.trim().split('.').map(camel).collect::<Vec<_>>().join(".")).collect()
+            }
+            None => patch_obj.keys().cloned().collect(),
+        };
+        let mut paths = Vec::new();
+        for path in requested {
+            let top = path.split('.').next().unwrap_or("");
+            if rules.output_only.contains(&top) {
+                continue;
+            }
+            if !rules.mutable.contains(&top) {
+                return Err(ControlError::InvalidArgument(format!(
+                    "{} field `{top}` cannot be changed by an update (fields that can: {})",
+                    rules.resource,
+                    rules.mutable.join(", ")
+                )));
+            }
+            paths.push(path);
         }
-        if !rules.mutable.contains(&top) {
-            return Err(ControlError::InvalidArgument(format!(
-                "{} field `{top}` cannot be changed by an update (fields that can: {})",
-                rules.resource,
-                rules.mutable.join(", ")
-            )));
-        }
-        let new_value = lookup(patch, path).cloned();
-        set(&mut merged, path, new_value)?;
+        Ok(Patch { value, parsed, paths, resource: rules.resource })
     }
-    serde_json::from_value(merged)
-        .map_err(|e| ControlError::InvalidArgument(format!("invalid {} update: {e}", rules.resource)))
+
+    /// `current` with the patch's fields replaced (a field the body leaves out, named by the
+    /// mask, is cleared).
+    pub(crate) fn apply(&self, current: &T) -> Result<T> {
+        let mut merged = serde_json::to_value(current).map_err(ControlError::internal)?;
+        for path in &self.paths {
+            set(&mut merged, path, lookup(&self.parsed, path).cloned())?;
+        }
+        serde_json::from_value(merged)
+            .map_err(|e| ControlError::InvalidArgument(format!("invalid {} update: {e}", self.resource)))
+    }
 }
 
 fn lookup<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
@@ -114,7 +137,9 @@ mod tests {
     fn body_fields_are_the_mask_and_output_only_fields_are_ignored() {
         let cur: Deployment =
             serde_json::from_value(json!({"displayName": "a", "minReplicaCount": 1, "state": "READY"})).unwrap();
-        let out = apply(&cur, &json!({"displayName": "b", "state": "FAILED"}), None, &RULES).unwrap();
+        let out = Patch::parse(&json!({"displayName": "b", "state": "FAILED"}), None, &RULES)
+            .and_then(|p| p.apply(&cur))
+            .unwrap();
         assert_eq!(out.display_name.as_deref(), Some("b"));
         assert_eq!(out.min_replica_count, Some(1));
         assert_eq!(out.state, cur.state);
@@ -125,12 +150,12 @@ mod tests {
         let cur: Deployment = serde_json::from_value(json!({"displayName": "a",
             "autoscalingPolicy": {"scaleUpWindow": "30s", "scaleDownWindow": "600s"}}))
         .unwrap();
-        let out = apply(
-            &cur,
+        let out = Patch::parse(
             &json!({"autoscalingPolicy": {"scaleUpWindow": "60s"}}),
             Some("display_name,autoscaling_policy.scale_up_window"),
             &RULES,
         )
+        .and_then(|p| p.apply(&cur))
         .unwrap();
         assert_eq!(out.display_name, None);
         let p = out.autoscaling_policy.unwrap();
@@ -140,8 +165,7 @@ mod tests {
 
     #[test]
     fn immutable_fields_are_refused_by_name() {
-        let cur = Deployment::default();
-        let err = apply(&cur, &json!({"baseModel": "x"}), None, &RULES).unwrap_err();
+        let err = Patch::<Deployment>::parse(&json!({"baseModel": "x"}), None, &RULES).unwrap_err();
         assert!(err.to_string().contains("`baseModel`"), "{err}");
     }
 }

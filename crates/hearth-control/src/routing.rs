@@ -4,11 +4,13 @@
 //! deployments, of its own models or of public ones.
 
 use hearth_api::names::{Collection, ResourceName};
-use hearth_api::resources::{DeployedModel, Deployment, DeploymentState, ModelKind};
+use hearth_api::resources::{DeploymentState, ModelKind};
 
 use crate::auth::Principal;
 use crate::error::{ControlError, Result};
-use crate::records::{Doc, DEPLOYED_MODELS, DEPLOYMENTS};
+use crate::records::deployed_model::DeployedModelSpec;
+use crate::records::deployment::{self as record, DeploymentSpec, DeploymentStatus};
+use crate::records::Doc;
 use crate::ControlPlane;
 
 /// Where an inference request goes.
@@ -23,12 +25,12 @@ pub struct Route {
     pub adapter: bool,
 }
 
-fn usable(name: &str, d: &Deployment) -> Result<()> {
-    match d.state {
-        Some(DeploymentState::Deleted) => Err(ControlError::NotFound(format!("deployment {name} is deleted"))),
-        Some(DeploymentState::Failed) => Err(ControlError::FailedPrecondition(format!(
+fn usable(name: &str, spec: &DeploymentSpec, status: &DeploymentStatus) -> Result<()> {
+    match record::state_of(spec, status) {
+        DeploymentState::Deleted => Err(ControlError::NotFound(format!("deployment {name} is deleted"))),
+        DeploymentState::Failed => Err(ControlError::FailedPrecondition(format!(
             "deployment {name} has FAILED: {}",
-            d.status.as_ref().and_then(|s| s.message.clone()).unwrap_or_default()
+            status.failed_at(spec.generation).map(|p| p.message.as_str()).unwrap_or_default()
         ))),
         _ => Ok(()),
     }
@@ -50,8 +52,8 @@ impl ControlPlane {
         if left.contains("/deployedModels/") {
             let rn = ResourceName::parse(left, Collection::DeployedModels).map_err(ControlError::InvalidArgument)?;
             self.authorize(who, &rn.account)?;
-            let dm: Doc<DeployedModel> = self
-                .load(DEPLOYED_MODELS, &rn.account, &rn.id)
+            let dm: Doc<DeployedModelSpec> = self
+                .load(&rn.account, &rn.id)
                 .await?
                 .ok_or_else(|| ControlError::NotFound(format!("deployed model {left} not found")))?;
             return self.addon_route(dm.value).await;
@@ -63,18 +65,18 @@ impl ControlPlane {
         let model_name = model_rn.to_string();
         if model_doc.value.model.kind != Some(ModelKind::HfBaseModel) {
             // An addon runs on a deployment it is loaded onto: the one named, or its default.
-            let loaded: Vec<DeployedModel> = self
-                .load_all::<DeployedModel>(DEPLOYED_MODELS, &who.account)
+            let loaded: Vec<DeployedModelSpec> = self
+                .load_all::<DeployedModelSpec>(&who.account)
                 .await?
                 .into_iter()
                 .map(|d| d.value)
-                .filter(|d| d.model.as_deref() == Some(model_name.as_str()))
+                .filter(|d| d.model == model_name)
                 .collect();
             let chosen = match deployment {
-                Some(dep) => loaded.into_iter().find(|d| d.deployment.as_deref() == Some(dep)),
+                Some(dep) => loaded.into_iter().find(|d| d.deployment == dep),
                 None => {
                     let mut l = loaded;
-                    l.sort_by_key(|d| d.default != Some(true));
+                    l.sort_by_key(|d| !d.default);
                     l.into_iter().next()
                 }
             };
@@ -90,15 +92,15 @@ impl ControlPlane {
             Some(dep) => {
                 let rn = ResourceName::parse(dep, Collection::Deployments).map_err(ControlError::InvalidArgument)?;
                 self.authorize(who, &rn.account)?;
-                let d = self
-                    .load::<Deployment>(DEPLOYMENTS, &rn.account, &rn.id)
+                let (d, status) = self
+                    .deployment_with_status(&rn.account, &rn.id)
                     .await?
                     .ok_or_else(|| ControlError::NotFound(format!("deployment {dep} not found")))?;
-                usable(dep, &d.value)?;
-                if d.value.base_model.as_deref() != Some(model_name.as_str()) {
+                usable(dep, &d.value, &status)?;
+                if d.value.base_model != model_name {
                     return Err(ControlError::FailedPrecondition(format!(
                         "deployment {dep} serves {}, not {model_name}",
-                        d.value.base_model.unwrap_or_default()
+                        d.value.base_model
                     )));
                 }
                 Ok(Route { deployment: rn.to_string(), served_model: model_name, adapter: false })
@@ -106,12 +108,11 @@ impl ControlPlane {
             None => {
                 // The model's default deployment: the oldest live deployment of it in the
                 // caller's account.
-                let mut candidates: Vec<Doc<Deployment>> = self
-                    .load_all::<Deployment>(DEPLOYMENTS, &who.account)
+                let mut candidates: Vec<Doc<DeploymentSpec>> = self
+                    .load_all::<DeploymentSpec>(&who.account)
                     .await?
                     .into_iter()
-                    .filter(|d| d.value.base_model.as_deref() == Some(model_name.as_str()))
-                    .filter(|d| !matches!(d.value.state, Some(DeploymentState::Deleted)))
+                    .filter(|d| d.value.base_model == model_name && !d.value.is_deleted())
                     .collect();
                 candidates.sort_by_key(|d| d.create_time);
                 let d = candidates.into_iter().next().ok_or_else(|| {
@@ -121,7 +122,9 @@ impl ControlPlane {
                     ))
                 })?;
                 let name = ResourceName::new(&who.account, Collection::Deployments, &d.id).to_string();
-                usable(&name, &d.value)?;
+                let status =
+                    self.load::<DeploymentStatus>(&who.account, &d.id).await?.map(|s| s.value).unwrap_or_default();
+                usable(&name, &d.value, &status)?;
                 Ok(Route { deployment: name, served_model: model_name, adapter: false })
             }
         }
@@ -133,11 +136,11 @@ impl ControlPlane {
     /// deployment in the account.
     pub async fn servable_models(&self, who: &Principal) -> Result<Vec<String>> {
         let mut names: Vec<String> = self
-            .load_all::<Deployment>(DEPLOYMENTS, &who.account)
+            .deployments_of(&who.account)
             .await?
             .into_iter()
-            .filter(|d| !matches!(d.value.state, Some(DeploymentState::Deleted | DeploymentState::Failed)))
-            .filter_map(|d| d.value.base_model)
+            .filter(|d| !matches!(d.state, Some(DeploymentState::Deleted | DeploymentState::Failed)))
+            .filter_map(|d| d.base_model)
             .collect();
         names.sort();
         names.dedup();
@@ -147,14 +150,14 @@ impl ControlPlane {
 
 impl ControlPlane {
     /// The route of a LoRA addon loaded as `dm`: its deployment, asking for the addon by name.
-    async fn addon_route(&self, dm: DeployedModel) -> Result<Route> {
-        let dep = dm.deployment.clone().unwrap_or_default();
+    async fn addon_route(&self, dm: DeployedModelSpec) -> Result<Route> {
+        let dep = dm.deployment.clone();
         let rn = ResourceName::parse(&dep, Collection::Deployments).map_err(ControlError::Internal)?;
-        let d = self
-            .load::<Deployment>(DEPLOYMENTS, &rn.account, &rn.id)
+        let (d, status) = self
+            .deployment_with_status(&rn.account, &rn.id)
             .await?
             .ok_or_else(|| ControlError::NotFound(format!("deployment {dep} not found")))?;
-        usable(&dep, &d.value)?;
-        Ok(Route { deployment: dep, served_model: dm.model.unwrap_or_default(), adapter: true })
+        usable(&dep, &d.value, &status)?;
+        Ok(Route { deployment: dep, served_model: dm.model, adapter: true })
     }
 }

@@ -44,6 +44,10 @@ pub struct EngineConfig {
     /// fit in the step's adapter cap; after that nothing else is admitted until it fits, so
     /// no adapter starves.
     pub adapter_wait: std::time::Duration,
+    /// The most tokens one sequence may hold, prompt and generation together (a
+    /// deployment's `maxContextLength`); 0 for the model's own context, which it never
+    /// exceeds.
+    pub max_context: usize,
 }
 
 impl Default for EngineConfig {
@@ -57,6 +61,7 @@ impl Default for EngineConfig {
             max_hot_adapters: 32,
             max_step_adapters: 32,
             adapter_wait: std::time::Duration::from_secs(1),
+            max_context: 0,
         }
     }
 }
@@ -237,12 +242,14 @@ impl Engine {
         let (tx, rx) = std::sync::mpsc::channel();
         let tokenizer = Arc::new(tokenizer);
         let stats = Arc::new(EngineStats::default());
-        let context_length = model.config.max_position_embeddings;
+        let model_context = model.config.max_position_embeddings;
+        let context_length = if config.max_context > 0 { config.max_context.min(model_context) } else { model_context };
         let vocab_size = model.config.vocab_size;
         let model_config = Arc::new(model.config.clone());
         let gguf_layout = model.gguf_layout();
         let merged: Arc<std::sync::RwLock<Option<Arc<LoraAdapter>>>> = Default::default();
         let sched = Scheduler {
+            context_length,
             merged: merged.clone(),
             merge_pending: None,
             unmerge: None,
@@ -279,6 +286,10 @@ impl Engine {
 
     pub fn stats(&self) -> &EngineStats {
         &self.stats
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
     }
 
     pub fn context_length(&self) -> usize {
@@ -414,8 +425,13 @@ impl Engine {
             )));
         }
         if req.prompt.len() >= self.context_length {
+            let whose = if self.context_length < self.model_config.max_position_embeddings {
+                "this deployment serves at most"
+            } else {
+                "the model's context is"
+            };
             return Err(EngineError::InvalidRequest(format!(
-                "the prompt has {} tokens; the model's context is {}",
+                "the prompt has {} tokens; {whose} {} tokens, prompt and generation together",
                 req.prompt.len(),
                 self.context_length
             )));
@@ -471,6 +487,8 @@ impl Sequence {
 
 struct Scheduler {
     model: LlamaModel,
+    /// The most tokens a sequence may hold: the model's context, or less (`max_context`).
+    context_length: usize,
     tokenizer: Arc<Tokenizer>,
     config: EngineConfig,
     stats: Arc<EngineStats>,
@@ -576,8 +594,7 @@ impl Scheduler {
                 self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            let ctx = self.model.config.max_position_embeddings;
-            let tokens = (w.req.prompt.len() + w.req.max_tokens).min(ctx);
+            let tokens = (w.req.prompt.len() + w.req.max_tokens).min(self.context_length);
             let need = self.kv_bytes(tokens);
             let used: usize = self.running.iter().map(|s| s.kv_reserved).sum();
             if used + need > self.config.kv_cache_bytes && !self.running.is_empty() {
@@ -809,7 +826,7 @@ impl Scheduler {
 
     /// Samples the next token of sequence `i`, emits it, and says whether it finished.
     fn advance(&mut self, i: usize, logits: &[f32]) -> Result<Option<FinishReason>> {
-        let ctx = self.model.config.max_position_embeddings;
+        let ctx = self.context_length;
         let s = &mut self.running[i];
         let sampled = s.sampler.sample(logits, &s.req.prompt, &s.generated, &s.req.params);
         let tok = sampled.token;

@@ -22,6 +22,9 @@ use hearth_api::openai::{
     check_fields, ChatCompletionRequest, CompletionRequest, Content, ErrorBody, ErrorDetail, FieldError, Prompt,
     Sampling, Usage, CHAT_FIELDS, COMPLETION_FIELDS,
 };
+use hearth_api::replica::{
+    paths, AdapterInfo, AdapterList, Health, LoadAdapterRequest, LoadFigures, UnloadAdapterRequest, Unloaded, Unmerged,
+};
 use hearth_engine::chat::{ChatMessage, ChatTemplate};
 use hearth_engine::lora::LoraAdapter;
 use hearth_engine::sampling::Sampled;
@@ -110,16 +113,17 @@ pub fn engine_router(engine: Engine, served_name: String) -> Router {
     };
     let app = App { engine, served_name: served_name.into(), template, metrics: Arc::new(Counters::default()) };
     Router::new()
-        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route(paths::HEALTH, get(|| async { Json(Health { status: "ok".to_string() }) }))
+        .route(paths::LOAD_FIGURES, get(load_figures))
         .route("/v1/models", get(models))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/metrics", get(metrics))
-        .route("/v1/load_lora_adapter", post(load_adapter))
-        .route("/v1/unload_lora_adapter", post(unload_adapter))
-        .route("/v1/lora_adapters", get(list_adapters))
-        .route("/v1/merge_lora_adapter", post(merge_adapter))
-        .route("/v1/unmerge_lora_adapter", post(unmerge_adapter))
+        .route(paths::LOAD_ADAPTER, post(load_adapter))
+        .route(paths::UNLOAD_ADAPTER, post(unload_adapter))
+        .route(paths::ADAPTERS, get(list_adapters))
+        .route(paths::MERGE_ADAPTER, post(merge_adapter))
+        .route(paths::UNMERGE_ADAPTER, post(unmerge_adapter))
         .fallback(|| async {
             OpenAiError {
                 status: StatusCode::NOT_FOUND,
@@ -144,25 +148,25 @@ async fn models(State(app): State<App>) -> Json<Value> {
     Json(json!({"object": "list", "data": data}))
 }
 
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LoadAdapter {
-    lora_name: String,
-    lora_path: String,
-    #[serde(default)]
-    expected_version: Option<String>,
-}
-
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct UnloadAdapter {
-    lora_name: String,
+/// An engine adapter as the replica protocol reports it.
+fn adapter_info(a: hearth_engine::AdapterInfo) -> AdapterInfo {
+    AdapterInfo {
+        name: a.name,
+        version: a.version,
+        hot: a.hot,
+        modules_patched: a.modules_patched as u64,
+        ranks: a.ranks.into_iter().map(|r| r as u64).collect(),
+        target_modules: a.target_modules,
+        bytes: a.bytes as u64,
+        requests: a.requests,
+        tokens: a.tokens,
+    }
 }
 
 /// The body of a load or merge: an adapter name that is not the base model's, and its path.
-fn adapter_body(app: &App, body: Result<Bytes, BytesRejection>) -> ApiResult<LoadAdapter> {
+fn adapter_body(app: &App, body: Result<Bytes, BytesRejection>) -> ApiResult<LoadAdapterRequest> {
     let body = body.map_err(|e| OpenAiError::bad(format!("could not read the request body: {e}")))?;
-    let req: LoadAdapter =
+    let req: LoadAdapterRequest =
         serde_json::from_slice(&body).map_err(|e| OpenAiError::bad(format!("invalid request: {e}")))?;
     if req.lora_name == *app.served_name {
         return Err(OpenAiError::bad(format!(
@@ -182,7 +186,7 @@ async fn load_adapter(State(app): State<App>, body: Result<Bytes, BytesRejection
     })
     .await
     .map_err(|e| EngineError::Internal(e.to_string()))??;
-    Ok(Json(info).into_response())
+    Ok(Json(adapter_info(info)).into_response())
 }
 
 /// Merges an adapter into the weights (replacing the merged one), once running requests
@@ -195,7 +199,7 @@ async fn merge_adapter(State(app): State<App>, body: Result<Bytes, BytesRejectio
     })
     .await
     .map_err(|e| EngineError::Internal(e.to_string()))??;
-    Ok(Json(info).into_response())
+    Ok(Json(adapter_info(info)).into_response())
 }
 
 async fn unmerge_adapter(State(app): State<App>) -> ApiResult<Response> {
@@ -203,20 +207,32 @@ async fn unmerge_adapter(State(app): State<App>) -> ApiResult<Response> {
     tokio::task::spawn_blocking(move || engine.unmerge_adapter())
         .await
         .map_err(|e| EngineError::Internal(e.to_string()))??;
-    Ok(Json(json!({"unmerged": true})).into_response())
+    Ok(Json(Unmerged { unmerged: true }).into_response())
 }
 
 async fn unload_adapter(State(app): State<App>, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
     let body = body.map_err(|e| OpenAiError::bad(format!("could not read the request body: {e}")))?;
-    let req: UnloadAdapter =
+    let req: UnloadAdapterRequest =
         serde_json::from_slice(&body).map_err(|e| OpenAiError::bad(format!("invalid request: {e}")))?;
     app.engine.unload_adapter(&req.lora_name)?;
-    Ok(Json(json!({"unloaded": req.lora_name})).into_response())
+    Ok(Json(Unloaded { unloaded: req.lora_name }).into_response())
 }
 
-async fn list_adapters(State(app): State<App>) -> Json<Value> {
-    let merged = app.engine.merged_adapter().map(|m| hearth_engine::AdapterInfo::of(&m));
-    Json(json!({"adapters": app.engine.adapters(), "merged": merged}))
+async fn list_adapters(State(app): State<App>) -> Json<AdapterList> {
+    let merged = app.engine.merged_adapter().map(|m| adapter_info(hearth_engine::AdapterInfo::of(&m)));
+    Json(AdapterList { adapters: app.engine.adapters().into_iter().map(adapter_info).collect(), merged })
+}
+
+async fn load_figures(State(app): State<App>) -> Json<LoadFigures> {
+    let s = app.engine.stats();
+    let c = app.engine.config();
+    Json(LoadFigures {
+        running: s.running.load(Ordering::Relaxed) as u64,
+        waiting: s.waiting.load(Ordering::Relaxed) as u64,
+        max_running: c.max_running as u64,
+        kv_cache_used_bytes: s.kv_bytes.load(Ordering::Relaxed) as u64,
+        kv_cache_capacity_bytes: c.kv_cache_bytes as u64,
+    })
 }
 
 async fn metrics(State(app): State<App>) -> Response {

@@ -70,6 +70,10 @@ struct EngineArgs {
     /// Megabytes of KV cache all running sequences may reserve together.
     #[arg(long, env = "HEARTH_KV_CACHE_MB", default_value_t = 1024)]
     kv_cache_mb: usize,
+    /// The most tokens one request may take, prompt and generation together (a deployment's
+    /// maxContextLength); 0 for the model's own context, which it never exceeds.
+    #[arg(long, env = "HEARTH_MAX_CONTEXT_LENGTH", default_value_t = 0)]
+    max_context_length: usize,
     /// A LoRA adapter to load at start, as NAME=PATH (a PEFT directory); repeatable. Requests
     /// select it with "model": NAME.
     #[arg(long = "lora", value_name = "NAME=PATH")]
@@ -142,7 +146,7 @@ struct ServeArgs {
     /// Seconds the runtime lease (one `--runtime local` gateway per store) lasts without a
     /// renewal: every reconciler pass renews it; a gateway that makes no pass for this long
     /// hands the store to another, and stops its own replicas when it finds that out.
-    #[arg(long, env = "HEARTH_RUNTIME_LEASE_TTL", default_value_t = hearth_control::reconciler::LEASE_TTL.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "HEARTH_RUNTIME_LEASE_TTL", default_value_t = hearth_runtime::controller::LEASE_TTL.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
     runtime_lease_ttl: u64,
     /// Milliseconds between reconciler passes (it also runs whenever something changes).
     #[arg(long, env = "HEARTH_RECONCILE_INTERVAL_MS", default_value_t = 1000)]
@@ -233,19 +237,23 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!(resumed, "unfinished model imports started again");
     }
 
-    // Soft-deleted deployments past their purge time are removed in the background.
+    // Deployments past their expireTime are deleted, and soft-deleted ones past their purge
+    // time removed, in the background.
     let purger = control.clone();
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
         loop {
             tick.tick().await;
+            if let Err(e) = purger.expire_deployments().await {
+                tracing::warn!(error = %e, "deleting deployments past their expireTime failed; will retry");
+            }
             if let Err(e) = purger.purge_expired_deployments().await {
                 tracing::warn!(error = %e, "purging deleted deployments failed; will retry");
             }
         }
     });
 
-    let fleet = std::sync::Arc::new(hearth_control::fleet::Fleet::default());
+    let fleet = std::sync::Arc::new(hearth_runtime::Fleet::default());
     let mut lease_holder = None;
     if args.runtime == RuntimeKind::Local {
         // One local-runtime gateway manages a store's replicas; it is named by host and data
@@ -261,16 +269,24 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .context("taking the store's runtime lease")?;
         // Replicas are `hearth engine` children of this process, started by the reconciler.
         let binary = std::env::current_exe().context("locating the hearth binary to run replicas")?;
+        let replicas: std::sync::Arc<dyn hearth_runtime::ReplicaApi> =
+            std::sync::Arc::new(hearth_runtime::HttpReplicas::default());
         let runtime =
-            std::sync::Arc::new(hearth_control::runtime::local::LocalRuntime::new(binary, control.artifacts().clone()));
-        let reconciler = hearth_control::reconciler::Reconciler::new(
+            std::sync::Arc::new(hearth_runtime::local::LocalRuntime::new(binary, control.clone(), replicas.clone()));
+        let ctx = hearth_runtime::Context::new(
             control.clone(),
             runtime,
+            replicas,
             fleet.clone(),
+            std::sync::Arc::new(hearth_runtime::SystemClock),
+        );
+        let controller = hearth_runtime::Controller::new(
+            std::sync::Arc::new(ctx),
             holder.clone(),
             lease_ttl,
+            Duration::from_millis(args.reconcile_interval_ms),
         );
-        tokio::spawn(reconciler.run(Duration::from_millis(args.reconcile_interval_ms)));
+        tokio::spawn(controller.run());
         lease_holder = Some(holder);
     }
 
@@ -326,6 +342,7 @@ async fn engine(args: EngineArgs) -> anyhow::Result<()> {
         max_waiting: args.max_waiting,
         adapter_bytes: args.max_lora_mb << 20,
         max_hot_adapters: args.max_hot_loras as usize,
+        max_context: args.max_context_length,
         max_step_adapters: args.max_loras_per_step as usize,
         ..hearth_engine::EngineConfig::default()
     };

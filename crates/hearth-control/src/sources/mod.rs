@@ -119,7 +119,7 @@ impl ControlPlane {
     pub async fn resume_imports(&self) -> Result<usize> {
         let mut resumed = 0;
         for rec in self.store.list_all(MODELS).await? {
-            let Ok(record) = serde_json::from_str::<ModelRecord>(&rec.body) else { continue };
+            let Ok(record) = crate::records::decode_body::<ModelRecord>(&rec.body) else { continue };
             if let (Some(source), Some(ModelState::Uploading)) = (record.import, record.model.state) {
                 tracing::info!(account = %rec.account, model = %rec.id, "resuming an unfinished import");
                 self.spawn_import(&rec.account, &rec.id, source);
@@ -181,7 +181,6 @@ impl ControlPlane {
         version: Option<String>,
     ) -> Result<()> {
         self.modify(
-            MODELS,
             account,
             id,
             || deleted_meanwhile(account, id),
@@ -194,7 +193,6 @@ impl ControlPlane {
         self.validate_files(account, id).await?;
         let done = self
             .modify(
-                MODELS,
                 account,
                 id,
                 || deleted_meanwhile(account, id),
@@ -218,7 +216,6 @@ impl ControlPlane {
         let status = ResourceStatus::new(e.code(), format!("import from {from} failed: {}", e.public_message()));
         let result = self
             .modify(
-                MODELS,
                 account,
                 id,
                 || deleted_meanwhile(account, id),

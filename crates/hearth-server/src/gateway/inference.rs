@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::StreamExt;
 use hearth_api::Code;
-use hearth_control::fleet::InFlight;
+use hearth_runtime::fleet::InFlight;
 use serde_json::{json, Value};
 
 use super::{AppState, Caller};
@@ -148,14 +148,14 @@ fn relay(upstream: reqwest::Response, slot: InFlight) -> Response {
 /// What the inference router needs besides the control plane.
 #[derive(Clone)]
 pub struct Inference {
-    pub fleet: std::sync::Arc<hearth_control::fleet::Fleet>,
+    pub fleet: std::sync::Arc<hearth_runtime::fleet::Fleet>,
     pub http: reqwest::Client,
     /// How long a request waits for a deployment at zero to get a ready replica.
     pub wake_timeout: Duration,
 }
 
 impl Inference {
-    pub fn new(fleet: std::sync::Arc<hearth_control::fleet::Fleet>, wake_timeout: Duration) -> Inference {
+    pub fn new(fleet: std::sync::Arc<hearth_runtime::fleet::Fleet>, wake_timeout: Duration) -> Inference {
         let http = reqwest::Client::builder().connect_timeout(Duration::from_secs(2)).build().unwrap_or_default();
         Inference { fleet, http, wake_timeout }
     }

@@ -46,7 +46,7 @@ const MAX_JSON_BODY: usize = 2 << 20;
 
 /// The gateway without a runtime: inference requests find no replicas and answer UNAVAILABLE.
 pub fn router(control: ControlPlane) -> Router {
-    let fleet = Arc::new(hearth_control::fleet::Fleet::default());
+    let fleet = Arc::new(hearth_runtime::fleet::Fleet::default());
     router_with(control, Inference::new(fleet, std::time::Duration::ZERO))
 }
 

@@ -2,17 +2,17 @@
 //! start a replica from a spec, stop one, and say which replicas exist and how they are. The
 //! local backend runs `hearth engine` child processes; a Kubernetes backend would run pods.
 //!
-//! A runtime is observed, never trusted to remember: the reconciler asks `replicas()` on every
-//! pass and acts on the difference from what the store wants.
-
-pub mod local;
+//! A runtime is observed, never trusted to remember: the reconciler asks `replicas()` on
+//! every reconcile and acts on the difference from what the store wants. `replicas()`
+//! answers from what the backend already knows (the local runtime probes its replicas in the
+//! background), so it never waits on a replica.
 
 use async_trait::async_trait;
+use hearth_api::replica::LoadFigures;
 
 use crate::error::Result;
 
-/// Sequences one replica decodes together at most (the engine's `--max-running`).
-pub const MAX_BATCH_SIZE: usize = 64;
+pub use hearth_control::deployments::REPLICA_BATCH_SIZE;
 
 /// Everything a replica needs to start. Two specs that are equal run interchangeable
 /// replicas; a changed spec means replicas must be replaced (a rolling update).
@@ -22,10 +22,9 @@ pub struct ReplicaSpec {
     pub deployment: String,
     /// `accounts/{a}/models/{m}`: the base model, as the engine announces it.
     pub model: String,
-    pub account: String,
-    pub model_id: String,
     /// `FP32`, `BF16`, `FP16`, or empty for the checkpoint's own precision.
     pub precision: String,
+    /// The most tokens (prompt plus generation) one request may take; 0 for the model's own.
     pub max_context_length: u32,
     /// LoRA adapters kept hot on the replica (`numPeftDeviceCached`); 0 for the engine's default.
     pub max_hot_adapters: u32,
@@ -65,6 +64,8 @@ pub struct Replica {
     /// Whether it was ever Ready: a replica that fails before that could not load its model
     /// (the deployment is FAILED); one that fails after it crashed (it is replaced).
     pub was_ready: bool,
+    /// What the replica last reported it has on its hands.
+    pub load: Option<LoadFigures>,
 }
 
 #[async_trait]
@@ -75,4 +76,22 @@ pub trait Runtime: Send + Sync + 'static {
     async fn stop(&self, id: &str) -> Result<()>;
     /// Every replica this runtime has, with its current phase.
     async fn replicas(&self) -> Result<Vec<Replica>>;
+
+    /// The replicas of one deployment.
+    async fn replicas_of(&self, deployment: &str) -> Result<Vec<Replica>> {
+        Ok(self.replicas().await?.into_iter().filter(|r| r.deployment == deployment).collect())
+    }
+}
+
+/// Where "now" comes from: the system clock in service, a hand-moved one in tests.
+pub trait Clock: Send + Sync + 'static {
+    fn now(&self) -> std::time::Instant;
+}
+
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> std::time::Instant {
+        std::time::Instant::now()
+    }
 }

@@ -7,9 +7,9 @@
 //! 1. **Load** is the requests in flight on the deployment's replicas plus the requests
 //!    waiting for one (a deployment woken from zero), sampled at every reconciler pass.
 //! 2. **Utilization** is load over capacity, where one replica's capacity is the sequences it
-//!    decodes together ([`MAX_BATCH_SIZE`]). `autoscalingPolicy.loadTargets.default` (0.8
+//!    decodes together ([`REPLICA_BATCH_SIZE`](hearth_control::deployments::REPLICA_BATCH_SIZE)). `autoscalingPolicy.loadTargets.default` (0.8
 //!    unless set) is the utilization to keep, so the recommendation is
-//!    `ceil(load / (target × MAX_BATCH_SIZE))`, clamped to `[min, max]`.
+//!    `ceil(load / (target × REPLICA_BATCH_SIZE))`, clamped to `[min, max]`.
 //! 3. A deployment used within its `scaleToZeroWindow` keeps at least one replica; one with
 //!    no request for that long may fall to zero (when `minReplicaCount` is 0).
 //! 4. A change must **hold for its window** before it is made: the recommendation must stay
@@ -28,7 +28,8 @@
 
 use std::time::{Duration, Instant};
 
-pub use crate::runtime::MAX_BATCH_SIZE;
+use hearth_control::deployments::REPLICA_BATCH_SIZE;
+use hearth_control::observe::DeploymentSpec;
 
 /// A deployment's scaling knobs, read from its spec.
 #[derive(Debug, Clone, PartialEq)]
@@ -40,6 +41,20 @@ pub struct Policy {
     pub scale_up_window: Duration,
     pub scale_down_window: Duration,
     pub scale_to_zero_window: Duration,
+}
+
+impl Policy {
+    /// A deployment's policy, from its spec (whose defaults were filled in on create).
+    pub fn of(spec: &DeploymentSpec) -> Policy {
+        Policy {
+            min: spec.min_replica_count,
+            max: spec.max_replica_count,
+            target: spec.autoscaling.load_target,
+            scale_up_window: spec.autoscaling.scale_up_window(),
+            scale_down_window: spec.autoscaling.scale_down_window(),
+            scale_to_zero_window: spec.autoscaling.scale_to_zero_window(),
+        }
+    }
 }
 
 /// What the gateway saw of a deployment at one pass.
@@ -76,7 +91,7 @@ pub struct Scaler {
 /// keeps a running deployment warm; only load (a request waiting) wakes one at zero, so a
 /// deployment scaled to zero on purpose stays there.
 pub fn recommend(p: &Policy, o: &Observation, current: i32, now: Instant) -> i32 {
-    let per_replica = (p.target * MAX_BATCH_SIZE as f64).max(f64::MIN_POSITIVE);
+    let per_replica = (p.target * REPLICA_BATCH_SIZE as f64).max(f64::MIN_POSITIVE);
     let by_load = (o.load as f64 / per_replica).ceil().min(i32::MAX as f64) as i32;
     let recently_used = o.last_request.is_some_and(|t| now.saturating_duration_since(t) < p.scale_to_zero_window);
     let floor = if o.load > 0 || (recently_used && current > 0) { 1 } else { 0 };
@@ -132,7 +147,7 @@ mod tests {
             min: 0,
             max: 4,
             // One request per replica: 1/64 of a replica's batch.
-            target: 1.0 / MAX_BATCH_SIZE as f64,
+            target: 1.0 / REPLICA_BATCH_SIZE as f64,
             scale_up_window: Duration::from_secs(30),
             scale_down_window: Duration::from_secs(600),
             scale_to_zero_window: Duration::from_secs(3600),

@@ -25,7 +25,7 @@ pub struct Fleet {
     /// Wakes the reconciler early (a deployment was woken or changed).
     pub(crate) kicker: Notify,
     /// Signals the router that the ready set changed.
-    pub(crate) changed: Notify,
+    changed: Notify,
 }
 
 /// Counts a request in flight on an endpoint for as long as it lives.
@@ -52,13 +52,36 @@ impl Drop for Waiting {
 }
 
 impl Fleet {
-    pub(crate) fn publish(&self, ready: HashMap<String, Vec<String>>) {
+    /// Sets one deployment's ready endpoints (none: it has no ready replica).
+    pub fn set_ready(&self, deployment: &str, endpoints: Vec<String>) {
         if let Ok(mut r) = self.ready.write() {
-            if *r != ready {
-                *r = ready;
+            let changed = if endpoints.is_empty() {
+                r.remove(deployment).is_some()
+            } else if r.get(deployment) != Some(&endpoints) {
+                r.insert(deployment.to_string(), endpoints);
+                true
+            } else {
+                false
+            };
+            if changed {
                 self.changed.notify_waiters();
             }
         }
+    }
+
+    /// Routes nothing more anywhere (the runtime stood down).
+    pub fn clear(&self) {
+        if let Ok(mut r) = self.ready.write() {
+            if !r.is_empty() {
+                r.clear();
+                self.changed.notify_waiters();
+            }
+        }
+    }
+
+    /// The deployments with ready endpoints.
+    pub fn deployments(&self) -> Vec<String> {
+        self.ready.read().map(|r| r.keys().cloned().collect()).unwrap_or_default()
     }
 
     pub fn ready_endpoints(&self, deployment: &str) -> Vec<String> {
@@ -140,8 +163,13 @@ impl Fleet {
     }
 
     pub fn touch(&self, deployment: &str) {
+        self.touch_at(deployment, Instant::now());
+    }
+
+    /// Records a request for `deployment` as arrived at `at`.
+    pub fn touch_at(&self, deployment: &str, at: Instant) {
         if let Ok(mut m) = self.last_request.write() {
-            m.insert(deployment.to_string(), Instant::now());
+            m.insert(deployment.to_string(), at);
         }
     }
 
@@ -162,7 +190,7 @@ mod tests {
     #[test]
     fn least_loaded_first_and_an_adapter_sticks_to_its_warm_replica() {
         let fleet = Fleet::default();
-        fleet.publish(HashMap::from([("d".to_string(), vec!["a".to_string(), "b".to_string()])]));
+        fleet.set_ready("d", vec!["a".to_string(), "b".to_string()]);
         let first = fleet.acquire("d", &[], Some("lora-x")).expect("a replica");
         // The same adapter goes back to its replica while that has at most one more request...
         let second = fleet.acquire("d", &[], Some("lora-x")).expect("a replica");

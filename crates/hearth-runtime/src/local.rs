@@ -1,6 +1,9 @@
 //! The local runtime: each replica is a `hearth engine` child process on a free loopback port,
 //! serving the model's files straight from the artifact store. Children are killed when the
 //! runtime is dropped, so replicas stop with the gateway.
+//!
+//! Each replica has a prober task that asks its health until it answers, and its load figures
+//! after that, so `replicas()` answers from memory and never waits on a replica.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -13,48 +16,89 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::Mutex;
 
-use super::{Phase, Replica, ReplicaSpec, Runtime};
-use crate::artifacts::ArtifactStore;
-use crate::error::{ControlError, Result};
+use hearth_control::ControlPlane;
+
+use crate::error::{Result, RuntimeError};
+use crate::replica::ReplicaApi;
+use crate::runtime::{Phase, Replica, ReplicaSpec, Runtime, REPLICA_BATCH_SIZE};
+
+/// What the prober last learned of a replica.
+#[derive(Debug, Clone, Default)]
+struct Probed {
+    healthy: bool,
+    load: Option<hearth_api::replica::LoadFigures>,
+}
 
 struct Proc {
     replica: Replica,
     child: Child,
     /// The last lines the engine logged, to explain a failure.
     log_tail: Arc<std::sync::Mutex<Vec<String>>>,
+    probed: Arc<std::sync::Mutex<Probed>>,
+    prober: tokio::task::JoinHandle<()>,
 }
 
 pub struct LocalRuntime {
     /// The `hearth` binary to run as `hearth engine`.
     binary: PathBuf,
-    artifacts: ArtifactStore,
+    /// Where each model's files are (the artifact store).
+    control: ControlPlane,
+    replicas: Arc<dyn ReplicaApi>,
     procs: Mutex<HashMap<String, Proc>>,
-    http: reqwest::Client,
 }
 
 const LOG_TAIL: usize = 20;
+/// How often a starting replica is asked whether it is healthy, and a ready one for its load.
+const PROBE_STARTING: Duration = Duration::from_millis(100);
+const PROBE_READY: Duration = Duration::from_secs(1);
 
 impl LocalRuntime {
-    pub fn new(binary: PathBuf, artifacts: ArtifactStore) -> LocalRuntime {
-        LocalRuntime {
-            binary,
-            artifacts,
-            procs: Mutex::new(HashMap::new()),
-            http: reqwest::Client::builder().timeout(Duration::from_secs(2)).build().unwrap_or_default(),
-        }
+    pub fn new(binary: PathBuf, control: ControlPlane, replicas: Arc<dyn ReplicaApi>) -> LocalRuntime {
+        LocalRuntime { binary, control, replicas, procs: Mutex::new(HashMap::new()) }
     }
 }
 
 fn free_port() -> Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(ControlError::internal)?;
-    Ok(l.local_addr().map_err(ControlError::internal)?.port())
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(RuntimeError::backend)?;
+    Ok(l.local_addr().map_err(RuntimeError::backend)?.port())
+}
+
+/// Asks a replica's health until it answers, then its load figures, for as long as it lives.
+fn spawn_prober(
+    api: Arc<dyn ReplicaApi>,
+    endpoint: String,
+    probed: Arc<std::sync::Mutex<Probed>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let healthy = probed.lock().map(|p| p.healthy).unwrap_or(false);
+            if !healthy {
+                if api.health(&endpoint).await.is_ok() {
+                    if let Ok(mut p) = probed.lock() {
+                        p.healthy = true;
+                    }
+                    continue;
+                }
+                tokio::time::sleep(PROBE_STARTING).await;
+            } else {
+                let load = api.load_figures(&endpoint).await.ok();
+                if let Ok(mut p) = probed.lock() {
+                    p.load = load;
+                }
+                tokio::time::sleep(PROBE_READY).await;
+            }
+        }
+    })
 }
 
 #[async_trait]
 impl Runtime for LocalRuntime {
     async fn start(&self, spec: &ReplicaSpec) -> Result<Replica> {
         let port = free_port()?;
-        let model_dir = self.artifacts.model_dir(&spec.account, &spec.model_id);
+        let model_dir = self
+            .control
+            .model_files(&spec.model)
+            .ok_or_else(|| RuntimeError::Backend(format!("{} is not a model name", spec.model)))?;
         let mut cmd = Command::new(&self.binary);
         cmd.arg("engine")
             .arg("--model")
@@ -64,7 +108,7 @@ impl Runtime for LocalRuntime {
             .arg("--served-model-name")
             .arg(&spec.model)
             .arg("--max-running")
-            .arg(super::MAX_BATCH_SIZE.to_string())
+            .arg(REPLICA_BATCH_SIZE.to_string())
             .arg("--exit-with-parent")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -79,8 +123,11 @@ impl Runtime for LocalRuntime {
         if spec.max_hot_adapters > 0 {
             cmd.arg("--max-hot-loras").arg(spec.max_hot_adapters.to_string());
         }
+        if spec.max_context_length > 0 {
+            cmd.arg("--max-context-length").arg(spec.max_context_length.to_string());
+        }
         let mut child =
-            cmd.spawn().map_err(|e| ControlError::Internal(format!("starting {}: {e}", self.binary.display())))?;
+            cmd.spawn().map_err(|e| RuntimeError::Backend(format!("starting {}: {e}", self.binary.display())))?;
         let log_tail = Arc::new(std::sync::Mutex::new(Vec::new()));
         if let Some(stderr) = child.stderr.take() {
             let tail = log_tail.clone();
@@ -106,15 +153,19 @@ impl Runtime for LocalRuntime {
             endpoint: format!("http://127.0.0.1:{port}"),
             phase: Phase::Starting,
             was_ready: false,
+            load: None,
         };
         tracing::info!(deployment = %spec.deployment, replica = %id, port, "replica starting");
-        self.procs.lock().await.insert(id, Proc { replica: replica.clone(), child, log_tail });
+        let probed = Arc::new(std::sync::Mutex::new(Probed::default()));
+        let prober = spawn_prober(self.replicas.clone(), replica.endpoint.clone(), probed.clone());
+        self.procs.lock().await.insert(id, Proc { replica: replica.clone(), child, log_tail, probed, prober });
         Ok(replica)
     }
 
     async fn stop(&self, id: &str) -> Result<()> {
         let proc = self.procs.lock().await.remove(id);
         if let Some(mut p) = proc {
+            p.prober.abort();
             let _ = p.child.start_kill();
             let _ = tokio::time::timeout(Duration::from_secs(5), p.child.wait()).await;
             tracing::info!(deployment = %p.replica.deployment, replica = %id, "replica stopped");
@@ -128,20 +179,17 @@ impl Runtime for LocalRuntime {
         for p in procs.values_mut() {
             // An exited process is Failed with the reason it logged; the reconciler replaces it.
             if let Ok(Some(status)) = p.child.try_wait() {
+                p.prober.abort();
                 let tail = p.log_tail.lock().map(|t| t.clone()).unwrap_or_default();
                 p.replica.phase = Phase::Failed(format!("engine exited ({status}): {}", failure_reason(&tail)));
-            } else if p.replica.phase == Phase::Starting {
-                let healthy = self
-                    .http
-                    .get(format!("{}/health", p.replica.endpoint))
-                    .send()
-                    .await
-                    .is_ok_and(|r| r.status().is_success());
-                if healthy {
+            } else {
+                let probed = p.probed.lock().map(|p| p.clone()).unwrap_or_default();
+                if probed.healthy && p.replica.phase == Phase::Starting {
                     tracing::info!(deployment = %p.replica.deployment, replica = %p.replica.id, "replica ready");
                     p.replica.phase = Phase::Ready;
                     p.replica.was_ready = true;
                 }
+                p.replica.load = probed.load;
             }
             out.push(p.replica.clone());
         }

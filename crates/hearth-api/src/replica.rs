@@ -1,0 +1,93 @@
+//! The protocol between a gateway and its engine replicas, besides the OpenAI inference API:
+//! health, load figures, and the LoRA admin calls (load, unload, merge, unmerge, list). The
+//! engine server answers with these types and the gateway's replica client sends and reads
+//! them, so the two cannot drift apart. Errors travel as the OpenAI error body
+//! ([`crate::openai::ErrorBody`]) with an HTTP status.
+
+use serde::{Deserialize, Serialize};
+
+/// The routes, relative to a replica's base URL.
+pub mod paths {
+    pub const HEALTH: &str = "/health";
+    pub const LOAD_FIGURES: &str = "/v1/load";
+    pub const ADAPTERS: &str = "/v1/lora_adapters";
+    pub const LOAD_ADAPTER: &str = "/v1/load_lora_adapter";
+    pub const UNLOAD_ADAPTER: &str = "/v1/unload_lora_adapter";
+    pub const MERGE_ADAPTER: &str = "/v1/merge_lora_adapter";
+    pub const UNMERGE_ADAPTER: &str = "/v1/unmerge_lora_adapter";
+}
+
+/// `GET /health`: 200 once the model is loaded and the replica serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    /// "ok".
+    pub status: String,
+}
+
+/// `GET /v1/load`: what the replica has on its hands, for autoscaling and routing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct LoadFigures {
+    /// Sequences in the running batch.
+    pub running: u64,
+    /// Requests queued for admission.
+    pub waiting: u64,
+    /// Sequences it decodes together at most.
+    pub max_running: u64,
+    /// KV cache bytes the running sequences hold, and the bound on them.
+    pub kv_cache_used_bytes: u64,
+    pub kv_cache_capacity_bytes: u64,
+}
+
+/// `POST /v1/load_lora_adapter` and `/v1/merge_lora_adapter`: a PEFT directory the replica
+/// can read, under the name requests will use.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoadAdapterRequest {
+    pub lora_name: String,
+    pub lora_path: String,
+    /// Refuse the load unless the files' content hash is this version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_version: Option<String>,
+}
+
+/// `POST /v1/unload_lora_adapter`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnloadAdapterRequest {
+    pub lora_name: String,
+}
+
+/// One loaded adapter, as load, merge and list report it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdapterInfo {
+    pub name: String,
+    /// A content hash of the adapter's files.
+    pub version: String,
+    /// Prepared for compute (one of the replica's hot adapters), not only held in memory.
+    pub hot: bool,
+    pub modules_patched: u64,
+    pub ranks: Vec<u64>,
+    pub target_modules: Vec<String>,
+    pub bytes: u64,
+    pub requests: u64,
+    pub tokens: u64,
+}
+
+/// `GET /v1/lora_adapters`: the per-request adapters, and the one merged into the weights.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct AdapterList {
+    pub adapters: Vec<AdapterInfo>,
+    pub merged: Option<AdapterInfo>,
+}
+
+/// The answer to an unload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unloaded {
+    pub unloaded: String,
+}
+
+/// The answer to an unmerge.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unmerged {
+    pub unmerged: bool,
+}

@@ -1,0 +1,154 @@
+//! The control plane as the runtime sees it: which deployments exist, what each one's spec
+//! asks for and what its status last said, which addons are loaded onto it and where their
+//! files are. The runtime's reconciler writes status rows only, and only through here; the
+//! API's services write spec rows only. So neither ever overwrites the other.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use hearth_api::names::{Collection, ResourceName};
+
+use crate::error::{ControlError, Result};
+use crate::records::deployed_model::DeployedModelSpec;
+pub use crate::records::deployed_model::{AddonPhase, DeployedModelStatus};
+pub use crate::records::deployment::{
+    Autoscaling, DeploymentSpec, DeploymentStatus, Failure, Phase, Problem, ScaleRequest,
+};
+use crate::records::{decode_body, Doc, DEPLOYMENTS};
+use crate::ControlPlane;
+
+/// A deployment's identity: `accounts/{account}/deployments/{id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DeploymentKey {
+    pub account: String,
+    pub id: String,
+}
+
+impl DeploymentKey {
+    pub fn new(account: &str, id: &str) -> DeploymentKey {
+        DeploymentKey { account: account.to_string(), id: id.to_string() }
+    }
+
+    /// `accounts/{account}/deployments/{id}`.
+    pub fn name(&self) -> String {
+        ResourceName::new(&self.account, Collection::Deployments, &self.id).to_string()
+    }
+
+    pub fn from_name(name: &str) -> Option<DeploymentKey> {
+        ResourceName::parse(name, Collection::Deployments)
+            .ok()
+            .map(|rn| DeploymentKey { account: rn.account, id: rn.id })
+    }
+}
+
+impl std::fmt::Display for DeploymentKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name())
+    }
+}
+
+/// An addon loaded onto a deployment, as the runtime needs it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Addon {
+    /// The DeployedModel's account and id (its status row).
+    pub account: String,
+    pub id: String,
+    /// The addon model's name, `accounts/{a}/models/{m}`: what replicas load it as.
+    pub model: String,
+    /// Where its files are in the artifact store.
+    pub dir: PathBuf,
+    pub status: DeployedModelStatus,
+}
+
+impl ControlPlane {
+    /// Every deployment in the store, read from the keys alone: a row that cannot be parsed
+    /// is listed too, so its replicas are never mistaken for orphans.
+    pub async fn deployment_keys(&self) -> Result<Vec<DeploymentKey>> {
+        Ok(self
+            .store
+            .list_all(DEPLOYMENTS)
+            .await?
+            .into_iter()
+            .map(|r| DeploymentKey { account: r.account, id: r.id })
+            .collect())
+    }
+
+    /// A deployment's spec and status. `None` when it no longer exists (purged); an error
+    /// (DATA_LOSS) when its spec cannot be read.
+    pub async fn deployment_for_runtime(
+        &self,
+        key: &DeploymentKey,
+    ) -> Result<Option<(DeploymentSpec, DeploymentStatus)>> {
+        let Some(rec) = self.store.get(DEPLOYMENTS, &key.account, &key.id).await? else { return Ok(None) };
+        let spec = decode_body::<DeploymentSpec>(&rec.body)
+            .map_err(|why| crate::records::unreadable(DEPLOYMENTS, &key.account, &key.id, why))?;
+        // A status row that cannot be read is rebuilt by the next observation.
+        let status = self.load::<DeploymentStatus>(&key.account, &key.id).await.ok().flatten().map(|d| d.value);
+        Ok(Some((spec, status.unwrap_or_default())))
+    }
+
+    /// Changes a deployment's status row (creating it if missing); writes only when `change`
+    /// changed something. Returns the status as written.
+    pub async fn observe_deployment(
+        &self,
+        key: &DeploymentKey,
+        change: impl FnMut(&mut DeploymentStatus),
+    ) -> Result<DeploymentStatus> {
+        self.upsert(&key.account, &key.id, change).await
+    }
+
+    /// The addons loaded onto a deployment, with their status.
+    pub async fn addons_for_runtime(&self, key: &DeploymentKey) -> Result<Vec<Addon>> {
+        let name = key.name();
+        let specs: Vec<Doc<DeployedModelSpec>> = self
+            .load_all::<DeployedModelSpec>(&key.account)
+            .await?
+            .into_iter()
+            .filter(|d| d.value.deployment == name)
+            .collect();
+        let mut out = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let Some(dir) = self.model_files(&spec.value.model) else { continue };
+            let status = self.load::<DeployedModelStatus>(&key.account, &spec.id).await.ok().flatten().map(|d| d.value);
+            out.push(Addon {
+                account: key.account.clone(),
+                id: spec.id,
+                model: spec.value.model,
+                dir,
+                status: status.unwrap_or_default(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Changes a loaded addon's status row, unless the addon was unloaded meanwhile.
+    pub async fn observe_addon(
+        &self,
+        account: &str,
+        id: &str,
+        change: impl FnMut(&mut DeployedModelStatus),
+    ) -> Result<()> {
+        if self.load::<DeployedModelSpec>(account, id).await?.is_none() {
+            return Ok(());
+        }
+        self.upsert(account, id, change).await.map(|_| ())
+    }
+
+    /// Where a model's files are in the artifact store, for `accounts/{a}/models/{m}`.
+    pub fn model_files(&self, model: &str) -> Option<PathBuf> {
+        let rn = ResourceName::parse(model, Collection::Models).ok()?;
+        Some(self.artifacts.model_dir(&rn.account, &rn.id))
+    }
+
+    /// Signalled when a deployment or a loaded addon changes, so the runtime acts now rather
+    /// than at its next resync.
+    pub fn changes(&self) -> Arc<tokio::sync::Notify> {
+        self.changes.clone()
+    }
+}
+
+impl From<ControlError> for Problem {
+    fn from(e: ControlError) -> Problem {
+        Problem::new(e.code(), e.public_message())
+    }
+}
