@@ -14,9 +14,10 @@ use tokio::sync::mpsc;
 
 use crate::error::{EngineError, Result};
 use crate::lora::{LoraAdapter, LoraWeights};
-use crate::model::{KvCache, LlamaConfig, LlamaModel, Logits, SeqInput};
+use crate::model::{KvCache, LlamaConfig, LlamaModel, SeqInput};
+use crate::plan::{plan, Progress, Row, Work};
 use crate::sampling::{log_softmax, top_k, Sampled, Sampler, SamplingParams};
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{DecodeStream, Tokenizer};
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -442,6 +443,10 @@ impl Engine {
                 self.config.max_waiting
             )));
         }
+        self.enqueue(req)
+    }
+
+    fn enqueue(&self, req: GenerateRequest) -> Result<mpsc::UnboundedReceiver<Event>> {
         let (events, rx) = mpsc::unbounded_channel();
         if let Some(a) = &req.adapter {
             a.requests.fetch_add(1, Ordering::Relaxed);
@@ -464,8 +469,12 @@ struct Sequence {
     /// The next token to feed (the last one sampled).
     pending: Option<u32>,
     sampler: Sampler,
-    /// Text emitted so far, and the full decoded text.
-    emitted: usize,
+    /// Turns generated tokens into text one at a time, at a cost that does not grow with the
+    /// generation.
+    detok: DecodeStream,
+    /// Text decoded but not sent yet: a tail that might be the start of a stop string. Stop
+    /// strings are looked for here only, as nothing sent can begin one.
+    held: String,
     kv_reserved: usize,
     prompt_logprobs: Vec<Sampled>,
     started: Instant,
@@ -482,6 +491,15 @@ impl Sequence {
 impl Sequence {
     fn in_prefill(&self) -> bool {
         self.prefilled < self.req.prompt.len()
+    }
+
+    fn progress(&self) -> Progress {
+        Progress {
+            prompt_len: self.req.prompt.len(),
+            prefilled: self.prefilled,
+            decoding: self.pending.is_some(),
+            prompt_logprobs: self.req.prompt_logprobs,
+        }
     }
 }
 
@@ -628,7 +646,8 @@ impl Scheduler {
                 generated: Vec::new(),
                 pending: None,
                 sampler: Sampler::new(seed),
-                emitted: 0,
+                detok: self.tokenizer.decode_stream(true),
+                held: String::new(),
                 kv_reserved: need,
                 prompt_logprobs: Vec::new(),
                 started: Instant::now(),
@@ -690,8 +709,10 @@ impl Scheduler {
         self.stats.kv_bytes.store(self.running.iter().map(|s| s.kv_reserved).sum(), Ordering::Relaxed);
     }
 
-    /// One forward pass: every decoding sequence contributes its pending token, then prefill
-    /// chunks fill the rest of the token budget.
+    /// One forward pass over what [`plan`] picks: every decoding sequence's pending token,
+    /// then prefill chunks up to the token budget. A sequence whose own part fails (its
+    /// adapter, its rows of the pass, its sampling or text) ends with an error event; the
+    /// others go on.
     fn step(&mut self, helpers: &crate::threads::Helpers) -> Result<()> {
         // A client that went away frees its sequence now.
         let before = self.running.len();
@@ -700,128 +721,163 @@ impl Scheduler {
         if self.running.is_empty() {
             return Ok(());
         }
-        let mut budget = self.config.max_step_tokens.max(1);
-        let mut plan: Vec<(usize, std::ops::Range<usize>, bool)> = Vec::new(); // (seq, prompt range, decode)
-        let n = self.running.len();
-        let order: Vec<usize> = (0..n).map(|k| (self.cursor + k) % n).collect();
+        let progress: Vec<Progress> = self.running.iter().map(Sequence::progress).collect();
+        let planned = plan(&progress, self.config.max_step_tokens, self.cursor);
         self.cursor = self.cursor.wrapping_add(1);
-        for &i in &order {
-            let s = &self.running[i];
-            if !s.in_prefill() && s.pending.is_some() && budget > 0 {
-                plan.push((i, 0..0, true));
-                budget -= 1;
-            }
-        }
-        for &i in &order {
-            let s = &self.running[i];
-            if s.in_prefill() && budget > 0 {
-                let n = (s.req.prompt.len() - s.prefilled).min(budget);
-                plan.push((i, s.prefilled..s.prefilled + n, false));
-                budget -= n;
-            }
-        }
-        if plan.is_empty() {
+        if planned.is_empty() {
             return Ok(());
         }
-        plan.sort_by_key(|p| p.0);
-        let mut pending_tokens: Vec<[u32; 1]> = Vec::with_capacity(plan.len());
-        for (i, _, decode) in &plan {
-            if *decode {
-                pending_tokens.push([self.running[*i].pending.unwrap_or(0)]);
+        let mut failed: Vec<(usize, String)> = Vec::new();
+        // Each row's adapter in its prepared form (admission made it hot).
+        let mut rows = Vec::with_capacity(planned.rows.len());
+        for row in planned.rows {
+            let prepared = self.running[row.seq].req.adapter.as_ref().map(|a| a.prepare(self.model.device()));
+            match prepared.transpose() {
+                Ok(w) => rows.push((row, w)),
+                Err(e) => failed.push((row.seq, format!("preparing its adapter failed: {e}"))),
             }
         }
-        // Each sequence's adapter in its prepared form (admission made it hot).
-        let weights: Vec<Option<Arc<LoraWeights>>> = self
-            .running
-            .iter()
-            .map(|s| s.req.adapter.as_ref().map(|a| a.prepare(self.model.device())).transpose())
-            .collect::<Result<_>>()?;
-        let results = {
-            let mut inputs = Vec::with_capacity(plan.len());
-            let mut pending_iter = pending_tokens.iter();
-            let mut plan_iter = plan.iter().peekable();
-            for (i, s) in self.running.iter_mut().enumerate() {
-                let Some((pi, range, decode)) = plan_iter.peek() else { break };
-                if *pi != i {
-                    continue;
-                }
-                let (tokens, logits): (&[u32], Logits) = if *decode {
-                    (pending_iter.next().map(|t| t.as_slice()).unwrap_or(&[]), Logits::Last)
-                } else {
-                    let last_chunk = range.end == s.req.prompt.len();
-                    let want = if s.req.prompt_logprobs {
-                        Logits::All
-                    } else if last_chunk {
-                        Logits::Last
-                    } else {
-                        Logits::None
-                    };
-                    (&s.req.prompt[range.clone()], want)
-                };
-                inputs.push(SeqInput { tokens, cache: &mut s.cache, logits, adapter: weights[i].as_deref() });
-                plan_iter.next();
-            }
-            helpers.busy(|| self.model.forward(&mut inputs))?
-        };
+        let results = self.forward_isolated(helpers, &rows);
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
 
         let mut finished = Vec::new();
-        for ((i, range, decode), logits) in plan.iter().zip(results) {
-            let s = &mut self.running[*i];
-            if !*decode {
-                s.prefilled = range.end;
-            }
-            let Some(logits) = logits else { continue };
-            let rows: Vec<Vec<f32>> = logits.to_vec2::<f32>()?;
-            if s.req.prompt_logprobs && !*decode {
-                // Row j predicts prompt token range.start + j + 1.
-                let k = s.req.params.logprobs.unwrap_or(0);
-                for (j, row) in rows.iter().enumerate() {
-                    let next = range.start + j + 1;
-                    if let Some(&tok) = s.req.prompt.get(next) {
-                        let lp = log_softmax(row);
-                        s.prompt_logprobs.push(Sampled {
-                            token: tok,
-                            logprob: Some(lp[tok as usize]),
-                            top: top_k(&lp, k),
-                        });
-                    }
-                }
-                if s.in_prefill() {
+        for ((row, _), result) in rows.iter().zip(results) {
+            let logits = match result {
+                Ok(l) => l,
+                Err(e) => {
+                    failed.push((row.seq, e.to_string()));
                     continue;
                 }
-                let _ = s.events.send(Event::PromptLogprobs(std::mem::take(&mut s.prompt_logprobs)));
-            }
-            let Some(last) = rows.last() else { continue };
-            if let Some(reason) = self.advance(*i, last)? {
-                finished.push((*i, reason));
+            };
+            match self.take_logits(row, logits) {
+                Ok(Some(reason)) => finished.push((row.seq, Ok(reason))),
+                Ok(None) => {}
+                Err(e) => failed.push((row.seq, e.to_string())),
             }
         }
-        // Remove finished sequences, highest index first so indices stay valid, and trim the
+        finished.extend(failed.into_iter().map(|(i, e)| (i, Err(e))));
+        // Remove ended sequences, highest index first so indices stay valid, and trim the
         // hot set to its bound before telling anyone they are done: a client that has seen
         // every request finish also sees the adapters those requests kept hot let go.
         finished.sort_by_key(|f| std::cmp::Reverse(f.0));
-        let done: Vec<(Sequence, FinishReason)> =
-            finished.into_iter().map(|(i, reason)| (self.running.swap_remove(i), reason)).collect();
+        finished.dedup_by_key(|f| f.0);
+        let done: Vec<(Sequence, std::result::Result<FinishReason, String>)> =
+            finished.into_iter().map(|(i, r)| (self.running.swap_remove(i), r)).collect();
         if self.hot.len() > self.config.max_hot_adapters {
             self.trim_hot(self.config.max_hot_adapters.max(1));
         }
-        for (s, reason) in done {
-            let text = self.tail_text(&s)?;
-            tracing::debug!(
-                prompt = s.req.prompt.len(),
-                generated = s.generated.len(),
-                elapsed_ms = s.started.elapsed().as_millis() as u64,
-                "sequence finished"
-            );
-            let _ = s.events.send(Event::Finished {
-                reason,
-                text,
-                prompt_tokens: s.req.prompt.len(),
-                completion_tokens: s.generated.len(),
-            });
+        for (s, ending) in done {
+            self.finish(s, ending);
         }
         Ok(())
+    }
+
+    /// Runs the rows as one forward pass; should that fail, each row alone, so that a failure
+    /// belonging to one sequence stays that sequence's. Caches are rolled back after a failed
+    /// pass (a pass commits them only at its end, but the rollback does not rely on it).
+    fn forward_isolated(
+        &mut self,
+        helpers: &crate::threads::Helpers,
+        rows: &[(Row, Option<Arc<LoraWeights>>)],
+    ) -> Vec<Result<Option<candle_core::Tensor>>> {
+        let lens: Vec<usize> = rows.iter().map(|(r, _)| self.running[r.seq].cache.len()).collect();
+        match self.forward(helpers, rows) {
+            Ok(out) => return out.into_iter().map(Ok).collect(),
+            Err(e) if rows.len() == 1 => return vec![Err(e)],
+            Err(e) => tracing::warn!(error = %e, rows = rows.len(), "a step failed; running its sequences one by one"),
+        }
+        for ((r, _), len) in rows.iter().zip(&lens) {
+            self.running[r.seq].cache.truncate(*len);
+        }
+        let mut out = Vec::with_capacity(rows.len());
+        for (one, len) in rows.iter().zip(lens) {
+            let result = self.forward(helpers, std::slice::from_ref(one)).map(|mut v| v.pop().flatten());
+            if result.is_err() {
+                self.running[one.0.seq].cache.truncate(len);
+            }
+            out.push(result);
+        }
+        out
+    }
+
+    /// One forward pass over `rows` (in sequence order).
+    fn forward(
+        &mut self,
+        helpers: &crate::threads::Helpers,
+        rows: &[(Row, Option<Arc<LoraWeights>>)],
+    ) -> Result<Vec<Option<candle_core::Tensor>>> {
+        let model = &self.model;
+        let mut inputs = Vec::with_capacity(rows.len());
+        let mut next = rows.iter().peekable();
+        for (i, s) in self.running.iter_mut().enumerate() {
+            let Some((row, weights)) = next.peek() else { break };
+            if row.seq != i {
+                continue;
+            }
+            let tokens = match &row.work {
+                Work::Decode => s.pending.as_slice(),
+                Work::Prefill(range) => s.req.prompt.get(range.clone()).unwrap_or(&[]),
+            };
+            inputs.push(SeqInput { tokens, cache: &mut s.cache, logits: row.logits, adapter: weights.as_deref() });
+            next.next();
+        }
+        helpers.busy(|| model.forward(&mut inputs))
+    }
+
+    /// Takes one row's logits: prompt logprobs, then the next token. Returns whether the
+    /// sequence finished.
+    fn take_logits(&mut self, row: &Row, logits: Option<candle_core::Tensor>) -> Result<Option<FinishReason>> {
+        let s = &mut self.running[row.seq];
+        if let Work::Prefill(range) = &row.work {
+            s.prefilled = range.end;
+        }
+        let Some(logits) = logits else { return Ok(None) };
+        let rows: Vec<Vec<f32>> = logits.to_vec2::<f32>()?;
+        if let (true, Work::Prefill(range)) = (s.req.prompt_logprobs, &row.work) {
+            // Row j predicts prompt token range.start + j + 1.
+            let k = s.req.params.logprobs.unwrap_or(0);
+            for (j, r) in rows.iter().enumerate() {
+                if let Some(&tok) = s.req.prompt.get(range.start + j + 1) {
+                    let lp = log_softmax(r);
+                    s.prompt_logprobs.push(Sampled { token: tok, logprob: Some(lp[tok as usize]), top: top_k(&lp, k) });
+                }
+            }
+            if s.in_prefill() {
+                return Ok(None);
+            }
+            let _ = s.events.send(Event::PromptLogprobs(std::mem::take(&mut s.prompt_logprobs)));
+        }
+        match rows.last() {
+            Some(last) => self.advance(row.seq, last),
+            None => Ok(None),
+        }
+    }
+
+    /// Sends a sequence's one terminal event: `Finished` with the text it still held, or
+    /// `Error`.
+    fn finish(&self, mut s: Sequence, ending: std::result::Result<FinishReason, String>) {
+        let event =
+            match ending.and_then(|reason| self.tail_text(&mut s).map(|t| (reason, t)).map_err(|e| e.to_string())) {
+                Ok((reason, text)) => {
+                    tracing::debug!(
+                        prompt = s.req.prompt.len(),
+                        generated = s.generated.len(),
+                        elapsed_ms = s.started.elapsed().as_millis() as u64,
+                        "sequence finished"
+                    );
+                    Event::Finished {
+                        reason,
+                        text,
+                        prompt_tokens: s.req.prompt.len(),
+                        completion_tokens: s.generated.len(),
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "a sequence failed; the rest of its batch goes on");
+                    Event::Error(e)
+                }
+            };
+        let _ = s.events.send(event);
     }
 
     /// Samples the next token of sequence `i`, emits it, and says whether it finished.
@@ -848,23 +904,23 @@ impl Scheduler {
             }
         }
         s.last_token = Some(now);
+        s.generated.push(tok);
         if !s.req.ignore_eos && self.tokenizer.is_eos(tok) {
-            s.generated.push(tok);
             return Ok(Some(FinishReason::Stop));
         }
-        s.generated.push(tok);
         s.pending = Some(tok);
-        let full = self.tokenizer.decode(&visible(&s.generated, &self.tokenizer), true)?;
+        if let Some(piece) = s.detok.step(&self.tokenizer, tok)? {
+            s.held.push_str(&piece);
+        }
         // A stop string ends the text where it begins; it is not part of the output.
-        if let Some(pos) = find_stop(&full, &s.req.stop, s.emitted) {
-            let text = full.get(s.emitted..pos).unwrap_or("").to_string();
-            s.emitted = pos;
+        if let Some(pos) = find_stop(&s.held, &s.req.stop) {
+            let text = s.held[..pos].to_string();
+            s.held.clear();
             let _ = s.events.send(Event::Token { sampled, text });
             return Ok(Some(FinishReason::Stop));
         }
-        let safe = safe_prefix(&full, &s.req.stop);
-        let text = if safe > s.emitted { full.get(s.emitted..safe).unwrap_or("").to_string() } else { String::new() };
-        s.emitted = s.emitted.max(safe);
+        let safe = safe_prefix(&s.held, &s.req.stop);
+        let text: String = s.held.drain(..safe).collect();
         if s.events.send(Event::Token { sampled, text }).is_err() {
             // The client went away; the next step frees the sequence and counts it.
             return Ok(None);
@@ -875,33 +931,20 @@ impl Scheduler {
         Ok(None)
     }
 
-    /// The text not emitted yet when a sequence ends without a stop string.
-    fn tail_text(&self, s: &Sequence) -> Result<String> {
-        let full = self.tokenizer.decode(&visible(&s.generated, &self.tokenizer), true)?;
-        match find_stop(&full, &s.req.stop, 0) {
-            Some(_) => Ok(String::new()),
-            None => Ok(full.get(s.emitted..).unwrap_or("").to_string()),
+    /// The text not sent yet when a sequence ends: what it held back, and what the detokenizer
+    /// still had, up to a stop string should the two together complete one.
+    fn tail_text(&self, s: &mut Sequence) -> Result<String> {
+        if let Some(rest) = s.detok.flush(&self.tokenizer)? {
+            s.held.push_str(&rest);
         }
+        let end = find_stop(&s.held, &s.req.stop).unwrap_or(s.held.len());
+        Ok(s.held[..end].to_string())
     }
 }
 
-/// Generated tokens without a trailing end-of-sequence token.
-fn visible(generated: &[u32], tok: &Tokenizer) -> Vec<u32> {
-    match generated.last() {
-        Some(&t) if tok.is_eos(t) => generated[..generated.len() - 1].to_vec(),
-        _ => generated.to_vec(),
-    }
-}
-
-/// Byte offset of the earliest stop string that ends after `from`.
-fn find_stop(text: &str, stops: &[String], from: usize) -> Option<usize> {
-    let search_from = from.saturating_sub(stops.iter().map(|s| s.len()).max().unwrap_or(0));
-    let search_from = (search_from..=from.min(text.len())).find(|&i| text.is_char_boundary(i)).unwrap_or(0);
-    stops
-        .iter()
-        .filter(|s| !s.is_empty())
-        .filter_map(|s| text[search_from..].find(s.as_str()).map(|p| p + search_from))
-        .min()
+/// Byte offset of the earliest stop string in `text`.
+fn find_stop(text: &str, stops: &[String]) -> Option<usize> {
+    stops.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min()
 }
 
 /// How much of `text` can be emitted: everything except an incomplete character at the end
@@ -929,13 +972,126 @@ fn safe_prefix(text: &str, stops: &[String]) -> usize {
 mod tests {
     use super::*;
 
+    fn tiny_engine() -> Engine {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny_llama/model.gguf");
+        let loaded = crate::load(&path, crate::Precision::Native, &candle_core::Device::Cpu).expect("tiny model");
+        Engine::start(loaded.model, loaded.tokenizer, EngineConfig::default())
+    }
+
+    fn request(prompt: Vec<u32>) -> GenerateRequest {
+        GenerateRequest {
+            prompt,
+            max_tokens: 200,
+            params: SamplingParams { temperature: 0.0, ..Default::default() },
+            stop: Vec::new(),
+            ignore_eos: true,
+            prompt_logprobs: false,
+            adapter: None,
+        }
+    }
+
+    /// Every event of a request until its channel closes: its tokens, and its terminal events.
+    async fn drain(mut rx: mpsc::UnboundedReceiver<Event>) -> (Vec<u32>, Vec<Event>) {
+        let (mut tokens, mut terminal) = (Vec::new(), Vec::new());
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                Event::Token { sampled, .. } => tokens.push(sampled.token),
+                e @ (Event::Finished { .. } | Event::Error(_)) => terminal.push(e),
+                Event::PromptLogprobs(_) => {}
+            }
+        }
+        (tokens, terminal)
+    }
+
+    /// A request whose prompt holds a token the model has no embedding for is refused at
+    /// `generate`; pushed past that check (an injected failure), it makes the batched forward
+    /// pass fail. It must end alone, with an error, while the requests batched with it finish
+    /// exactly as they do alone; and every request gets exactly one terminal event.
+    #[tokio::test]
+    async fn one_sequences_failure_ends_that_sequence_and_never_the_batch() {
+        let engine = tiny_engine();
+        let good: Vec<Vec<u32>> = vec![vec![5, 6, 7], vec![9, 10, 11, 12], vec![20, 21]];
+        let mut alone = Vec::new();
+        for p in &good {
+            alone.push(drain(engine.generate(request(p.clone())).expect("queued")).await.0);
+        }
+        // The good requests are decoding (each has sent a token and has 200 to go) when the
+        // bad one arrives, so it joins their batch.
+        let mut rxs: Vec<_> = good.iter().map(|p| engine.generate(request(p.clone())).expect("queued")).collect();
+        let mut first = Vec::new();
+        for rx in &mut rxs {
+            match rx.recv().await {
+                Some(Event::Token { sampled, .. }) => first.push(sampled.token),
+                other => panic!("expected a first token, got {other:?}"),
+            }
+        }
+        let (bad_tokens, bad_end) = drain(engine.enqueue(request(vec![5, 6, 100_000])).expect("queued")).await;
+        assert!(bad_tokens.is_empty());
+        assert!(
+            matches!(bad_end.as_slice(), [Event::Error(m)] if m.contains("out of range")),
+            "exactly one error event: {bad_end:?}"
+        );
+        for ((rx, want), first) in rxs.into_iter().zip(alone).zip(first) {
+            let (rest, end) = drain(rx).await;
+            assert!(rest.len() > 100, "still decoding when the failure came: {} tokens left", rest.len());
+            let tokens: Vec<u32> = std::iter::once(first).chain(rest).collect();
+            assert_eq!(tokens, want, "a request batched with the failure answers as it does alone");
+            assert!(matches!(end.as_slice(), [Event::Finished { .. }]), "exactly one terminal event: {end:?}");
+        }
+    }
+
+    /// The text a request gets, token pieces and the final tail together.
+    async fn text_of(engine: &Engine, req: GenerateRequest) -> (String, FinishReason) {
+        let mut rx = engine.generate(req).expect("queued");
+        let mut text = String::new();
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                Event::Token { text: t, .. } => text.push_str(&t),
+                Event::Finished { text: t, reason, .. } => {
+                    text.push_str(&t);
+                    return (text, reason);
+                }
+                Event::Error(e) => panic!("{e}"),
+                Event::PromptLogprobs(_) => {}
+            }
+        }
+        panic!("no terminal event")
+    }
+
+    /// Streaming detokenization gives the text decoding the whole generation gives, and a
+    /// stop string, wherever it falls across token boundaries, ends it exactly where the stop
+    /// string begins.
+    #[tokio::test]
+    async fn streamed_text_and_stop_strings_match_the_whole_decoded_text() {
+        let engine = tiny_engine();
+        let req = GenerateRequest { max_tokens: 60, ..request(vec![5, 6, 7]) };
+        let (full, _) = text_of(&engine, req.clone()).await;
+        let mut ids = Vec::new();
+        let mut rx = engine.generate(req.clone()).expect("queued");
+        while let Some(ev) = rx.recv().await {
+            if let Event::Token { sampled, .. } = ev {
+                ids.push(sampled.token);
+            }
+        }
+        assert_eq!(full, engine.tokenizer().decode(&ids, true).expect("decode"));
+        let starts: Vec<usize> = (1..full.len().saturating_sub(6)).filter(|&k| full.is_char_boundary(k)).collect();
+        assert!(starts.len() > 20, "the generation is long enough to cut: {full:?}");
+        for &k in starts.iter().step_by(7) {
+            let end = (k + 4..full.len()).find(|&e| full.is_char_boundary(e)).expect("a boundary");
+            let stop = full[k..end].to_string();
+            let cut = full.find(&stop).expect("present");
+            let (got, reason) = text_of(&engine, GenerateRequest { stop: vec![stop.clone()], ..req.clone() }).await;
+            assert_eq!((got.as_str(), reason), (&full[..cut], FinishReason::Stop), "stop {stop:?}");
+        }
+    }
+
     #[test]
     fn stop_strings_are_found_across_token_boundaries_and_held_back() {
         let stops = vec!["\n\nUser:".to_string()];
         assert_eq!(safe_prefix("Hello\n\nUs", &stops), 5);
         assert_eq!(safe_prefix("Hello there", &stops), 11);
-        assert_eq!(find_stop("Hello\n\nUser: hi", &stops, 5), Some(5));
-        assert_eq!(find_stop("Hello", &stops, 0), None);
+        assert_eq!(find_stop("Hello\n\nUser: hi", &stops), Some(5));
+        assert_eq!(find_stop("Hello", &stops), None);
         assert_eq!(safe_prefix("caf\u{FFFD}", &[]), 3);
     }
 }

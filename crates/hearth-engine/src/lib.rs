@@ -12,6 +12,7 @@ pub mod kernels;
 pub mod load;
 pub mod lora;
 pub mod model;
+pub mod plan;
 pub mod sampling;
 mod threads;
 pub mod tokenizer;
