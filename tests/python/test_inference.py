@@ -98,11 +98,18 @@ def test_a_deployment_serves_chat_and_completions_through_the_gateway(hearth, se
     assert name in models
 
 
-def test_the_fireworks_sdk_chats_through_the_gateway(client, served):
+def test_the_fireworks_sdk_chats_through_the_gateway(hearth, client, served):
     model_id, name, dep_id = served
     resp = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
                                           temperature=0)
     assert resp.choices[0].message.role == "assistant"
+    # The Fireworks SDK gets the answer the openai client gets for the same greedy request.
+    same = _openai(hearth).chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}],
+                                                   max_tokens=4, temperature=0)
+    assert resp.choices[0].message.content == same.choices[0].message.content
+    assert resp.choices[0].message.content
+    assert resp.usage.completion_tokens == same.usage.completion_tokens >= 1
+    assert resp.choices[0].finish_reason == same.choices[0].finish_reason
 
 
 def test_inference_refusals(hearth, served):

@@ -30,7 +30,13 @@ use crate::error::{EngineError, Result};
 /// spawned job is done, even once its handle is dropped, so the scheduler loop, returning when
 /// the engine's last handle is gone, ends the pool too.
 pub(crate) fn spawn_scheduler(scheduler: impl FnOnce() + Send + 'static) -> Result<()> {
+    spawn_scheduler_with(None, scheduler)
+}
+
+/// `spawn_scheduler` with `threads` in the pool (`None`: rayon's default).
+fn spawn_scheduler_with(threads: Option<usize>, scheduler: impl FnOnce() + Send + 'static) -> Result<()> {
     let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.unwrap_or(0))
         .thread_name(|i| format!("hearth-engine-{i}"))
         // A panic in the scheduler ends the engine (requests then get `Stopped`), as it would
         // on a thread of its own; without a handler rayon aborts the process.
@@ -162,7 +168,8 @@ mod tests {
     #[test]
     fn helpers_take_work_queued_during_a_pass_asleep_or_not() {
         let (tx, rx) = std::sync::mpsc::channel();
-        spawn_scheduler(move || {
+        // Two threads whatever the machine or RAYON_NUM_THREADS, so there is a helper to see.
+        spawn_scheduler_with(Some(2), move || {
             let helpers = Helpers::start();
             let first = pass(&helpers, Duration::from_secs(10));
             // Between passes the helpers sleep; the second pass must wake them.
@@ -172,8 +179,7 @@ mod tests {
         })
         .expect("pool starts");
         let (threads, first, second) = rx.recv_timeout(Duration::from_secs(60)).expect("the scheduler ran to its end");
-        if threads > 1 {
-            assert!(first && second, "a helper took work in the first pass: {first}, in the second: {second}");
-        }
+        assert_eq!(threads, 2);
+        assert!(first && second, "a helper took work in the first pass: {first}, in the second: {second}");
     }
 }

@@ -11,20 +11,13 @@ use hearth_engine::chat::{ChatMessage, ChatTemplate};
 use hearth_engine::tokenizer::Tokenizer;
 use serde_json::Value;
 
-fn fixture(name: &str) -> Option<Value> {
-    let path = common::fixtures().join(name);
-    match std::fs::read_to_string(&path) {
-        Ok(text) => Some(serde_json::from_str(&text).unwrap()),
-        Err(_) => {
-            eprintln!("SKIPPED: {} is absent (it is generated from transformers)", path.display());
-            None
-        }
-    }
+fn fixture(name: &str) -> Value {
+    common::fixture_json(name)
 }
 
 #[test]
 fn smollm2_chat_templates_match_transformers() {
-    let Some(fixture) = fixture("chat_templates.json") else { return };
+    let fixture = fixture("chat_templates.json");
     // The model's own tokenizer when it is here (its template and special tokens); without
     // it, the fixture's copy of the template still checks the rendered text.
     let tokenizer = common::smollm2().map(|path| {
@@ -62,10 +55,6 @@ fn smollm2_chat_templates_match_transformers() {
 #[test]
 fn tiny_model_directory_template_renders() {
     let dir = common::fixtures().join("tiny_llama");
-    if !dir.join("tokenizer_config.json").exists() {
-        eprintln!("SKIPPED: {} has no tokenizer_config.json", dir.display());
-        return;
-    }
     let tok = Tokenizer::from_hf_dir(&dir).unwrap();
     let template = ChatTemplate::from_tokenizer(&tok).unwrap();
     let messages = vec![ChatMessage::new("user", "Hi"), ChatMessage::new("assistant", "Hello")];

@@ -164,20 +164,26 @@ async fn a_waiting_adapter_does_not_starve() {
         tokio::spawn(async move {
             use std::sync::atomic::{AtomicUsize, Ordering};
             let outstanding = Arc::new(AtomicUsize::new(0));
-            let mut sent = 0usize;
+            // Every request's task is kept and awaited below, so a request that comes back
+            // short fails the test instead of panicking unseen in a detached task.
+            let mut requests = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 while outstanding.load(Ordering::Relaxed) < 8 {
                     outstanding.fetch_add(1, Ordering::Relaxed);
                     let (engine, outstanding) = (engine.clone(), outstanding.clone());
-                    let len = 16 + sent % 17;
-                    tokio::spawn(async move {
+                    let len = 16 + requests.len() % 17;
+                    requests.push(tokio::spawn(async move {
                         let out = run(&engine, vec![5, 6, 7, 10 + (len as u32)], len, Some("a")).await;
-                        assert_eq!(out, len);
                         outstanding.fetch_sub(1, Ordering::Relaxed);
-                    });
-                    sent += 1;
+                        (out, len)
+                    }));
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+            let sent = requests.len();
+            for r in requests {
+                let (out, len) = r.await.expect("a request for a");
+                assert_eq!(out, len, "a request for a came back short");
             }
             sent
         })

@@ -27,15 +27,8 @@ fn smollm2() -> Option<&'static Tokenizer> {
     TOKENIZER.get_or_init(|| common::smollm2().map(|path| load_gguf(&path))).as_ref()
 }
 
-fn fixture(name: &str) -> Option<Value> {
-    let path = common::fixtures().join(name);
-    match std::fs::read_to_string(&path) {
-        Ok(text) => Some(serde_json::from_str(&text).unwrap()),
-        Err(_) => {
-            eprintln!("SKIPPED: {} is absent (it is generated from transformers)", path.display());
-            None
-        }
-    }
+fn fixture(name: &str) -> Value {
+    common::fixture_json(name)
 }
 
 fn ids(value: &Value) -> Vec<u32> {
@@ -118,7 +111,7 @@ fn smollm2_decode_stream_never_splits_a_character() {
 #[test]
 fn smollm2_matches_transformers_tokenizer_cases() {
     let Some(tok) = smollm2() else { return };
-    let Some(fixture) = fixture("tokenizer_cases.json") else { return };
+    let fixture = fixture("tokenizer_cases.json");
     assert_eq!(fixture["vocab_size"].as_u64(), Some(tok.vocab_size() as u64));
     assert_eq!(fixture["add_bos_token"].as_bool(), Some(tok.add_bos()));
     let specials = &fixture["special_tokens"];
@@ -178,10 +171,6 @@ fn smollm2_matches_transformers_tokenizer_cases() {
 #[test]
 fn gguf_and_tokenizer_json_agree_on_the_tiny_model() {
     let dir = common::fixtures().join("tiny_llama");
-    if !dir.join("model.gguf").exists() || !dir.join("tokenizer.json").exists() {
-        eprintln!("SKIPPED: {} has no model.gguf/tokenizer.json", dir.display());
-        return;
-    }
     let from_gguf = load_gguf(&dir.join("model.gguf"));
     let from_json = Tokenizer::from_hf_dir(&dir).unwrap();
     assert_eq!(from_gguf.vocab_size(), from_json.vocab_size());
@@ -195,9 +184,8 @@ fn gguf_and_tokenizer_json_agree_on_the_tiny_model() {
         "  tabs\tand\r\nnewlines\n\n  ".into(),
         "café 日本語 🎉".into(),
     ];
-    if let Some(cases) = fixture("tokenizer_cases.json") {
-        texts.extend(cases["cases"].as_array().unwrap().iter().map(|c| c["text"].as_str().unwrap().to_string()));
-    }
+    let cases = fixture("tokenizer_cases.json");
+    texts.extend(cases["cases"].as_array().unwrap().iter().map(|c| c["text"].as_str().unwrap().to_string()));
     for text in &texts {
         let ids = from_gguf.encode(text, true).unwrap();
         assert_eq!(ids, from_json.encode(text, true).unwrap(), "{text:?}");
@@ -261,11 +249,7 @@ fn gguf_from_tokenizer_json(json: &Value, pre: &str, eos: &str) -> Content {
 #[test]
 fn qwen2_pre_type_matches_qwen2_tokenizer_json() {
     let dir = common::fixtures().join("tiny_qwen2");
-    let Ok(text) = std::fs::read_to_string(dir.join("tokenizer.json")) else {
-        eprintln!("SKIPPED: {} has no tokenizer.json", dir.display());
-        return;
-    };
-    let json: Value = serde_json::from_str(&text).unwrap();
+    let json: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer.json")).unwrap()).unwrap();
     assert_eq!(json["normalizer"]["type"], "NFC", "the fixture is expected to be Qwen2's pipeline");
     let from_json = Tokenizer::from_hf_dir(&dir).unwrap();
     let from_gguf = Tokenizer::from_gguf(&gguf_from_tokenizer_json(&json, "qwen2", "<|im_end|>")).unwrap();
@@ -276,9 +260,8 @@ fn qwen2_pre_type_matches_qwen2_tokenizer_json() {
         "decomposed e\u{301} vs é; tabs\t\tand   spaces   ".into(),
         "<|im_start|>user\nHi 2024!<|im_end|>\n".into(),
     ];
-    if let Some(cases) = fixture("tokenizer_cases.json") {
-        texts.extend(cases["cases"].as_array().unwrap().iter().map(|c| c["text"].as_str().unwrap().to_string()));
-    }
+    let cases = fixture("tokenizer_cases.json");
+    texts.extend(cases["cases"].as_array().unwrap().iter().map(|c| c["text"].as_str().unwrap().to_string()));
     for text in &texts {
         let ids = from_json.encode(text, false).unwrap();
         assert_eq!(from_gguf.encode(text, false).unwrap(), ids, "{text:?}");

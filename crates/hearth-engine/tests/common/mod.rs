@@ -12,16 +12,34 @@ pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
-/// The default model, fetched by `scripts/fetch-model`; `None` (with a visible message) when
-/// it is absent, so the suite still runs on a machine without it.
+/// The default model, fetched by `scripts/fetch-model`. Absent, a test that needs it is
+/// skipped, said on the terminal (not in captured output), so a developer's run without it
+/// still works; under CI (`CI` set), where the model is always fetched first, its absence
+/// fails the test.
 pub fn smollm2() -> Option<PathBuf> {
     let p = repo_root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     if p.exists() {
-        Some(p)
-    } else {
-        eprintln!("SKIPPED: {} is absent; run scripts/fetch-model to include this test", p.display());
-        None
+        return Some(p);
     }
+    if std::env::var_os("CI").is_some_and(|v| !v.is_empty()) {
+        panic!("{} is absent under CI: scripts/fetch-model must run before the tests", p.display());
+    }
+    skipped(&format!("{} is absent; run scripts/fetch-model to include this test", p.display()));
+    None
+}
+
+/// Says a test was skipped where the person running the suite sees it: straight to the
+/// process's stderr, which the test harness does not capture.
+pub fn skipped(why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "SKIPPED ({}): {why}", std::thread::current().name().unwrap_or("?"));
+}
+
+/// A committed fixture, as JSON; its absence is a broken checkout and fails the test.
+pub fn fixture_json(name: &str) -> serde_json::Value {
+    let path = fixtures().join(name);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 /// Token ids of a fixture's JSON array.
