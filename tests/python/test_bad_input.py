@@ -427,3 +427,102 @@ def test_bad_adapter_fails_validation_naming_the_tensor(api, uid, ready_base, tm
     assert_rpc_error(r, 400, FAILED_PRECONDITION)
     assert api.names("deployedModels", "deployedModels") == loaded
     api.ok_json("DELETE", f"deployments/{dep_id}", params={"hard": "true"})
+
+
+# ---------------------------------------------------------------------------------------------
+# The fields table (docs/fields.md): refused fields are refused by name, echoed ones come back
+# as given, refused flags say why. Every refusal leaves nothing behind.
+# ---------------------------------------------------------------------------------------------
+
+REFUSED_DEPLOYMENT_FIELDS = {
+    "maxWithRevocableReplicaCount": 2,
+    "draftModel": "accounts/x/models/y",
+    "draftTokenCount": 4,
+    "ngramSpeculationLength": 3,
+    "enableSessionAffinity": True,
+    "directRouteType": "INTERNET",
+    "directRouteApiKeys": ["k"],
+    "deploymentTemplate": "t",
+    "autoTune": {"longPrompt": True},
+    "enableHotLoad": True,
+    "hotLoadBucketType": "S3",
+    "hotLoadBucketUrl": "s3://b/p",
+    "hotLoadTrainerJob": "j",
+    "activeModelVersion": "v1",
+    "targetModelVersion": "v2",
+    "pricingPlanId": "p",
+    "enableMtp": True,
+    "precision": "FP8",
+}
+
+ECHOED_DEPLOYMENT_FIELDS = {
+    "annotations": {"team": "search"},
+    "acceleratorType": "NVIDIA_H100_80GB",
+    "acceleratorCount": 2,
+    "placement": {"region": "US_IOWA_1"},
+    "deploymentShape": "accounts/fireworks/deploymentShapes/x",
+    "disableDeploymentSizeValidation": True,
+    "displayName": "shown",
+    "description": "as given",
+}
+
+
+def test_the_deployment_fields_table(api, uid, ready_base):
+    before = api.names("deployments", "deployments")
+    for field, value in REFUSED_DEPLOYMENT_FIELDS.items():
+        r = api.post("deployments", params={"deploymentId": uid("refused")},
+                     json={"baseModel": ready_base.name, field: value})
+        body = assert_rpc_error(r, 501, 12)
+        assert field in body["message"], (field, body)
+    r = api.post("deployments", params={"deploymentId": uid("refused"), "disableAutoDeploy": "true"},
+                 json={"baseModel": ready_base.name})
+    assert "disableAutoDeploy" in assert_rpc_error(r, 501, 12)["message"]
+    assert api.names("deployments", "deployments") == before
+    dep_id = uid("echo")
+    created = api.ok_json("POST", "deployments", params={"deploymentId": dep_id, "skipShapeValidation": "true",
+                                                         "disableSpeculativeDecoding": "true"},
+                          json={"baseModel": ready_base.name, **ECHOED_DEPLOYMENT_FIELDS})
+    got = api.ok_json("GET", f"deployments/{dep_id}")
+    for field, value in ECHOED_DEPLOYMENT_FIELDS.items():
+        assert created[field] == value and got[field] == value, field
+    api.ok_json("DELETE", f"deployments/{dep_id}", params={"hard": "true"})
+
+
+ECHOED_MODEL_FIELDS = {
+    "githubUrl": "https://example.com/repo",
+    "huggingFaceUrl": "https://example.com/hf",
+    "supportsImageInput": False,
+    "supportsTools": True,
+    "supportsLora": True,
+    "deprecationDate": {"year": 2030, "month": 1, "day": 2},
+    "trainingContextLength": 2048,
+    "snapshotType": "FULL_SNAPSHOT",
+    "useHfApplyChatTemplate": True,
+    "description": "as given",
+}
+
+
+def test_the_model_fields_table(api, uid, ready_base):
+    before = model_names(api)
+    for field, value in {"conversationConfig": {"style": "x"}, "defaultDraftModel": "accounts/a/models/b",
+                         "defaultDraftTokenCount": 4, "teftDetails": {}, "useHfApplyChatTemplate": False}.items():
+        r = api.post("models", json=base_body(uid("refused"), **{field: value}))
+        assert field in assert_rpc_error(r, 501, 12)["message"], field
+    assert model_names(api) == before
+    model_id = uid("echo")
+    create_model(api, base_body(model_id, **ECHOED_MODEL_FIELDS))
+    got = api.ok_json("GET", f"models/{model_id}")
+    for field, value in ECHOED_MODEL_FIELDS.items():
+        assert got[field] == value, (field, got)
+    assert got["baseModelDetails"]["checkpointFormat"] == "HUGGINGFACE"
+    # Validation's checks cannot be skipped, nor code run.
+    ready_id = ready_base.name.rsplit("/", 1)[1]
+    for flag in ("skipHfConfigValidation", "configOnly", "trustRemoteCode"):
+        r = api.get(f"models/{ready_id}:validateUpload", params={flag: "true"})
+        assert flag in assert_rpc_error(r, 501, 12)["message"], flag
+    # A read mask applies to the download endpoint's answer too.
+    masked = api.ok_json("GET", f"models/{ready_id}:getDownloadEndpoint", params={"readMask": "name"})
+    assert "filenameToSignedUrls" not in masked
+    full = api.ok_json("GET", f"models/{ready_id}:getDownloadEndpoint")
+    assert full["filenameToSignedUrls"]
+    api.ok_json("DELETE", f"models/{model_id}")

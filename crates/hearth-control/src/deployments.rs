@@ -123,13 +123,14 @@ const DEPLOYMENT_PATCH: Patchable = Patchable {
     ],
 };
 
-/// Query flags of create that only steer features hearth has no counterpart for (deployment
-/// shapes, image tags, auto-deploy, speculative decoding). They are accepted so the official
-/// client works, and they change nothing.
+/// Query flags of create that hearth acts on. (The others only skip checks hearth does not
+/// make: see the gateway's handler.)
 #[derive(Debug, Clone, Default)]
 pub struct CreateDeploymentOptions {
     pub deployment_id: Option<String>,
     pub validate_only: bool,
+    /// Do not make this deployment where the base model's plain name is served.
+    pub disable_auto_deploy: bool,
 }
 
 fn not_found(account: &str, id: &str) -> ControlError {
@@ -345,6 +346,13 @@ impl ControlPlane {
         body: Deployment,
     ) -> Result<Deployment> {
         self.authorize(who, account)?;
+        if opts.disable_auto_deploy {
+            return Err(ControlError::Unimplemented(
+                "disableAutoDeploy=true is not supported: a base model's plain name is always served by its oldest \
+                 live deployment; name a deployment in a request (model#deployment) to choose another"
+                    .to_string(),
+            ));
+        }
         let id = match opts.deployment_id.filter(|s| !s.is_empty()) {
             Some(id) => {
                 validate_id("deployment", &id).map_err(ControlError::InvalidArgument)?;
@@ -577,6 +585,10 @@ impl ControlPlane {
                 }
                 s.delete_time = None;
                 s.purge_time = None;
+                // An expireTime that has passed deleted it; kept, it would delete it again at once.
+                if s.expire_time.is_some_and(|t| t <= Utc::now()) {
+                    s.expire_time = None;
+                }
                 // A new generation clears the failure; it starts again from its minimum.
                 s.generation += 1;
                 s.request_scale(s.min_replica_count);

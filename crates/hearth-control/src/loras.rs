@@ -130,7 +130,7 @@ impl ControlPlane {
         };
         // Named after the base when that id is free, so it is easy to find.
         for id in [Some(format!("{}-loras", base.id).chars().take(63).collect::<String>()), None] {
-            let opts = CreateDeploymentOptions { deployment_id: id, validate_only: false };
+            let opts = CreateDeploymentOptions { deployment_id: id, ..Default::default() };
             match self.create_deployment(who, account, opts, body.clone()).await {
                 Ok(d) => {
                     tracing::info!(account = %account, deployment = ?d.name, base = %base_name, "default LoRA deployment created");

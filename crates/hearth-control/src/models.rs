@@ -24,6 +24,14 @@ use crate::signing::Grant;
 use crate::ControlPlane;
 use hearth_formats as inspect;
 
+/// `:validateUpload`'s query flags.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ValidateOptions {
+    pub skip_hf_config_validation: bool,
+    pub config_only: bool,
+    pub trust_remote_code: bool,
+}
+
 /// The largest single file hearth accepts: far above any checkpoint shard in practice, and
 /// low enough that a typo in a size is caught.
 pub const MAX_FILE_SIZE: u64 = 1 << 40;
@@ -135,6 +143,13 @@ fn check_user_fields(m: &Model, stored: Option<&Model>) -> Result<()> {
     }
     if m.teft_details.is_some() {
         return Err(ControlError::unimplemented_field("model", "teftDetails"));
+    }
+    if m.use_hf_apply_chat_template == Some(false) {
+        return Err(ControlError::Unimplemented(
+            "model field `useHfApplyChatTemplate` false is not supported: hearth renders chats with the \
+             checkpoint's own (Hugging Face) chat template; leave it unset or true"
+                .to_string(),
+        ));
     }
     if let Some(p) = &m.peft_details {
         if p.merge_addon_model_name.as_deref().is_some_and(|s| !s.is_empty()) {
@@ -665,8 +680,31 @@ impl ControlPlane {
 
     /// Checks what was uploaded and, when it is a model hearth can serve, marks the model
     /// READY with the details read from its files. Each problem found is named.
-    pub async fn validate_upload(&self, who: &Principal, account: &str, id: &str) -> Result<ValidateUploadResponse> {
+    pub async fn validate_upload(
+        &self,
+        who: &Principal,
+        account: &str,
+        id: &str,
+        opts: ValidateOptions,
+    ) -> Result<ValidateUploadResponse> {
         self.authorize(who, account)?;
+        // What validates is what serves: the engine loads a model through these same checks,
+        // so none of them can be skipped.
+        for (flag, set) in
+            [("skipHfConfigValidation", opts.skip_hf_config_validation), ("configOnly", opts.config_only)]
+        {
+            if set {
+                return Err(ControlError::Unimplemented(format!(
+                    "{flag}=true is not supported: hearth validates a model with the checks its engine loads it \
+                     with, all of them, so what validates is what serves"
+                )));
+            }
+        }
+        if opts.trust_remote_code {
+            return Err(ControlError::Unimplemented(
+                "trustRemoteCode is not supported: hearth never runs code that comes with a model".to_string(),
+            ));
+        }
         let doc = self.load_model(account, id).await?;
         if doc.value.import.is_some() && doc.value.model.state == Some(ModelState::Uploading) {
             return Err(ControlError::FailedPrecondition(format!(
@@ -807,7 +845,12 @@ impl ControlPlane {
         who: &Principal,
         account: &str,
         id: &str,
-    ) -> Result<GetDownloadEndpointResponse> {
+        read_mask: Option<&str>,
+    ) -> Result<Value> {
+        render(&self.download_endpoint(who, account, id).await?, read_mask)
+    }
+
+    async fn download_endpoint(&self, who: &Principal, account: &str, id: &str) -> Result<GetDownloadEndpointResponse> {
         self.authorize(who, account)?;
         let doc = self.load_model(account, id).await?;
         if doc.value.model.state != Some(ModelState::Ready) {

@@ -51,11 +51,12 @@ impl ControlPlane {
         };
         if left.contains("/deployedModels/") {
             let rn = ResourceName::parse(left, Collection::DeployedModels).map_err(ControlError::InvalidArgument)?;
-            self.authorize(who, &rn.account)?;
-            let dm: Doc<DeployedModelSpec> = self
-                .load(&rn.account, &rn.id)
-                .await?
-                .ok_or_else(|| ControlError::NotFound(format!("deployed model {left} not found")))?;
+            let dm: Option<Doc<DeployedModelSpec>> = self.load(&rn.account, &rn.id).await?;
+            // A public deployed model serves every account; any other only its own.
+            if !dm.as_ref().is_some_and(|d| d.value.public == Some(true)) {
+                self.authorize(who, &rn.account)?;
+            }
+            let dm = dm.ok_or_else(|| ControlError::NotFound(format!("deployed model {left} not found")))?;
             return self.addon_route(dm.value).await;
         }
         let (model_rn, model_doc) = self.resolve_model(&who.account, left, "model").await.map_err(|e| match e {

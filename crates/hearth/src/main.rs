@@ -144,11 +144,12 @@ struct ServeArgs {
     #[arg(long, env = "HEARTH_RUNTIME", value_enum, default_value_t = RuntimeKind::Local)]
     runtime: RuntimeKind,
     /// Seconds the runtime lease (one `--runtime local` gateway per store) lasts without a
-    /// renewal: every reconciler pass renews it; a gateway that makes no pass for this long
-    /// hands the store to another, and stops its own replicas when it finds that out.
+    /// renewal: every resync of the reconciler renews it; a gateway that makes no resync for
+    /// this long hands the store to another, and stops its own replicas when it finds that out.
     #[arg(long, env = "HEARTH_RUNTIME_LEASE_TTL", default_value_t = hearth_runtime::controller::LEASE_TTL.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
     runtime_lease_ttl: u64,
-    /// Milliseconds between reconciler passes (it also runs whenever something changes).
+    /// Milliseconds between the reconciler's resyncs: an idle deployment is looked at again
+    /// this often (one in transition sooner; any change through the API at once).
     #[arg(long, env = "HEARTH_RECONCILE_INTERVAL_MS", default_value_t = 1000)]
     reconcile_interval_ms: u64,
     /// Log as JSON lines instead of human-readable text.

@@ -352,7 +352,7 @@ impl World {
         let mut body = body;
         body["baseModel"] = json!(BASE);
         let d = serde_json::from_value(body).expect("a deployment body");
-        let opts = CreateDeploymentOptions { deployment_id: Some(id.to_string()), validate_only: false };
+        let opts = CreateDeploymentOptions { deployment_id: Some(id.to_string()), ..Default::default() };
         let created = self.control.create_deployment(&self.who, ACCOUNT, opts, d).await.expect("create");
         serde_json::to_value(created).expect("json")
     }

@@ -23,16 +23,15 @@ pub(super) async fn create(
     b: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<Deployment>> {
     let mut p = Params::parse(q.as_deref())?;
-    let opts = CreateDeploymentOptions { deployment_id: p.str("deploymentId"), validate_only: p.bool("validateOnly")? };
-    // Flags about deployment shapes, image tags, auto-deploy and speculative decoding: hearth
-    // has none of these, so they cannot change anything. Parsed, so a malformed one is refused.
-    for flag in [
-        "disableAutoDeploy",
-        "disableSpeculativeDecoding",
-        "skipShapeValidation",
-        "skipImageTagValidation",
-        "acceptShapelessRisk",
-    ] {
+    let opts = CreateDeploymentOptions {
+        deployment_id: p.str("deploymentId"),
+        validate_only: p.bool("validateOnly")?,
+        disable_auto_deploy: p.bool("disableAutoDeploy")?,
+    };
+    // Flags that skip what hearth does not do (shape and image-tag validation, speculative
+    // decoding from the base model's settings): honoured as they stand, there being nothing
+    // to skip. Parsed, so a malformed one is refused.
+    for flag in ["disableSpeculativeDecoding", "skipShapeValidation", "skipImageTagValidation", "acceptShapelessRisk"] {
         p.bool(flag)?;
     }
     p.finish()?;

@@ -8,6 +8,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use hearth_api::resources::{CreateModelRequest, GetUploadEndpointRequest, Model, ModelSource};
 use hearth_api::Code;
+use hearth_control::models::ValidateOptions;
 
 use super::{
     body, empty, list_request, page_json, parse_body, parse_patch, split_verb, unknown_verb, AppState, Caller,
@@ -55,22 +56,18 @@ pub(super) async fn get_or_verb(
             Ok(Json(s.control.get_model(&who, &account, id, mask.as_deref()).await?).into_response())
         }
         Some("validateUpload") => {
-            // These steer validations hearth always runs in full; accepted for the client's sake.
-            p.bool("skipHfConfigValidation")?;
-            p.bool("configOnly")?;
-            if p.bool("trustRemoteCode")? {
-                return Err(ApiError::new(
-                    Code::Unimplemented,
-                    "trustRemoteCode is not supported: hearth never runs code that comes with a model",
-                ));
-            }
+            let opts = ValidateOptions {
+                skip_hf_config_validation: p.bool("skipHfConfigValidation")?,
+                config_only: p.bool("configOnly")?,
+                trust_remote_code: p.bool("trustRemoteCode")?,
+            };
             p.finish()?;
-            Ok(Json(s.control.validate_upload(&who, &account, id).await?).into_response())
+            Ok(Json(s.control.validate_upload(&who, &account, id, opts).await?).into_response())
         }
         Some("getDownloadEndpoint") => {
-            p.str("readMask");
+            let mask = p.str("readMask");
             p.finish()?;
-            Ok(Json(s.control.get_download_endpoint(&who, &account, id).await?).into_response())
+            Ok(Json(s.control.get_download_endpoint(&who, &account, id, mask.as_deref()).await?).into_response())
         }
         Some(verb) => Err(unknown_verb("model", verb, "GET")),
     }
