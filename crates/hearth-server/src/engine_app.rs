@@ -12,23 +12,25 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
-use axum::http::StatusCode;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::stream::{self, Stream, StreamExt};
 use hearth_api::openai::{
-    check_fields, ChatCompletionRequest, CompletionRequest, Content, ErrorBody, ErrorDetail, FieldError, Prompt,
-    Sampling, Usage, CHAT_FIELDS, COMPLETION_FIELDS,
+    check_fields, ChatCompletionRequest, CompletionRequest, Content, FieldError, Prompt, Sampling, Usage, CHAT_FIELDS,
+    COMPLETION_FIELDS,
 };
 use hearth_api::replica::{
     paths, AdapterInfo, AdapterList, Health, LoadAdapterRequest, LoadFigures, UnloadAdapterRequest, Unloaded, Unmerged,
 };
+use hearth_api::Code;
 use hearth_engine::chat::{ChatMessage, ChatTemplate};
 use hearth_engine::lora::LoraAdapter;
 use hearth_engine::sampling::Sampled;
 use hearth_engine::{Engine, EngineError, Event, GenerateRequest, SamplingParams};
+
+pub use crate::error::OpenAiError;
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -50,55 +52,6 @@ struct Counters {
     errors: AtomicU64,
     prompt_tokens: AtomicU64,
     completion_tokens: AtomicU64,
-}
-
-/// An OpenAI-shaped error with its HTTP status.
-#[derive(Debug)]
-pub struct OpenAiError {
-    status: StatusCode,
-    kind: &'static str,
-    message: String,
-    param: Option<String>,
-}
-
-impl OpenAiError {
-    fn bad(message: impl Into<String>) -> OpenAiError {
-        OpenAiError {
-            status: StatusCode::BAD_REQUEST,
-            kind: "invalid_request_error",
-            message: message.into(),
-            param: None,
-        }
-    }
-}
-
-impl From<EngineError> for OpenAiError {
-    fn from(e: EngineError) -> OpenAiError {
-        let (status, kind) = match &e {
-            EngineError::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request_error"),
-            EngineError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
-            EngineError::Overloaded(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error"),
-            EngineError::Stopped => (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable"),
-            EngineError::InvalidModel(_) | EngineError::Internal(_) => {
-                tracing::error!(error = %e, "engine error");
-                (StatusCode::INTERNAL_SERVER_ERROR, "internal_error")
-            }
-        };
-        let message = match &e {
-            EngineError::Internal(_) => "internal engine error; the server log has the details".to_string(),
-            other => other.to_string(),
-        };
-        OpenAiError { status, kind, message, param: None }
-    }
-}
-
-impl IntoResponse for OpenAiError {
-    fn into_response(self) -> Response {
-        let body = ErrorBody {
-            error: ErrorDetail { message: self.message, kind: self.kind.to_string(), param: self.param, code: None },
-        };
-        (self.status, Json(body)).into_response()
-    }
 }
 
 type ApiResult<T> = Result<T, OpenAiError>;
@@ -124,15 +77,19 @@ pub fn engine_router(engine: Engine, served_name: String) -> Router {
         .route(paths::ADAPTERS, get(list_adapters))
         .route(paths::MERGE_ADAPTER, post(merge_adapter))
         .route(paths::UNMERGE_ADAPTER, post(unmerge_adapter))
-        .fallback(|| async {
-            OpenAiError {
-                status: StatusCode::NOT_FOUND,
-                kind: "not_found",
-                message: "no such route".into(),
-                param: None,
-            }
-        })
+        .fallback(|| async { OpenAiError::new(Code::NotFound, "no such route") })
+        .layer(axum::middleware::from_fn(no_query_parameters))
         .with_state(app)
+}
+
+/// None of the engine server's routes takes query parameters; one sent is a mistake worth
+/// saying rather than ignoring.
+async fn no_query_parameters(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    match req.uri().query().filter(|q| !q.is_empty()) {
+        Some(q) => OpenAiError::bad(format!("unknown query parameter(s) in {q:?}: this server's routes take none"))
+            .into_response(),
+        None => next.run(req).await,
+    }
 }
 
 async fn models(State(app): State<App>) -> Json<Value> {
@@ -345,16 +302,13 @@ fn parse<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>, fi
         value.as_object().ok_or_else(|| OpenAiError::bad("the body must be a JSON object"))?;
     match check_fields(obj, fields) {
         Ok(()) => {}
-        Err(FieldError::Unknown(f)) => {
-            return Err(OpenAiError { param: Some(f.clone()), ..OpenAiError::bad(format!("unknown field `{f}`")) })
-        }
+        Err(FieldError::Unknown(f)) => return Err(OpenAiError::bad(format!("unknown field `{f}`")).param(f)),
         Err(FieldError::NotSupported(f)) => {
-            return Err(OpenAiError {
-                status: StatusCode::NOT_IMPLEMENTED,
-                kind: "not_implemented",
-                message: format!("field `{f}` is not supported by hearth yet; remove it from the request"),
-                param: Some(f),
-            })
+            return Err(OpenAiError::new(
+                Code::Unimplemented,
+                format!("field `{f}` is not supported by hearth yet; remove it from the request"),
+            )
+            .param(f))
         }
     }
     serde_json::from_value(value).map_err(|e| OpenAiError::bad(format!("invalid request: {e}")))
@@ -369,15 +323,14 @@ impl App {
             return if model == m.name {
                 Ok(None)
             } else {
-                Err(OpenAiError {
-                    status: StatusCode::NOT_FOUND,
-                    kind: "model_not_found",
-                    message: format!(
+                Err(OpenAiError::new(
+                    Code::NotFound,
+                    format!(
                         "model {model:?} is not served here: adapter {:?} is merged into {:?}; ask for {:?}",
                         m.name, &*self.served_name, m.name
                     ),
-                    param: Some("model".into()),
-                })
+                )
+                .param("model"))
             };
         }
         if model == &*self.served_name {
@@ -385,15 +338,14 @@ impl App {
         } else if let Some(a) = self.engine.adapter(model) {
             Ok(Some(a))
         } else {
-            Err(OpenAiError {
-                status: StatusCode::NOT_FOUND,
-                kind: "model_not_found",
-                message: format!(
+            Err(OpenAiError::new(
+                Code::NotFound,
+                format!(
                     "model {model:?} is not served here; this server serves {:?} and its loaded adapters",
                     &*self.served_name
                 ),
-                param: Some("model".into()),
-            })
+            )
+            .param("model"))
         }
     }
 
@@ -671,12 +623,11 @@ async fn chat_completions(State(app): State<App>, body: Result<Bytes, BytesRejec
                 Some(Content::Text(t)) => t.clone(),
                 Some(Content::Parts(parts)) => {
                     if let Some(p) = parts.iter().find(|p| p.kind != "text") {
-                        return Err(OpenAiError {
-                            status: StatusCode::NOT_IMPLEMENTED,
-                            kind: "not_implemented",
-                            message: format!("content parts of type {:?} are not supported; send text", p.kind),
-                            param: Some("messages".into()),
-                        });
+                        return Err(OpenAiError::new(
+                            Code::Unimplemented,
+                            format!("content parts of type {:?} are not supported; send text", p.kind),
+                        )
+                        .param("messages"));
                     }
                     parts.iter().filter_map(|p| p.text.clone()).collect::<Vec<_>>().join("\n")
                 }

@@ -339,3 +339,17 @@ async fn malformed_requests_get_openai_errors_with_fitting_statuses() {
     let resp = app.clone().oneshot(req).await.expect("infallible");
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
 }
+
+/// Errors name their google.rpc code in OpenAI's shape, and no route takes query parameters.
+#[tokio::test]
+async fn errors_carry_their_code_and_query_parameters_are_refused() {
+    let app = router();
+    let (status, body) = post(&app, "/v1/completions", json!({"model": "nope", "prompt": "hi"})).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!((body["error"]["code"].clone(), body["error"]["param"].clone()), (json!("NOT_FOUND"), json!("model")));
+    let (status, body) = post(&app, "/v1/completions?n=2", json!({"model": MODEL, "prompt": "hi"})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+    let resp = app.clone().oneshot(Request::get("/health?probe=1").body(Body::empty()).expect("request")).await;
+    assert_eq!(resp.expect("infallible").status(), StatusCode::BAD_REQUEST);
+}

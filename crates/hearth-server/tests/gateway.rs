@@ -437,3 +437,31 @@ async fn uploads_resume_part_by_part_and_are_verified() {
     let msg = v.body["message"].as_str().unwrap_or("");
     assert!(!msg.contains("has not been uploaded"), "{msg}");
 }
+
+/// The inference routes answer errors in OpenAI's shape (what their clients parse), with the
+/// same HTTP status the google.rpc code has everywhere else; and, like every route, refuse
+/// query parameters they do not take.
+#[tokio::test]
+async fn inference_routes_answer_in_openai_shape_and_refuse_unknown_parameters() {
+    let app = App::new().await;
+    let chat = json!({"model": "accounts/acme/models/none", "messages": [{"role": "user", "content": "hi"}]});
+    for path in ["/inference/v1/chat/completions", "/v1/chat/completions", "/v1/openai/chat/completions"] {
+        let r = app.call("POST", path, Some(KEY), Some(chat.clone())).await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{path}: {}", r.body);
+        assert_eq!(r.body["error"]["code"], "NOT_FOUND", "{path}: {}", r.body);
+        assert_eq!(r.body["error"]["type"], "not_found_error", "{path}: {}", r.body);
+        assert!(r.body["error"]["message"].as_str().is_some_and(|m| m.contains("none")), "{path}: {}", r.body);
+        let r = app.call("POST", path, None, Some(chat.clone())).await;
+        assert_eq!(
+            (r.status, r.body["error"]["type"].clone()),
+            (StatusCode::UNAUTHORIZED, json!("authentication_error"))
+        );
+    }
+    let r = app.call("POST", "/inference/v1/completions?stream=true", Some(KEY), Some(chat.clone())).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+    assert!(r.body["error"]["message"].as_str().is_some_and(|m| m.contains("stream")), "{}", r.body);
+    for path in ["/health?x=1", "/metrics?x=1", "/openapi.json?x=1", "/v1/models?x=1"] {
+        let r = app.call("GET", path, Some(KEY), None).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{path}: {}", r.body);
+    }
+}

@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use hearth_api::resources::DeployedModel;
 
-use super::{body, empty, list_request, page_json, parse_body, parse_patch, AppState, Caller};
+use super::{body, empty, list_request, page_json, parse_body, patch_body, AppState, Caller};
 use crate::error::ApiResult;
 use crate::params::Params;
 
@@ -59,7 +59,7 @@ pub(super) async fn update(
     let mut p = Params::parse(q.as_deref())?;
     let mask = p.str("updateMask");
     p.finish()?;
-    let (_, raw): (DeployedModel, _) = parse_patch(&body(b)?, "deployed model")?;
+    let raw = patch_body(&body(b)?, "deployed model")?;
     Ok(Json(s.control.update_deployed_model(&who, &account, &id, &raw, mask.as_deref()).await?).into_response())
 }
 

@@ -9,9 +9,7 @@ use hearth_api::resources::{Deployment, ScaleDeploymentRequest, UndeleteDeployme
 use hearth_api::Code;
 use hearth_control::deployments::CreateDeploymentOptions;
 
-use super::{
-    body, empty, list_request, page_json, parse_body, parse_patch, split_verb, unknown_verb, AppState, Caller,
-};
+use super::{body, empty, list_request, page_json, parse_body, patch_body, split_verb, unknown_verb, AppState, Caller};
 use crate::error::{ApiError, ApiResult};
 use crate::params::Params;
 
@@ -110,7 +108,7 @@ pub(super) async fn patch_or_verb(
             let mask = p.str("updateMask");
             p.bool("skipShapeValidation")?;
             p.finish()?;
-            let (_, raw): (Deployment, _) = parse_patch(&body(b)?, "deployment")?;
+            let raw = patch_body(&body(b)?, "deployment")?;
             Ok(Json(s.control.update_deployment(&who, &account, id, &raw, mask.as_deref()).await?).into_response())
         }
         Some("scale") => {

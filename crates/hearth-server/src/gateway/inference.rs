@@ -4,12 +4,13 @@
 //! A deployment at zero replicas is woken by the request, which waits (bounded) for a replica
 //! to become ready. A request is retried on another replica only if it could not be sent at
 //! all; once a byte went out, a replica that dies ends the response with an error instead.
+//! Errors here are in OpenAI's shape, as the clients of these routes expect.
 
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::http::{StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -19,12 +20,30 @@ use hearth_runtime::fleet::InFlight;
 use serde_json::{json, Value};
 
 use super::{AppState, Caller};
-use crate::error::{ApiError, ApiResult};
+use crate::error::OpenAiError;
+
+type InferenceResult<T> = Result<T, OpenAiError>;
+
+/// The caller of an inference route, refused in OpenAI's error shape.
+pub(super) struct InferenceCaller(pub hearth_control::Principal);
+
+impl axum::extract::FromRequestParts<AppState> for InferenceCaller {
+    type Rejection = OpenAiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, s: &AppState) -> Result<Self, OpenAiError> {
+        Ok(InferenceCaller(Caller::from_request_parts(parts, s).await?.0))
+    }
+}
 
 /// How many replicas one request may be tried on before giving up.
 const MAX_ATTEMPTS: usize = 3;
 
-pub(super) async fn models(State(s): State<AppState>, Caller(who): Caller) -> ApiResult<Response> {
+pub(super) async fn models(
+    State(s): State<AppState>,
+    InferenceCaller(who): InferenceCaller,
+    RawQuery(q): RawQuery,
+) -> InferenceResult<Response> {
+    no_query(q.as_deref())?;
     let models = s.control.servable_models(&who).await?;
     let data: Vec<Value> = models
         .into_iter()
@@ -35,12 +54,13 @@ pub(super) async fn models(State(s): State<AppState>, Caller(who): Caller) -> Ap
 
 pub(super) async fn proxy(
     State(s): State<AppState>,
-    Caller(who): Caller,
+    InferenceCaller(who): InferenceCaller,
     uri: Uri,
     body: Result<Bytes, BytesRejection>,
-) -> ApiResult<Response> {
+) -> InferenceResult<Response> {
+    no_query(uri.query())?;
     let body = super::body(body)?;
-    let request: Value = serde_json::from_slice(&body).map_err(|e| ApiError::invalid(format!("invalid JSON: {e}")))?;
+    let request: Value = serde_json::from_slice(&body).map_err(|e| OpenAiError::bad(format!("invalid JSON: {e}")))?;
     let path = uri.path().strip_prefix("/inference").unwrap_or(uri.path()).to_string();
     forward(&s, &who, &path, request).await
 }
@@ -52,9 +72,12 @@ pub(super) async fn forward(
     who: &hearth_control::Principal,
     path: &str,
     mut request: Value,
-) -> ApiResult<Response> {
-    let model =
-        request.get("model").and_then(Value::as_str).ok_or_else(|| ApiError::invalid("model is required"))?.to_string();
+) -> InferenceResult<Response> {
+    let model = request
+        .get("model")
+        .and_then(Value::as_str)
+        .ok_or_else(|| OpenAiError::bad("model is required").param("model"))?
+        .to_string();
     let route = s.control.resolve_route(who, &model).await?;
     // Replicas know the deployment by its base model's name.
     request["model"] = Value::String(route.served_model.clone());
@@ -77,7 +100,7 @@ pub(super) async fn forward(
             None => {
                 waiting.get_or_insert_with(|| fleet.wait_for(&route.deployment));
                 if Instant::now() >= deadline {
-                    return Err(ApiError::new(
+                    return Err(OpenAiError::new(
                         Code::Unavailable,
                         format!(
                             "deployment {} has no ready replica yet (waited {}s); it is starting, retry shortly",
@@ -102,12 +125,26 @@ pub(super) async fn forward(
                 tried.push(slot.endpoint.clone());
                 s.inference.fleet.kick();
                 if tried.len() >= MAX_ATTEMPTS {
-                    return Err(ApiError::new(
+                    return Err(OpenAiError::new(
                         Code::Unavailable,
                         format!("replicas of {} are unreachable: {e}", route.deployment),
                     ));
                 }
             }
+        }
+    }
+}
+
+/// The OpenAI routes take no query parameters; one sent is a mistake worth saying.
+fn no_query(q: Option<&str>) -> InferenceResult<()> {
+    match q.filter(|q| !q.is_empty()) {
+        None => Ok(()),
+        Some(q) => {
+            let names: Vec<&str> = q.split('&').map(|kv| kv.split('=').next().unwrap_or("")).collect();
+            Err(OpenAiError::bad(format!(
+                "unknown query parameter(s) {}: this route takes its parameters in the JSON body",
+                names.join(", ")
+            )))
         }
     }
 }

@@ -11,8 +11,9 @@ use hearth_api::deepinfra::{CreateLoraRequest, DeploymentOut, LoraStatus, Update
 use hearth_api::names::{Collection, ResourceName};
 use serde_json::Value;
 
+use super::inference::InferenceCaller;
 use super::{body, parse_body, AppState, Caller};
-use crate::error::{ApiError, ApiResult};
+use crate::error::{ApiResult, OpenAiError};
 use crate::params::Params;
 
 pub(super) async fn create(
@@ -69,13 +70,13 @@ pub(super) async fn list(State(s): State<AppState>, Caller(who): Caller) -> ApiR
 /// through. Then the request goes the way of every inference request.
 pub(super) async fn openai(
     State(s): State<AppState>,
-    Caller(who): Caller,
+    InferenceCaller(who): InferenceCaller,
     uri: Uri,
     b: Result<Bytes, BytesRejection>,
-) -> ApiResult<Response> {
+) -> Result<Response, OpenAiError> {
     let raw = body(b)?;
     let mut request: Value =
-        serde_json::from_slice(&raw).map_err(|e| ApiError::invalid(format!("invalid JSON: {e}")))?;
+        serde_json::from_slice(&raw).map_err(|e| OpenAiError::bad(format!("invalid JSON: {e}")))?;
     if let Some(model) = request.get("model").and_then(Value::as_str) {
         if !model.is_empty() && !model.contains('/') {
             let full = ResourceName::new(&who.account, Collection::Models, model).to_string();

@@ -15,7 +15,7 @@ mod upload;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, FromRequestParts, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, RawQuery, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -105,16 +105,24 @@ pub fn router_with(control: ControlPlane, inference: Inference) -> Router {
         .with_state(state)
 }
 
-async fn health() -> Json<Value> {
-    Json(json!({"status": "ok"}))
+/// Refuses query parameters on a route that takes none.
+fn no_params(q: Option<&str>) -> ApiResult<()> {
+    Params::parse(q)?.finish()
 }
 
-async fn render_metrics(State(state): State<AppState>) -> Response {
-    ([("content-type", "text/plain; version=0.0.4")], state.metrics.render()).into_response()
+async fn health(RawQuery(q): RawQuery) -> ApiResult<Json<Value>> {
+    no_params(q.as_deref())?;
+    Ok(Json(json!({"status": "ok"})))
 }
 
-async fn openapi() -> Json<Value> {
-    Json(crate::openapi::document())
+async fn render_metrics(State(state): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Response> {
+    no_params(q.as_deref())?;
+    Ok(([("content-type", "text/plain; version=0.0.4")], state.metrics.render()).into_response())
+}
+
+async fn openapi(RawQuery(q): RawQuery) -> ApiResult<Json<Value>> {
+    no_params(q.as_deref())?;
+    Ok(Json(crate::openapi::document()))
 }
 
 async fn not_found() -> ApiError {
@@ -129,12 +137,13 @@ async fn method_not_allowed() -> ApiError {
 }
 
 /// The older SDK checks a key by asking which account it belongs to.
-async fn verify_api_key(caller: Caller) -> Response {
+async fn verify_api_key(caller: Caller, RawQuery(q): RawQuery) -> ApiResult<Response> {
+    no_params(q.as_deref())?;
     let mut headers = HeaderMap::new();
     if let Ok(v) = caller.0.account.parse() {
         headers.insert("x-fireworks-account-id", v);
     }
-    (StatusCode::OK, headers, Json(json!({"accountId": caller.0.account}))).into_response()
+    Ok((StatusCode::OK, headers, Json(json!({"accountId": caller.0.account}))).into_response())
 }
 
 /// The authenticated caller, from `Authorization: Bearer <key>`, or `xi-api-key: <key>` as
@@ -178,18 +187,13 @@ pub(crate) fn parse_body<T: DeserializeOwned>(body: &Bytes, what: &str) -> ApiRe
     serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("invalid {what}: {e}")))
 }
 
-/// Like `parse_body`, but keeps the raw JSON too (PATCH needs to know which fields were sent).
-pub(crate) fn parse_patch<T: DeserializeOwned>(body: &Bytes, what: &str) -> ApiResult<(T, Value)> {
-    let raw: Value = if body.iter().all(u8::is_ascii_whitespace) {
-        json!({})
-    } else {
-        serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("invalid {what}: {e}")))?
-    };
-    if !raw.is_object() {
-        return Err(ApiError::invalid(format!("invalid {what}: the body must be a JSON object")));
+/// A PATCH body as JSON, for the control plane's one typed parse of it (`Patch::parse`),
+/// which needs to know which fields were sent.
+pub(crate) fn patch_body(body: &Bytes, what: &str) -> ApiResult<Value> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(json!({}));
     }
-    let typed = serde_json::from_value(raw.clone()).map_err(|e| ApiError::invalid(format!("invalid {what}: {e}")))?;
-    Ok((typed, raw))
+    serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("invalid {what}: {e}")))
 }
 
 /// The list parameters every collection takes; `showDeleted` only where allowed.

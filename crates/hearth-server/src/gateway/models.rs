@@ -10,9 +10,7 @@ use hearth_api::resources::{CreateModelRequest, GetUploadEndpointRequest, Model,
 use hearth_api::Code;
 use hearth_control::models::ValidateOptions;
 
-use super::{
-    body, empty, list_request, page_json, parse_body, parse_patch, split_verb, unknown_verb, AppState, Caller,
-};
+use super::{body, empty, list_request, page_json, parse_body, patch_body, split_verb, unknown_verb, AppState, Caller};
 use crate::error::{ApiError, ApiResult};
 use crate::params::Params;
 
@@ -112,7 +110,7 @@ pub(super) async fn update(
     if let Some(verb) = verb {
         return Err(unknown_verb("model", verb, "PATCH"));
     }
-    let (_, raw): (Model, _) = parse_patch(&body(b)?, "model")?;
+    let raw = patch_body(&body(b)?, "model")?;
     Ok(Json(s.control.update_model(&who, &account, id, &raw, mask.as_deref()).await?).into_response())
 }
 

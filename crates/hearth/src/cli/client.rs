@@ -35,9 +35,11 @@ impl ApiError {
     /// reported with its HTTP status and the start of its text.
     pub fn from_body(status: StatusCode, body: &[u8]) -> ApiError {
         let parsed: Option<Value> = serde_json::from_slice(body).ok();
-        let code = parsed.as_ref().and_then(|v| match &v["code"] {
-            Value::Number(n) => n.as_u64().and_then(|n| Code::ALL.get(n as usize).copied()),
-            Value::String(s) => Code::from_name(s),
+        // A google.rpc Status has the code at the top; an inference route's OpenAI-shaped
+        // error has its name at `error.code`.
+        let code = parsed.as_ref().and_then(|v| match (&v["code"], &v["error"]["code"]) {
+            (Value::Number(n), _) => n.as_u64().and_then(|n| Code::ALL.get(n as usize).copied()),
+            (Value::String(s), _) | (_, Value::String(s)) => Code::from_name(s),
             _ => None,
         });
         let message = parsed
@@ -268,6 +270,11 @@ mod tests {
         assert_eq!(e.to_string(), "HTTP 502: <html>bad gateway</html>");
         let e = ApiError::from_body(StatusCode::BAD_REQUEST, br#"{"code": "INVALID_ARGUMENT", "message": "m"}"#);
         assert!(e.is(Code::InvalidArgument));
+        let e = ApiError::from_body(
+            StatusCode::NOT_FOUND,
+            br#"{"error": {"message": "no model", "type": "not_found_error", "code": "NOT_FOUND"}}"#,
+        );
+        assert!(e.is(Code::NotFound) && e.message == "no model");
     }
 
     #[test]
