@@ -53,7 +53,7 @@ impl ControlPlane {
             let rn = ResourceName::parse(left, Collection::DeployedModels).map_err(ControlError::InvalidArgument)?;
             let dm: Option<Doc<DeployedModelSpec>> = self.load(&rn.account, &rn.id).await?;
             // A public deployed model serves every account; any other only its own.
-            if !dm.as_ref().is_some_and(|d| d.value.public == Some(true)) {
+            if dm.as_ref().is_none_or(|d| d.value.public != Some(true)) {
                 self.authorize(who, &rn.account)?;
             }
             let dm = dm.ok_or_else(|| ControlError::NotFound(format!("deployed model {left} not found")))?;
