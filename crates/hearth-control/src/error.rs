@@ -77,6 +77,22 @@ impl ControlError {
     }
 }
 
+impl From<hearth_artifacts::ArtifactError> for ControlError {
+    fn from(e: hearth_artifacts::ArtifactError) -> ControlError {
+        use hearth_artifacts::ArtifactError as A;
+        match e {
+            A::InvalidArgument(m) => ControlError::InvalidArgument(m),
+            A::NotFound(m) => ControlError::NotFound(m),
+            A::PermissionDenied(m) => ControlError::PermissionDenied(m),
+            A::FailedPrecondition(m) => ControlError::FailedPrecondition(m),
+            A::Aborted(m) => ControlError::Aborted(m),
+            A::Unimplemented(m) => ControlError::Unimplemented(m),
+            A::Unavailable(m) => ControlError::Unavailable(m),
+            A::Internal(m) => ControlError::Internal(m),
+        }
+    }
+}
+
 impl From<StoreError> for ControlError {
     fn from(e: StoreError) -> ControlError {
         match e {

@@ -7,11 +7,11 @@
 //! HTTP. Every rule about resources (which fields may be set, which transitions are legal,
 //! what must exist first) lives here and nowhere else.
 
-pub mod artifacts;
 pub mod auth;
 pub mod deployed_models;
 pub mod deployments;
 pub mod error;
+mod imports;
 mod lease;
 pub mod listing;
 mod loras;
@@ -20,19 +20,16 @@ pub mod observe;
 mod patch;
 mod records;
 pub mod routing;
-pub mod signing;
-mod sources;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use hearth_store::Store;
 
-pub use artifacts::ArtifactStore;
 pub use auth::Principal;
 pub use error::{ControlError, Result};
+pub use hearth_artifacts::{ArtifactStore, UrlSigner};
 pub use listing::{ListPage, ListRequest};
-pub use signing::UrlSigner;
 
 /// The settings the control plane needs; the binary fills them from flags.
 #[derive(Debug, Clone)]
@@ -72,7 +69,7 @@ pub struct ControlPlane {
     /// Fetches imported models' files. No overall timeout: a checkpoint may take an hour; a
     /// stalled transfer is caught by the read timeout instead.
     pub(crate) http: reqwest::Client,
-    pub(crate) imports: sources::Imports,
+    pub(crate) imports: imports::Imports,
     /// Signalled when a deployment or a loaded addon changes, so the reconciler acts now
     /// rather than at its next tick.
     pub(crate) changes: Arc<tokio::sync::Notify>,

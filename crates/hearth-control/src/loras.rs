@@ -77,7 +77,7 @@ impl ControlPlane {
             )));
         }
         let source = model_source(&req.source);
-        crate::sources::check(&source)?;
+        hearth_artifacts::sources::check(&source)?;
         if self.load::<ModelRecord>(&account, &req.lora_name).await?.is_some() {
             return Err(ControlError::AlreadyExists(format!(
                 "a LoRA or model named {} already exists in account {account}",

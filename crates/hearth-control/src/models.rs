@@ -13,15 +13,15 @@ use hearth_api::resources::{
 };
 use serde_json::Value;
 
-use crate::artifacts::{validate_file_name, Sha256Digest, UploadPart, UploadProgress, MAX_FILES};
 use crate::auth::Principal;
 use crate::error::{ControlError, Result};
 use crate::listing::{paginate, render, ListPage, ListRequest, Listable};
 use crate::patch::{Patch, Patchable};
 pub(crate) use crate::records::model::{BaseFacts, ModelRecord};
 use crate::records::{Doc, MODELS};
-use crate::signing::Grant;
 use crate::ControlPlane;
+use hearth_artifacts::store::{validate_file_name, Sha256Digest, UploadPart, UploadProgress, MAX_FILES};
+use hearth_artifacts::Grant;
 use hearth_formats as inspect;
 
 /// `:validateUpload`'s query flags.
@@ -32,9 +32,7 @@ pub struct ValidateOptions {
     pub trust_remote_code: bool,
 }
 
-/// The largest single file hearth accepts: far above any checkpoint shard in practice, and
-/// low enough that a typo in a size is caught.
-pub const MAX_FILE_SIZE: u64 = 1 << 40;
+pub use hearth_artifacts::store::MAX_FILE_SIZE;
 
 pub(crate) const MODEL_LIST: Listable = Listable {
     fields: &[
@@ -256,7 +254,7 @@ impl ControlPlane {
         let input = req.model.unwrap_or_default();
         check_user_fields(&input, None)?;
         if let Some(source) = &req.source {
-            crate::sources::check(source)?;
+            hearth_artifacts::sources::check(source)?;
         }
         // The spec's default kind is an addon.
         let kind = match input.kind.unwrap_or(ModelKind::HfPeftAddon) {
@@ -347,7 +345,7 @@ impl ControlPlane {
                 });
             }
         }
-        model.imported_from = req.source.as_ref().map(crate::sources::describe);
+        model.imported_from = req.source.as_ref().map(hearth_artifacts::sources::describe);
         let record = ModelRecord {
             model,
             announced: BTreeMap::new(),
@@ -375,8 +373,8 @@ impl ControlPlane {
         source: ModelSource,
     ) -> Result<Operation> {
         self.authorize(who, account)?;
-        crate::sources::check(&source)?;
-        let from = crate::sources::describe(&source);
+        hearth_artifacts::sources::check(&source)?;
+        let from = hearth_artifacts::sources::describe(&source);
         self.modify(
             account,
             id,
@@ -892,6 +890,6 @@ impl ControlPlane {
             Grant { method: "GET", account: account.into(), model: id.into(), file: file.into(), size: 0, expires };
         self.signer.verify(&grant, sig, chrono::Utc::now().timestamp())?;
         self.load_model(account, id).await?;
-        self.artifacts.open(account, id, file).await
+        Ok(self.artifacts.open(account, id, file).await?)
     }
 }

@@ -12,7 +12,7 @@ use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use hearth_control::artifacts::{Sha256Digest, UploadPart, UploadProgress};
+use hearth_artifacts::store::{Sha256Digest, UploadPart, UploadProgress};
 use tokio_util::io::ReaderStream;
 
 use super::{empty, AppState};

@@ -10,9 +10,9 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
 use super::archive;
-use crate::artifacts::validate_file_name;
-use crate::error::{ControlError, Result};
-use crate::models::MAX_FILE_SIZE;
+use crate::error::{ArtifactError, Result};
+use crate::store::validate_file_name;
+use crate::store::MAX_FILE_SIZE;
 
 /// What a source says a file should be; each known fact is checked once the bytes are in.
 #[derive(Debug, Default, Clone)]
@@ -26,9 +26,9 @@ pub(super) struct Expect {
 
 /// Checks a source URL: http or https, with a host.
 pub(super) fn check_url(field: &str, url: &str) -> Result<reqwest::Url> {
-    let parsed = reqwest::Url::parse(url).map_err(|e| ControlError::InvalidArgument(format!("{field}: {e}")))?;
+    let parsed = reqwest::Url::parse(url).map_err(|e| ArtifactError::InvalidArgument(format!("{field}: {e}")))?;
     if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
-        return Err(ControlError::InvalidArgument(format!("{field} must be an http or https URL, got {url:?}")));
+        return Err(ArtifactError::InvalidArgument(format!("{field} must be an http or https URL, got {url:?}")));
     }
     Ok(parsed)
 }
@@ -47,19 +47,19 @@ pub(super) fn redact(url: &str) -> String {
 }
 
 /// Turns a response that is not a success into the error a user can act on.
-pub(super) fn status_error(what: &str, resp: &reqwest::Response) -> ControlError {
+pub(super) fn status_error(what: &str, resp: &reqwest::Response) -> ArtifactError {
     let status = resp.status();
     match status.as_u16() {
-        404 | 410 => ControlError::NotFound(format!("{what} was not found (HTTP {status})")),
-        401 | 403 => ControlError::PermissionDenied(format!(
+        404 | 410 => ArtifactError::NotFound(format!("{what} was not found (HTTP {status})")),
+        401 | 403 => ArtifactError::PermissionDenied(format!(
             "{what} refused access (HTTP {status}); it may be private or gated: pass a token"
         )),
-        _ => ControlError::Unavailable(format!("{what} answered HTTP {status}")),
+        _ => ArtifactError::Unavailable(format!("{what} answered HTTP {status}")),
     }
 }
 
-pub(super) fn transport_error(what: &str, e: reqwest::Error) -> ControlError {
-    ControlError::Unavailable(format!("could not reach {what}: {e}"))
+pub(super) fn transport_error(what: &str, e: reqwest::Error) -> ArtifactError {
+    ArtifactError::Unavailable(format!("could not reach {what}: {e}"))
 }
 
 /// Streams `body` into `dir/name` through a temporary beside it, renamed into place only when
@@ -72,21 +72,21 @@ where
     validate_file_name(name)?;
     let tmp = dir.join(format!(".{name}.download"));
     let result = async {
-        let mut out = tokio::fs::File::create(&tmp).await.map_err(ControlError::internal)?;
+        let mut out = tokio::fs::File::create(&tmp).await.map_err(ArtifactError::internal)?;
         let mut sha = Sha256::new();
         let mut md5 = expect.md5.as_ref().map(|_| md5::Md5::new());
         let mut written: u64 = 0;
         let limit = expect.size.unwrap_or(MAX_FILE_SIZE);
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|e| {
-                ControlError::Unavailable(format!(
+                ArtifactError::Unavailable(format!(
                     "the download of {name} was interrupted after {written}{} bytes: {e}",
                     expect.size.map(|s| format!(" of {s}")).unwrap_or_default()
                 ))
             })?;
             written += chunk.len() as u64;
             if written > limit {
-                return Err(ControlError::FailedPrecondition(format!(
+                return Err(ArtifactError::FailedPrecondition(format!(
                     "{name} is larger than the {limit} bytes its source announced"
                 )));
             }
@@ -94,29 +94,29 @@ where
             if let Some(m) = md5.as_mut() {
                 md5::Digest::update(m, &chunk);
             }
-            out.write_all(&chunk).await.map_err(ControlError::internal)?;
+            out.write_all(&chunk).await.map_err(ArtifactError::internal)?;
         }
         if let Some(size) = expect.size.filter(|s| *s != written) {
-            return Err(ControlError::Unavailable(format!(
+            return Err(ArtifactError::Unavailable(format!(
                 "the download of {name} ended after {written} of {size} bytes"
             )));
         }
         let got = hex::encode(sha.finalize());
         if let Some(want) = expect.sha256.as_deref().filter(|w| !w.eq_ignore_ascii_case(&got)) {
-            return Err(ControlError::FailedPrecondition(format!(
+            return Err(ArtifactError::FailedPrecondition(format!(
                 "{name} has SHA-256 {got} but its source announced {want}"
             )));
         }
         if let (Some(m), Some(want)) = (md5, expect.md5.as_deref()) {
             let got = hex::encode(md5::Digest::finalize(m));
             if !want.eq_ignore_ascii_case(&got) {
-                return Err(ControlError::FailedPrecondition(format!(
+                return Err(ArtifactError::FailedPrecondition(format!(
                     "{name} has MD5 {got} but its source announced {want}"
                 )));
             }
         }
-        out.sync_all().await.map_err(ControlError::internal)?;
-        tokio::fs::rename(&tmp, dir.join(name)).await.map_err(ControlError::internal)?;
+        out.sync_all().await.map_err(ArtifactError::internal)?;
+        tokio::fs::rename(&tmp, dir.join(name)).await.map_err(ArtifactError::internal)?;
         Ok(written)
     }
     .await;
@@ -172,21 +172,23 @@ pub(super) async fn download_and_unpack(
     const SCRATCH: &str = "download.partial";
     save(dir, SCRATCH, &expect, resp.bytes_stream()).await?;
     let scratch: PathBuf = dir.join(SCRATCH);
-    let kind = archive::sniff(&scratch).map_err(ControlError::internal)?;
+    let kind = archive::sniff(&scratch).map_err(ArtifactError::internal)?;
     if let Some(kind) = kind {
         let dir = dir.to_path_buf();
         let files = tokio::task::spawn_blocking(move || archive::unpack(&scratch, kind, &dir))
             .await
-            .map_err(ControlError::internal)??;
+            .map_err(ArtifactError::internal)??;
         return Ok(files);
     }
     let name = name.ok_or_else(|| {
-        ControlError::FailedPrecondition(format!("{shown} names no file: give a URL that ends in the file's name"))
+        ArtifactError::FailedPrecondition(format!("{shown} names no file: give a URL that ends in the file's name"))
     })?;
     validate_file_name(&name).map_err(|_| {
-        ControlError::FailedPrecondition(format!("{shown} is a file named {name:?}, which cannot be a model file name"))
+        ArtifactError::FailedPrecondition(format!(
+            "{shown} is a file named {name:?}, which cannot be a model file name"
+        ))
     })?;
-    tokio::fs::rename(dir.join(SCRATCH), dir.join(&name)).await.map_err(ControlError::internal)?;
-    let size = tokio::fs::metadata(dir.join(&name)).await.map_err(ControlError::internal)?.len();
+    tokio::fs::rename(dir.join(SCRATCH), dir.join(&name)).await.map_err(ArtifactError::internal)?;
+    let size = tokio::fs::metadata(dir.join(&name)).await.map_err(ArtifactError::internal)?.len();
     Ok(BTreeMap::from([(name, size)]))
 }

@@ -16,20 +16,20 @@ use object_store::path::Path as ObjectPath;
 use object_store::ObjectStore;
 
 use super::fetch::{save, Expect};
-use crate::artifacts::validate_file_name;
-use crate::error::{ControlError, Result};
+use crate::error::{ArtifactError, Result};
+use crate::store::validate_file_name;
 
 fn env(keys: &[&str]) -> Option<String> {
     keys.iter().find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
 }
 
-fn store_error(place: &str, e: object_store::Error) -> ControlError {
+fn store_error(place: &str, e: object_store::Error) -> ArtifactError {
     match e {
-        object_store::Error::NotFound { .. } => ControlError::NotFound(format!("{place} was not found")),
+        object_store::Error::NotFound { .. } => ArtifactError::NotFound(format!("{place} was not found")),
         object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => {
-            ControlError::PermissionDenied(format!("{place} refused access: check the credentials ({e})"))
+            ArtifactError::PermissionDenied(format!("{place} refused access: check the credentials ({e})"))
         }
-        other => ControlError::Unavailable(format!("{place}: {other}")),
+        other => ArtifactError::Unavailable(format!("{place}: {other}")),
     }
 }
 
@@ -51,7 +51,7 @@ pub(super) async fn fetch(src: &AwsS3Source, dir: &Path) -> Result<BTreeMap<Stri
     if let (Some(key), Some(secret)) = (&src.access_key_id, &src.access_secret) {
         builder = builder.with_access_key_id(key).with_secret_access_key(secret);
     }
-    let store = builder.build().map_err(|e| ControlError::InvalidArgument(format!("awsS3Source: {e}")))?;
+    let store = builder.build().map_err(|e| ArtifactError::InvalidArgument(format!("awsS3Source: {e}")))?;
     let prefix = ObjectPath::from(prefix_text);
     let objects: Vec<object_store::ObjectMeta> =
         store.list(Some(&prefix)).try_collect().await.map_err(|e| store_error(&place, e))?;
@@ -72,7 +72,7 @@ pub(super) async fn fetch(src: &AwsS3Source, dir: &Path) -> Result<BTreeMap<Stri
         files.insert(name.clone(), n);
     }
     if files.is_empty() {
-        return Err(ControlError::NotFound(format!(
+        return Err(ArtifactError::NotFound(format!(
             "{place} holds no model files (objects directly under the prefix)"
         )));
     }

@@ -9,17 +9,13 @@
 //! why: never a partial READY. The record keeps the source until the import ends, so a gateway
 //! that restarts mid-import starts it again ([`ControlPlane::resume_imports`]).
 
-mod archive;
-mod civitai;
-mod fetch;
-mod huggingface;
-mod s3;
-
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use hearth_api::resources::{ModelSource, ModelState};
 use hearth_api::rpc::ResourceStatus;
+
+use hearth_artifacts::sources::{self, describe};
 
 use crate::error::{ControlError, Result};
 use crate::models::ModelRecord;
@@ -29,73 +25,6 @@ use crate::ControlPlane;
 /// The imports running in this process, by (account, model), so one is never started twice.
 #[derive(Default)]
 pub(crate) struct Running(Mutex<HashSet<(String, String)>>);
-
-/// Which of the sources a request names, checked before anything is created so a malformed
-/// source is an INVALID_ARGUMENT on the create call rather than a FAILED model later.
-pub(crate) fn check(source: &ModelSource) -> Result<()> {
-    let set = [
-        source.aws_s3_source.is_some(),
-        source.azure_blob_source.is_some(),
-        source.huggingface_source.is_some(),
-        source.url_source.is_some(),
-        source.civitai_source.is_some(),
-    ]
-    .iter()
-    .filter(|s| **s)
-    .count();
-    if set != 1 {
-        return Err(ControlError::InvalidArgument(format!(
-            "a model source names exactly one of awsS3Source, huggingfaceSource, urlSource and civitaiSource; \
-             this one names {set}"
-        )));
-    }
-    if source.azure_blob_source.is_some() {
-        return Err(ControlError::unimplemented_field("model source", "azureBlobSource"));
-    }
-    if let Some(s3) = &source.aws_s3_source {
-        if s3.s3_bucket.is_empty() {
-            return Err(ControlError::InvalidArgument("awsS3Source.s3Bucket is required".to_string()));
-        }
-        if s3.role_arn.as_deref().is_some_and(|r| !r.is_empty()) {
-            return Err(ControlError::unimplemented_field("awsS3Source", "roleArn"));
-        }
-        if s3.access_key_id.is_some() != s3.access_secret.is_some() {
-            return Err(ControlError::InvalidArgument(
-                "awsS3Source: give accessKeyId and accessSecret together, or neither".to_string(),
-            ));
-        }
-    }
-    if let Some(hf) = &source.huggingface_source {
-        huggingface::check_repo(&hf.repo)?;
-    }
-    if let Some(u) = &source.url_source {
-        fetch::check_url("urlSource.url", &u.url)?;
-        for name in u.headers.keys() {
-            if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
-                return Err(ControlError::InvalidArgument(format!("urlSource.headers: {name:?} is not a header name")));
-            }
-        }
-    }
-    if let Some(c) = &source.civitai_source {
-        fetch::check_url("civitaiSource.civitUrl", &c.civit_url)?;
-    }
-    Ok(())
-}
-
-/// Where a model came from, for `importedFrom`: the location without any credential.
-pub(crate) fn describe(source: &ModelSource) -> String {
-    if let Some(hf) = &source.huggingface_source {
-        format!("hf://{}@{}", hf.repo, hf.revision.as_deref().unwrap_or("main"))
-    } else if let Some(u) = &source.url_source {
-        fetch::redact(&u.url)
-    } else if let Some(s3) = &source.aws_s3_source {
-        format!("s3://{}/{}", s3.s3_bucket, s3.s3_path.as_deref().unwrap_or(""))
-    } else if let Some(c) = &source.civitai_source {
-        fetch::redact(&c.civit_url)
-    } else {
-        String::new()
-    }
-}
 
 impl ControlPlane {
     /// Starts the import of a model whose record holds a source, unless one is already
@@ -158,17 +87,7 @@ impl ControlPlane {
         // A resumed import starts from nothing: what an earlier attempt left is not trusted.
         self.artifacts.remove_model(account, id).await?;
         tokio::fs::create_dir_all(&dir).await.map_err(ControlError::internal)?;
-        if let Some(hf) = &source.huggingface_source {
-            huggingface::fetch(&self.http, &self.config.hf_endpoint, hf, &dir).await.map(|(f, c)| (f, Some(c)))
-        } else if let Some(u) = &source.url_source {
-            fetch::fetch_url(&self.http, &u.url, &u.headers, &dir).await.map(|f| (f, None))
-        } else if let Some(s3) = &source.aws_s3_source {
-            s3::fetch(s3, &dir).await.map(|f| (f, None))
-        } else if let Some(c) = &source.civitai_source {
-            civitai::fetch(&self.http, c, &dir).await.map(|f| (f, None))
-        } else {
-            Err(ControlError::InvalidArgument("the model source names nothing to import".to_string()))
-        }
+        Ok(sources::fetch(&self.http, &self.config.hf_endpoint, source, &dir).await?)
     }
 
     /// Records what was fetched as the announced files and runs the upload validation; then

@@ -15,7 +15,7 @@ use hearth_api::resources::CivitaiSource;
 use serde_json::Value;
 
 use super::fetch::{check_url, download_and_unpack, redact, status_error, transport_error};
-use crate::error::{ControlError, Result};
+use crate::error::{ArtifactError, Result};
 
 /// Base-model families of image and video generators, as Civitai's `baseModel` names them.
 const IMAGE_FAMILIES: [&str; 16] = [
@@ -62,8 +62,8 @@ fn target(url: &reqwest::Url) -> Result<Target> {
     }
 }
 
-fn bad_url(url: &reqwest::Url) -> ControlError {
-    ControlError::InvalidArgument(format!(
+fn bad_url(url: &reqwest::Url) -> ArtifactError {
+    ArtifactError::InvalidArgument(format!(
         "civitaiSource.civitUrl {} is neither a model page (…/models/ID) nor a download link \
          (…/api/download/models/VERSION)",
         redact(url.as_str())
@@ -93,12 +93,12 @@ pub(super) async fn fetch(http: &reqwest::Client, src: &CivitaiSource, dir: &Pat
             let meta: Value = resp
                 .json()
                 .await
-                .map_err(|e| ControlError::Unavailable(format!("{shown}: Civitai's answer could not be read: {e}")))?;
+                .map_err(|e| ArtifactError::Unavailable(format!("{shown}: Civitai's answer could not be read: {e}")))?;
             // A model lists its versions, newest first; a version stands alone.
             let version = meta.get("modelVersions").and_then(|v| v.get(0)).unwrap_or(&meta);
             if let Some(base) = version.get("baseModel").and_then(Value::as_str) {
                 if image_family(base) {
-                    return Err(ControlError::FailedPrecondition(format!(
+                    return Err(ArtifactError::FailedPrecondition(format!(
                         "{shown} is a LoRA for the image model {base}, not for a language model; hearth serves \
                          language models only"
                     )));
@@ -108,7 +108,7 @@ pub(super) async fn fetch(http: &reqwest::Client, src: &CivitaiSource, dir: &Pat
                 Some(u) => check_url("the version's downloadUrl", u)?.to_string(),
                 None => {
                     let id = version.get("id").and_then(Value::as_u64).ok_or_else(|| {
-                        ControlError::FailedPrecondition(format!("{shown}: Civitai lists no version to download"))
+                        ArtifactError::FailedPrecondition(format!("{shown}: Civitai lists no version to download"))
                     })?;
                     format!("{origin}/api/download/models/{id}")
                 }

@@ -14,8 +14,8 @@ use hearth_api::resources::HuggingFaceSource;
 use serde::Deserialize;
 
 use super::fetch::{save, status_error, transport_error, Expect};
-use crate::artifacts::validate_file_name;
-use crate::error::{ControlError, Result};
+use crate::error::{ArtifactError, Result};
+use crate::store::validate_file_name;
 
 #[derive(Debug, Deserialize)]
 struct RepoInfo {
@@ -50,7 +50,7 @@ pub(super) fn check_repo(repo: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(ControlError::InvalidArgument(format!(
+        Err(ArtifactError::InvalidArgument(format!(
             "huggingfaceSource.repo must be a Hub repository id such as \"HuggingFaceTB/SmolLM2-135M-Instruct\", \
              got {repo:?}"
         )))
@@ -85,7 +85,7 @@ fn choose(siblings: &[Sibling], named: Option<&[String]>, repo: &str) -> Result<
         for want in named {
             validate_file_name(want)?;
             let i = siblings.iter().position(|s| &s.rfilename == want).ok_or_else(|| {
-                ControlError::NotFound(format!("repository {repo} has no file {want} at this revision"))
+                ArtifactError::NotFound(format!("repository {repo} has no file {want} at this revision"))
             })?;
             picked.push(i);
         }
@@ -99,7 +99,7 @@ fn choose(siblings: &[Sibling], named: Option<&[String]>, repo: &str) -> Result<
         // A directory with safetensors is served from those; GGUF exports beside them are not needed.
         picked.retain(|&i| !siblings[i].rfilename.ends_with(".gguf"));
     } else if ggufs.len() > 1 {
-        return Err(ControlError::FailedPrecondition(format!(
+        return Err(ArtifactError::FailedPrecondition(format!(
             "repository {repo} holds {} GGUF files ({}); name the one to import in huggingfaceSource.files",
             ggufs.len(),
             ggufs.join(", ")
@@ -108,7 +108,7 @@ fn choose(siblings: &[Sibling], named: Option<&[String]>, repo: &str) -> Result<
         picked.retain(|&i| siblings[i].rfilename.ends_with(".gguf"));
     }
     if picked.is_empty() {
-        return Err(ControlError::FailedPrecondition(format!(
+        return Err(ArtifactError::FailedPrecondition(format!(
             "repository {repo} has no files hearth can serve (safetensors weights with their JSON configs, or a GGUF file)"
         )));
     }
@@ -135,7 +135,7 @@ pub(super) async fn fetch(
         // The Hub answers 401 rather than 404 for a repository that does not exist, so that
         // private names do not leak: say both.
         return Err(match resp.status().as_u16() {
-            401 | 404 => ControlError::NotFound(format!(
+            401 | 404 => ArtifactError::NotFound(format!(
                 "{what} was not found (HTTP {}); check the repository id and revision, or pass a token if it is \
                  private or gated",
                 resp.status()
@@ -146,7 +146,7 @@ pub(super) async fn fetch(
     let info: RepoInfo = resp
         .json()
         .await
-        .map_err(|e| ControlError::Unavailable(format!("{what}: the Hub's answer could not be read: {e}")))?;
+        .map_err(|e| ArtifactError::Unavailable(format!("{what}: the Hub's answer could not be read: {e}")))?;
     let commit = info.sha.clone().filter(|s| !s.is_empty()).unwrap_or_else(|| revision.to_string());
     let picked = choose(&info.siblings, src.files.as_deref(), repo)?;
     let mut files = BTreeMap::new();
@@ -203,7 +203,7 @@ mod tests {
         let one = choose(&ggufs, Some(&["m-q8_0.gguf".to_string()]), "r").expect("named");
         assert_eq!(names(&ggufs, &one), ["m-q8_0.gguf"]);
         let missing = choose(&ggufs, Some(&["nope.gguf".to_string()]), "r").expect_err("missing");
-        assert!(matches!(missing, ControlError::NotFound(_)), "{missing}");
+        assert!(matches!(missing, ArtifactError::NotFound(_)), "{missing}");
         assert!(choose(&[sib("README.md")], None, "r").is_err());
     }
 

@@ -11,8 +11,8 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Component, Path};
 
-use crate::artifacts::{validate_file_name, MAX_FILES};
-use crate::error::{ControlError, Result};
+use crate::error::{ArtifactError, Result};
+use crate::store::{validate_file_name, MAX_FILES};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(super) enum Kind {
@@ -76,12 +76,12 @@ fn flat_name(path: &Path, strip: Option<&str>) -> Option<String> {
 /// Unpacks `archive` into `dir`, then removes it. Returns the files written with their sizes.
 pub(super) fn unpack(archive: &Path, kind: Kind, dir: &Path) -> Result<BTreeMap<String, u64>> {
     let open = || -> Result<tar::Archive<Box<dyn Read>>> {
-        let f = File::open(archive).map_err(ControlError::internal)?;
+        let f = File::open(archive).map_err(ArtifactError::internal)?;
         let reader: Box<dyn Read> = match kind {
             Kind::Tar => Box::new(f),
             Kind::TarGz => Box::new(flate2::read::GzDecoder::new(f)),
             Kind::Zip => {
-                return Err(ControlError::FailedPrecondition(
+                return Err(ArtifactError::FailedPrecondition(
                     "zip archives are not supported; publish the model as a .tar or .tar.gz archive or as files"
                         .to_string(),
                 ))
@@ -89,7 +89,7 @@ pub(super) fn unpack(archive: &Path, kind: Kind, dir: &Path) -> Result<BTreeMap<
         };
         Ok(tar::Archive::new(reader))
     };
-    let bad = |e: std::io::Error| ControlError::FailedPrecondition(format!("the archive is damaged: {e}"));
+    let bad = |e: std::io::Error| ArtifactError::FailedPrecondition(format!("the archive is damaged: {e}"));
     // First pass: the top-level directories, to know whether everything sits in one.
     let mut tops = std::collections::BTreeSet::new();
     let mut any_top_file = false;
@@ -118,19 +118,19 @@ pub(super) fn unpack(archive: &Path, kind: Kind, dir: &Path) -> Result<BTreeMap<
             continue;
         };
         if files.len() >= MAX_FILES {
-            return Err(ControlError::FailedPrecondition(format!(
+            return Err(ArtifactError::FailedPrecondition(format!(
                 "the archive holds more than {MAX_FILES} files; a model is a handful of files"
             )));
         }
         let target = dir.join(&name);
-        let mut out = File::create(&target).map_err(ControlError::internal)?;
+        let mut out = File::create(&target).map_err(ArtifactError::internal)?;
         let n = std::io::copy(&mut entry, &mut out).map_err(bad)?;
-        out.sync_all().map_err(ControlError::internal)?;
+        out.sync_all().map_err(ArtifactError::internal)?;
         files.insert(name, n);
     }
-    std::fs::remove_file(archive).map_err(ControlError::internal)?;
+    std::fs::remove_file(archive).map_err(ArtifactError::internal)?;
     if files.is_empty() {
-        return Err(ControlError::FailedPrecondition(
+        return Err(ArtifactError::FailedPrecondition(
             "the archive holds no model files (files at its top level, or inside one directory)".to_string(),
         ));
     }

@@ -20,7 +20,11 @@ use futures_util::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncSeekExt, AsyncWriteExt, BufWriter};
 
-use crate::error::{ControlError, Result};
+use crate::error::{ArtifactError, Result};
+
+/// The largest single file hearth accepts: far above any checkpoint shard in practice, and
+/// low enough that a typo in a size is caught.
+pub const MAX_FILE_SIZE: u64 = 1 << 40;
 
 /// Writes go through a buffer of this size, so the file sees few large writes rather than one
 /// per network chunk; it is also the read size when a completed file's digest is checked.
@@ -66,7 +70,7 @@ pub fn validate_file_name(name: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(ControlError::InvalidArgument(format!(
+        Err(ArtifactError::InvalidArgument(format!(
             "invalid file name {name:?}: use 1 to {MAX_FILE_NAME} letters, digits, '.', '_' and '-', \
              not starting with '.' and without directories"
         )))
@@ -96,8 +100,8 @@ impl Drop for WriteClaim {
     }
 }
 
-fn digest_mismatch(file: &str, actual: &[u8], expected: &Sha256Digest) -> ControlError {
-    ControlError::InvalidArgument(format!(
+fn digest_mismatch(file: &str, actual: &[u8], expected: &Sha256Digest) -> ArtifactError {
+    ArtifactError::InvalidArgument(format!(
         "upload of {file} was discarded: its SHA-256 is {} but the client sent {}; upload it again",
         hex::encode(actual),
         hex::encode(expected)
@@ -145,29 +149,29 @@ impl ArtifactStore {
     {
         validate_file_name(file)?;
         let dir = self.model_dir(account, model);
-        tokio::fs::create_dir_all(&dir).await.map_err(ControlError::internal)?;
+        tokio::fs::create_dir_all(&dir).await.map_err(ArtifactError::internal)?;
         let tmp = dir.join(format!(".{file}.{:016x}.partial", rand::random::<u64>()));
         let result = async {
-            let out = tokio::fs::File::create(&tmp).await.map_err(ControlError::internal)?;
+            let out = tokio::fs::File::create(&tmp).await.map_err(ArtifactError::internal)?;
             let mut out = BufWriter::with_capacity(IO_BUFFER, out);
             let mut hasher = sha256.map(|_| Sha256::new());
             let mut written: u64 = 0;
             while let Some(chunk) = body.next().await {
                 let chunk = chunk
-                    .map_err(|e| ControlError::InvalidArgument(format!("upload of {file} was interrupted: {e}")))?;
+                    .map_err(|e| ArtifactError::InvalidArgument(format!("upload of {file} was interrupted: {e}")))?;
                 written += chunk.len() as u64;
                 if written > expected {
-                    return Err(ControlError::InvalidArgument(format!(
+                    return Err(ArtifactError::InvalidArgument(format!(
                         "upload of {file} is larger than the {expected} bytes its URL was signed for"
                     )));
                 }
                 if let Some(h) = hasher.as_mut() {
                     h.update(&chunk);
                 }
-                out.write_all(&chunk).await.map_err(ControlError::internal)?;
+                out.write_all(&chunk).await.map_err(ArtifactError::internal)?;
             }
             if written != expected {
-                return Err(ControlError::InvalidArgument(format!(
+                return Err(ArtifactError::InvalidArgument(format!(
                     "upload of {file} has {written} bytes but its URL was signed for {expected}"
                 )));
             }
@@ -177,9 +181,9 @@ impl ArtifactStore {
                     return Err(digest_mismatch(file, &got, want));
                 }
             }
-            out.flush().await.map_err(ControlError::internal)?;
-            out.get_ref().sync_all().await.map_err(ControlError::internal)?;
-            tokio::fs::rename(&tmp, dir.join(file)).await.map_err(ControlError::internal)
+            out.flush().await.map_err(ArtifactError::internal)?;
+            out.get_ref().sync_all().await.map_err(ArtifactError::internal)?;
+            tokio::fs::rename(&tmp, dir.join(file)).await.map_err(ArtifactError::internal)
         }
         .await;
         if result.is_err() {
@@ -195,9 +199,9 @@ impl ArtifactStore {
     }
 
     fn claim(&self, path: &Path, file: &str) -> Result<WriteClaim> {
-        let mut w = self.writing.lock().map_err(|_| ControlError::internal("artifact write registry poisoned"))?;
+        let mut w = self.writing.lock().map_err(|_| ArtifactError::internal("artifact write registry poisoned"))?;
         if !w.insert(path.to_path_buf()) {
-            return Err(ControlError::Aborted(format!(
+            return Err(ArtifactError::Aborted(format!(
                 "another request is uploading {file} right now; retry once it has ended"
             )));
         }
@@ -209,7 +213,7 @@ impl ArtifactStore {
         match tokio::fs::metadata(path).await {
             Ok(m) => Ok(Some(m.len())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(ControlError::internal(e)),
+            Err(e) => Err(ArtifactError::internal(e)),
         }
     }
 
@@ -242,12 +246,12 @@ impl ArtifactStore {
     {
         validate_file_name(file)?;
         if start > end || end >= total {
-            return Err(ControlError::InvalidArgument(format!(
+            return Err(ArtifactError::InvalidArgument(format!(
                 "invalid part {start}-{end} of {file}: a part is START-END with START <= END < {total} (the file size)"
             )));
         }
         let dir = self.model_dir(account, model);
-        tokio::fs::create_dir_all(&dir).await.map_err(ControlError::internal)?;
+        tokio::fs::create_dir_all(&dir).await.map_err(ArtifactError::internal)?;
         let partial = self.partial_path(account, model, file);
         let _claim = self.claim(&partial, file)?;
         let stored = Self::partial_len(&partial).await?.unwrap_or(0);
@@ -263,8 +267,8 @@ impl ArtifactStore {
             .truncate(start == 0)
             .open(&partial)
             .await
-            .map_err(ControlError::internal)?;
-        out.seek(SeekFrom::Start(start)).await.map_err(ControlError::internal)?;
+            .map_err(ArtifactError::internal)?;
+        out.seek(SeekFrom::Start(start)).await.map_err(ArtifactError::internal)?;
         let mut out = BufWriter::with_capacity(IO_BUFFER, out);
         let expected = end - start + 1;
         let mut written: u64 = 0;
@@ -280,24 +284,24 @@ impl ArtifactStore {
             if written + chunk.len() as u64 > expected {
                 // Nothing of a part that does not match its range is kept. (set_len waits for
                 // the file's write in flight, so nothing lands after the cut.)
-                out.into_inner().set_len(start).await.map_err(ControlError::internal)?;
-                return Err(ControlError::InvalidArgument(format!(
+                out.into_inner().set_len(start).await.map_err(ArtifactError::internal)?;
+                return Err(ArtifactError::InvalidArgument(format!(
                     "part {start}-{end} of {file} has more than the {expected} bytes its Content-Range names"
                 )));
             }
             written += chunk.len() as u64;
-            out.write_all(&chunk).await.map_err(ControlError::internal)?;
+            out.write_all(&chunk).await.map_err(ArtifactError::internal)?;
         }
         // What arrived is made durable before the offset is reported: a client resumes from
         // the offset it is told, so those bytes must survive a crash.
-        out.flush().await.map_err(ControlError::internal)?;
-        out.get_ref().sync_data().await.map_err(ControlError::internal)?;
+        out.flush().await.map_err(ArtifactError::internal)?;
+        out.get_ref().sync_data().await.map_err(ArtifactError::internal)?;
         let offset = start + written;
         if let Some(why) = failure {
-            return Err(ControlError::InvalidArgument(format!("{why}; {offset} bytes are stored, resume from there")));
+            return Err(ArtifactError::InvalidArgument(format!("{why}; {offset} bytes are stored, resume from there")));
         }
         if written < expected {
-            return Err(ControlError::InvalidArgument(format!(
+            return Err(ArtifactError::InvalidArgument(format!(
                 "part {start}-{end} of {file} ended after {written} of its {expected} bytes; \
                  {offset} bytes are stored, resume from there"
             )));
@@ -350,8 +354,8 @@ impl ArtifactStore {
                 // resuming a whole model skips the files that are.
                 let got = tokio::task::spawn_blocking(move || sha256_of(&target))
                     .await
-                    .map_err(ControlError::internal)?
-                    .map_err(ControlError::internal)?;
+                    .map_err(ArtifactError::internal)?
+                    .map_err(ArtifactError::internal)?;
                 return Ok(if got == want {
                     UploadProgress::Complete
                 } else {
@@ -360,7 +364,7 @@ impl ArtifactStore {
             }
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(ControlError::internal(e)),
+            Err(e) => return Err(ArtifactError::internal(e)),
         }
         if total == 0 {
             let empty = futures_util::stream::empty::<std::result::Result<Bytes, std::io::Error>>();
@@ -377,16 +381,16 @@ impl ArtifactStore {
             let path = partial.to_path_buf();
             let got = tokio::task::spawn_blocking(move || sha256_of(&path))
                 .await
-                .map_err(ControlError::internal)?
-                .map_err(ControlError::internal)?;
+                .map_err(ArtifactError::internal)?
+                .map_err(ArtifactError::internal)?;
             if got != want {
                 let _ = tokio::fs::remove_file(partial).await;
                 return Err(digest_mismatch(file, &got, &want));
             }
         }
-        let f = tokio::fs::OpenOptions::new().write(true).open(partial).await.map_err(ControlError::internal)?;
-        f.sync_all().await.map_err(ControlError::internal)?;
-        tokio::fs::rename(partial, target).await.map_err(ControlError::internal)
+        let f = tokio::fs::OpenOptions::new().write(true).open(partial).await.map_err(ArtifactError::internal)?;
+        f.sync_all().await.map_err(ArtifactError::internal)?;
+        tokio::fs::rename(partial, target).await.map_err(ArtifactError::internal)
     }
 
     /// The files a model has, with their sizes, by name.
@@ -396,14 +400,14 @@ impl ArtifactStore {
         let mut entries = match tokio::fs::read_dir(&dir).await {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-            Err(e) => return Err(ControlError::internal(e)),
+            Err(e) => return Err(ArtifactError::internal(e)),
         };
-        while let Some(entry) = entries.next_entry().await.map_err(ControlError::internal)? {
+        while let Some(entry) = entries.next_entry().await.map_err(ArtifactError::internal)? {
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.starts_with('.') {
                 continue;
             }
-            let meta = entry.metadata().await.map_err(ControlError::internal)?;
+            let meta = entry.metadata().await.map_err(ArtifactError::internal)?;
             if meta.is_file() {
                 out.push((name, meta.len()));
             }
@@ -417,11 +421,11 @@ impl ArtifactStore {
         let path = self.file_path(account, model, file);
         let f = tokio::fs::File::open(&path).await.map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => {
-                ControlError::NotFound(format!("file {file} of accounts/{account}/models/{model} not found"))
+                ArtifactError::NotFound(format!("file {file} of accounts/{account}/models/{model} not found"))
             }
-            _ => ControlError::internal(e),
+            _ => ArtifactError::internal(e),
         })?;
-        let len = f.metadata().await.map_err(ControlError::internal)?.len();
+        let len = f.metadata().await.map_err(ArtifactError::internal)?.len();
         Ok((f, len))
     }
 
@@ -430,7 +434,7 @@ impl ArtifactStore {
         match tokio::fs::remove_dir_all(self.model_dir(account, model)).await {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(ControlError::internal(e)),
+            Err(e) => Err(ArtifactError::internal(e)),
         }
     }
 
@@ -580,7 +584,7 @@ mod tests {
             tokio::task::yield_now().await;
         }
         let e = store.write_part("a", "m", "c.bin", 0, 3, 4, None, chunks(&[b"abcd"])).await.expect_err("busy");
-        assert!(matches!(e, ControlError::Aborted(_)), "{e}");
+        assert!(matches!(e, ArtifactError::Aborted(_)), "{e}");
         tx.send(Ok(Bytes::from_static(b"cd"))).unwrap();
         drop(tx);
         assert_eq!(first.await.unwrap().unwrap(), UploadProgress::Complete);

@@ -5,7 +5,7 @@
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::error::{ControlError, Result};
+use crate::error::{ArtifactError, Result};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -72,16 +72,16 @@ impl UrlSigner {
     /// Checks a presented signature in constant time, then the expiry.
     pub fn verify(&self, grant: &Grant, sig_hex: &str, now: i64) -> Result<()> {
         let sig = hex::decode(sig_hex)
-            .map_err(|_| ControlError::PermissionDenied("the URL's signature is malformed".to_string()))?;
+            .map_err(|_| ArtifactError::PermissionDenied("the URL's signature is malformed".to_string()))?;
         self.mac(grant).verify_slice(&sig).map_err(|_| {
-            ControlError::PermissionDenied(
+            ArtifactError::PermissionDenied(
                 "the URL's signature does not match: ask for a new URL with :getUploadEndpoint or \
                  :getDownloadEndpoint"
                     .to_string(),
             )
         })?;
         if now > grant.expires {
-            return Err(ControlError::PermissionDenied(format!(
+            return Err(ArtifactError::PermissionDenied(format!(
                 "the URL expired {} seconds ago; ask for a new one",
                 now - grant.expires
             )));
