@@ -136,7 +136,7 @@ pub(super) async fn forward(
 }
 
 /// The OpenAI routes take no query parameters; one sent is a mistake worth saying.
-fn no_query(q: Option<&str>) -> InferenceResult<()> {
+pub(super) fn no_query(q: Option<&str>) -> InferenceResult<()> {
     match q.filter(|q| !q.is_empty()) {
         None => Ok(()),
         Some(q) => {

@@ -31,7 +31,9 @@ pub(super) async fn get(
     State(s): State<AppState>,
     Caller(who): Caller,
     Path(name): Path<String>,
+    RawQuery(q): RawQuery,
 ) -> ApiResult<Json<DeploymentOut>> {
+    Params::parse(q.as_deref())?.finish()?;
     Ok(Json(s.control.get_lora(&who, &name).await?))
 }
 
@@ -39,7 +41,9 @@ pub(super) async fn status(
     State(s): State<AppState>,
     Caller(who): Caller,
     Path(name): Path<String>,
+    RawQuery(q): RawQuery,
 ) -> ApiResult<Json<LoraStatus>> {
+    Params::parse(q.as_deref())?.finish()?;
     Ok(Json(s.control.lora_status(&who, &name).await?))
 }
 
@@ -47,8 +51,10 @@ pub(super) async fn update(
     State(s): State<AppState>,
     Caller(who): Caller,
     Path(name): Path<String>,
+    RawQuery(q): RawQuery,
     b: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<DeploymentOut>> {
+    Params::parse(q.as_deref())?.finish()?;
     let req: UpdateLoraRequest = parse_body(&body(b)?, "update LoRA request")?;
     Ok(Json(s.control.update_lora(&who, &name, req).await?))
 }
@@ -57,11 +63,18 @@ pub(super) async fn delete(
     State(s): State<AppState>,
     Caller(who): Caller,
     Path(name): Path<String>,
+    RawQuery(q): RawQuery,
 ) -> ApiResult<Json<DeploymentOut>> {
+    Params::parse(q.as_deref())?.finish()?;
     Ok(Json(s.control.delete_lora(&who, &name).await?))
 }
 
-pub(super) async fn list(State(s): State<AppState>, Caller(who): Caller) -> ApiResult<Json<Vec<DeploymentOut>>> {
+pub(super) async fn list(
+    State(s): State<AppState>,
+    Caller(who): Caller,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Json<Vec<DeploymentOut>>> {
+    Params::parse(q.as_deref())?.finish()?;
     Ok(Json(s.control.list_loras(&who, None).await?))
 }
 
@@ -74,6 +87,7 @@ pub(super) async fn openai(
     uri: Uri,
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, OpenAiError> {
+    super::inference::no_query(uri.query())?;
     let raw = body(b)?;
     let mut request: Value =
         serde_json::from_slice(&raw).map_err(|e| OpenAiError::bad(format!("invalid JSON: {e}")))?;
