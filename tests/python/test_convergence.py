@@ -425,3 +425,50 @@ def test_a_gateway_that_lost_its_lease_stops_its_replicas(tmp_path):
                     g.proc.send_signal(signal.SIGCONT)
                 g.stop(signal.SIGKILL)
         _wait("both gateways' replicas to exit", lambda: not _replica_pids("tiny"), timeout=15)
+
+
+def _write_junk_into_row(g: Gateway, kind: str, dep_id: str) -> None:
+    """Junk over a stored row, straight in the database, as a failing disk or a hand would."""
+    junk = "\u0000 not a deployment"
+    if g.db_url:
+        psql = shutil.which("psql") or str(next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin/psql")))))
+        sql = f"UPDATE objects SET body = '{junk[1:]}' WHERE kind = '{kind}' AND account = '{g.account}' AND id = '{dep_id}'"
+        subprocess.run([psql, g.db_url, "-qc", sql], check=True, capture_output=True, timeout=30)
+    else:
+        import sqlite3
+        with sqlite3.connect(str(g.data_dir / "hearth.db"), timeout=30) as db:
+            changed = db.execute("UPDATE objects SET body = ? WHERE kind = ? AND account = ? AND id = ?",
+                                 (junk, kind, g.account, dep_id)).rowcount
+            assert changed == 1
+
+
+def test_a_corrupted_record_leaves_every_replica_running_and_its_status_says_why(gateway, tmp_path):
+    api = gateway.api
+    base = _upload(api, "tiny", ENGINE_FIXTURES / "tiny_llama", TINY_FILES)
+    for dep_id in ("good", "bad"):
+        api.ok_json("POST", "deployments", params={"deploymentId": dep_id},
+                    json={"baseModel": base, "minReplicaCount": 1, "maxReplicaCount": 2})
+    for dep_id in ("good", "bad"):
+        _wait(f"{dep_id} READY", lambda: _state(api, dep_id)["state"] == "READY")
+    replicas = _replica_pids("tiny")
+    assert len(replicas) == 2
+
+    _write_junk_into_row(gateway, "deployments", "bad")
+    bad = _wait("the status to say why", lambda: (lambda d: d if d.get("status", {}).get("code") == "DATA_LOSS" else None)(
+        _state(api, "bad")), timeout=30)
+    assert "unreadable" in bad["status"]["message"], bad
+    # Nothing else changed: the listing still works, the other deployment still follows its
+    # spec, and no replica was stopped, several resyncs later.
+    assert sorted(d["name"].rsplit("/", 1)[1] for d in api.list_all("deployments", "deployments")) == ["bad", "good"]
+    api.ok_json("PATCH", "deployments/good:scale", json={"replicaCount": 2})
+    _wait("good at 2 replicas", lambda: _state(api, "good")["replicaCount"] == 2)
+    assert set(replicas) <= set(_replica_pids("tiny")), "a replica of the corrupted deployment was stopped"
+    # Requests cannot be routed by a record that cannot be read: refused at once, saying why.
+    r = requests.post(f"{gateway.base_url}/inference/v1/completions", headers={"Authorization": f"Bearer {gateway.key}"},
+                      json={"model": f"{base}#accounts/{gateway.account}/deployments/bad", "prompt": "Hello",
+                            "max_tokens": 4}, timeout=30)
+    assert r.status_code == 500 and r.json()["error"]["code"] == "DATA_LOSS", r.text
+    assert "unreadable" in r.json()["error"]["message"]
+    # A hard delete still removes it, and then its replica goes.
+    api.ok_json("DELETE", "deployments/bad", params={"hard": "true"})
+    _wait("the corrupted deployment's replica to stop", lambda: len(_replica_pids("tiny")) == 2)
