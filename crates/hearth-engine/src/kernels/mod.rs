@@ -28,10 +28,12 @@
 //! `crate::threads`), with the calling thread always working too (see `QMatrix::run`).
 //!
 //! The LoRA step of a mixed batch (shrink and expand per adapter over its rows) is in [`lora`],
-//! decode attention over the KV caches in [`attention`].
+//! attention over the KV caches (prefill chunks and decode rows alike) in [`attention`], the
+//! elementwise rest of a forward pass in [`ops`].
 
 pub mod attention;
 pub mod lora;
+pub mod ops;
 mod scalar;
 #[cfg(test)]
 mod tests;
@@ -465,7 +467,7 @@ impl QMatrix {
 /// rayon's pool, each claiming the next item from a shared counter; returns when all are done.
 /// This thread starts at once, so a helper the pool wakes late finds less (or nothing) left.
 /// Each worker gets its own scratch `S` for `f`.
-fn share_items<T: Send, S: Default>(items: Vec<T>, threads: usize, f: impl Fn(T, &mut S) + Sync) {
+pub(crate) fn share_items<T: Send, S: Default>(items: Vec<T>, threads: usize, f: impl Fn(T, &mut S) + Sync) {
     let slots: Vec<Mutex<Option<T>>> = items.into_iter().map(|i| Mutex::new(Some(i))).collect();
     let next = AtomicUsize::new(0);
     let work = || {

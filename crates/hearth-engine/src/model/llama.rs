@@ -5,14 +5,15 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{CpuStorage, DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 
 use super::config::{LlamaConfig, ModelConfig, RopeScaling};
 use super::kv::KvCache;
 use super::weights::{Checkpoint, Embedding, Linear, Precision};
 use crate::error::{EngineError, Result};
-use crate::kernels::attention::{DecodeRow, Strided};
+use crate::kernels::attention::{attend, Heads, Rows};
 use crate::kernels::lora::{self as lora_kernel, Group};
+use crate::kernels::ops;
 use crate::lora::{LoraWeights, Target};
 
 struct Layer {
@@ -42,6 +43,18 @@ pub struct LlamaModel {
     /// Hugging Face checkpoints use the rotate-half form.
     rope_interleaved: bool,
     device: Device,
+    /// On the CPU, host copies of the small vectors `forward_host` reads.
+    host: Option<Host>,
+}
+
+/// The norm weights and rotary tables as host buffers.
+struct Host {
+    /// Per layer, the attention and MLP norms.
+    norms: Vec<(Vec<f32>, Vec<f32>)>,
+    norm: Vec<f32>,
+    /// `[max_positions, head_dim/2]`.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
 }
 
 /// What the caller wants back for one sequence of the step.
@@ -72,21 +85,23 @@ struct Segment<'a> {
     adapter: Option<&'a LoraWeights>,
 }
 
+/// What every layer of a step reads: the tokens, their positions, the runs of rows that share
+/// an adapter, and the rows whose logits are wanted.
+#[derive(Clone, Copy)]
+struct Step<'a> {
+    ids: &'a [u32],
+    positions: &'a [u32],
+    segments: &'a [Segment<'a>],
+    rows: &'a [u32],
+}
+
 /// Adds each segment's LoRA delta for `target` of `layer` to `y`, the base projection of `x`.
 /// The base matmul already ran once for all rows; each adapter adds its shrink and expand over
-/// its own rows only. On the CPU one kernel call covers every segment, in place; elsewhere
-/// each segment's delta is two matmuls on the adapter's device copies.
+/// its own rows only, as two matmuls on the adapter's device copies. (On the CPU,
+/// `forward_host` runs one kernel call over every segment, in place.)
 fn with_lora<'a>(y: Tensor, x: &Tensor, layer: usize, target: Target, segments: &[Segment<'a>]) -> Result<Tensor> {
     let patched = |s: &Segment<'a>| s.adapter.and_then(|a| a.module(layer, target));
     if !segments.iter().any(|s| patched(s).is_some()) {
-        return Ok(y);
-    }
-    if y.device().is_cpu() && y.dtype() == DType::F32 && x.dtype() == DType::F32 {
-        let groups: Vec<Group<'_>> = segments
-            .iter()
-            .filter_map(|s| patched(s).map(|pair| Group { rows: s.start..s.start + s.len, pair }))
-            .collect();
-        y.inplace_op2(x, &LoraStep(groups))?;
         return Ok(y);
     }
     let out = y.dim(1)?;
@@ -104,37 +119,6 @@ fn with_lora<'a>(y: Tensor, x: &Tensor, layer: usize, target: Target, segments: 
         }
     }
     Ok((y + Tensor::cat(&pieces, 0)?)?)
-}
-
-/// The CPU LoRA step as an in-place op on a projection's output `[rows, out]`, reading its
-/// input `[rows, in]`.
-struct LoraStep<'a>(Vec<Group<'a>>);
-
-impl candle_core::InplaceOp2 for LoraStep<'_> {
-    fn name(&self) -> &'static str {
-        "lora-step"
-    }
-
-    fn cpu_fwd(
-        &self,
-        y: &mut candle_core::CpuStorage,
-        yl: &candle_core::Layout,
-        x: &candle_core::CpuStorage,
-        xl: &candle_core::Layout,
-    ) -> candle_core::Result<()> {
-        use candle_core::CpuStorage;
-        let (CpuStorage::F32(y), CpuStorage::F32(x)) = (y, x) else {
-            candle_core::bail!("the LoRA step takes F32 activations");
-        };
-        let (Some((y0, y1)), Some((x0, x1))) = (yl.contiguous_offsets(), xl.contiguous_offsets()) else {
-            candle_core::bail!("the LoRA step takes contiguous activations");
-        };
-        let (&[_, n_out], &[_, n_in]) = (yl.dims(), xl.dims()) else {
-            candle_core::bail!("the LoRA step takes [rows, features] activations");
-        };
-        lora_kernel::apply(&mut y[y0..y1], &x[x0..x1], n_in, n_out, &self.0);
-        Ok(())
-    }
 }
 
 /// Names of one layer's tensors in each checkpoint format.
@@ -262,6 +246,17 @@ impl LlamaModel {
             _ => None,
         };
         let (cos, sin) = rope_tables(c, freq_factors.as_deref(), device)?;
+        let host = if device.is_cpu() {
+            let vec = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
+            Some(Host {
+                norms: layers.iter().map(|l| Ok((vec(&l.attn_norm)?, vec(&l.mlp_norm)?))).collect::<Result<_>>()?,
+                norm: vec(&norm)?,
+                cos: vec(&cos)?,
+                sin: vec(&sin)?,
+            })
+        } else {
+            None
+        };
         Ok(LlamaModel {
             config,
             embed,
@@ -272,6 +267,7 @@ impl LlamaModel {
             sin,
             rope_interleaved: gguf,
             device: device.clone(),
+            host,
         })
     }
 
@@ -333,6 +329,29 @@ impl LlamaModel {
         }
     }
 
+    /// The context length at which a token's attention costs a step as much as the rest of
+    /// its work (the projections), for the scheduler's cost model (`plan::Cost`): the ratio of
+    /// the multiply-adds, weighted by how fast each kind runs. hearth's quantized CPU kernels
+    /// multiply in 8-bit integers at about twice the rate of the f32 attention (measured on
+    /// SmolLM2-135M Q4_1: equal cost at about 1,450 positions, where the ratio of
+    /// multiply-adds is 3,000); dense weights run at about the attention's rate.
+    pub fn attention_span(&self) -> f64 {
+        let c = &self.config;
+        let projections: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]
+                    .iter()
+                    .map(|x| x.in_features * x.out_features)
+                    .sum::<usize>()
+            })
+            .sum();
+        let attention = 2 * c.num_hidden_layers * c.num_attention_heads * c.head_dim;
+        let speed = if self.layers.first().is_some_and(|l| l.q.is_fast()) { 0.5 } else { 1.0 };
+        (projections as f64 * speed / attention.max(1) as f64).max(1.0)
+    }
+
     /// Bytes of the weights as held in memory.
     pub fn weight_bytes(&self) -> usize {
         self.layers
@@ -371,10 +390,6 @@ impl LlamaModel {
             ids.extend_from_slice(s.tokens);
             positions.extend((start..start + s.tokens.len()).map(|p| p as u32));
         }
-        let ids = Tensor::new(ids.as_slice(), &self.device)?;
-        let pos = Tensor::new(positions.as_slice(), &self.device)?;
-        let cos = self.cos.index_select(&pos, 0)?;
-        let sin = self.sin.index_select(&pos, 0)?;
 
         let mut segments: Vec<Segment<'_>> = Vec::new();
         let mut row = 0;
@@ -393,60 +408,14 @@ impl LlamaModel {
         }
         segments.retain(|s| s.len > 0);
 
-        let mut x = self.embed.lookup(&ids)?;
-        let eps = c.rms_norm_eps as f32;
-        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        for (li, layer) in self.layers.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let q = with_lora(layer.q.forward(&h)?, &h, li, Target::Q, &segments)?;
-            let k = with_lora(layer.k.forward(&h)?, &h, li, Target::K, &segments)?;
-            let v = with_lora(layer.v.forward(&h)?, &h, li, Target::V, &segments)?;
-            let q = self.rope(&q, nh, &cos, &sin)?; // [nh, T, hd]
-            let k = self.rope(&k, nkv, &cos, &sin)?; // [nkv, T, hd]
-            let v = v.reshape((total, nkv, hd))?.transpose(0, 1)?; // [nkv, T, hd]
-
-            // Every sequence's new keys and values go into its cache first; then each
-            // sequence's queries attend over what its cache holds.
-            let mut chunks = Vec::with_capacity(seqs.len());
-            let mut offset = 0;
-            for s in seqs.iter_mut() {
-                let n = s.tokens.len();
-                if n == 0 {
-                    continue;
-                }
-                let start = s.cache.len();
-                let (kc, vc) = s.cache.append(li, &k.narrow(1, offset, n)?, &v.narrow(1, offset, n)?)?;
-                chunks.push(Chunk { row: offset, n, start, k: kc, v: vc });
-                offset += n;
-            }
-            // [T, nh*hd]
-            let attn = if self.device.is_cpu() {
-                attention_cpu(&q, &chunks, total)?
-            } else {
-                let outs = chunks
-                    .iter()
-                    .map(|c| attention(&q.narrow(1, c.row, c.n)?, &c.k, &c.v, c.start))
-                    .collect::<Result<Vec<_>>>()?;
-                Tensor::cat(&outs, 1)?.transpose(0, 1)?.reshape((total, nh * hd))?
-            };
-            x = (x + with_lora(layer.o.forward(&attn)?, &attn, li, Target::O, &segments)?)?;
-            let h = candle_nn::ops::rms_norm(&x, &layer.mlp_norm, eps)?;
-            let gate = with_lora(layer.gate.forward(&h)?, &h, li, Target::Gate, &segments)?;
-            let up = with_lora(layer.up.forward(&h)?, &h, li, Target::Up, &segments)?;
-            let act = (candle_nn::ops::silu(&gate)? * up)?;
-            x = (x + with_lora(layer.down.forward(&act)?, &act, li, Target::Down, &segments)?)?;
-        }
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
-
-        // One lm_head product for every row that needs logits: the head is the largest matrix
-        // of a small model, and run per sequence it would be read from memory once per
-        // sequence per step instead of once.
+        // The rows that need logits. One lm_head product serves them all: the head is the
+        // largest matrix of a small model, and run per sequence it would be read from memory
+        // once per sequence per step instead of once.
         let mut rows: Vec<u32> = Vec::new();
         let mut spans = Vec::with_capacity(seqs.len());
         let mut offset = 0;
-        for s in seqs.iter_mut() {
+        for s in seqs.iter() {
             let n = s.tokens.len();
-            s.cache.commit(n);
             let start = rows.len();
             match s.logits {
                 _ if n == 0 => {}
@@ -457,13 +426,147 @@ impl LlamaModel {
             spans.push((rows.len() > start).then_some((start, rows.len() - start)));
             offset += n;
         }
-        if rows.is_empty() {
-            return Ok(spans.iter().map(|_| None).collect());
+
+        let step = Step { ids: &ids, positions: &positions, segments: &segments, rows: &rows };
+        let logits = match &self.host {
+            Some(host) => self.forward_host(host, seqs, &step)?,
+            None => self.forward_device(seqs, &step)?,
+        };
+        for s in seqs.iter_mut() {
+            s.cache.commit(s.tokens.len());
         }
-        let picked =
-            if rows.len() == total { x } else { x.index_select(&Tensor::new(rows.as_slice(), &self.device)?, 0)? };
-        let logits = self.lm_head.forward(&picked)?;
+        let Some(logits) = logits else {
+            return Ok(spans.iter().map(|_| None).collect());
+        };
         spans.into_iter().map(|span| span.map(|(start, len)| Ok(logits.narrow(0, start, len)?)).transpose()).collect()
+    }
+
+    /// The layers on the CPU, on plain buffers `[tokens, features]` and the engine's threads
+    /// (see `crate::kernels::ops` for why not tensor ops). Returns the logits of `rows`.
+    fn forward_host(&self, host: &Host, seqs: &mut [SeqInput<'_>], step: &Step<'_>) -> Result<Option<Tensor>> {
+        let Step { ids, positions, segments, rows } = *step;
+        let c = &self.config;
+        let total = ids.len();
+        let (hs, inter, eps) = (c.hidden_size, c.intermediate_size, c.rms_norm_eps as f32);
+        let heads = Heads { nh: c.num_attention_heads, nkv: c.num_key_value_heads, hd: c.head_dim };
+        let (qw, kvw) = (heads.nh * heads.hd, heads.nkv * heads.hd);
+        // Each run of rows with an adapter gets its delta, in one kernel call per projection.
+        let lora = |y: &mut [f32], x: &[f32], layer: usize, target: Target, n_in: usize, n_out: usize| {
+            let groups: Vec<Group<'_>> = segments
+                .iter()
+                .filter_map(|s| {
+                    let pair = s.adapter.and_then(|a| a.module(layer, target))?;
+                    Some(Group { rows: s.start..s.start + s.len, pair })
+                })
+                .collect();
+            if !groups.is_empty() {
+                lora_kernel::apply(y, x, n_in, n_out, &groups);
+            }
+        };
+        let mut x: Vec<f32> = self.embed.lookup(&Tensor::new(ids, &Device::Cpu)?)?.flatten_all()?.to_vec1()?;
+        let mut h = vec![0f32; total * hs];
+        for (li, layer) in self.layers.iter().enumerate() {
+            let (attn_norm, mlp_norm) = &host.norms[li];
+            ops::rms_norm(&x, attn_norm, eps, &mut h);
+            let mut q = layer.q.forward_host(&h, total)?;
+            lora(&mut q, &h, li, Target::Q, hs, qw);
+            let mut k = layer.k.forward_host(&h, total)?;
+            lora(&mut k, &h, li, Target::K, hs, kvw);
+            let mut v = layer.v.forward_host(&h, total)?;
+            lora(&mut v, &h, li, Target::V, hs, kvw);
+            ops::rope(&mut q, heads.nh, heads.hd, positions, &host.cos, &host.sin, self.rope_interleaved);
+            ops::rope(&mut k, heads.nkv, heads.hd, positions, &host.cos, &host.sin, self.rope_interleaved);
+
+            // Every sequence's new keys and values go into its cache first; then each
+            // sequence's queries attend over what its cache holds, read in place.
+            let mut row = 0;
+            for s in seqs.iter_mut() {
+                let n = s.tokens.len();
+                s.cache.append_host(li, &k[row * kvw..(row + n) * kvw], &v[row * kvw..(row + n) * kvw])?;
+                row += n;
+            }
+            let mut parts = Vec::with_capacity(seqs.len());
+            let mut row = 0;
+            for s in seqs.iter() {
+                let n = s.tokens.len();
+                if n > 0 {
+                    parts.push(Rows { row, n, start: s.cache.len(), kv: s.cache.host_layout(li)? });
+                }
+                row += n;
+            }
+            let attn = attend(&q, total, &parts, heads);
+            drop(parts);
+
+            let mut o = layer.o.forward_host(&attn, total)?;
+            lora(&mut o, &attn, li, Target::O, qw, hs);
+            ops::add_assign(&mut x, &o, hs);
+            ops::rms_norm(&x, mlp_norm, eps, &mut h);
+            let mut gate = layer.gate.forward_host(&h, total)?;
+            lora(&mut gate, &h, li, Target::Gate, hs, inter);
+            let mut up = layer.up.forward_host(&h, total)?;
+            lora(&mut up, &h, li, Target::Up, hs, inter);
+            ops::silu_mul(&mut gate, &up, inter);
+            let mut down = layer.down.forward_host(&gate, total)?;
+            lora(&mut down, &gate, li, Target::Down, inter, hs);
+            ops::add_assign(&mut x, &down, hs);
+        }
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        let picked: Vec<f32> =
+            rows.iter().flat_map(|&r| x[r as usize * hs..(r as usize + 1) * hs].iter().copied()).collect();
+        let mut normed = vec![0f32; picked.len()];
+        ops::rms_norm(&picked, &host.norm, eps, &mut normed);
+        let logits = self.lm_head.forward_host(&normed, rows.len())?;
+        Ok(Some(Tensor::from_vec(logits, (rows.len(), c.vocab_size), &Device::Cpu)?))
+    }
+
+    /// The layers as tensor ops on the model's device (a GPU). Returns the logits of `rows`.
+    fn forward_device(&self, seqs: &mut [SeqInput<'_>], step: &Step<'_>) -> Result<Option<Tensor>> {
+        let Step { ids, positions, segments, rows } = *step;
+        let c = &self.config;
+        let total = ids.len();
+        let ids = Tensor::new(ids, &self.device)?;
+        let pos = Tensor::new(positions, &self.device)?;
+        let cos = self.cos.index_select(&pos, 0)?;
+        let sin = self.sin.index_select(&pos, 0)?;
+        let mut x = self.embed.lookup(&ids)?;
+        let eps = c.rms_norm_eps as f32;
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        for (li, layer) in self.layers.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
+            let q = with_lora(layer.q.forward(&h)?, &h, li, Target::Q, segments)?;
+            let k = with_lora(layer.k.forward(&h)?, &h, li, Target::K, segments)?;
+            let v = with_lora(layer.v.forward(&h)?, &h, li, Target::V, segments)?;
+            let q = self.rope(&q, nh, &cos, &sin)?; // [nh, T, hd]
+            let k = self.rope(&k, nkv, &cos, &sin)?; // [nkv, T, hd]
+            let v = v.reshape((total, nkv, hd))?.transpose(0, 1)?; // [nkv, T, hd]
+            let mut outs = Vec::with_capacity(seqs.len());
+            let mut offset = 0;
+            for s in seqs.iter_mut() {
+                let n = s.tokens.len();
+                if n == 0 {
+                    continue;
+                }
+                let start = s.cache.len();
+                let (kc, vc) = s.cache.append(li, &k.narrow(1, offset, n)?, &v.narrow(1, offset, n)?)?;
+                outs.push(attention(&q.narrow(1, offset, n)?, &kc, &vc, start)?);
+                offset += n;
+            }
+            let attn = Tensor::cat(&outs, 1)?.transpose(0, 1)?.reshape((total, nh * hd))?;
+            x = (x + with_lora(layer.o.forward(&attn)?, &attn, li, Target::O, segments)?)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.mlp_norm, eps)?;
+            let gate = with_lora(layer.gate.forward(&h)?, &h, li, Target::Gate, segments)?;
+            let up = with_lora(layer.up.forward(&h)?, &h, li, Target::Up, segments)?;
+            let act = (candle_nn::ops::silu(&gate)? * up)?;
+            x = (x + with_lora(layer.down.forward(&act)?, &act, li, Target::Down, segments)?)?;
+        }
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        let picked = if rows.len() == total { x } else { x.index_select(&Tensor::new(rows, &self.device)?, 0)? };
+        let picked = candle_nn::ops::rms_norm(&picked, &self.norm, eps)?;
+        Ok(Some(self.lm_head.forward(&picked)?))
     }
 
     /// `[T, heads*hd]` → `[heads, T, hd]` with the rotary embedding applied per position.
@@ -478,69 +581,6 @@ impl LlamaModel {
         };
         Ok(y.squeeze(0)?)
     }
-}
-
-/// One sequence's part of a step for attention: its `n` new rows from `row` on, at positions
-/// `start..start+n`, and views of its cached keys and values `[nkv, start+n, hd]`.
-struct Chunk {
-    row: usize,
-    n: usize,
-    start: usize,
-    k: Tensor,
-    v: Tensor,
-}
-
-/// Attention for every chunk of a step on the CPU, as `[total, nh*hd]`, from the rotated
-/// queries `[nh, total, hd]`. Decode rows (one new token) attend in one kernel that reads the
-/// caches in place, run over the sequences in parallel: as tensor ops, each would copy its
-/// whole cache out of the strided buffer and dispatch a dozen small ops, one sequence after
-/// another, while the other threads wait. Prefill chunks keep the tensor ops.
-fn attention_cpu(q: &Tensor, chunks: &[Chunk], total: usize) -> Result<Tensor> {
-    use rayon::prelude::*;
-    let (nh, _, hd) = q.dims3()?;
-    let qs: Vec<f32> = q.contiguous()?.flatten_all()?.to_vec1()?;
-    let mut out = vec![0f32; total * nh * hd];
-    let mut decode = Vec::new();
-    for c in chunks {
-        if c.n == 1 {
-            decode.push(c);
-            continue;
-        }
-        let o = attention(&q.narrow(1, c.row, c.n)?, &c.k, &c.v, c.start)?; // [nh, n, hd]
-        let o: Vec<f32> = o.transpose(0, 1)?.flatten_all()?.to_vec1()?;
-        out[c.row * nh * hd..(c.row + c.n) * nh * hd].copy_from_slice(&o);
-    }
-    if decode.is_empty() {
-        return Ok(Tensor::from_vec(out, (total, nh * hd), q.device())?);
-    }
-    let guards: Vec<_> = decode.iter().map(|c| (c.k.storage_and_layout(), c.v.storage_and_layout())).collect();
-    let mut jobs = Vec::with_capacity(decode.len());
-    for (c, ((kg, kl), (vg, vl))) in decode.iter().zip(&guards) {
-        let (candle_core::Storage::Cpu(CpuStorage::F32(k)), candle_core::Storage::Cpu(CpuStorage::F32(v))) =
-            (&**kg, &**vg)
-        else {
-            return Err(EngineError::Internal("the KV cache is not f32 on the CPU".into()));
-        };
-        let (nkv, len, _) = c.k.dims3()?;
-        jobs.push(DecodeRow {
-            q: &qs,
-            row: c.row,
-            total,
-            len,
-            group: nh / nkv,
-            k: Strided { data: k, offset: kl.start_offset(), head: kl.stride()[0], token: kl.stride()[1] },
-            v: Strided { data: v, offset: vl.start_offset(), head: vl.stride()[0], token: vl.stride()[1] },
-        });
-    }
-    let rows: Vec<(usize, Vec<f32>)> = if jobs.len() == 1 {
-        jobs.iter().map(|j| (j.row, j.attend(nh, hd))).collect()
-    } else {
-        jobs.par_iter().map(|j| (j.row, j.attend(nh, hd))).collect()
-    };
-    for (row, o) in rows {
-        out[row * nh * hd..(row + 1) * nh * hd].copy_from_slice(&o);
-    }
-    Ok(Tensor::from_vec(out, (total, nh * hd), q.device())?)
 }
 
 /// Causal attention of `n` new queries `[nh, n, hd]` (at positions `start..start+n`) over the

@@ -95,6 +95,44 @@ impl Linear {
         }
     }
 
+    /// `x` is `[tokens, in]` in f32 on the host; the result is `[tokens, out]`. hearth's
+    /// kernels read and write the buffers directly; other weights go through a tensor.
+    pub fn forward_host(&self, x: &[f32], tokens: usize) -> Result<Vec<f32>> {
+        if x.len() != tokens * self.in_features {
+            return Err(EngineError::Internal(format!(
+                "linear: {} inputs for {tokens} tokens of {}",
+                x.len(),
+                self.in_features
+            )));
+        }
+        let mut y = match &self.weight {
+            Weight::Fast(m) => {
+                let mut out = vec![0f32; tokens * m.rows()];
+                m.matmul(x, tokens, &mut out);
+                out
+            }
+            _ => {
+                let t = Tensor::from_slice(x, (tokens, self.in_features), &Device::Cpu)?;
+                let y = match &self.weight {
+                    Weight::Quantized(q) => t.apply(q)?,
+                    Weight::Dense(w) if w.dtype() == DType::F32 => t.matmul(&w.t()?)?,
+                    Weight::Dense(w) => t.to_dtype(w.dtype())?.matmul(&w.t()?)?.to_dtype(DType::F32)?,
+                    Weight::Fast(_) => unreachable!("handled above"),
+                };
+                y.flatten_all()?.to_vec1::<f32>()?
+            }
+        };
+        if let Some(b) = &self.bias {
+            crate::kernels::ops::add_bias(&mut y, &b.to_vec1::<f32>()?);
+        }
+        Ok(y)
+    }
+
+    /// Whether hearth's own quantized kernels run it.
+    pub fn is_fast(&self) -> bool {
+        matches!(self.weight, Weight::Fast(_))
+    }
+
     /// The weight as a dense f32 tensor (for merging adapters and for tests).
     pub fn dense_f32(&self) -> Result<Tensor> {
         Ok(match &self.weight {
