@@ -15,13 +15,15 @@ use tokio::sync::mpsc;
 use crate::error::{EngineError, Result};
 use crate::lora::{LoraAdapter, LoraWeights};
 use crate::model::{KvCache, LlamaConfig, LlamaModel, SeqInput};
-use crate::plan::{plan, Progress, Row, Work};
+use crate::plan::{plan, Cost, Progress, Row, Work};
 use crate::sampling::{log_softmax, top_k, Sampled, Sampler, SamplingParams};
 use crate::tokenizer::{DecodeStream, Tokenizer};
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
-    /// Tokens one step may process (decode rows plus prefill chunks).
+    /// What one step may process, in token-equivalents: a token at position `p` counts
+    /// `1 + p / attention_span` (see `plan::Cost`), so steps take about as long at any
+    /// context and a request arriving during a long prefill waits for at most one of them.
     pub max_step_tokens: usize,
     /// Sequences running at once.
     pub max_running: usize,
@@ -249,7 +251,9 @@ impl Engine {
         let model_config = Arc::new(model.config.clone());
         let gguf_layout = model.gguf_layout();
         let merged: Arc<std::sync::RwLock<Option<Arc<LoraAdapter>>>> = Default::default();
+        let cost = Cost { attention_span: model.attention_span() };
         let sched = Scheduler {
+            cost,
             context_length,
             merged: merged.clone(),
             merge_pending: None,
@@ -476,6 +480,8 @@ struct Sequence {
     /// strings are looked for here only, as nothing sent can begin one.
     held: String,
     kv_reserved: usize,
+    /// Steps in a row it was in prefill and got no chunk (see `plan::STARVED_STEPS`).
+    passed_over: usize,
     prompt_logprobs: Vec<Sampled>,
     started: Instant,
     /// When the previous token was emitted, for per-token latency.
@@ -499,6 +505,8 @@ impl Sequence {
             prefilled: self.prefilled,
             decoding: self.pending.is_some(),
             prompt_logprobs: self.req.prompt_logprobs,
+            context: self.cache.len(),
+            passed_over: self.passed_over,
         }
     }
 }
@@ -522,6 +530,8 @@ struct Scheduler {
     /// Where the next step starts handing out its token budget, so that when the budget is
     /// smaller than the batch every sequence still gets its turn.
     cursor: usize,
+    /// What a token costs a step on this model (see `plan::Cost`).
+    cost: Cost,
 }
 
 impl Scheduler {
@@ -649,6 +659,7 @@ impl Scheduler {
                 detok: self.tokenizer.decode_stream(true),
                 held: String::new(),
                 kv_reserved: need,
+                passed_over: 0,
                 prompt_logprobs: Vec::new(),
                 started: Instant::now(),
                 last_token: None,
@@ -722,8 +733,14 @@ impl Scheduler {
             return Ok(());
         }
         let progress: Vec<Progress> = self.running.iter().map(Sequence::progress).collect();
-        let planned = plan(&progress, self.config.max_step_tokens, self.cursor);
+        let planned = plan(&progress, self.config.max_step_tokens, self.cost, self.cursor);
         self.cursor = self.cursor.wrapping_add(1);
+        for (i, s) in self.running.iter_mut().enumerate() {
+            if s.in_prefill() {
+                let served = planned.rows.iter().any(|r| r.seq == i);
+                s.passed_over = if served { 0 } else { s.passed_over + 1 };
+            }
+        }
         if planned.is_empty() {
             return Ok(());
         }
