@@ -5,7 +5,7 @@
 //!
 //! `cargo run --release -p hearth-engine --example prefill [-- MODEL.gguf [LEN ...]]`
 //! (default: models/SmolLM2-135M-Instruct.Q4_1.gguf, 512 2048 4000). Threads:
-//! RAYON_NUM_THREADS.
+//! RAYON_NUM_THREADS; the step budget: HEARTH_MAX_STEP_TOKENS, as for `hearth engine`.
 
 use std::time::Instant;
 
@@ -57,7 +57,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let loaded = hearth_engine::load(std::path::Path::new(&model), Precision::Native, &Device::Cpu)?;
     let vocab = loaded.model.config.vocab_size as u32;
-    let engine = Engine::start(loaded.model, loaded.tokenizer, EngineConfig::default());
+    let mut config = EngineConfig::default();
+    if let Some(n) = std::env::var("HEARTH_MAX_STEP_TOKENS").ok().and_then(|s| s.parse().ok()) {
+        config.max_step_tokens = n;
+    }
+    let engine = Engine::start(loaded.model, loaded.tokenizer, config);
     // Varied, deterministic token ids (no special tokens: ids from 100 up).
     let prompt = |n: usize| (0..n).map(|i| 100 + (i as u32 * 7919) % (vocab - 100)).collect::<Vec<u32>>();
     run(&engine, prompt(64), 1).await; // warm-up

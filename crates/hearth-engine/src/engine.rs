@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 
 use crate::error::{EngineError, Result};
 use crate::lora::{LoraAdapter, LoraWeights};
-use crate::model::{KvCache, LlamaConfig, LlamaModel, SeqInput};
+use crate::model::{KvCache, KvDtype, LlamaConfig, LlamaModel, SeqInput};
 use crate::plan::{plan, Cost, Progress, Row, Work};
 use crate::sampling::{log_softmax, top_k, Sampled, Sampler, SamplingParams};
 use crate::tokenizer::{DecodeStream, Tokenizer};
@@ -29,6 +29,9 @@ pub struct EngineConfig {
     pub max_running: usize,
     /// Bytes of KV cache all running sequences may hold together.
     pub kv_cache_bytes: usize,
+    /// What the KV caches store keys and values as (see `KvDtype`); `None`: F32 for a model
+    /// whose weights are all f32, F16 otherwise.
+    pub kv_dtype: Option<KvDtype>,
     /// Requests that may wait for admission; beyond it new requests are refused.
     pub max_waiting: usize,
     /// Bytes of host memory all loaded LoRA adapters may take together.
@@ -56,9 +59,10 @@ pub struct EngineConfig {
 impl Default for EngineConfig {
     fn default() -> EngineConfig {
         EngineConfig {
-            max_step_tokens: 512,
+            max_step_tokens: 256,
             max_running: 64,
             kv_cache_bytes: 1 << 30,
+            kv_dtype: None,
             max_waiting: 1024,
             adapter_bytes: 1 << 30,
             max_hot_adapters: 32,
@@ -252,8 +256,10 @@ impl Engine {
         let gguf_layout = model.gguf_layout();
         let merged: Arc<std::sync::RwLock<Option<Arc<LoraAdapter>>>> = Default::default();
         let cost = Cost { attention_span: model.attention_span() };
+        let kv_dtype = config.kv_dtype.unwrap_or_else(|| model.default_kv_dtype());
         let sched = Scheduler {
             cost,
+            kv_dtype,
             context_length,
             merged: merged.clone(),
             merge_pending: None,
@@ -532,6 +538,8 @@ struct Scheduler {
     cursor: usize,
     /// What a token costs a step on this model (see `plan::Cost`).
     cost: Cost,
+    /// What the KV caches hold (the configured type, or the model's default).
+    kv_dtype: KvDtype,
 }
 
 impl Scheduler {
@@ -600,7 +608,7 @@ impl Scheduler {
 
     fn kv_bytes(&self, tokens: usize) -> usize {
         let c = &self.model.config;
-        KvCache::bytes_for(tokens, c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
+        KvCache::bytes_for(tokens, c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.kv_dtype)
     }
 
     /// Moves waiting requests into the running set, oldest first, while the KV budget allows
@@ -651,7 +659,7 @@ impl Scheduler {
             }
             let seed = inc.req.params.seed;
             self.running.push(Sequence {
-                cache: self.model.new_cache(),
+                cache: self.model.new_cache(self.kv_dtype),
                 prefilled: 0,
                 generated: Vec::new(),
                 pending: None,

@@ -1,5 +1,6 @@
 //! hearth's inference engine as a library: loads a model (GGUF or a Hugging Face directory),
-//! runs the Llama family's forward pass on candle tensors, tokenizes and renders chat
+//! runs the Llama family's forward pass (on the CPU with its own kernels, on a GPU with candle
+//! tensors), tokenizes and renders chat
 //! templates, and serves many sequences at once through a continuous-batching scheduler.
 //!
 //! It knows nothing of HTTP, databases or deployments: its API boundary is the `Engine`
@@ -20,5 +21,5 @@ pub mod tokenizer;
 pub use engine::{AdapterInfo, Engine, EngineConfig, Event, FinishReason, GenerateRequest};
 pub use error::EngineError;
 pub use load::{device_name, load, select_device, Loaded};
-pub use model::Precision;
+pub use model::{KvDtype, Precision};
 pub use sampling::SamplingParams;

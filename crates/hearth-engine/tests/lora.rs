@@ -52,7 +52,7 @@ async fn check_adapter(base: &Path, precision: Precision, adapter_dir: &Path, to
         let tokens = ids(&p["token_ids"]);
         let expected: Vec<f64> =
             p["logprobs"].as_array().expect("logprobs").iter().map(|x| x.as_f64().expect("f64")).collect();
-        let mut cache = loaded.model.new_cache();
+        let mut cache = loaded.model.new_cache(hearth_engine::KvDtype::F32);
         let out = loaded
             .model
             .forward(&mut [SeqInput {

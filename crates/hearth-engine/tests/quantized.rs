@@ -88,7 +88,7 @@ fn write_model(path: &Path, dtype: GgmlDType) {
 
 /// Log-softmax rows for every position of `tokens`.
 fn logprobs(model: &LlamaModel, tokens: &[u32]) -> Vec<Vec<f32>> {
-    let mut cache = model.new_cache();
+    let mut cache = model.new_cache(hearth_engine::KvDtype::F32);
     let out = model
         .forward(&mut [SeqInput { tokens, cache: &mut cache, logits: Logits::All, adapter: None }])
         .expect("forward");

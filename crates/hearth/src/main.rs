@@ -61,8 +61,11 @@ struct EngineArgs {
     /// The name requests use in "model"; defaults to the model file's or directory's name.
     #[arg(long, env = "HEARTH_SERVED_MODEL_NAME")]
     served_model_name: Option<String>,
-    /// Tokens one engine step may process (decode rows plus prefill chunks).
-    #[arg(long, env = "HEARTH_MAX_STEP_TOKENS", default_value_t = 512)]
+    /// What one engine step may process (decode rows plus prefill chunks), in
+    /// token-equivalents: a token at position p counts 1 + p / S, where S is the context at
+    /// which attention costs as much as the rest of a token's work (estimated from the
+    /// model's shape). Bounds each step's time, hence how long a new request can wait.
+    #[arg(long, env = "HEARTH_MAX_STEP_TOKENS", default_value_t = 256)]
     max_step_tokens: usize,
     /// Sequences decoded together at most.
     #[arg(long, env = "HEARTH_MAX_RUNNING", default_value_t = 64)]
@@ -70,6 +73,11 @@ struct EngineArgs {
     /// Megabytes of KV cache all running sequences may reserve together.
     #[arg(long, env = "HEARTH_KV_CACHE_MB", default_value_t = 1024)]
     kv_cache_mb: usize,
+    /// What the KV cache stores keys and values as: f16 (half the memory, and half the bytes a
+    /// decode step reads at a long context), f32 (exact), or auto: f32 for a model whose
+    /// weights are all f32, f16 otherwise.
+    #[arg(long, env = "HEARTH_KV_CACHE_DTYPE", default_value = "auto", value_parser = ["auto", "f16", "f32"])]
+    kv_cache_dtype: String,
     /// The most tokens one request may take, prompt and generation together (a deployment's
     /// maxContextLength); 0 for the model's own context, which it never exceeds.
     #[arg(long, env = "HEARTH_MAX_CONTEXT_LENGTH", default_value_t = 0)]
@@ -340,6 +348,7 @@ async fn engine(args: EngineArgs) -> anyhow::Result<()> {
         max_step_tokens: args.max_step_tokens,
         max_running: args.max_running,
         kv_cache_bytes: args.kv_cache_mb << 20,
+        kv_dtype: hearth_engine::KvDtype::parse(&args.kv_cache_dtype)?,
         max_waiting: args.max_waiting,
         adapter_bytes: args.max_lora_mb << 20,
         max_hot_adapters: args.max_hot_loras as usize,

@@ -14,35 +14,95 @@
 //! `[BLOCK][head_dim]`, which is what the weighted sum of values reads. A paged cache is a
 //! list of such blocks.
 //!
-//! Work is split into items (KV head × a tile of `TILE_QUERIES` query rows, and for a few
-//! rows over a long context a range of keys, combined afterwards as flash-decoding does),
-//! claimed by the engine's threads. So one sequence's decode row at a long context, or one
-//! long prompt, keeps every thread busy.
+//! Work is split into items (KV head × a tile of `TILE_QUERIES` query rows × a range of
+//! `SPLIT_KEYS` keys, the ranges combined afterwards as flash-decoding does), claimed by the
+//! engine's threads. So one sequence's decode row at a long context, or one long prompt,
+//! keeps every thread busy.
+//!
+//! A query's result does not depend on the step it is computed in: its arithmetic is the same
+//! whatever the other queries of its tile, its keys are cut into ranges at the same absolute
+//! positions, and the ranges are combined in order (a range it cannot see combines as an exact
+//! identity). A prompt prefilled in one step, in chunks, or token by token gets bit-identical
+//! attention; with quantized activations downstream, where a difference in the last bit can
+//! flip a rounding and grow over the layers, that is what keeps chunking invisible.
+//!
+//! The cache holds f32 or f16 ([`KvElem`]): at a long context decode reads the whole cache
+//! every token, and half the bytes is nearly half the time; the kernel widens f16 as it loads.
 //!
 //! The arithmetic is written once, generic over a small vector trait ([`Simd`]) implemented
 //! with AVX-512 and AVX2 intrinsics and portably (the test oracle), picked at run time.
 
-use super::{share_items, Kernel};
+use half::f16;
+
+use super::{share_items, Kernel, PARALLEL_MIN_WORK};
 
 /// Tokens per block of the KV cache, and keys per step of the online softmax.
 pub const BLOCK: usize = 32;
 /// Query rows per item, per head of the group.
 const TILE_QUERIES: usize = 16;
-/// A few query rows over more keys than this split them among items.
+/// Keys per item: every query's keys are cut at the same multiples of this, whatever step
+/// the query is in (see the module's notes).
 const SPLIT_KEYS: usize = 512;
 
 /// Where one KV head's keys and values of a layer are in the cache buffers: head `h`'s
 /// keys start at `h * head_stride` in `k`, as blocks of `[hd][BLOCK]` (token `t`, element
 /// `d` at `(t / BLOCK) * hd * BLOCK + d * BLOCK + t % BLOCK`), its values at
 /// `h * head_stride` in `v` as `[tokens][hd]`.
-#[derive(Clone, Copy)]
-pub struct KvLayout<'a> {
-    pub k: &'a [f32],
-    pub v: &'a [f32],
+pub struct KvLayout<'a, T> {
+    pub k: &'a [T],
+    pub v: &'a [T],
     pub head_stride: usize,
 }
 
-impl KvLayout<'_> {
+impl<T> Clone for KvLayout<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for KvLayout<'_, T> {}
+
+/// What a KV cache may hold: f32, or f16 widened as it is loaded.
+pub trait KvElem: Copy + Send + Sync + 'static {
+    fn from_f32(x: f32) -> Self;
+    fn to_f32(self) -> f32;
+    /// The first `V::LANES` elements of `s`, as f32 lanes.
+    #[doc(hidden)]
+    #[allow(private_bounds)]
+    fn load<V: Simd>(s: &[Self]) -> V;
+}
+
+impl KvElem for f32 {
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    #[allow(private_bounds)]
+    fn load<V: Simd>(s: &[Self]) -> V {
+        V::load(s)
+    }
+}
+
+impl KvElem for f16 {
+    fn from_f32(x: f32) -> Self {
+        f16::from_f32(x)
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    #[inline(always)]
+    #[allow(private_bounds)]
+    fn load<V: Simd>(s: &[Self]) -> V {
+        V::load_f16(s)
+    }
+}
+
+impl<T> KvLayout<'_, T> {
     /// Where token `t`'s element `d` of head `h`'s keys is.
     pub fn key_index(head_stride: usize, hd: usize, h: usize, t: usize, d: usize) -> usize {
         h * head_stride + (t / BLOCK) * hd * BLOCK + d * BLOCK + t % BLOCK
@@ -50,13 +110,13 @@ impl KvLayout<'_> {
 
     /// Head `h`'s key block starting at token `t0` (a multiple of `BLOCK`), `[hd][BLOCK]`.
     #[inline(always)]
-    fn key_block(&self, h: usize, t0: usize, hd: usize) -> &[f32] {
+    fn key_block(&self, h: usize, t0: usize, hd: usize) -> &[T] {
         let i = h * self.head_stride + t0 * hd;
         &self.k[i..i + hd * BLOCK]
     }
 
     #[inline(always)]
-    fn value(&self, h: usize, t: usize, hd: usize) -> &[f32] {
+    fn value(&self, h: usize, t: usize, hd: usize) -> &[T] {
         let i = h * self.head_stride + t * hd;
         &self.v[i..i + hd]
     }
@@ -65,11 +125,11 @@ impl KvLayout<'_> {
 /// One sequence's part of a step: `n` query rows from row `row` of the step's queries, at
 /// positions `start..start + n`, and its cache, which holds `start + n` tokens (these rows'
 /// keys and values included). Query `i` sees keys `0..=start + i`.
-pub struct Rows<'a> {
+pub struct Rows<'a, T> {
     pub row: usize,
     pub n: usize,
     pub start: usize,
-    pub kv: KvLayout<'a>,
+    pub kv: KvLayout<'a, T>,
 }
 
 /// The shape of a step's attention.
@@ -116,8 +176,9 @@ enum Variant {
 /// Softmax(q·Kᵀ/√hd)·V for every query row of the step, causal within each sequence.
 /// `q` is the step's queries `[total, nh, hd]` (row-major, as the projection makes them); the
 /// result is `[total, nh, hd]` in the same order, every row of every sequence written.
-pub fn attend(q: &[f32], total: usize, seqs: &[Rows<'_>], heads: Heads) -> Vec<f32> {
-    let variant = if Kernel::Avx512Vnni.is_available() {
+pub fn attend<T: KvElem>(q: &[f32], total: usize, seqs: &[Rows<'_, T>], heads: Heads) -> Vec<f32> {
+    // Both x86 builds also widen f16, which Kernel::Avx2 checks for (F16C).
+    let variant = if Kernel::Avx512Vnni.is_available() && Kernel::Avx2.is_available() {
         Variant::Avx512
     } else if Kernel::Avx2.is_available() {
         Variant::Avx2
@@ -127,7 +188,7 @@ pub fn attend(q: &[f32], total: usize, seqs: &[Rows<'_>], heads: Heads) -> Vec<f
     attend_with(variant, q, total, seqs, heads)
 }
 
-fn attend_with(variant: Variant, q: &[f32], total: usize, seqs: &[Rows<'_>], heads: Heads) -> Vec<f32> {
+fn attend_with<T: KvElem>(variant: Variant, q: &[f32], total: usize, seqs: &[Rows<'_, T>], heads: Heads) -> Vec<f32> {
     let Heads { nh, hd, .. } = heads;
     assert_eq!(q.len(), total * nh * hd, "attend: q is not [total, nh, hd]");
     let mut items = Vec::new();
@@ -137,22 +198,17 @@ fn attend_with(variant: Variant, q: &[f32], total: usize, seqs: &[Rows<'_>], hea
                 let rows = r0..(r0 + TILE_QUERIES).min(seq.n);
                 // Keys past the last row's position are masked for every row: not visited.
                 let visible = seq.start + rows.end;
-                // Few rows over many keys (decode, or a chunk's tail): split the keys so the
-                // threads share the sequence; many rows are already enough items.
-                let span = if rows.len() < TILE_QUERIES {
-                    visible.div_ceil(visible.div_ceil(SPLIT_KEYS)).next_multiple_of(BLOCK)
-                } else {
-                    visible.next_multiple_of(BLOCK)
-                };
-                for k0 in (0..visible).step_by(span) {
-                    items.push(Item { seq: s, kv, rows: rows.clone(), keys: k0..(k0 + span).min(visible) });
+                for k0 in (0..visible).step_by(SPLIT_KEYS) {
+                    items.push(Item { seq: s, kv, rows: rows.clone(), keys: k0..(k0 + SPLIT_KEYS).min(visible) });
                 }
             }
         }
     }
     let results: Vec<std::sync::Mutex<Partial>> = items.iter().map(|_| Default::default()).collect();
     let indexed: Vec<(usize, &Item)> = items.iter().enumerate().collect();
-    let threads = rayon::current_num_threads().max(1);
+    // Little work (a decode row at a short context) is done sooner here than by waking helpers.
+    let work: usize = items.iter().map(|i| i.rows.len() * heads.group() * i.keys.len() * hd).sum();
+    let threads = if work < PARALLEL_MIN_WORK { 1 } else { rayon::current_num_threads().max(1) };
     share_items(indexed, threads, |(i, item), scratch: &mut Scratch| {
         let partial = run(variant, q, &seqs[item.seq], item, heads, scratch);
         if let Ok(mut slot) = results[i].lock() {
@@ -189,9 +245,11 @@ fn attend_with(variant: Variant, q: &[f32], total: usize, seqs: &[Rows<'_>], hea
     out
 }
 
-/// Several partial softmaxes of the same queries over disjoint key ranges, as one.
-fn merge(mut parts: Vec<Partial>, hd: usize) -> Partial {
-    let Some(mut m) = parts.pop() else { return Partial::default() };
+/// Several partial softmaxes of the same queries over consecutive key ranges, as one, folded
+/// in order (so the result is the same for every query that saw the same ranges).
+fn merge(parts: Vec<Partial>, hd: usize) -> Partial {
+    let mut parts = parts.into_iter();
+    let Some(mut m) = parts.next() else { return Partial::default() };
     for p in parts {
         for i in 0..m.max.len() {
             let max = m.max[i].max(p.max[i]);
@@ -214,13 +272,20 @@ struct Scratch {
     s: Vec<f32>,
 }
 
-fn run(variant: Variant, q: &[f32], seq: &Rows<'_>, item: &Item, heads: Heads, scratch: &mut Scratch) -> Partial {
+fn run<T: KvElem>(
+    variant: Variant,
+    q: &[f32],
+    seq: &Rows<'_, T>,
+    item: &Item,
+    heads: Heads,
+    scratch: &mut Scratch,
+) -> Partial {
     match variant {
         #[cfg(target_arch = "x86_64")]
         Variant::Avx512 => x86::block_avx512(q, seq, item, heads, scratch),
         #[cfg(target_arch = "x86_64")]
         Variant::Avx2 => x86::block_avx2(q, seq, item, heads, scratch),
-        _ => block::<Portable, 2, 4, 4>(q, seq, item, heads, scratch),
+        _ => block::<Portable, T, 2, 4, 4>(q, seq, item, heads, scratch),
     }
 }
 
@@ -231,6 +296,8 @@ trait Simd: Copy {
     fn splat(x: f32) -> Self;
     /// The first `LANES` elements of `s`.
     fn load(s: &[f32]) -> Self;
+    /// The first `LANES` elements of `s`, widened.
+    fn load_f16(s: &[f16]) -> Self;
     fn store(self, s: &mut [f32]);
     /// `self * b + c`.
     fn mul_add(self, b: Self, c: Self) -> Self;
@@ -312,6 +379,10 @@ impl Simd for Portable {
         a.copy_from_slice(&s[..8]);
         Portable(a)
     }
+    fn load_f16(s: &[f16]) -> Self {
+        let s = &s[..8];
+        Portable(std::array::from_fn(|i| s[i].to_f32()))
+    }
     fn store(self, s: &mut [f32]) {
         s[..8].copy_from_slice(&self.0);
     }
@@ -346,9 +417,9 @@ impl Simd for Portable {
 /// scores in `QB × NV` registers, `NV · LANES = BLOCK`), and the weighted sum of values keeps
 /// `QB × JB` vectors of outputs in registers. Inlined into each instruction-set version.
 #[inline(always)]
-fn block<V: Simd, const QB: usize, const NV: usize, const JB: usize>(
+fn block<V: Simd, T: KvElem, const QB: usize, const NV: usize, const JB: usize>(
     q: &[f32],
-    seq: &Rows<'_>,
+    seq: &Rows<'_, T>,
     item: &Item,
     heads: Heads,
     scratch: &mut Scratch,
@@ -398,17 +469,17 @@ struct State {
 }
 
 /// One key block of an item: keys `t0..t0 + tk` of KV head `head`.
-struct Tile<'a> {
+struct Tile<'a, T> {
     t0: usize,
     tk: usize,
     hd: usize,
     /// The block's keys, `[hd][BLOCK]`.
-    kt: &'a [f32],
-    kv: &'a KvLayout<'a>,
+    kt: &'a [T],
+    kv: &'a KvLayout<'a, T>,
     head: usize,
 }
 
-impl Tile<'_> {
+impl<T: KvElem> Tile<'_, T> {
     /// Queries `i0..i0 + QB` of the item through this block.
     #[inline(always)]
     fn queries<V: Simd, const QB: usize, const NV: usize, const JB: usize>(
@@ -424,7 +495,7 @@ impl Tile<'_> {
         let mut acc = [[V::zero(); NV]; QB];
         for d in 0..hd {
             let row = &self.kt[d * BLOCK..(d + 1) * BLOCK];
-            let k: [V; NV] = std::array::from_fn(|j| V::load(&row[j * l..]));
+            let k: [V; NV] = std::array::from_fn(|j| T::load(&row[j * l..]));
             for (b, a) in acc.iter_mut().enumerate() {
                 let qd = V::splat(q[(i0 + b) * hd + d]);
                 for j in 0..NV {
@@ -484,8 +555,9 @@ impl Tile<'_> {
             let v = self.kv.value(self.head, self.t0 + t, hd);
             for b in 0..QB {
                 let p = s[(i0 + b) * BLOCK + t];
-                for d in chunks * l..hd {
-                    st.acc[(i0 + b) * hd + d] += p * v[d];
+                let acc = &mut st.acc[(i0 + b) * hd..(i0 + b + 1) * hd];
+                for (a, x) in acc[chunks * l..].iter_mut().zip(&v[chunks * l..]) {
+                    *a += p * x.to_f32();
                 }
             }
         }
@@ -505,7 +577,7 @@ impl Tile<'_> {
             std::array::from_fn(|b| std::array::from_fn(|j| V::load(&acc[(i0 + b) * hd + (c + j) * l..])));
         for t in 0..self.tk {
             let v = self.kv.value(self.head, self.t0 + t, hd);
-            let vs: [V; JB] = std::array::from_fn(|j| V::load(&v[(c + j) * l..]));
+            let vs: [V; JB] = std::array::from_fn(|j| T::load(&v[(c + j) * l..]));
             for (b, o) in o.iter_mut().enumerate() {
                 let p = V::splat(s[(i0 + b) * BLOCK + t]);
                 for j in 0..JB {
@@ -531,28 +603,42 @@ impl Tile<'_> {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{block, Heads, Item, Partial, Rows, Scratch, Simd};
+    use half::f16;
 
-    pub(super) fn block_avx2(q: &[f32], seq: &Rows<'_>, item: &Item, heads: Heads, s: &mut Scratch) -> Partial {
-        // SAFETY: the caller checked AVX2 and FMA.
+    use super::{block, Heads, Item, KvElem, Partial, Rows, Scratch, Simd};
+
+    pub(super) fn block_avx2<T: KvElem>(
+        q: &[f32],
+        seq: &Rows<'_, T>,
+        item: &Item,
+        heads: Heads,
+        s: &mut Scratch,
+    ) -> Partial {
+        // SAFETY: the caller checked AVX2, FMA and F16C.
         unsafe { avx2(q, seq, item, heads, s) }
     }
 
-    pub(super) fn block_avx512(q: &[f32], seq: &Rows<'_>, item: &Item, heads: Heads, s: &mut Scratch) -> Partial {
+    pub(super) fn block_avx512<T: KvElem>(
+        q: &[f32],
+        seq: &Rows<'_, T>,
+        item: &Item,
+        heads: Heads,
+        s: &mut Scratch,
+    ) -> Partial {
         // SAFETY: the caller checked AVX-512 F (with BW and VNNI).
         unsafe { avx512(q, seq, item, heads, s) }
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn avx2(q: &[f32], seq: &Rows<'_>, item: &Item, heads: Heads, s: &mut Scratch) -> Partial {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn avx2<T: KvElem>(q: &[f32], seq: &Rows<'_, T>, item: &Item, heads: Heads, s: &mut Scratch) -> Partial {
         // 2 queries × 4 vectors of scores; 2 × 4 output vectors (16 registers in all).
-        block::<F32x8, 2, 4, 4>(q, seq, item, heads, s)
+        block::<F32x8, T, 2, 4, 4>(q, seq, item, heads, s)
     }
 
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn avx512(q: &[f32], seq: &Rows<'_>, item: &Item, heads: Heads, s: &mut Scratch) -> Partial {
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn avx512<T: KvElem>(q: &[f32], seq: &Rows<'_, T>, item: &Item, heads: Heads, s: &mut Scratch) -> Partial {
         // 4 queries × 2 vectors of scores; 4 × 4 output vectors (of 32 registers).
-        block::<F32x16, 4, 2, 4>(q, seq, item, heads, s)
+        block::<F32x16, T, 4, 2, 4>(q, seq, item, heads, s)
     }
 
     #[derive(Clone, Copy)]
@@ -572,6 +658,12 @@ mod x86 {
         fn load(s: &[f32]) -> Self {
             let s = &s[..8];
             unsafe { F32x8(_mm256_loadu_ps(s.as_ptr())) }
+        }
+        #[inline(always)]
+        fn load_f16(s: &[f16]) -> Self {
+            let s = &s[..8];
+            // f16 is a transparent u16: 8 of them are one 128-bit load.
+            unsafe { F32x8(_mm256_cvtph_ps(_mm_loadu_si128(s.as_ptr().cast()))) }
         }
         #[inline(always)]
         fn store(self, s: &mut [f32]) {
@@ -644,6 +736,12 @@ mod x86 {
             unsafe { F32x16(_mm512_loadu_ps(s.as_ptr())) }
         }
         #[inline(always)]
+        fn load_f16(s: &[f16]) -> Self {
+            let s = &s[..16];
+            // f16 is a transparent u16: 16 of them are one 256-bit load.
+            unsafe { F32x16(_mm512_cvtph_ps(_mm256_loadu_si256(s.as_ptr().cast()))) }
+        }
+        #[inline(always)]
         fn store(self, s: &mut [f32]) {
             let s = &mut s[..16];
             unsafe { _mm512_storeu_ps(s.as_mut_ptr(), self.0) }
@@ -692,17 +790,17 @@ mod tests {
 
     /// A cache of `cap` tokens per head in the kernel's layout, from keys and values given as
     /// `[heads][cap][hd]`; returns the buffers and the head stride.
-    fn layout(k: &[f32], v: &[f32], heads: usize, cap: usize, hd: usize) -> (Vec<f32>, Vec<f32>, usize) {
+    fn layout<T: KvElem>(k: &[f32], v: &[f32], heads: usize, cap: usize, hd: usize) -> (Vec<T>, Vec<T>, usize) {
         let stride = cap * hd;
-        let mut kb = vec![f32::NAN; heads * stride];
+        let mut kb = vec![T::from_f32(f32::NAN); heads * stride];
         for h in 0..heads {
             for t in 0..cap {
                 for d in 0..hd {
-                    kb[KvLayout::key_index(stride, hd, h, t, d)] = k[(h * cap + t) * hd + d];
+                    kb[KvLayout::<T>::key_index(stride, hd, h, t, d)] = T::from_f32(k[(h * cap + t) * hd + d]);
                 }
             }
         }
-        (kb, v.to_vec(), stride)
+        (kb, v.iter().map(|x| T::from_f32(*x)).collect(), stride)
     }
 
     /// Causal softmax(q·Kᵀ/√hd)·V per head in f64, from keys and values `[heads][cap][hd]`.
@@ -770,20 +868,35 @@ mod tests {
     /// Several sequences in one step: a long prefill chunk after a cached prefix, a decode
     /// row at a long context (split among items), short chunks, with caches that have room
     /// past what they hold (NaN there: never to be read into a result), grouped heads, and
-    /// a head size that is not a multiple of the vector width. Every build of the kernel
-    /// against the f64 reference.
+    /// a head size that is not a multiple of the vector width. Every build of the kernel, on
+    /// f32 and f16 caches, against the f64 reference (over the values the cache holds).
     #[test]
     fn every_kernel_matches_an_f64_reference_over_long_strided_caches() {
+        check_against_reference::<f32>();
+        check_against_reference::<f16>();
+    }
+
+    fn check_against_reference<T: KvElem>() {
         for (nh, nkv, hd) in [(9, 3, 64), (4, 4, 20), (8, 2, 128)] {
             let heads = Heads { nh, nkv, hd };
             let mut seed = 7u64 + hd as u64;
             // (n, start, capacity)
-            let shapes = [(37, 700, 1024), (1, 1500, 1600), (5, 0, 32), (1, 3, 64), (16, 16, 64), (300, 0, 320)];
+            let shapes = [
+                (37, 700, 1024),
+                (1, 1500, 1600),
+                (5, 0, 32),
+                (1, 3, 64),
+                (16, 16, 64),
+                (300, 0, 320),
+                (37, 481, 1024),
+            ];
             let caches: Vec<(Vec<f32>, Vec<f32>, usize)> = shapes
                 .iter()
                 .map(|&(n, start, cap)| {
-                    let mut k = noise(&mut seed, nkv * cap * hd, 1.0);
-                    let mut v = noise(&mut seed, nkv * cap * hd, 1.0);
+                    // What the cache holds, as f32 (rounded through T).
+                    let round = |x: f32| T::from_f32(x).to_f32();
+                    let mut k: Vec<f32> = noise(&mut seed, nkv * cap * hd, 1.0).into_iter().map(round).collect();
+                    let mut v: Vec<f32> = noise(&mut seed, nkv * cap * hd, 1.0).into_iter().map(round).collect();
                     for h in 0..nkv {
                         for t in start + n..cap {
                             k[(h * cap + t) * hd..][..hd].fill(f32::NAN);
@@ -793,13 +906,13 @@ mod tests {
                     (k, v, cap)
                 })
                 .collect();
-            let laid: Vec<(Vec<f32>, Vec<f32>, usize)> =
-                caches.iter().map(|(k, v, cap)| layout(k, v, nkv, *cap, hd)).collect();
+            let laid: Vec<(Vec<T>, Vec<T>, usize)> =
+                caches.iter().map(|(k, v, cap)| layout::<T>(k, v, nkv, *cap, hd)).collect();
             let total: usize = shapes.iter().map(|s| s.0).sum();
             // Large queries make peaked softmaxes, the case where a running maximum matters.
             let q = noise(&mut seed, total * nh * hd, 3.0);
             let mut row = 0;
-            let seqs: Vec<Rows<'_>> = shapes
+            let seqs: Vec<Rows<'_, T>> = shapes
                 .iter()
                 .zip(&laid)
                 .map(|(&(n, start, _), (k, v, stride))| {
@@ -813,14 +926,15 @@ mod tests {
                 let available = match variant {
                     Variant::Portable => true,
                     Variant::Avx2 => Kernel::Avx2.is_available(),
-                    Variant::Avx512 => Kernel::Avx512Vnni.is_available(),
+                    Variant::Avx512 => Kernel::Avx512Vnni.is_available() && Kernel::Avx2.is_available(),
                 };
                 if !available {
                     continue;
                 }
                 let got = attend_with(variant, &q, total, &seqs, heads);
                 let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-                assert!(err < 2e-5, "{variant:?} nh {nh} nkv {nkv} hd {hd}: max error {err}");
+                let what = std::any::type_name::<T>();
+                assert!(err < 2e-5, "{variant:?} {what} nh {nh} nkv {nkv} hd {hd}: max error {err}");
             }
         }
     }

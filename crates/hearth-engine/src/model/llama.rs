@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor, D};
 
 use super::config::{LlamaConfig, ModelConfig, RopeScaling};
-use super::kv::KvCache;
+use super::kv::{HostKv, KvCache, KvDtype};
 use super::weights::{Checkpoint, Embedding, Linear, Precision};
 use crate::error::{EngineError, Result};
 use crate::kernels::attention::{attend, Heads, Rows};
@@ -83,6 +83,30 @@ struct Segment<'a> {
     start: usize,
     len: usize,
     adapter: Option<&'a LoraWeights>,
+}
+
+/// Attention of one layer for every sequence of a step, from the queries `[total, nh, hd]`,
+/// over the host caches (all of one dtype, as the engine makes them).
+fn attend_caches(seqs: &[SeqInput<'_>], layer: usize, q: &[f32], total: usize, heads: Heads) -> Result<Vec<f32>> {
+    let mut f32s = Vec::new();
+    let mut f16s = Vec::new();
+    let mut row = 0;
+    for s in seqs {
+        let n = s.tokens.len();
+        if n > 0 {
+            let start = s.cache.len();
+            match s.cache.host_layout(layer)? {
+                HostKv::F32(kv) => f32s.push(Rows { row, n, start, kv }),
+                HostKv::F16(kv) => f16s.push(Rows { row, n, start, kv }),
+            }
+        }
+        row += n;
+    }
+    match (f32s.is_empty(), f16s.is_empty()) {
+        (_, true) => Ok(attend(q, total, &f32s, heads)),
+        (true, false) => Ok(attend(q, total, &f16s, heads)),
+        (false, false) => Err(EngineError::Internal("one step mixes f32 and f16 KV caches".into())),
+    }
 }
 
 /// What every layer of a step reads: the tokens, their positions, the runs of rows that share
@@ -280,8 +304,10 @@ impl LlamaModel {
         self.rope_interleaved
     }
 
-    pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.config.num_hidden_layers, self.config.num_key_value_heads, self.config.head_dim, &self.device)
+    /// An empty KV cache for one sequence, storing keys and values as `dtype`.
+    pub fn new_cache(&self, dtype: KvDtype) -> KvCache {
+        let c = &self.config;
+        KvCache::new(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, dtype, &self.device)
     }
 
     fn projection(&mut self, layer: usize, target: Target) -> Option<&mut Linear> {
@@ -350,6 +376,21 @@ impl LlamaModel {
         let attention = 2 * c.num_hidden_layers * c.num_attention_heads * c.head_dim;
         let speed = if self.layers.first().is_some_and(|l| l.q.is_fast()) { 0.5 } else { 1.0 };
         (projections as f64 * speed / attention.max(1) as f64).max(1.0)
+    }
+
+    /// The KV cache type when none is configured: F32 when every weight is f32 (the exact
+    /// path, which the reference tests pin), else F16 (see `KvDtype`).
+    pub fn default_kv_dtype(&self) -> KvDtype {
+        let all_f32 = self
+            .layers
+            .iter()
+            .all(|l| [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down].iter().all(|x| x.is_dense_f32()))
+            && self.lm_head.is_dense_f32();
+        if all_f32 {
+            KvDtype::F32
+        } else {
+            KvDtype::F16
+        }
     }
 
     /// Bytes of the weights as held in memory.
@@ -485,17 +526,7 @@ impl LlamaModel {
                 s.cache.append_host(li, &k[row * kvw..(row + n) * kvw], &v[row * kvw..(row + n) * kvw])?;
                 row += n;
             }
-            let mut parts = Vec::with_capacity(seqs.len());
-            let mut row = 0;
-            for s in seqs.iter() {
-                let n = s.tokens.len();
-                if n > 0 {
-                    parts.push(Rows { row, n, start: s.cache.len(), kv: s.cache.host_layout(li)? });
-                }
-                row += n;
-            }
-            let attn = attend(&q, total, &parts, heads);
-            drop(parts);
+            let attn = attend_caches(seqs, li, &q, total, heads)?;
 
             let mut o = layer.o.forward_host(&attn, total)?;
             lora(&mut o, &attn, li, Target::O, qw, hs);

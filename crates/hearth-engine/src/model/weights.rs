@@ -128,6 +128,11 @@ impl Linear {
         Ok(y)
     }
 
+    /// Whether the weight is a dense f32 matrix.
+    pub fn is_dense_f32(&self) -> bool {
+        matches!(&self.weight, Weight::Dense(w) if w.dtype() == DType::F32)
+    }
+
     /// Whether hearth's own quantized kernels run it.
     pub fn is_fast(&self) -> bool {
         matches!(self.weight, Weight::Fast(_))
