@@ -19,6 +19,13 @@ What each number is (every one the median of --repeats runs):
     once per thread count T): pp512 is the prefill alone, tg128 the decode alone from an empty cache; no HTTP, no
     sampling. There is no such engine-only harness for hearth, so its ratio compares
     hearth-through-the-server with llama.cpp's best case.
+  * long prompts (2 threads): prefill as above with prompts of 2,048, 4,000 and 8,000 tokens;
+    batch-1 decode at a long context: one streamed request with a 4,000-token prompt and
+    max_tokens 64, (chunks - 1) / (last chunk - first chunk), so the prefill is left out;
+    a short request during a long prefill: an 8-token prompt (max_tokens 1) sent at 10%,
+    25%, 40%, 55% and 70% of the time a 4,000-token prompt takes alone, while that prompt is
+    being prefilled; its time to the response (the median of the 5). llama-server runs these
+    with 2 slots of 8,192 tokens (-np 2 -c 16384), so it can take the short request at all.
   * RSS: VmRSS from /proc of the server process, once /health answers and before any
     request ("after load"), and again after one warm-up request ("idle, warm").
   * other load: CPUs that other processes used meanwhile (this machine is shared); a figure
@@ -44,6 +51,11 @@ PREFILL_TOKENS = 512
 DECODE_TOKENS = 128
 STREAM_TOKENS = 64
 SHORT_PROMPT = 8
+LONG_PROMPTS = (2048, 4000, 8000)
+LONG_CONTEXT = 4000
+LONG_DECODE_TOKENS = 64
+# When the short request is sent, as fractions of the long prompt's time alone.
+DURING = (0.10, 0.25, 0.40, 0.55, 0.70)
 # Token ids drawn for prompts: clear of SmolLM2's special tokens (0..16) and inside every
 # vocabulary this harness is meant for (SmolLM2's is 49152).
 TOKEN_RANGE = (1000, 30000)
@@ -199,6 +211,31 @@ def request(port, body, timeout=REQUEST_TIMEOUT):
     return elapsed, json.loads(raw)
 
 
+def request_stream(port, body, timeout=REQUEST_TIMEOUT):
+    """POST /v1/completions with stream on; returns the arrival time of every chunk that
+    carries a choice (one per token on both servers)."""
+    data = json.dumps(dict(body, stream=True)).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    times = []
+    try:
+        conn.request("POST", "/v1/completions", data, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            raise RuntimeError(f"HTTP {resp.status} from :{port}: {resp.read()[:300]!r}")
+        for line in resp:
+            line = line.strip()
+            if not line.startswith(b"data:"):
+                continue
+            payload = line[5:].strip()
+            if payload == b"[DONE]":
+                break
+            if json.loads(payload).get("choices"):
+                times.append(time.perf_counter())
+    finally:
+        conn.close()
+    return times
+
+
 class Server:
     """One server process: hearth's engine or llama-server."""
 
@@ -254,18 +291,6 @@ def check_usage(resp, want_completion, label):
     return usage
 
 
-def measure_prefill(srv, repeats, deadline):
-    rates = []
-    for r in range(repeats):
-        deadline.check(f"prefill on {srv.label}")
-        t, resp = request(srv.port, srv.body(prompt_ids(1000 + r, PREFILL_TOKENS), 1))
-        usage = check_usage(resp, 1, srv.label)
-        if usage.get("prompt_tokens") != PREFILL_TOKENS:
-            raise RuntimeError(f"{srv.label}: sent {PREFILL_TOKENS} prompt tokens, usage says {usage.get('prompt_tokens')}")
-        rates.append(PREFILL_TOKENS / t)
-    return statistics.median(rates), rates
-
-
 def measure_decode(srv, repeats, deadline):
     rates = []
     for r in range(repeats):
@@ -318,6 +343,53 @@ def measure_concurrent(srv, streams, repeats, deadline):
     return statistics.median(rates), rates
 
 
+def measure_prefill(srv, n, repeats, deadline):
+    rates = []
+    for r in range(repeats):
+        deadline.check(f"a {n}-token prefill on {srv.label}")
+        t, resp = request(srv.port, srv.body(prompt_ids(1000 + 17 * n + r, n), 1))
+        usage = check_usage(resp, 1, srv.label)
+        if usage.get("prompt_tokens") != n:
+            raise RuntimeError(f"{srv.label}: sent {n} prompt tokens, usage says {usage.get('prompt_tokens')}")
+        rates.append(n / t)
+    return statistics.median(rates), rates
+
+
+def measure_long_decode(srv, repeats, deadline):
+    rates = []
+    for r in range(repeats):
+        deadline.check(f"decode at {LONG_CONTEXT} tokens of context on {srv.label}")
+        times = request_stream(srv.port, srv.body(prompt_ids(4000 + r, LONG_CONTEXT), LONG_DECODE_TOKENS))
+        if len(times) < LONG_DECODE_TOKENS // 2:
+            raise RuntimeError(f"{srv.label}: {len(times)} streamed chunks for {LONG_DECODE_TOKENS} tokens")
+        rates.append((len(times) - 1) / (times[-1] - times[0]))
+    return statistics.median(rates), rates
+
+
+def measure_ttft_during(srv, alone, repeats, deadline):
+    """The short request's time to its response, sent at each fraction of DURING of the long
+    prompt's time `alone` (the repeats argument is unused: the 5 sends are the samples)."""
+    del repeats
+    waits = []
+    for i, frac in enumerate(DURING):
+        deadline.check(f"a short request during a long prefill on {srv.label}")
+        long_done = {}
+
+        def long_prompt():
+            long_done["t"] = request(srv.port, srv.body(prompt_ids(5000 + i, LONG_CONTEXT), 1))[0]
+
+        th = threading.Thread(target=long_prompt, daemon=True)
+        th.start()
+        time.sleep(alone * frac)
+        t, resp = request(srv.port, srv.body(prompt_ids(6000 + i, SHORT_PROMPT), 1))
+        check_usage(resp, 1, srv.label)
+        th.join(REQUEST_TIMEOUT)
+        if "t" not in long_done:
+            raise RuntimeError(f"{srv.label}: the long prompt did not finish")
+        waits.append(t)
+    return statistics.median(waits), waits
+
+
 def warm_up(srv):
     request(srv.port, srv.body(prompt_ids(7, SHORT_PROMPT), 8))
     request(srv.port, srv.body(prompt_ids(8, 64), 1))
@@ -353,12 +425,12 @@ def start_hearth(binary, model, threads, logdir):
     return Server("hearth", argv, env, port, logdir, f"hearth-t{threads}")
 
 
-def start_llama(binary, model, threads, slots, no_repack, logdir):
+def start_llama(binary, model, threads, slots, no_repack, logdir, ctx=None):
     port = free_port()
-    ctx = max(1024, slots * 256)
+    ctx = ctx or max(1024, slots * 256)
     argv = [binary, "-m", model, "--host", "127.0.0.1", "--port", str(port), "-t", str(threads), "-tb", str(threads),
             "-np", str(slots), "-c", str(ctx), "-a", SERVED] + (["-nr"] if no_repack else [])
-    return Server("llama.cpp", argv, dict(os.environ), port, logdir, f"llama-server-t{threads}-np{slots}")
+    return Server("llama.cpp", argv, dict(os.environ), port, logdir, f"llama-server-t{threads}-np{slots}-c{ctx}")
 
 
 def started(srv):
@@ -391,6 +463,8 @@ def main():
     ap.add_argument("--time-limit", type=float, default=3600, help="seconds for the whole run")
     ap.add_argument("--quiet-wait", type=float, default=900,
                     help="seconds, over the whole run, to wait for other processes to leave the CPUs alone")
+    ap.add_argument("--rows", default="short,long",
+                    help="which rows: short (512-token prefill, decode, streams), long (long prompts), or both")
     ap.add_argument("--json", help="also write the raw figures here")
     ap.add_argument("--plot", help="also draw a PNG bar chart here (needs matplotlib)")
     ap.add_argument("--logdir", help="where the servers' and llama-bench's logs go (default: a new temporary directory)")
@@ -430,55 +504,77 @@ def main():
         raw.setdefault(srv.label, {})[f"{key[0]}_{key[1]}"] = {
             "samples": samples, "attempts": attempt, "server_cpus": server_cpus}
 
-    try:
-        for threads in (1, 2):
-            what = f"llama-bench at {threads} threads"
-            for attempt in range(1, MAX_ATTEMPTS + 1):
-                deadline.check(what)
-                quiet.wait(what)
-                w = CpuWatch()
-                res, no_repack = run_llama_bench(args.llama_bench, args.model, threads, args.repeats, no_repack, logdir)
-                load = w.other()
-                if attempt == MAX_ATTEMPTS or not quiet.retry(load, what):
-                    break
-            for test, v in res.items():
-                rows.setdefault((test, threads), {})["bench"] = v
-                busy.setdefault((test, threads), {})["bench"] = load
-                raw.setdefault("llama-bench", {})[f"{test}_{threads}"] = {"median": v, "attempts": attempt}
+    wanted = set(args.rows.split(","))
 
-        for kind in ("hearth", "llama.cpp"):
-            col = "hearth" if kind == "hearth" else "server"
+    def long_rows(srv, col):
+        for n in LONG_PROMPTS:
+            measured(("long", n), col, srv, measure_prefill, n)
+        measured(("tgctx", LONG_CONTEXT), col, srv, measure_long_decode)
+        alone = LONG_CONTEXT / rows[("long", LONG_CONTEXT)][col]
+        measured(("ttft", LONG_CONTEXT), col, srv, measure_ttft_during, alone)
+
+    try:
+        if "short" in wanted:
             for threads in (1, 2):
-                deadline.check(f"{kind} at {threads} threads")
-                quiet.wait(f"{kind} at {threads} threads")
-                srv = (start_hearth(args.hearth, args.model, threads, logdir) if kind == "hearth"
-                       else start_llama(args.llama_server, args.model, threads, 1, no_repack, logdir))
+                what = f"llama-bench at {threads} threads"
+                for attempt in range(1, MAX_ATTEMPTS + 1):
+                    deadline.check(what)
+                    quiet.wait(what)
+                    w = CpuWatch()
+                    res, no_repack = run_llama_bench(args.llama_bench, args.model, threads, args.repeats, no_repack, logdir)
+                    load = w.other()
+                    if attempt == MAX_ATTEMPTS or not quiet.retry(load, what):
+                        break
+                for test, v in res.items():
+                    rows.setdefault((test, threads), {})["bench"] = v
+                    busy.setdefault((test, threads), {})["bench"] = load
+                    raw.setdefault("llama-bench", {})[f"{test}_{threads}"] = {"median": v, "attempts": attempt}
+
+            for kind in ("hearth", "llama.cpp"):
+                col = "hearth" if kind == "hearth" else "server"
+                for threads in (1, 2):
+                    deadline.check(f"{kind} at {threads} threads")
+                    quiet.wait(f"{kind} at {threads} threads")
+                    srv = (start_hearth(args.hearth, args.model, threads, logdir) if kind == "hearth"
+                           else start_llama(args.llama_server, args.model, threads, 1, no_repack, logdir))
+                    try:
+                        started(srv)
+                        if threads == 2:
+                            time.sleep(1)
+                            rss[(kind, "load")] = rss_kib(srv.proc.pid)
+                        warm_up(srv)
+                        if threads == 2:
+                            time.sleep(1)
+                            rss[(kind, "warm")] = rss_kib(srv.proc.pid)
+                        measured(("pp", threads), col, srv, measure_prefill, PREFILL_TOKENS)
+                        measured(("tg", threads), col, srv, measure_decode)
+                        if kind == "hearth" and threads == 2:
+                            for n in (8, 32):
+                                measured(("agg", n), col, srv, measure_concurrent, n)
+                    finally:
+                        srv.close()
+            for n in (8, 32):
+                deadline.check(f"llama-server with {n} slots")
+                quiet.wait(f"llama-server with {n} slots")
+                srv = start_llama(args.llama_server, args.model, 2, n, no_repack, logdir)
                 try:
                     started(srv)
-                    if threads == 2:
-                        time.sleep(1)
-                        rss[(kind, "load")] = rss_kib(srv.proc.pid)
                     warm_up(srv)
-                    if threads == 2:
-                        time.sleep(1)
-                        rss[(kind, "warm")] = rss_kib(srv.proc.pid)
-                    measured(("pp", threads), col, srv, measure_prefill)
-                    measured(("tg", threads), col, srv, measure_decode)
-                    if kind == "hearth" and threads == 2:
-                        for n in (8, 32):
-                            measured(("agg", n), col, srv, measure_concurrent, n)
+                    measured(("agg", n), "server", srv, measure_concurrent, n)
                 finally:
                     srv.close()
-        for n in (8, 32):
-            deadline.check(f"llama-server with {n} slots")
-            quiet.wait(f"llama-server with {n} slots")
-            srv = start_llama(args.llama_server, args.model, 2, n, no_repack, logdir)
-            try:
-                started(srv)
-                warm_up(srv)
-                measured(("agg", n), "server", srv, measure_concurrent, n)
-            finally:
-                srv.close()
+        if "long" in wanted:
+            for kind in ("hearth", "llama.cpp"):
+                deadline.check(f"{kind} on long prompts")
+                quiet.wait(f"{kind} on long prompts")
+                srv = (start_hearth(args.hearth, args.model, 2, logdir) if kind == "hearth"
+                       else start_llama(args.llama_server, args.model, 2, 2, no_repack, logdir, ctx=16384))
+                try:
+                    started(srv)
+                    warm_up(srv)
+                    long_rows(srv, "hearth" if kind == "hearth" else "server")
+                finally:
+                    srv.close()
     finally:
         kill_all()
 
@@ -489,8 +585,13 @@ def main():
         ("tg", 2): f"decode, batch 1, {DECODE_TOKENS} tokens, 2 threads (tokens/s)",
         ("agg", 8): f"aggregate decode, 8 streams × {STREAM_TOKENS} tokens, 2 threads (tokens/s)",
         ("agg", 32): f"aggregate decode, 32 streams × {STREAM_TOKENS} tokens, 2 threads (tokens/s)",
+        **{("long", n): f"prefill, {n:,}-token prompt, 2 threads (tokens/s)" for n in LONG_PROMPTS},
+        ("tgctx", LONG_CONTEXT): f"decode, batch 1, at {LONG_CONTEXT:,} tokens of context, 2 threads (tokens/s)",
+        ("ttft", LONG_CONTEXT): f"short request's response during a {LONG_CONTEXT:,}-token prefill, 2 threads (s, lower is better)",
     }
-    order = [("pp", 1), ("pp", 2), ("tg", 1), ("tg", 2), ("agg", 8), ("agg", 32)]
+    order = [k for k in [("pp", 1), ("pp", 2), ("tg", 1), ("tg", 2), ("agg", 8), ("agg", 32),
+                         *[("long", n) for n in LONG_PROMPTS], ("tgctx", LONG_CONTEXT), ("ttft", LONG_CONTEXT)]
+             if k in rows]
     lines = [
         "| measurement | hearth (server) | llama.cpp (llama-server) | hearth / llama-server "
         "| llama.cpp (llama-bench) | hearth / llama-bench | other load, CPUs (hearth / llama-server / llama-bench) |",
@@ -500,10 +601,14 @@ def main():
         r, o = rows.get(key, {}), busy.get(key, {})
         h, s, b = r.get("hearth"), r.get("server"), r.get("bench")
         load = " / ".join("—" if o.get(c) is None else f"{o[c]:.2f}" for c in ("hearth", "server", "bench"))
+        if key[0] == "ttft":
+            # Seconds: the ratio is how many times sooner hearth answers.
+            lines.append(f"| {labels[key]} | {h:.2f} | {s:.2f} | {ratio(s, h)} (× sooner) | — | — | {load} |")
+            continue
         lines.append(f"| {labels[key]} | {fmt_rate(h)} | {fmt_rate(s)} | {ratio(h, s)} | {fmt_rate(b)} | {ratio(h, b)} "
                      f"| {load} |")
     mib = lambda kind, when, k="VmRSS": rss.get((kind, when), {}).get(k, 0) / 1024  # noqa: E731
-    for when, what in (("load", "after load, before any request"), ("warm", "idle after one warm-up request")):
+    for when, what in [] if not rss else (("load", "after load, before any request"), ("warm", "idle after one warm-up request")):
         h, s = mib("hearth", when), mib("llama.cpp", when)
         lines.append(f"| resident memory (RSS), {what} (MiB) | {h:,.0f} | {s:,.0f} | {ratio(h, s)} | — | — | |")
     table = "\n".join(lines)
@@ -516,7 +621,8 @@ def main():
     print(f"Every figure is the median of {args.repeats} runs. llama.cpp weight repacking: "
           f"{'off (--repack 0 / -nr)' if no_repack else 'default (on)'}.")
     short = {("pp", 1): "prefill 1T", ("pp", 2): "prefill 2T", ("tg", 1): "decode 1T", ("tg", 2): "decode 2T",
-             ("agg", 8): "8 streams", ("agg", 32): "32 streams"}
+             ("agg", 8): "8 streams", ("agg", 32): "32 streams", ("tgctx", LONG_CONTEXT): f"decode at {LONG_CONTEXT}",
+             ("ttft", LONG_CONTEXT): "short during long", **{("long", n): f"prefill {n}" for n in LONG_PROMPTS}}
     used = ", ".join(f"{short[k]} {cpus[k].get('hearth', 0):.2f} / {cpus[k].get('server', 0):.2f}" for k in order if k in cpus)
     print(f"CPUs each server kept busy while measured (hearth / llama-server): {used}.")
     worst = max(v for o in busy.values() for v in o.values())
@@ -534,7 +640,7 @@ def main():
                        "server_cpus": {f"{k[0]}_{k[1]}": v for k, v in cpus.items()},
                        "rss_kib": {f"{k[0]}_{k[1]}": v for k, v in rss.items()}, "raw": raw}, f, indent=1)
     if args.plot:
-        plot(args.plot, [(labels[k], rows.get(k, {})) for k in order])
+        plot(args.plot, [(labels[k], rows.get(k, {})) for k in order if k[0] != "ttft"])
 
 
 def plot(path, data):
