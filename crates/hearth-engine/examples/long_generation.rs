@@ -77,7 +77,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // generated token, as the engine ran them.
     let again = hearth_engine::load(std::path::Path::new(&model), Precision::Native, &Device::Cpu)?;
     let model = again.model;
-    let mut cache = model.new_cache(hearth_engine::KvDtype::F32);
+    let mut cache = model.new_cache(model.default_kv_dtype());
     let prompt = tokenizer.encode("Write a long story about a lighthouse keeper and the sea.", false)?;
     let step = |tokens: &[u32], cache: &mut hearth_engine::model::KvCache| {
         let mut input = [hearth_engine::model::SeqInput {
