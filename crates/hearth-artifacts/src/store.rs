@@ -9,6 +9,14 @@
 //! file with a stable name, `.{file}.partial`, whose length is the offset the next part must
 //! start at. It survives a dropped connection and a restarted server, so a client resumes by
 //! asking for that offset. The last part completes it: it is synced and renamed into place.
+//!
+//! Validation seals a model's directory (a hidden `.sealed` marker) before it looks at the
+//! files, and a READY model's directory stays sealed. Every rename into place checks the seal
+//! under the lock that sealing takes, so an upload that was already streaming when its model
+//! was validated is refused at the end instead of replacing a byte of a READY model.
+//!
+//! Names starting with '.' (partial files, the seal) are never part of a model: file names
+//! cannot start with '.', listings skip them and model inspection ignores them.
 
 use std::collections::HashSet;
 use std::io::SeekFrom;
@@ -77,12 +85,63 @@ pub fn validate_file_name(name: &str) -> Result<()> {
     }
 }
 
+/// The marker of a sealed model directory: its files can no longer change.
+const SEAL: &str = ".sealed";
+
+/// Whether a hidden file is a partial upload, and of which kind: the resumable one of a file
+/// (`.{file}.partial`, kept across restarts so the client can resume) or the scratch file of
+/// a one-request upload (`.{file}.{16 hex}.partial`, garbage once its request is gone).
+fn partial_kind(name: &str) -> Option<PartialKind> {
+    let stem = name.strip_prefix('.')?.strip_suffix(".partial")?;
+    let scratch =
+        stem.rsplit_once('.').is_some_and(|(_, tail)| tail.len() == 16 && tail.bytes().all(|b| b.is_ascii_hexdigit()));
+    Some(if scratch { PartialKind::Scratch } else { PartialKind::Resumable })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PartialKind {
+    Resumable,
+    Scratch,
+}
+
 #[derive(Debug, Clone)]
 pub struct ArtifactStore {
     root: PathBuf,
     /// Partial files a request is writing now. Two writers of one partial file would
     /// interleave their bytes, so a second one is refused while the first runs.
     writing: Arc<Mutex<HashSet<PathBuf>>>,
+    /// Model directories a validation holds a `Seal` on now. The lock is also the one every
+    /// rename into place takes to check the seal, which makes check and rename one step.
+    sealing: Arc<Mutex<HashSet<PathBuf>>>,
+}
+
+/// A validation's hold on a model directory: while it lives, and after `keep`, no file of the
+/// model can be written. Dropped without `keep` (validation failed), the directory opens again.
+pub struct Seal {
+    sealing: Arc<Mutex<HashSet<PathBuf>>>,
+    dir: PathBuf,
+    kept: bool,
+}
+
+impl Seal {
+    /// The model is READY: its directory stays sealed for good.
+    pub fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for Seal {
+    fn drop(&mut self) {
+        let Ok(mut sealing) = self.sealing.lock() else { return };
+        sealing.remove(&self.dir);
+        if !self.kept {
+            if let Err(e) = std::fs::remove_file(self.dir.join(SEAL)) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(dir = %self.dir.display(), error = %e, "could not unseal a model directory");
+                }
+            }
+        }
+    }
 }
 
 /// Holds a partial file for one writer; dropping it (the request ended, or was cancelled
@@ -110,7 +169,72 @@ fn digest_mismatch(file: &str, actual: &[u8], expected: &Sha256Digest) -> Artifa
 
 impl ArtifactStore {
     pub fn new(root: impl Into<PathBuf>) -> ArtifactStore {
-        ArtifactStore { root: root.into(), writing: Arc::default() }
+        ArtifactStore { root: root.into(), writing: Arc::default(), sealing: Arc::default() }
+    }
+
+    /// Seals a model's directory before its files are validated: from the moment this returns,
+    /// an upload to the model can no longer rename a file into place (it is refused with
+    /// FAILED_PRECONDITION). A second validation of the same model while one runs is ABORTED.
+    pub fn seal(&self, account: &str, model: &str) -> Result<Seal> {
+        let dir = self.model_dir(account, model);
+        std::fs::create_dir_all(&dir).map_err(ArtifactError::internal)?;
+        let mut sealing = self.sealing.lock().map_err(|_| ArtifactError::internal("seal registry poisoned"))?;
+        if !sealing.insert(dir.clone()) {
+            return Err(ArtifactError::Aborted(format!(
+                "model {model} is being validated by another request; retry once it has ended"
+            )));
+        }
+        let seal = Seal { sealing: self.sealing.clone(), dir: dir.clone(), kept: false };
+        // Written under the lock: a rename into place either finished before it or sees it.
+        std::fs::write(dir.join(SEAL), b"").map_err(ArtifactError::internal)?;
+        Ok(seal)
+    }
+
+    /// Renames a finished file into its model's directory, unless the directory is sealed.
+    /// The check and the rename happen under the lock `seal` takes (both are quick metadata
+    /// operations), so no file lands in a directory once its seal is written.
+    fn commit(&self, from: &Path, dir: &Path, file: &str) -> Result<()> {
+        let _sealing = self.sealing.lock().map_err(|_| ArtifactError::internal("seal registry poisoned"))?;
+        if dir.join(SEAL).exists() {
+            return Err(ArtifactError::FailedPrecondition(format!(
+                "{file} was not stored: its model was validated while this upload was in progress, and a \
+                 validated model's files can no longer change"
+            )));
+        }
+        std::fs::rename(from, dir.join(file)).map_err(ArtifactError::internal)
+    }
+
+    /// Tidies a model's directory at start. The scratch files of one-request uploads are
+    /// garbage once their request is gone (a gateway was killed mid-upload); so is every
+    /// partial file of a READY model, which can no longer complete. The resumable partial
+    /// files of a model still uploading are kept: a client resumes from them. The seal of a
+    /// model that is not READY was left by a validation cut short, and is lifted; a READY
+    /// model's directory is sealed if it is not. Returns how many files were removed.
+    pub async fn sweep(&self, account: &str, model: &str, ready: bool) -> Result<usize> {
+        let dir = self.model_dir(account, model);
+        let mut entries = match tokio::fs::read_dir(&dir).await {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(ArtifactError::internal(e)),
+        };
+        if ready && !dir.join(SEAL).exists() {
+            // READY before seals existed, or its seal was lost: seal it now.
+            tokio::fs::write(dir.join(SEAL), b"").await.map_err(ArtifactError::internal)?;
+        }
+        let mut removed = 0;
+        while let Some(entry) = entries.next_entry().await.map_err(ArtifactError::internal)? {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let stale = match partial_kind(&name) {
+                Some(PartialKind::Scratch) => true,
+                Some(PartialKind::Resumable) => ready,
+                None => name == SEAL && !ready,
+            };
+            if stale {
+                tokio::fs::remove_file(entry.path()).await.map_err(ArtifactError::internal)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     /// The directory holding a model's files (it may not exist yet).
@@ -183,7 +307,8 @@ impl ArtifactStore {
             }
             out.flush().await.map_err(ArtifactError::internal)?;
             out.get_ref().sync_all().await.map_err(ArtifactError::internal)?;
-            tokio::fs::rename(&tmp, dir.join(file)).await.map_err(ArtifactError::internal)
+            drop(out);
+            self.commit(&tmp, &dir, file)
         }
         .await;
         if result.is_err() {
@@ -390,7 +515,14 @@ impl ArtifactStore {
         }
         let f = tokio::fs::OpenOptions::new().write(true).open(partial).await.map_err(ArtifactError::internal)?;
         f.sync_all().await.map_err(ArtifactError::internal)?;
-        tokio::fs::rename(partial, target).await.map_err(ArtifactError::internal)
+        drop(f);
+        let dir = target.parent().ok_or_else(|| ArtifactError::internal("a model file has no directory"))?;
+        let result = self.commit(partial, dir, file);
+        if matches!(result, Err(ArtifactError::FailedPrecondition(_))) {
+            // A sealed model's partial file can never complete.
+            let _ = tokio::fs::remove_file(partial).await;
+        }
+        result
     }
 
     /// The files a model has, with their sizes, by name.

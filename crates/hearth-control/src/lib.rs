@@ -98,6 +98,7 @@ impl ControlPlane {
             changes: Arc::default(),
         };
         control.migrate_records().await?;
+        control.sweep_uploads().await?;
         Ok(control)
     }
 

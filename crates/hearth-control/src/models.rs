@@ -205,6 +205,22 @@ impl ControlPlane {
         m
     }
 
+    /// Tidies every model's directory at start (see `ArtifactStore::sweep`): scratch files of
+    /// uploads a killed gateway left behind, partial files of READY models, seals of
+    /// validations cut short. A record that cannot be read leaves its directory untouched.
+    pub(crate) async fn sweep_uploads(&self) -> Result<usize> {
+        let mut removed = 0;
+        for rec in self.store.list_all(MODELS).await? {
+            let Ok(record) = crate::records::decode_body::<ModelRecord>(&rec.body) else { continue };
+            let ready = record.model.state == Some(ModelState::Ready);
+            removed += self.artifacts.sweep(&rec.account, &rec.id, ready).await?;
+        }
+        if removed > 0 {
+            tracing::info!(files = removed, "partial uploads left by an earlier run removed");
+        }
+        Ok(removed)
+    }
+
     pub(crate) async fn load_model(&self, account: &str, id: &str) -> Result<Doc<ModelRecord>> {
         self.load(account, id).await?.ok_or_else(|| not_found(account, id))
     }
@@ -720,6 +736,9 @@ impl ControlPlane {
         if doc.value.model.state == Some(ModelState::Ready) {
             return Ok(ValidateUploadResponse::default());
         }
+        // From here no upload can change a file (one still streaming is refused when it ends),
+        // so what is checked is what becomes READY. Any early return lifts the seal.
+        let seal = self.artifacts.seal(account, id)?;
         let mut problems = Vec::new();
         let present: BTreeMap<String, u64> = self.artifacts.list(account, id).await?.into_iter().collect();
         for (file, size) in &doc.value.announced {
@@ -825,6 +844,7 @@ impl ControlPlane {
             },
         )
         .await?;
+        seal.keep();
         tracing::info!(account, model = %id, "model validated and READY");
         Ok(ValidateUploadResponse { warnings })
     }

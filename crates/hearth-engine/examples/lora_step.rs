@@ -14,7 +14,8 @@ use half::f16;
 use hearth_engine::kernels::lora::{apply, Group, LoraMatrix, LoraPair};
 
 /// SmolLM2-135M's projections, (in, out): q, k, v, o, gate, up, down.
-const PROJECTIONS: [(usize, usize); 7] = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)];
+const PROJECTIONS: [(usize, usize); 7] =
+    [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)];
 const LAYERS: usize = 30;
 
 fn main() {

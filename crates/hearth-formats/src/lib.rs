@@ -373,7 +373,7 @@ pub fn check_adapter_against_base(adapter: &AdapterSummary, dims: &ModelDims, ar
     problems
 }
 
-/// The regular files directly inside `dir`, name to size. Subdirectories are ignored (some
+/// The regular files directly inside `dir`, name to size, hidden ones aside. Subdirectories are ignored (some
 /// repositories carry e.g. an `original/` folder); anything else that is not a regular file is a
 /// problem, because opening a FIFO or device would block or read without end.
 fn list_dir(dir: &Path, problems: &mut Vec<String>) -> Option<BTreeMap<String, u64>> {
@@ -401,6 +401,11 @@ fn list_dir(dir: &Path, problems: &mut Vec<String>) -> Option<BTreeMap<String, u
             problems.push(format!("{}: file name is not valid UTF-8", entry.file_name().to_string_lossy()));
             continue;
         };
+        // Hidden files are never part of a model: the artifact store keeps its partial uploads
+        // and markers under such names, and a repository's `.gitattributes` is no weight.
+        if name.starts_with('.') {
+            continue;
+        }
         // Follows symlinks on purpose: what matters is what opening the name would read.
         match fs::metadata(entry.path()) {
             Ok(meta) if meta.is_file() => {

@@ -28,7 +28,11 @@ const OTHER_KEY: &str = "key-of-other";
 
 impl App {
     async fn new() -> App {
-        let dir = tempfile::tempdir().expect("tempdir");
+        App::open(tempfile::tempdir().expect("tempdir")).await
+    }
+
+    /// A gateway over the store and artifacts in `dir`, as a restarted one finds them.
+    async fn open(dir: tempfile::TempDir) -> App {
         let store: Arc<dyn hearth_store::Store> =
             hearth_store::open(dir.path().join("db").to_str().expect("utf-8")).await.expect("store");
         let control =
@@ -137,24 +141,7 @@ fn tiny_base_files() -> Vec<(&'static str, Vec<u8>)> {
 
 /// Creates, uploads and validates the tiny base model `base` in acme.
 async fn ready_base(app: &App) {
-    app.ok(
-        "POST",
-        "/v1/accounts/acme/models",
-        Some(json!({"modelId": "base", "model": {"kind": "HF_BASE_MODEL", "baseModelDetails": {}}})),
-    )
-    .await;
-    let files = tiny_base_files();
-    let sizes: serde_json::Map<String, Value> =
-        files.iter().map(|(n, b)| (n.to_string(), json!(b.len().to_string()))).collect();
-    let urls =
-        app.ok("POST", "/v1/accounts/acme/models/base:getUploadEndpoint", Some(json!({"filenameToSize": sizes}))).await;
-    for (name, bytes) in files {
-        let url = urls["filenameToSignedUrls"][name].as_str().expect("url");
-        let path = url.trim_start_matches("http://127.0.0.1:8080");
-        let req = Request::builder().method("PUT").uri(path).body(Body::from(bytes)).expect("request");
-        let resp = app.router.clone().oneshot(req).await.expect("infallible");
-        assert_eq!(resp.status(), StatusCode::OK);
-    }
+    uploaded_base(app).await;
     app.ok("GET", "/v1/accounts/acme/models/base:validateUpload", None).await;
 }
 
@@ -464,4 +451,135 @@ async fn inference_routes_answer_in_openai_shape_and_refuse_unknown_parameters()
         let r = app.call("GET", path, Some(KEY), None).await;
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{path}: {}", r.body);
     }
+}
+
+/// Creates the model `base` in acme and uploads the tiny checkpoint, without validating it.
+/// Returns the files and their upload paths.
+async fn uploaded_base(app: &App) -> Vec<(&'static str, Vec<u8>, String)> {
+    app.ok(
+        "POST",
+        "/v1/accounts/acme/models",
+        Some(json!({"modelId": "base", "model": {"kind": "HF_BASE_MODEL", "baseModelDetails": {}}})),
+    )
+    .await;
+    let files = tiny_base_files();
+    let sizes: serde_json::Map<String, Value> =
+        files.iter().map(|(n, b)| (n.to_string(), json!(b.len().to_string()))).collect();
+    let urls =
+        app.ok("POST", "/v1/accounts/acme/models/base:getUploadEndpoint", Some(json!({"filenameToSize": sizes}))).await;
+    let mut out = Vec::new();
+    for (name, bytes) in files {
+        let path =
+            urls["filenameToSignedUrls"][name].as_str().expect("url").trim_start_matches("http://127.0.0.1:8080");
+        let r = put_file(app, path, &[], bytes.clone()).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        out.push((name, bytes, path.to_string()));
+    }
+    out
+}
+
+fn model_dir(app: &App) -> std::path::PathBuf {
+    app._dir.path().join("artifacts/acme/models/base")
+}
+
+/// An upload that was already streaming when its model was validated must not replace a byte
+/// of the READY model: the check of the model's state and the file's rename into place are one
+/// step against validation's seal.
+#[tokio::test]
+async fn an_upload_in_flight_cannot_change_a_model_validated_meanwhile() {
+    let app = App::new().await;
+    let files = uploaded_base(&app).await;
+    let (_, original, path) = files.iter().find(|(n, _, _)| *n == "model.safetensors").expect("weights");
+
+    // A slow PUT of the same file: its first bytes arrive before validation...
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
+    let body = Body::from_stream(tokio_stream_from(rx));
+    let req = Request::builder().method("PUT").uri(path.as_str()).body(body).expect("request");
+    let slow = tokio::spawn(app.router.clone().oneshot(req));
+    let half = original.len() / 2;
+    tx.send(Ok(vec![0xFF; half].into())).await.expect("send");
+    let dir = model_dir(&app);
+    let scratch = || {
+        std::fs::read_dir(&dir).expect("dir").filter_map(|e| e.ok()).any(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.starts_with(".model.safetensors.") && n.ends_with(".partial")
+        })
+    };
+    for _ in 0..500 {
+        if scratch() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(scratch(), "the slow upload is streaming into its scratch file");
+
+    // ...the model is validated and READY...
+    app.ok("GET", "/v1/accounts/acme/models/base:validateUpload", None).await;
+    let model = app.ok("GET", "/v1/accounts/acme/models/base", None).await;
+    assert_eq!(model["state"], json!("READY"));
+
+    // ...and then the rest arrives. It is refused, and the READY model's file is unchanged.
+    tx.send(Ok(vec![0xFF; original.len() - half].into())).await.expect("send");
+    drop(tx);
+    let resp = slow.await.expect("join").expect("infallible");
+    let status = resp.status();
+    let body: Value =
+        serde_json::from_slice(&resp.into_body().collect().await.expect("body").to_bytes()).unwrap_or(Value::Null);
+    assert_eq!((status.as_u16(), body["code"].clone()), (400, json!(9)), "{body}");
+    assert!(body["message"].as_str().unwrap_or("").contains("validated"), "{body}");
+    assert_eq!(&std::fs::read(dir.join("model.safetensors")).expect("file"), original, "a READY model's file changed");
+    assert!(!scratch(), "the refused upload's scratch file is removed");
+    let r = put_file(&app, path, &[], vec![0xFF; original.len()]).await;
+    assert_eq!((r.status.as_u16(), r.body["code"].clone()), (400, json!(9)), "{}", r.body);
+}
+
+fn tokio_stream_from(
+    mut rx: tokio::sync::mpsc::Receiver<Result<bytes::Bytes, std::io::Error>>,
+) -> impl futures_util::Stream<Item = Result<bytes::Bytes, std::io::Error>> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// A gateway killed mid-upload leaves partial files behind. They are never part of the model
+/// (validation succeeds beside them), and a restarted gateway removes those that can no
+/// longer complete, keeping a resumable upload's file for its client.
+#[tokio::test]
+async fn partial_files_left_by_a_killed_gateway_never_block_a_model() {
+    let app = App::new().await;
+    uploaded_base(&app).await;
+    let dir = model_dir(&app);
+    // What a killed whole-file PUT and a killed resumable upload leave.
+    std::fs::write(dir.join(".model.safetensors.0123456789abcdef.partial"), b"half").expect("write");
+    std::fs::write(dir.join(".tokenizer.json.partial"), b"ha").expect("write");
+    app.ok("GET", "/v1/accounts/acme/models/base:validateUpload", None).await;
+    let model = app.ok("GET", "/v1/accounts/acme/models/base", None).await;
+    assert_eq!(model["state"], json!("READY"), "{model}");
+
+    // A second model, still uploading, with the same leftovers.
+    app.ok(
+        "POST",
+        "/v1/accounts/acme/models",
+        Some(json!({"modelId": "next", "model": {"kind": "HF_BASE_MODEL", "baseModelDetails": {}}})),
+    )
+    .await;
+    let next = app._dir.path().join("artifacts/acme/models/next");
+    std::fs::create_dir_all(&next).expect("dir");
+    std::fs::write(next.join(".config.json.0123456789abcdef.partial"), b"{").expect("write");
+    std::fs::write(next.join(".model.safetensors.partial"), b"abc").expect("write");
+
+    // Restarted on the same store and artifacts.
+    let App { router, _dir } = app;
+    drop(router);
+    let app = App::open(_dir).await;
+    let names = |d: &std::path::Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(&model_dir(&app)), vec![".sealed", "config.json", "model.safetensors", "tokenizer.json"]);
+    assert_eq!(names(&next), vec![".model.safetensors.partial"], "a resumable upload's file is kept");
+    let model = app.ok("GET", "/v1/accounts/acme/models/base", None).await;
+    assert_eq!(model["state"], json!("READY"));
 }
