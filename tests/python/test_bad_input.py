@@ -429,6 +429,25 @@ def test_bad_adapter_fails_validation_naming_the_tensor(api, uid, ready_base, tm
     api.ok_json("DELETE", f"deployments/{dep_id}", params={"hard": "true"})
 
 
+def test_base_model_change_is_refused_while_addons_are_loaded(api, client, uid, ready_base, ready_addon, tmp_path):
+    """Loading an addon onto a deployment of another base is refused; a PATCH of the
+    deployment's baseModel must not get around that while addons of the old base are loaded."""
+    other = fixtures.create_ready_base_model(client, uid("other-base"), tmp_path / "other")
+    dep_id = uid("rebase")
+    api.ok_json("POST", "deployments", params={"deploymentId": dep_id}, json={"baseModel": ready_base.name, "enableAddons": True})
+    dm = api.ok_json("POST", "deployedModels", json={"model": ready_addon.name, "deployment": f"accounts/{api.account}/deployments/{dep_id}"})
+    before = api.ok_json("GET", f"deployments/{dep_id}")
+
+    body = assert_rpc_error(api.patch(f"deployments/{dep_id}", json={"baseModel": other.name}), 400, FAILED_PRECONDITION)
+    assert dm["name"] in body["message"] and "unload" in body["message"], body
+    assert api.ok_json("GET", f"deployments/{dep_id}") == before
+
+    # Unloaded, the change goes through.
+    api.ok_json("DELETE", dm["name"].split("/", 2)[2])
+    assert api.ok_json("PATCH", f"deployments/{dep_id}", json={"baseModel": other.name})["baseModel"] == other.name
+    api.ok_json("DELETE", f"deployments/{dep_id}", params={"hard": "true"})
+
+
 # ---------------------------------------------------------------------------------------------
 # The fields table (docs/fields.md): refused fields are refused by name, echoed ones come back
 # as given, refused flags say why. Every refusal leaves nothing behind.

@@ -426,10 +426,22 @@ impl ControlPlane {
         self.authorize(who, account)?;
         let patch: Patch<Deployment> = Patch::parse(body, update_mask, &DEPLOYMENT_PATCH)?;
         refuse_unimplemented(&patch.value)?;
-        // A changed base model must be one this account may deploy.
+        // A changed base model must be one this account may deploy, and the deployment must
+        // carry no addons: they are LoRAs of the old base, which the new one cannot serve.
+        // (Refused rather than unloaded for the user: unloading is theirs to decide.)
         let current = self.load_deployment(account, id).await?;
         if let Some(base) = patch.value.base_model.as_deref().filter(|b| *b != current.value.base_model) {
             self.check_base_model(account, Some(base)).await?;
+            let name = ResourceName::new(account, Collection::Deployments, id).to_string();
+            let loaded = self.addons_loaded_on(account, &name).await?;
+            if !loaded.is_empty() {
+                return Err(ControlError::FailedPrecondition(format!(
+                    "deployment {name} has LoRA addons of {} loaded ({}); unload them before changing baseModel \
+                     to {base}",
+                    current.value.base_model,
+                    deployed_model_names(account, &loaded)
+                )));
+            }
         }
         let min_to_zero = self.config.min_scale_to_zero_window;
         self.modify(
@@ -486,13 +498,9 @@ impl ControlPlane {
         let name = ResourceName::new(account, Collection::Deployments, id).to_string();
         let loaded = self.addons_loaded_on(account, &name).await?;
         if !loaded.is_empty() && !ignore_checks {
-            let names: Vec<String> = loaded
-                .iter()
-                .map(|dm| ResourceName::new(account, Collection::DeployedModels, dm).to_string())
-                .collect();
             return Err(ControlError::FailedPrecondition(format!(
                 "deployment {name} still has LoRA addons loaded ({}); unload them first or pass ignoreChecks=true",
-                names.join(", ")
+                deployed_model_names(account, &loaded)
             )));
         }
         if !hard && spec.as_ref().is_some_and(|s| s.value.is_deleted()) {
@@ -678,4 +686,12 @@ impl ControlPlane {
         }
         Ok(purged)
     }
+}
+
+/// The full names of deployed models, for a message.
+fn deployed_model_names(account: &str, ids: &[String]) -> String {
+    ids.iter()
+        .map(|dm| ResourceName::new(account, Collection::DeployedModels, dm).to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
