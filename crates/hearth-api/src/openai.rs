@@ -74,6 +74,31 @@ pub struct Sampling {
     pub ignore_eos: Option<bool>,
     pub user: Option<String>,
     pub metadata: Option<Value>,
+    /// What to do when the prompt plus `max_tokens` overflows the context: `truncate` (the
+    /// default, as the inference spec has it) lowers `max_tokens`; `error` refuses.
+    pub context_length_exceeded_behavior: Option<ContextOverflow>,
+}
+
+/// `context_length_exceeded_behavior`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ContextOverflow {
+    #[default]
+    Truncate,
+    Error,
+}
+
+// By hand so the message names the field: `Sampling` is flattened into the request types, and
+// serde reports no field path through a flatten.
+impl<'de> Deserialize<'de> for ContextOverflow {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match String::deserialize(d)?.as_str() {
+            "truncate" => Ok(ContextOverflow::Truncate),
+            "error" => Ok(ContextOverflow::Error),
+            other => Err(serde::de::Error::custom(format!(
+                "context_length_exceeded_behavior is {other:?}; it is \"truncate\" or \"error\""
+            ))),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -127,11 +152,11 @@ const SAMPLING_FIELDS: &[&str] = &[
     "ignore_eos",
     "user",
     "metadata",
+    "context_length_exceeded_behavior",
 ];
 
 /// Fields of the API (OpenAI's and Fireworks' extensions) that hearth does not act on yet.
 const NOT_YET: &[&str] = &[
-    "context_length_exceeded_behavior",
     "echo_last",
     "function_call",
     "functions",

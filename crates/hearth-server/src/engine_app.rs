@@ -18,8 +18,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::stream::{self, Stream, StreamExt};
 use hearth_api::openai::{
-    check_fields, ChatCompletionRequest, CompletionRequest, Content, FieldError, Prompt, Sampling, Usage, CHAT_FIELDS,
-    COMPLETION_FIELDS,
+    check_fields, ChatCompletionRequest, CompletionRequest, Content, ContextOverflow, FieldError, Message, Prompt,
+    Sampling, Usage, CHAT_FIELDS, COMPLETION_FIELDS,
 };
 use hearth_api::replica::{
     paths, AdapterInfo, AdapterList, Health, LoadAdapterRequest, LoadFigures, UnloadAdapterRequest, Unloaded, Unmerged,
@@ -311,7 +311,17 @@ fn parse<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>, fi
             .param(f))
         }
     }
-    serde_json::from_value(value).map_err(|e| OpenAiError::bad(format!("invalid request: {e}")))
+    // The path names the field at fault ("messages[2].role: ..."), which serde's own message
+    // leaves out.
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." {
+            OpenAiError::bad(format!("invalid request: {inner}"))
+        } else {
+            OpenAiError::bad(format!("invalid request: {path}: {inner}")).param(path)
+        }
+    })
 }
 
 impl App {
@@ -369,14 +379,36 @@ impl App {
             return Err(OpenAiError::bad(format!("at most {MAX_CHOICES} completions per request (n × prompts)")));
         }
         let ctx = self.engine.context_length();
+        let overflow = s.context_length_exceeded_behavior.unwrap_or_default();
+        match max_tokens {
+            Some(0) => return Err(OpenAiError::bad("max_tokens must be at least 1").param("max_tokens")),
+            // More than the whole window can hold whatever the prompt: a mistake, not a limit
+            // to lower to.
+            Some(m) if m as usize > ctx => {
+                return Err(OpenAiError::bad(format!(
+                    "max_tokens is {m}, but this model's context holds {ctx} tokens, prompt and generation \
+                     together; ask for at most {ctx}"
+                ))
+                .param("max_tokens"))
+            }
+            _ => {}
+        }
         let mut out = Vec::new();
         for prompt in prompts {
             let room = ctx.saturating_sub(prompt.len());
             let max = match max_tokens {
-                Some(0) => return Err(OpenAiError::bad("max_tokens must be at least 1")),
                 Some(m) => m as usize,
                 None => default_max.unwrap_or(room),
             };
+            if max > room && overflow == ContextOverflow::Error && prompt.len() < ctx {
+                return Err(OpenAiError::bad(format!(
+                    "the prompt has {} tokens and max_tokens is {max}: together more than the {ctx} tokens of \
+                     this model's context; lower max_tokens to {room}, or send \
+                     context_length_exceeded_behavior \"truncate\" to have it lowered",
+                    prompt.len()
+                ))
+                .param("max_tokens"));
+            }
             for j in 0..n {
                 out.push(GenerateRequest {
                     prompt: prompt.clone(),
@@ -617,9 +649,18 @@ async fn chat_completions(State(app): State<App>, body: Result<Bytes, BytesRejec
     let messages: Vec<ChatMessage> = req
         .messages
         .iter()
-        .map(|m| {
+        .enumerate()
+        .map(|(i, m)| {
+            let role = chat_role(i, m)?;
             let content = match &m.content {
-                None => String::new(),
+                None if role == "assistant" => String::new(),
+                None => {
+                    return Err(OpenAiError::bad(format!(
+                        "messages[{i}].content is null; a {role} message needs content (only an assistant's may be \
+                         null)"
+                    ))
+                    .param("messages"))
+                }
                 Some(Content::Text(t)) => t.clone(),
                 Some(Content::Parts(parts)) => {
                     if let Some(p) = parts.iter().find(|p| p.kind != "text") {
@@ -632,9 +673,19 @@ async fn chat_completions(State(app): State<App>, body: Result<Bytes, BytesRejec
                     parts.iter().filter_map(|p| p.text.clone()).collect::<Vec<_>>().join("\n")
                 }
             };
-            Ok(ChatMessage::new(m.role.clone(), content))
+            Ok(ChatMessage::new(role.to_string(), content))
         })
         .collect::<ApiResult<_>>()?;
+    if !messages.iter().any(|m| m.role != "assistant") {
+        return Err(OpenAiError::bad(
+            "messages has only assistant messages; a conversation needs a system or user message to answer",
+        )
+        .param("messages"));
+    }
+    if req.max_completion_tokens.is_some() && req.sampling.max_tokens.is_some() {
+        return Err(OpenAiError::bad("send max_tokens or max_completion_tokens, not both: they are the same limit")
+            .param("max_completion_tokens"));
+    }
     let prompt_text = template.render(&messages, true)?;
     // The template already places any BOS the model wants.
     let prompt = app.engine.tokenizer().encode(&prompt_text, false)?;
@@ -736,4 +787,23 @@ where
         .chain(stream::once(async { SseEvent::default().data("[DONE]") }))
         .map(Ok::<_, Infallible>);
     Sse::new(events).keep_alive(KeepAlive::default()).into_response()
+}
+
+/// The role of message `i` as the chat template sees it. OpenAI's `developer` is its newer name
+/// for `system`; tool results need tool calls, which hearth does not support yet.
+fn chat_role(i: usize, m: &Message) -> ApiResult<&'static str> {
+    match m.role.as_str() {
+        "system" | "developer" => Ok("system"),
+        "user" => Ok("user"),
+        "assistant" => Ok("assistant"),
+        "tool" | "function" => Err(OpenAiError::new(
+            Code::Unimplemented,
+            format!("messages[{i}] has role {:?}: tool calls are not supported yet", m.role),
+        )
+        .param("messages")),
+        other => Err(OpenAiError::bad(format!(
+            "messages[{i}] has role {other:?}; a message's role is system, developer, user or assistant"
+        ))
+        .param("messages")),
+    }
 }

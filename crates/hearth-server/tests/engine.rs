@@ -306,6 +306,19 @@ async fn a_full_kv_cache_queues_requests_and_a_full_queue_refuses_with_429() {
     assert_eq!(third.await.expect("task").0, StatusCode::OK);
 }
 
+/// Sends each body (to chat when it has messages) and checks the refusal's status and that its
+/// OpenAI-shaped message mentions the needle.
+async fn assert_refused<const N: usize>(app: &Router, cases: [(Value, StatusCode, &str); N]) {
+    for (body, status, needle) in cases {
+        let path = if body.get("messages").is_some() { "/v1/chat/completions" } else { "/v1/completions" };
+        let (s, v) = post(app, path, body.clone()).await;
+        assert_eq!(s, status, "{body}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(msg.contains(needle), "{body}: message {msg:?} should mention {needle:?}");
+        assert!(v["error"]["type"].is_string());
+    }
+}
+
 #[tokio::test]
 async fn malformed_requests_get_openai_errors_with_fitting_statuses() {
     let app = router();
@@ -324,20 +337,72 @@ async fn malformed_requests_get_openai_errors_with_fitting_statuses() {
         (json!({"model": MODEL, "messages": []}), StatusCode::BAD_REQUEST, "messages"),
         (json!(["not", "an", "object"]), StatusCode::BAD_REQUEST, "object"),
     ];
-    for (body, status, needle) in cases {
-        let path = if body.get("messages").is_some() { "/v1/chat/completions" } else { "/v1/completions" };
-        let (s, v) = post(&app, path, body.clone()).await;
-        assert_eq!(s, status, "{body}: {v}");
-        let msg = v["error"]["message"].as_str().unwrap_or_default();
-        assert!(msg.contains(needle), "{body}: message {msg:?} should mention {needle:?}");
-        assert!(v["error"]["type"].is_string());
-    }
+    assert_refused(&app, cases).await;
     let req = Request::post("/v1/completions")
         .header("content-type", "application/json")
         .body(Body::from("{not json"))
         .expect("request");
     let resp = app.clone().oneshot(req).await.expect("infallible");
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+}
+
+/// Bodies that parse but make no sense are refused up front with a 400 naming the problem:
+/// unknown roles, a null content where one is needed, a conversation with nothing to answer, a
+/// max_tokens larger than the whole context, and (when asked for) a prompt plus max_tokens that
+/// overflows it. By default an overflow lowers max_tokens, as the inference spec has it.
+#[tokio::test]
+async fn chat_bodies_and_context_overflows_are_checked_before_anything_runs() {
+    let app = router();
+    let chat = |messages: Value| json!({"model": MODEL, "messages": messages, "max_tokens": 2});
+    let cases = [
+        (chat(json!([{"role": "wizard", "content": "x"}])), StatusCode::BAD_REQUEST, "wizard"),
+        (chat(json!([{"role": "user", "content": null}])), StatusCode::BAD_REQUEST, "messages[0].content is null"),
+        (chat(json!([{"role": "user"}])), StatusCode::BAD_REQUEST, "messages[0].content is null"),
+        (chat(json!([{"role": "assistant", "content": "hi"}])), StatusCode::BAD_REQUEST, "only assistant"),
+        (chat(json!([{"role": "tool", "content": "42"}])), StatusCode::NOT_IMPLEMENTED, "tool"),
+        (
+            json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 1000000}),
+            StatusCode::BAD_REQUEST,
+            "max_tokens is 1000000",
+        ),
+        (
+            json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2,
+                "max_completion_tokens": 2}),
+            StatusCode::BAD_REQUEST,
+            "not both",
+        ),
+        (json!({"model": MODEL, "prompt": "x", "max_tokens": 257}), StatusCode::BAD_REQUEST, "256 tokens"),
+        (
+            json!({"model": MODEL, "prompt": "Hello there", "max_tokens": 255, "context_length_exceeded_behavior": "error"}),
+            StatusCode::BAD_REQUEST,
+            "lower max_tokens",
+        ),
+        (
+            json!({"model": MODEL, "prompt": "x", "context_length_exceeded_behavior": "wrap"}),
+            StatusCode::BAD_REQUEST,
+            "context_length_exceeded_behavior",
+        ),
+    ];
+    assert_refused(&app, cases).await;
+
+    // Accepted: a null assistant turn, OpenAI's developer role, and an overflow lowered to fit.
+    let (s, v) = post(
+        &app,
+        "/v1/chat/completions",
+        chat(json!([{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "x"},
+            {"role": "assistant", "content": null}, {"role": "user", "content": "y"}])),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v) = post(
+        &app,
+        "/v1/completions",
+        json!({"model": MODEL, "prompt": "Hello there", "max_tokens": 256, "ignore_eos": true}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let usage = &v["usage"];
+    assert_eq!(usage["total_tokens"], 256, "generation stops where the context ends: {usage}");
 }
 
 /// Errors name their google.rpc code in OpenAI's shape, and no route takes query parameters.
