@@ -91,6 +91,32 @@ def _replica_pids(model_id: str) -> List[int]:
     return sorted(int(p) for p in out.stdout.split())
 
 
+def _replica_endpoint(pid: int) -> str:
+    """The address a replica process listens on, from its command line."""
+    args = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    return "http://" + args[args.index("--listen") + 1]
+
+
+def _assert_replicas_refuse_strangers(pids: List[int], model: str) -> None:
+    """A replica serves only its gateway: straight to it, chat and the admin routes get 401
+    without the token the gateway gave it (in its environment, never on its command line)."""
+    for pid in pids:
+        endpoint = _replica_endpoint(pid)
+        assert "HEARTH_ENGINE_TOKEN" not in Path(f"/proc/{pid}/cmdline").read_text()
+        assert requests.get(endpoint + "/health", timeout=5).status_code == 200
+        for method, path, body in (
+            ("POST", "/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": "hi"}]}),
+            ("POST", "/v1/completions", {"model": model, "prompt": "hi"}),
+            ("POST", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/tmp"}),
+            ("POST", "/v1/unload_lora_adapter", {"lora_name": "x"}),
+            ("GET", "/v1/lora_adapters", None),
+        ):
+            for headers in ({}, {"Authorization": "Bearer guessed"}):
+                r = requests.request(method, endpoint + path, json=body, headers=headers, timeout=5)
+                assert r.status_code == 401, f"{method} {endpoint}{path}: {r.status_code} {r.text[:300]}"
+                assert r.json()["error"]["type"] == "authentication_error", r.text
+
+
 def _wait(what: str, check, timeout: float = 60, every: float = 0.1):
     deadline = time.monotonic() + timeout
     while True:
@@ -145,6 +171,7 @@ def test_a_restarted_gateway_converges_to_the_same_replicas_and_adapters(gateway
     stored = _everything(api)
     old_pids = _replica_pids("tiny")
     assert len(old_pids) == 2, old_pids
+    _assert_replicas_refuse_strangers(old_pids, base)
 
     gateway.stop(signal.SIGKILL)
     # Replicas do not outlive their gateway (they watch their parent), so nothing is orphaned.

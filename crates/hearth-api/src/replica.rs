@@ -3,8 +3,15 @@
 //! engine server answers with these types and the gateway's replica client sends and reads
 //! them, so the two cannot drift apart. Errors travel as the OpenAI error body
 //! ([`crate::openai::ErrorBody`]) with an HTTP status.
+//!
+//! A replica started by a gateway accepts only that gateway: it is given a token at start (in
+//! the environment variable [`TOKEN_ENV`], never on its command line, which any local user can
+//! read), and every route but [`paths::HEALTH`] requires `Authorization: Bearer <token>`.
 
 use serde::{Deserialize, Serialize};
+
+/// The environment variable that carries a replica's token.
+pub const TOKEN_ENV: &str = "HEARTH_ENGINE_TOKEN";
 
 /// The routes, relative to a replica's base URL.
 pub mod paths {

@@ -9,6 +9,7 @@
 
 pub mod autoscale;
 pub mod controller;
+pub mod credentials;
 pub mod error;
 pub mod fleet;
 pub mod local;
@@ -17,6 +18,7 @@ pub mod replica;
 pub mod runtime;
 
 pub use controller::Controller;
+pub use credentials::ReplicaCredentials;
 pub use error::{Result, RuntimeError};
 pub use fleet::Fleet;
 pub use reconcile::{reconcile, Action, Context};

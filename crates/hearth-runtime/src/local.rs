@@ -18,6 +18,7 @@ use tokio::sync::Mutex;
 
 use hearth_control::ControlPlane;
 
+use crate::credentials::ReplicaCredentials;
 use crate::error::{Result, RuntimeError};
 use crate::replica::ReplicaApi;
 use crate::runtime::{Phase, Replica, ReplicaSpec, Runtime, REPLICA_BATCH_SIZE};
@@ -44,6 +45,8 @@ pub struct LocalRuntime {
     /// Where each model's files are (the artifact store).
     control: ControlPlane,
     replicas: Arc<dyn ReplicaApi>,
+    /// Each replica is given its own token; the gateway's calls present it.
+    credentials: ReplicaCredentials,
     procs: Mutex<HashMap<String, Proc>>,
 }
 
@@ -53,8 +56,13 @@ const PROBE_STARTING: Duration = Duration::from_millis(100);
 const PROBE_READY: Duration = Duration::from_secs(1);
 
 impl LocalRuntime {
-    pub fn new(binary: PathBuf, control: ControlPlane, replicas: Arc<dyn ReplicaApi>) -> LocalRuntime {
-        LocalRuntime { binary, control, replicas, procs: Mutex::new(HashMap::new()) }
+    pub fn new(
+        binary: PathBuf,
+        control: ControlPlane,
+        replicas: Arc<dyn ReplicaApi>,
+        credentials: ReplicaCredentials,
+    ) -> LocalRuntime {
+        LocalRuntime { binary, control, replicas, credentials, procs: Mutex::new(HashMap::new()) }
     }
 }
 
@@ -99,7 +107,10 @@ impl Runtime for LocalRuntime {
             .control
             .model_files(&spec.model)
             .ok_or_else(|| RuntimeError::Backend(format!("{} is not a model name", spec.model)))?;
+        let endpoint = format!("http://127.0.0.1:{port}");
         let mut cmd = Command::new(&self.binary);
+        // In the environment, not the command line, which every local user can read.
+        cmd.env(hearth_api::replica::TOKEN_ENV, self.credentials.token(&endpoint));
         cmd.arg("engine")
             .arg("--model")
             .arg(&model_dir)
@@ -150,7 +161,7 @@ impl Runtime for LocalRuntime {
             id: id.clone(),
             deployment: spec.deployment.clone(),
             fingerprint: spec.fingerprint(),
-            endpoint: format!("http://127.0.0.1:{port}"),
+            endpoint,
             phase: Phase::Starting,
             was_ready: false,
             load: None,

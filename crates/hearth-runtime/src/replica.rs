@@ -12,6 +12,7 @@ use hearth_api::replica::{
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::credentials::ReplicaCredentials;
 use crate::error::{Result, RuntimeError};
 
 #[async_trait]
@@ -30,16 +31,17 @@ pub trait ReplicaApi: Send + Sync + 'static {
 const QUICK: Duration = Duration::from_secs(5);
 const SLOW: Duration = Duration::from_secs(120);
 
-/// The protocol over HTTP.
+/// The protocol over HTTP, each call carrying the replica's token.
 #[derive(Clone)]
 pub struct HttpReplicas {
     http: reqwest::Client,
+    credentials: ReplicaCredentials,
 }
 
-impl Default for HttpReplicas {
-    fn default() -> HttpReplicas {
+impl HttpReplicas {
+    pub fn new(credentials: ReplicaCredentials) -> HttpReplicas {
         let http = reqwest::Client::builder().connect_timeout(Duration::from_secs(2)).build().unwrap_or_default();
-        HttpReplicas { http }
+        HttpReplicas { http, credentials }
     }
 }
 
@@ -55,7 +57,8 @@ impl HttpReplicas {
         let request = match body {
             Some(b) => self.http.post(&url).json(b),
             None => self.http.get(&url),
-        };
+        }
+        .header(reqwest::header::AUTHORIZATION, self.credentials.bearer(endpoint));
         let unreachable = |e: &dyn std::fmt::Display| RuntimeError::Unreachable {
             endpoint: endpoint.to_string(),
             message: e.to_string(),

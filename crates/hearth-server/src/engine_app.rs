@@ -56,7 +56,10 @@ struct Counters {
 
 type ApiResult<T> = Result<T, OpenAiError>;
 
-pub fn engine_router(engine: Engine, served_name: String) -> Router {
+/// The engine server. With a `token`, every route but `/health` requires
+/// `Authorization: Bearer <token>` (a replica started by a gateway always has one); without,
+/// it is open, as a developer running `hearth engine` by hand on loopback expects.
+pub fn engine_router(engine: Engine, served_name: String, token: Option<String>) -> Router {
     let template = match ChatTemplate::from_tokenizer(engine.tokenizer()) {
         Ok(t) => Some(Arc::new(t)),
         Err(e) => {
@@ -79,7 +82,35 @@ pub fn engine_router(engine: Engine, served_name: String) -> Router {
         .route(paths::UNMERGE_ADAPTER, post(unmerge_adapter))
         .fallback(|| async { OpenAiError::new(Code::NotFound, "no such route") })
         .layer(axum::middleware::from_fn(no_query_parameters))
+        .layer(axum::middleware::from_fn_with_state(token.map(Arc::<str>::from), require_token))
         .with_state(app)
+}
+
+/// Refuses every request but a health check that does not carry the replica's token.
+async fn require_token(
+    State(token): State<Option<Arc<str>>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(token) = token else { return next.run(req).await };
+    if req.uri().path() == paths::HEALTH {
+        return next.run(req).await;
+    }
+    let presented =
+        req.headers().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    match presented {
+        Some(p) if same_secret(p.as_bytes(), token.as_bytes()) => next.run(req).await,
+        _ => OpenAiError::new(
+            Code::Unauthenticated,
+            "this engine serves only its gateway: send requests through the gateway's /inference routes",
+        )
+        .into_response(),
+    }
+}
+
+/// Equality whose time does not depend on where two secrets differ.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// None of the engine server's routes takes query parameters; one sent is a mistake worth

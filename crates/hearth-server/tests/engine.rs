@@ -17,11 +17,15 @@ fn router() -> Router {
 }
 
 fn router_with(config: hearth_engine::EngineConfig) -> Router {
+    router_with_token(config, None)
+}
+
+fn router_with_token(config: hearth_engine::EngineConfig, token: Option<&str>) -> Router {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../hearth-engine/tests/fixtures/tiny_llama");
     let loaded =
         hearth_engine::load(&dir, hearth_engine::Precision::Native, &candle_core::Device::Cpu).expect("tiny model");
     let engine = hearth_engine::Engine::start(loaded.model, loaded.tokenizer, config);
-    hearth_server::engine_router(engine, MODEL.to_string())
+    hearth_server::engine_router(engine, MODEL.to_string(), token.map(str::to_string))
 }
 
 async fn post(app: &Router, path: &str, body: Value) -> (StatusCode, Value) {
@@ -417,4 +421,52 @@ async fn errors_carry_their_code_and_query_parameters_are_refused() {
     assert_eq!(body["error"]["type"], "invalid_request_error");
     let resp = app.clone().oneshot(Request::get("/health?probe=1").body(Body::empty()).expect("request")).await;
     assert_eq!(resp.expect("infallible").status(), StatusCode::BAD_REQUEST);
+}
+
+/// An engine started with a token (as every replica a gateway starts is) serves only requests
+/// that carry it: inference, the admin routes and the metrics answer 401 without it or with
+/// another; the health check needs none.
+#[tokio::test]
+async fn an_engine_with_a_token_serves_only_who_presents_it() {
+    let app = router_with_token(hearth_engine::EngineConfig::default(), Some("s3cret-token"));
+    let send = |method: &str, path: &str, auth: Option<&str>, body: Option<Value>| {
+        let mut req = Request::builder().method(method).uri(path).header("content-type", "application/json");
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        let req = req.body(body.map(|b| Body::from(b.to_string())).unwrap_or_else(Body::empty)).expect("request");
+        let app = app.clone();
+        async move {
+            let resp = app.oneshot(req).await.expect("infallible");
+            let status = resp.status();
+            let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+            (status, serde_json::from_slice::<Value>(&bytes).unwrap_or(Value::Null))
+        }
+    };
+    let chat = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
+    let load = json!({"lora_name": "x", "lora_path": "/nonexistent"});
+    let routes = [
+        ("POST", "/v1/chat/completions", Some(chat.clone())),
+        ("POST", "/v1/completions", Some(json!({"model": MODEL, "prompt": "hi", "max_tokens": 2}))),
+        ("POST", "/v1/load_lora_adapter", Some(load.clone())),
+        ("POST", "/v1/unload_lora_adapter", Some(json!({"lora_name": "x"}))),
+        ("POST", "/v1/merge_lora_adapter", Some(load)),
+        ("GET", "/v1/lora_adapters", None),
+        ("GET", "/v1/load", None),
+        ("GET", "/v1/models", None),
+        ("GET", "/metrics", None),
+    ];
+    for (method, path, body) in routes {
+        for auth in [None, Some("Bearer wrong-token!"), Some("s3cret-token"), Some("Bearer s3cret-token ")] {
+            let (status, v) = send(method, path, auth, body.clone()).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {path} with {auth:?}: {v}");
+            assert_eq!(v["error"]["type"], "authentication_error", "{v}");
+        }
+    }
+    let (status, _) = send("GET", "/health", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, v) = send("POST", "/v1/chat/completions", Some("Bearer s3cret-token"), Some(chat)).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let (status, _) = send("GET", "/v1/lora_adapters", Some("Bearer s3cret-token"), None).await;
+    assert_eq!(status, StatusCode::OK);
 }

@@ -106,6 +106,12 @@ struct EngineArgs {
     /// Log as JSON lines instead of human-readable text.
     #[arg(long, env = "HEARTH_LOG_JSON")]
     log_json: bool,
+    /// The token every request but a health check must carry as `Authorization: Bearer`.
+    /// Read from the environment only (a command line is visible to every local user); a
+    /// gateway sets it for each replica it starts. Unset, the engine is open to anyone who
+    /// can reach its address.
+    #[arg(skip = std::env::var(hearth_api::replica::TOKEN_ENV).ok().filter(|t| !t.is_empty()))]
+    token: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -263,6 +269,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     });
 
     let fleet = std::sync::Arc::new(hearth_runtime::Fleet::default());
+    let credentials = hearth_runtime::ReplicaCredentials::from_store(&control)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .context("reading the replicas' token key")?;
     let mut lease_holder = None;
     if args.runtime == RuntimeKind::Local {
         // One local-runtime gateway manages a store's replicas; it is named by host and data
@@ -279,9 +289,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         // Replicas are `hearth engine` children of this process, started by the reconciler.
         let binary = std::env::current_exe().context("locating the hearth binary to run replicas")?;
         let replicas: std::sync::Arc<dyn hearth_runtime::ReplicaApi> =
-            std::sync::Arc::new(hearth_runtime::HttpReplicas::default());
-        let runtime =
-            std::sync::Arc::new(hearth_runtime::local::LocalRuntime::new(binary, control.clone(), replicas.clone()));
+            std::sync::Arc::new(hearth_runtime::HttpReplicas::new(credentials.clone()));
+        let runtime = std::sync::Arc::new(hearth_runtime::local::LocalRuntime::new(
+            binary,
+            control.clone(),
+            replicas.clone(),
+            credentials.clone(),
+        ));
         let ctx = hearth_runtime::Context::new(
             control.clone(),
             runtime,
@@ -299,7 +313,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         lease_holder = Some(holder);
     }
 
-    let inference = hearth_server::Inference::new(fleet, Duration::from_secs(args.wake_timeout));
+    let inference = hearth_server::Inference::new(fleet, credentials, Duration::from_secs(args.wake_timeout));
     let app = hearth_server::gateway_router_with(control.clone(), inference);
     tracing::info!(
         listen = %local,
@@ -380,8 +394,15 @@ async fn engine(args: EngineArgs) -> anyhow::Result<()> {
     }
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
-    tracing::info!(listen = %listener.local_addr()?, served_model_name = %served, "hearth engine ready");
-    axum_serve(listener, hearth_server::engine_router(engine, served)).await
+    if args.token.is_none() && !args.listen.ip().is_loopback() {
+        tracing::warn!(
+            listen = %args.listen,
+            "no {} is set: anyone who can reach this address can use the engine and its admin routes",
+            hearth_api::replica::TOKEN_ENV
+        );
+    }
+    tracing::info!(listen = %listener.local_addr()?, served_model_name = %served, authenticated = args.token.is_some(), "hearth engine ready");
+    axum_serve(listener, hearth_server::engine_router(engine, served, args.token)).await
 }
 
 async fn axum_serve(listener: tokio::net::TcpListener, app: axum::Router) -> anyhow::Result<()> {

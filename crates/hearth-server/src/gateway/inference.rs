@@ -116,8 +116,16 @@ pub(super) async fn forward(
             }
         };
         let url = format!("{}{}", slot.endpoint, path);
-        match s.inference.http.post(&url).header("content-type", "application/json").body(payload.clone()).send().await
-        {
+        let sent = s
+            .inference
+            .http
+            .post(&url)
+            .header("content-type", "application/json")
+            .header("authorization", s.inference.credentials.bearer(&slot.endpoint))
+            .body(payload.clone())
+            .send()
+            .await;
+        match sent {
             Ok(upstream) => return Ok(relay(upstream, slot)),
             Err(e) => {
                 // Nothing was sent to the client yet: another replica may take it.
@@ -187,13 +195,20 @@ fn relay(upstream: reqwest::Response, slot: InFlight) -> Response {
 pub struct Inference {
     pub fleet: std::sync::Arc<hearth_runtime::fleet::Fleet>,
     pub http: reqwest::Client,
+    /// Replicas serve only requests that carry their token (the caller's own key is never
+    /// passed on).
+    pub credentials: hearth_runtime::ReplicaCredentials,
     /// How long a request waits for a deployment at zero to get a ready replica.
     pub wake_timeout: Duration,
 }
 
 impl Inference {
-    pub fn new(fleet: std::sync::Arc<hearth_runtime::fleet::Fleet>, wake_timeout: Duration) -> Inference {
+    pub fn new(
+        fleet: std::sync::Arc<hearth_runtime::fleet::Fleet>,
+        credentials: hearth_runtime::ReplicaCredentials,
+        wake_timeout: Duration,
+    ) -> Inference {
         let http = reqwest::Client::builder().connect_timeout(Duration::from_secs(2)).build().unwrap_or_default();
-        Inference { fleet, http, wake_timeout }
+        Inference { fleet, http, credentials, wake_timeout }
     }
 }

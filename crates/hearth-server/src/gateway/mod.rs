@@ -47,7 +47,9 @@ const MAX_JSON_BODY: usize = 2 << 20;
 /// The gateway without a runtime: inference requests find no replicas and answer UNAVAILABLE.
 pub fn router(control: ControlPlane) -> Router {
     let fleet = Arc::new(hearth_runtime::fleet::Fleet::default());
-    router_with(control, Inference::new(fleet, std::time::Duration::ZERO))
+    // No replica will ever be called, so any key does.
+    let credentials = hearth_runtime::ReplicaCredentials::new(rand::random::<[u8; 32]>().to_vec());
+    router_with(control, Inference::new(fleet, credentials, std::time::Duration::ZERO))
 }
 
 /// The gateway whose inference routes use `inference` (the fleet a reconciler maintains).
