@@ -512,6 +512,24 @@ impl<'de> Deserialize<'de> for Int64 {
     }
 }
 
+/// `gatewayQuota`: a limit on what an account may hold or use. `value` is the limit enforced;
+/// `maxValue` the ceiling the server allows it (set by whoever runs hearth); `usage` what the
+/// account holds or used now.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Quota {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<Int64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_value: Option<Int64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update_time: Option<DateTime<Utc>>,
+}
+
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct GetUploadEndpointResponse {

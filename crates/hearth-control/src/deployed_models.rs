@@ -12,6 +12,7 @@ use crate::auth::Principal;
 use crate::error::{ControlError, Result};
 use crate::listing::{paginate, render, ListPage, ListRequest, Listable};
 use crate::patch::{Patch, Patchable};
+use crate::quotas::QuotaId;
 use crate::records::deployed_model::{self as record, DeployedModelSpec, DeployedModelStatus};
 use crate::records::Doc;
 use crate::ControlPlane;
@@ -160,6 +161,7 @@ impl ControlPlane {
             default: make_default,
             public: body.public,
         };
+        self.check_quota(account, QuotaId::LoadedAddons, 1, None).await?;
         // An id of eight hex digits, as the hosted service issues; retried on the rare clash.
         let mut doc = None;
         for _ in 0..8 {

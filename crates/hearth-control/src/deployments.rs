@@ -19,6 +19,7 @@ use crate::auth::Principal;
 use crate::error::{ControlError, Result};
 use crate::listing::{paginate, render, ListPage, ListRequest, Listable};
 use crate::patch::{Patch, Patchable};
+use crate::quotas::QuotaId;
 use crate::records::deployed_model::{DeployedModelSpec, DeployedModelStatus};
 use crate::records::deployment::{self as record, DeploymentSpec, DeploymentStatus};
 use crate::records::{decode_body, random_id, Doc, Record, DEPLOYMENTS};
@@ -381,6 +382,8 @@ impl ControlPlane {
         };
         normalise(&mut d, self.config.min_scale_to_zero_window)?;
         let spec = DeploymentSpec { generation: 1, ..DeploymentSpec::from_wire(&d) };
+        self.check_quota(account, QuotaId::Deployments, 1, None).await?;
+        self.check_deployment_quotas(account, &id, &spec).await?;
         if opts.validate_only {
             let now = Utc::now();
             let doc = Doc { id: id.clone(), value: spec, version: 0, create_time: now, update_time: now };
@@ -444,6 +447,12 @@ impl ControlPlane {
             }
         }
         let min_to_zero = self.config.min_scale_to_zero_window;
+        // What the update would reserve, checked against the quotas before it is written.
+        if !current.value.is_deleted() {
+            let mut trial = patch.apply(&current.value.to_wire())?;
+            normalise(&mut trial, min_to_zero)?;
+            self.check_deployment_quotas(account, id, &DeploymentSpec::from_wire(&trial)).await?;
+        }
         self.modify(
             account,
             id,
@@ -580,6 +589,10 @@ impl ControlPlane {
         }
         // The base model may have gone while the deployment was deleted.
         self.check_base_model(account, Some(&spec.value.base_model)).await?;
+        if state == DeploymentState::Deleted {
+            self.check_quota(account, QuotaId::Deployments, 1, Some(id)).await?;
+            self.check_deployment_quotas(account, id, &spec.value).await?;
+        }
         self.modify(
             account,
             id,

@@ -26,6 +26,9 @@ pub enum ControlError {
     Unimplemented(String),
     #[error("{0}")]
     ResourceExhausted(String),
+    /// Over a rate limit: RESOURCE_EXHAUSTED, and worth retrying after `retry_after_secs`.
+    #[error("{message}")]
+    RateLimited { message: String, retry_after_secs: u64 },
     #[error("{0}")]
     Unavailable(String),
     /// A stored record that cannot be read.
@@ -50,7 +53,7 @@ impl ControlError {
             ControlError::Aborted(_) => Code::Aborted,
             ControlError::OutOfRange(_) => Code::OutOfRange,
             ControlError::Unimplemented(_) => Code::Unimplemented,
-            ControlError::ResourceExhausted(_) => Code::ResourceExhausted,
+            ControlError::ResourceExhausted(_) | ControlError::RateLimited { .. } => Code::ResourceExhausted,
             ControlError::Unavailable(_) => Code::Unavailable,
             ControlError::DataLoss(_) => Code::DataLoss,
             ControlError::Internal(_) => Code::Internal,

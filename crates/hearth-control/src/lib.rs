@@ -18,6 +18,8 @@ mod loras;
 pub mod models;
 pub mod observe;
 mod patch;
+pub mod quotas;
+pub mod rates;
 mod records;
 pub mod routing;
 
@@ -44,6 +46,8 @@ pub struct ControlConfig {
     pub hf_endpoint: String,
     /// The shortest `scaleToZeroWindow` a deployment may ask for.
     pub min_scale_to_zero_window: Duration,
+    /// The ceilings of every account's quotas (`maxValue`).
+    pub quotas: quotas::QuotaLimits,
 }
 
 impl Default for ControlConfig {
@@ -54,6 +58,7 @@ impl Default for ControlConfig {
             purge_delay: Duration::from_secs(7 * 24 * 3600),
             hf_endpoint: "https://huggingface.co".to_string(),
             min_scale_to_zero_window: Duration::from_secs(deployments::MIN_SCALE_TO_ZERO_WINDOW),
+            quotas: quotas::QuotaLimits::default(),
         }
     }
 }
@@ -73,6 +78,8 @@ pub struct ControlPlane {
     /// Signalled when a deployment or a loaded addon changes, so the reconciler acts now
     /// rather than at its next tick.
     pub(crate) changes: Arc<tokio::sync::Notify>,
+    /// Inference requests and tokens per account, against the rate quotas.
+    pub(crate) rates: Arc<rates::Rates>,
 }
 
 impl ControlPlane {
@@ -96,6 +103,7 @@ impl ControlPlane {
             http,
             imports: Arc::default(),
             changes: Arc::default(),
+            rates: Arc::default(),
         };
         control.migrate_records().await?;
         control.sweep_uploads().await?;
@@ -118,5 +126,26 @@ impl ControlPlane {
 
     pub fn config(&self) -> &ControlConfig {
         &self.config
+    }
+
+    /// Admits one inference request of `account` under its rate quotas, or refuses it with
+    /// RESOURCE_EXHAUSTED and how long to wait.
+    pub async fn admit_inference(&self, account: &str) -> Result<()> {
+        let (rpm, tpm) = self.rate_limits(account).await?;
+        self.rates.admit(account, rpm, tpm, std::time::Instant::now()).map_err(|l| {
+            let secs = l.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+            ControlError::RateLimited {
+                message: format!(
+                    "account {account} is over its quota {} ({} per minute); retry in {secs} s",
+                    l.quota, l.limit
+                ),
+                retry_after_secs: secs,
+            }
+        })
+    }
+
+    /// Charges the tokens an admitted request used, once its response has ended.
+    pub fn charge_inference_tokens(&self, account: &str, tokens: u64) {
+        self.rates.charge(account, tokens);
     }
 }

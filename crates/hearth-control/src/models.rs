@@ -17,6 +17,7 @@ use crate::auth::Principal;
 use crate::error::{ControlError, Result};
 use crate::listing::{paginate, render, ListPage, ListRequest, Listable};
 use crate::patch::{Patch, Patchable};
+use crate::quotas::QuotaId;
 pub(crate) use crate::records::model::{BaseFacts, ModelRecord};
 use crate::records::{Doc, MODELS};
 use crate::ControlPlane;
@@ -370,6 +371,10 @@ impl ControlPlane {
             source_version: None,
             deploy_onto: deploy_onto.filter(|_| req.source.is_some()),
         };
+        self.check_quota(account, QuotaId::Models, 1, None).await?;
+        if record.import.is_some() {
+            self.check_quota(account, QuotaId::StoredBytes, 1, None).await?;
+        }
         let doc = self.insert_doc(account, &id, &record).await?;
         tracing::info!(account, model = %id, kind = %kind, "model created");
         if let Some(source) = req.source {
@@ -390,6 +395,8 @@ impl ControlPlane {
     ) -> Result<Operation> {
         self.authorize(who, account)?;
         hearth_artifacts::sources::check(&source)?;
+        // An import's size is known only as it arrives: it needs room for something.
+        self.check_quota(account, QuotaId::StoredBytes, 1, None).await?;
         let from = hearth_artifacts::sources::describe(&source);
         self.modify(
             account,
@@ -575,6 +582,10 @@ impl ControlPlane {
             }
             announced.insert(name.clone(), size.0 as u64);
         }
+        // The files replace what this model holds now, which the usage already counts.
+        let held: u64 = self.artifacts.list(account, id).await?.iter().map(|(_, n)| n).sum();
+        let adding = announced.values().sum::<u64>() as i64 - held as i64;
+        self.check_quota(account, QuotaId::StoredBytes, adding, None).await?;
         self.modify(
             account,
             id,

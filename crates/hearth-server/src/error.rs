@@ -21,11 +21,13 @@ pub fn status_of(code: Code) -> StatusCode {
 pub struct ApiError {
     pub code: Code,
     pub message: String,
+    /// Seconds after which the request may pass (a rate limit), sent as `retry-after`.
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
     pub fn new(code: Code, message: impl Into<String>) -> ApiError {
-        ApiError { code, message: message.into() }
+        ApiError { code, message: message.into(), retry_after: None }
     }
 
     pub fn invalid(message: impl Into<String>) -> ApiError {
@@ -39,18 +41,35 @@ impl From<ControlError> for ApiError {
             // The detail may name files or SQL; it goes to the log, not to the client.
             tracing::error!(error = %detail, "internal error");
         }
-        ApiError { code: e.code(), message: e.public_message() }
+        let retry_after = match &e {
+            ControlError::RateLimited { retry_after_secs, .. } => Some(*retry_after_secs),
+            _ => None,
+        };
+        ApiError { code: e.code(), message: e.public_message(), retry_after }
+    }
+}
+
+/// The headers that tell a client whether to retry: the official clients retry every 409 and
+/// 429 unless told otherwise, and wait as long as `retry-after` says.
+fn retry_headers(response: &mut Response, code: Code, retry_after: Option<u64>) {
+    let headers = response.headers_mut();
+    match retry_after {
+        Some(secs) => {
+            headers.insert("retry-after", HeaderValue::from(secs));
+        }
+        // Repeating a create that already exists cannot succeed, nor can one over a quota
+        // (it frees only when something is deleted). ABORTED (also 409) is worth a retry.
+        None if matches!(code, Code::AlreadyExists | Code::ResourceExhausted) => {
+            headers.insert("x-should-retry", HeaderValue::from_static("false"));
+        }
+        None => {}
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (status_of(self.code), Json(Status::new(self.code, self.message))).into_response();
-        // The official client retries every 409 unless told otherwise; repeating a create
-        // that already exists cannot succeed. ABORTED (also 409) is worth a retry.
-        if self.code == Code::AlreadyExists {
-            response.headers_mut().insert("x-should-retry", HeaderValue::from_static("false"));
-        }
+        retry_headers(&mut response, self.code, self.retry_after);
         response
     }
 }
@@ -64,11 +83,12 @@ pub struct OpenAiError {
     pub code: Code,
     pub message: String,
     pub param: Option<String>,
+    pub retry_after: Option<u64>,
 }
 
 impl OpenAiError {
     pub fn new(code: Code, message: impl Into<String>) -> OpenAiError {
-        OpenAiError { code, message: message.into(), param: None }
+        OpenAiError { code, message: message.into(), param: None, retry_after: None }
     }
 
     pub fn bad(message: impl Into<String>) -> OpenAiError {
@@ -107,13 +127,18 @@ impl IntoResponse for OpenAiError {
                 code: Some(self.code.name().to_string()),
             },
         };
-        (status_of(self.code), Json(body)).into_response()
+        let mut response = (status_of(self.code), Json(body)).into_response();
+        // A full engine (also RESOURCE_EXHAUSTED) is worth a retry; only a rate limit says when.
+        if self.retry_after.is_some() {
+            retry_headers(&mut response, self.code, self.retry_after);
+        }
+        response
     }
 }
 
 impl From<ApiError> for OpenAiError {
     fn from(e: ApiError) -> OpenAiError {
-        OpenAiError::new(e.code, e.message)
+        OpenAiError { retry_after: e.retry_after, ..OpenAiError::new(e.code, e.message) }
     }
 }
 

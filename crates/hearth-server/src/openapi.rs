@@ -6,7 +6,7 @@
 
 use hearth_api::resources::{
     CreateModelRequest, DeployedModel, Deployment, GetDownloadEndpointResponse, GetUploadEndpointRequest,
-    GetUploadEndpointResponse, Model, ModelSource, ScaleDeploymentRequest, UndeleteDeploymentRequest,
+    GetUploadEndpointResponse, Model, ModelSource, Quota, ScaleDeploymentRequest, UndeleteDeploymentRequest,
     ValidateUploadResponse,
 };
 use hearth_api::Status;
@@ -57,6 +57,9 @@ pub const OPERATIONS: &[Operation] = &[
     op!("get" "/v1/accounts/{account}/deployedModels/{deployedModel}" "GetDeployedModel" "Get a loaded LoRA addon", q: &["readMask"], req: None, resp: Some("DeployedModel")),
     op!("patch" "/v1/accounts/{account}/deployedModels/{deployedModel}" "UpdateDeployedModel" "Update a loaded LoRA addon", q: &["updateMask"], req: Some("DeployedModel"), resp: Some("DeployedModel")),
     op!("delete" "/v1/accounts/{account}/deployedModels/{deployedModel}" "DeleteDeployedModel" "Unload a LoRA addon", q: &[], req: None, resp: None),
+    op!("get" "/v1/accounts/{account}/quotas" "ListQuotas" "Every quota of the account with its limit, ceiling and live usage", q: LIST, req: None, resp: Some("ListQuotasResponse")),
+    op!("get" "/v1/accounts/{account}/quotas/{quota}" "GetQuota" "One quota", q: &["readMask"], req: None, resp: Some("Quota")),
+    op!("patch" "/v1/accounts/{account}/quotas/{quota}" "UpdateQuota" "Set the limit the account enforces (value), up to the server's ceiling (maxValue)", q: &["allowMissing"], req: Some("Quota"), resp: Some("Quota")),
     op!("post" "/inference/v1/chat/completions" "ChatCompletions" "OpenAI chat completions, routed to the deployment `model` names", q: &[], req: None, resp: None),
     op!("post" "/inference/v1/completions" "Completions" "OpenAI completions, routed to the deployment `model` names", q: &[], req: None, resp: None),
     op!("get" "/inference/v1/models" "ListServableModels" "Models with a live deployment in the caller's account", q: &[], req: None, resp: None),
@@ -140,6 +143,7 @@ fn schemas() -> Map<String, Value> {
     add("ScaleDeploymentRequest", generator.subschema_for::<ScaleDeploymentRequest>());
     add("UndeleteDeploymentRequest", generator.subschema_for::<UndeleteDeploymentRequest>());
     add("DeployedModel", generator.subschema_for::<DeployedModel>());
+    add("Quota", generator.subschema_for::<Quota>());
     add("Status", generator.subschema_for::<Status>());
     add("ModelSource", generator.subschema_for::<ModelSource>());
     add("Operation", generator.subschema_for::<hearth_api::resources::Operation>());
@@ -153,6 +157,7 @@ fn schemas() -> Map<String, Value> {
         ("ListModelsResponse", ("models", "Model")),
         ("ListDeploymentsResponse", ("deployments", "Deployment")),
         ("ListDeployedModelsResponse", ("deployedModels", "DeployedModel")),
+        ("ListQuotasResponse", ("quotas", "Quota")),
     ] {
         all.insert(
             list.to_string(),

@@ -302,6 +302,7 @@ async fn the_committed_openapi_document_matches_the_code_and_every_operation_is_
             .replace("{model}", "m")
             .replace("{deployment}", "d")
             .replace("{deployedModel}", "x")
+            .replace("{quota}", "models")
             .replace("{file}", "f");
         let r = app.call(&op.method.to_uppercase(), &uri, Some(KEY), None).await;
         let message = r.body["message"].as_str().unwrap_or("");

@@ -166,6 +166,11 @@ struct ServeArgs {
     /// this often (one in transition sooner; any change through the API at once).
     #[arg(long, env = "HEARTH_RECONCILE_INTERVAL_MS", default_value_t = 1000)]
     reconcile_interval_ms: u64,
+    /// The ceiling (maxValue) of a quota for every account, as ID=N: models, deployments,
+    /// replicas, accelerators-<type>, stored-bytes, loaded-addons, requests-per-minute,
+    /// tokens-per-minute. Repeatable; quotas not named keep their defaults (docs/quotas.md).
+    #[arg(long = "quota", value_name = "ID=N")]
+    quotas: Vec<String>,
     /// Log as JSON lines instead of human-readable text.
     #[arg(long, env = "HEARTH_LOG_JSON")]
     log_json: bool,
@@ -219,7 +224,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     let local = listener.local_addr()?;
+    let mut quotas = hearth_control::quotas::QuotaLimits::default();
+    for setting in &args.quotas {
+        quotas.set(setting).map_err(|e| anyhow::anyhow!("--quota {setting}: {e}"))?;
+    }
     let config = ControlConfig {
+        quotas,
         public_url: args.public_url.clone().unwrap_or_else(|| format!("http://{local}")),
         signed_url_ttl: Duration::from_secs(args.signed_url_ttl),
         purge_delay: Duration::from_secs(args.purge_delay),

@@ -78,10 +78,28 @@ pub(super) async fn forward(
         .and_then(Value::as_str)
         .ok_or_else(|| OpenAiError::bad("model is required").param("model"))?
         .to_string();
+    s.control.admit_inference(&who.account).await?;
     let route = s.control.resolve_route(who, &model).await?;
     // Replicas know the deployment by its base model's name.
     request["model"] = Value::String(route.served_model.clone());
+    // A stream always carries its usage from the replica, so its tokens can be charged to the
+    // account; a client that did not ask for it gets the stream without it.
+    let mut strip_usage = false;
+    if request.get("stream").and_then(Value::as_bool) == Some(true) {
+        match request.get_mut("stream_options") {
+            None | Some(Value::Null) => {
+                request["stream_options"] = json!({"include_usage": true});
+                strip_usage = true;
+            }
+            Some(Value::Object(o)) => {
+                strip_usage = o.get("include_usage").and_then(Value::as_bool) != Some(true);
+                o.insert("include_usage".to_string(), Value::Bool(true));
+            }
+            Some(_) => {}
+        }
+    }
     let payload = Bytes::from(request.to_string());
+    let meter = Meter::new(s.control.clone(), &who.account, strip_usage);
 
     let fleet = &s.inference.fleet;
     fleet.touch(&route.deployment);
@@ -126,7 +144,7 @@ pub(super) async fn forward(
             .send()
             .await;
         match sent {
-            Ok(upstream) => return Ok(relay(upstream, slot)),
+            Ok(upstream) => return Ok(relay(upstream, slot, meter)),
             Err(e) => {
                 // Nothing was sent to the client yet: another replica may take it.
                 tracing::warn!(endpoint = %slot.endpoint, error = %e, "replica unreachable; trying another");
@@ -160,15 +178,16 @@ pub(super) fn no_query(q: Option<&str>) -> InferenceResult<()> {
 /// Streams the replica's response to the client chunk by chunk. The in-flight slot lives as
 /// long as the body, so load counts cover streaming responses; a client that goes away drops
 /// the body, which drops the upstream request and frees the sequence on the replica.
-fn relay(upstream: reqwest::Response, slot: InFlight) -> Response {
+fn relay(upstream: reqwest::Response, slot: InFlight, mut meter: Meter) -> Response {
     let status = StatusCode::from_u16(upstream.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
     let content_type =
         upstream.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("application/json").to_string();
     let is_sse = content_type.starts_with("text/event-stream");
+    meter.sse = is_sse;
     let stream = upstream.bytes_stream().map(move |chunk| {
         let _slot = &slot;
         match chunk {
-            Ok(b) => Ok::<Bytes, std::io::Error>(b),
+            Ok(b) => Ok::<Bytes, std::io::Error>(meter.pass(b)),
             Err(e) if is_sse => {
                 // The replica died mid-stream: say so in the stream, then end it.
                 tracing::warn!(error = %e, "replica failed mid-stream");
@@ -210,5 +229,102 @@ impl Inference {
     ) -> Inference {
         let http = reqwest::Client::builder().connect_timeout(Duration::from_secs(2)).build().unwrap_or_default();
         Inference { fleet, http, credentials, wake_timeout }
+    }
+}
+
+/// Counts the tokens a response carries (its `usage`) as it passes, and charges them to the
+/// account's `tokens-per-minute` quota when the response ends, or is dropped because its
+/// client went away. An event stream is read line by line: its usage chunk is removed when the
+/// client did not ask for one. A stream cut before its usage is charged a token per chunk.
+struct Meter {
+    control: hearth_control::ControlPlane,
+    account: String,
+    strip_usage: bool,
+    sse: bool,
+    /// An event stream's bytes after its last complete line.
+    pending: Vec<u8>,
+    /// A JSON response's bytes, read for its usage at the end.
+    body: Vec<u8>,
+    usage: Option<u64>,
+    chunks: u64,
+}
+
+/// The most of a JSON response kept to read its usage; a larger one is charged nothing extra.
+const MAX_METERED_BODY: usize = 8 << 20;
+
+fn total_tokens(v: &Value) -> Option<u64> {
+    v.get("usage").and_then(|u| u.get("total_tokens")).and_then(Value::as_u64)
+}
+
+impl Meter {
+    fn new(control: hearth_control::ControlPlane, account: &str, strip_usage: bool) -> Meter {
+        Meter {
+            control,
+            account: account.to_string(),
+            strip_usage,
+            sse: false,
+            pending: Vec::new(),
+            body: Vec::new(),
+            usage: None,
+            chunks: 0,
+        }
+    }
+
+    /// Notes what a piece of the response says and returns what the client is to get of it.
+    fn pass(&mut self, bytes: Bytes) -> Bytes {
+        if !self.sse {
+            if self.body.len() + bytes.len() <= MAX_METERED_BODY {
+                self.body.extend_from_slice(&bytes);
+            }
+            return bytes;
+        }
+        self.pending.extend_from_slice(&bytes);
+        let Some(end) = self.pending.iter().rposition(|&b| b == b'\n') else { return Bytes::new() };
+        let complete: Vec<u8> = self.pending.drain(..=end).collect();
+        let mut out = Vec::with_capacity(complete.len());
+        for line in complete.split_inclusive(|&b| b == b'\n') {
+            match self.event(line) {
+                Some(rewritten) => out.extend_from_slice(&rewritten),
+                None => out.extend_from_slice(line),
+            }
+        }
+        Bytes::from(out)
+    }
+
+    /// One line of an event stream: `Some` replaces it (empty drops it), `None` keeps it.
+    fn event(&mut self, line: &[u8]) -> Option<Vec<u8>> {
+        let data = line.strip_prefix(b"data: ")?;
+        if !data.starts_with(b"{") {
+            return None;
+        }
+        let mut v: Value = serde_json::from_slice(data).ok()?;
+        if v.get("choices").and_then(Value::as_array).is_some_and(|c| !c.is_empty()) {
+            self.chunks += 1;
+        }
+        let tokens = total_tokens(&v)?;
+        *self.usage.get_or_insert(0) += tokens;
+        if !self.strip_usage {
+            return None;
+        }
+        if v.get("choices").and_then(Value::as_array).is_some_and(|c| c.is_empty()) {
+            return Some(Vec::new());
+        }
+        if let Some(o) = v.as_object_mut() {
+            o.remove("usage");
+        }
+        Some(format!("data: {v}\n").into_bytes())
+    }
+}
+
+impl Drop for Meter {
+    fn drop(&mut self) {
+        let tokens = if self.sse {
+            self.usage.unwrap_or(self.chunks)
+        } else {
+            serde_json::from_slice::<Value>(&self.body).ok().as_ref().and_then(total_tokens).unwrap_or(0)
+        };
+        if tokens > 0 {
+            self.control.charge_inference_tokens(&self.account, tokens);
+        }
     }
 }

@@ -10,6 +10,7 @@ mod deployments;
 mod inference;
 mod loras;
 mod models;
+mod quotas;
 mod upload;
 
 use std::sync::Arc;
@@ -75,6 +76,8 @@ pub fn router_with(control: ControlPlane, inference: Inference) -> Router {
             "/v1/accounts/{account}/deployedModels/{deployed_model}",
             get(deployed_models::get).patch(deployed_models::update).delete(deployed_models::delete),
         )
+        .route("/v1/accounts/{account}/quotas", get(quotas::list))
+        .route("/v1/accounts/{account}/quotas/{quota}", get(quotas::get).patch(quotas::update))
         .route("/verifyApiKey", get(verify_api_key))
         .route("/v1/chat/completions", post(inference::proxy))
         .route("/v1/completions", post(inference::proxy))
