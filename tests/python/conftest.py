@@ -346,3 +346,15 @@ def ready_base(client, uid, tmp_path_factory):
 def ready_addon(client, uid, ready_base, tmp_path_factory):
     """A READY HF_PEFT_ADDON on ``ready_base``."""
     return fixtures.create_ready_addon(client, uid("shared-lora"), ready_base.name, tmp_path_factory.mktemp("shared-lora"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures a test wants in the run's summary (pytest -q hides what tests print).
+# ---------------------------------------------------------------------------------------------
+
+SUMMARY: List[str] = []
+
+
+def pytest_terminal_summary(terminalreporter):
+    for line in SUMMARY:
+        terminalreporter.write_line(line)

@@ -60,11 +60,11 @@ pub const OPERATIONS: &[Operation] = &[
     op!("get" "/v1/accounts/{account}/quotas" "ListQuotas" "Every quota of the account with its limit, ceiling and live usage", q: LIST, req: None, resp: Some("ListQuotasResponse")),
     op!("get" "/v1/accounts/{account}/quotas/{quota}" "GetQuota" "One quota", q: &["readMask"], req: None, resp: Some("Quota")),
     op!("patch" "/v1/accounts/{account}/quotas/{quota}" "UpdateQuota" "Set the limit the account enforces (value), up to the server's ceiling (maxValue)", q: &["allowMissing"], req: Some("Quota"), resp: Some("Quota")),
-    op!("post" "/inference/v1/chat/completions" "ChatCompletions" "OpenAI chat completions, routed to the deployment `model` names", q: &[], req: None, resp: None),
-    op!("post" "/inference/v1/completions" "Completions" "OpenAI completions, routed to the deployment `model` names", q: &[], req: None, resp: None),
+    op!("post" "/inference/v1/chat/completions" "ChatCompletions" "OpenAI chat completions, routed to the deployment `model` names", q: &[], req: Some("ChatCompletionRequest"), resp: None),
+    op!("post" "/inference/v1/completions" "Completions" "OpenAI completions, routed to the deployment `model` names", q: &[], req: Some("CompletionRequest"), resp: None),
     op!("get" "/inference/v1/models" "ListServableModels" "Models with a live deployment in the caller's account", q: &[], req: None, resp: None),
-    op!("post" "/v1/chat/completions" "ChatCompletionsV1" "Same as /inference/v1/chat/completions", q: &[], req: None, resp: None),
-    op!("post" "/v1/completions" "CompletionsV1" "Same as /inference/v1/completions", q: &[], req: None, resp: None),
+    op!("post" "/v1/chat/completions" "ChatCompletionsV1" "Same as /inference/v1/chat/completions", q: &[], req: Some("ChatCompletionRequest"), resp: None),
+    op!("post" "/v1/completions" "CompletionsV1" "Same as /inference/v1/completions", q: &[], req: Some("CompletionRequest"), resp: None),
     op!("get" "/v1/models" "ListServableModelsV1" "Same as /inference/v1/models", q: &[], req: None, resp: None),
     op!("post" "/v1/lora/create" "CreateLora" "Import a LoRA from its source and load it onto its base model's default deployment", q: &[], req: Some("CreateLoraRequest"), resp: Some("DeploymentOut")),
     op!("get" "/v1/lora/{lora_name}" "GetLora" "A LoRA as DeploymentOut", q: &[], req: None, resp: Some("DeploymentOut")),
@@ -72,8 +72,8 @@ pub const OPERATIONS: &[Operation] = &[
     op!("delete" "/v1/lora/{lora_name}" "DeleteLora" "Unload a LoRA and delete its model", q: &[], req: None, resp: Some("DeploymentOut")),
     op!("get" "/v1/lora/{lora_name}/status" "GetLoraStatus" "initializing, deployed, failed (with fail_reason) or deleted", q: &[], req: None, resp: Some("LoraStatus")),
     op!("get" "/v1/user/loras" "ListUserLoras" "Every LoRA of the caller's account", q: &[], req: None, resp: None),
-    op!("post" "/v1/openai/chat/completions" "OpenAiChatCompletions" "Chat completions where `model` may be a LoRA's name", q: &[], req: None, resp: None),
-    op!("post" "/v1/openai/completions" "OpenAiCompletions" "Completions where `model` may be a LoRA's name", q: &[], req: None, resp: None),
+    op!("post" "/v1/openai/chat/completions" "OpenAiChatCompletions" "Chat completions where `model` may be a LoRA's name", q: &[], req: Some("ChatCompletionRequest"), resp: None),
+    op!("post" "/v1/openai/completions" "OpenAiCompletions" "Completions where `model` may be a LoRA's name", q: &[], req: Some("CompletionRequest"), resp: None),
     op!("get" "/verifyApiKey" "VerifyApiKey" "The account of the presented key, in x-fireworks-account-id", q: &[], req: None, resp: None),
     Operation {
         method: "put",
@@ -145,6 +145,7 @@ fn schemas() -> Map<String, Value> {
     add("DeployedModel", generator.subschema_for::<DeployedModel>());
     add("Quota", generator.subschema_for::<Quota>());
     add("Status", generator.subschema_for::<Status>());
+    add("OpenAiError", generator.subschema_for::<hearth_api::openai::ErrorBody>());
     add("ModelSource", generator.subschema_for::<ModelSource>());
     add("Operation", generator.subschema_for::<hearth_api::resources::Operation>());
     add("CreateLoraRequest", generator.subschema_for::<hearth_api::deepinfra::CreateLoraRequest>());
@@ -168,11 +169,121 @@ fn schemas() -> Map<String, Value> {
             }}),
         );
     }
+    let (chat, completion) = inference_requests();
+    all.insert("ChatCompletionRequest".to_string(), chat);
+    all.insert("CompletionRequest".to_string(), completion);
     // Names that are inline references (the request aliases above) resolve to the bodies.
     for (name, v) in out {
         all.entry(name).or_insert(v);
     }
     all
+}
+
+/// The inference request bodies, as the engine server parses them (`hearth_api::openai`):
+/// written out here because those types are read field by field (a field of the API that
+/// hearth does not act on yet is refused by name), which a derived schema cannot say.
+/// Fields hearth refuses are left out; `additionalProperties: false` says any other is refused.
+fn inference_requests() -> (Value, Value) {
+    let sampling = json!({
+        "model": {"type": "string", "description": "a base model, an addon, or model#deployment"},
+        "max_tokens": {"type": "integer", "minimum": 1},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+        "top_p": {"type": "number", "exclusiveMinimum": true, "minimum": 0, "maximum": 1},
+        "top_k": {"type": "integer", "minimum": 0},
+        "seed": {"type": "integer", "minimum": 0},
+        "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+        "n": {"type": "integer", "minimum": 1, "maximum": 16},
+        "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2},
+        "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2},
+        "repetition_penalty": {"type": "number", "exclusiveMinimum": true, "minimum": 0},
+        "stream": {"type": "boolean"},
+        "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}, "additionalProperties": false},
+        "ignore_eos": {"type": "boolean"},
+        "user": {"type": "string"},
+        "metadata": {"type": "object"},
+        "context_length_exceeded_behavior": {"type": "string", "enum": ["truncate", "error"]}
+    });
+    let with = |extra: Value, required: &[&str]| {
+        let mut props = sampling.as_object().cloned().unwrap_or_default();
+        props.extend(extra.as_object().cloned().unwrap_or_default());
+        json!({"type": "object", "properties": props, "required": required, "additionalProperties": false})
+    };
+    let message = json!({
+        "type": "object",
+        "properties": {
+            "role": {"type": "string", "enum": ["system", "developer", "user", "assistant"]},
+            "content": {"description": "required but on an assistant message, whose content may be null", "oneOf": [
+                {"type": "string"},
+                {"type": "array", "items": {"type": "object", "properties": {
+                    "type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}}, "required": ["type"]}}
+            ]},
+            "name": {"type": "string"}
+        },
+        "required": ["role", "content"]
+    });
+    let chat = with(
+        json!({
+            "messages": {"type": "array", "items": message, "minItems": 1},
+            "max_completion_tokens": {"type": "integer", "minimum": 1},
+            "logprobs": {"type": "boolean"},
+            "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20}
+        }),
+        &["model", "messages"],
+    );
+    // A token id: an index into the vocabulary (its size depends on the model).
+    let token = json!({"type": "integer", "minimum": 0, "maximum": u32::MAX});
+    let completion = with(
+        json!({
+            "prompt": {"oneOf": [
+                {"type": "string", "minLength": 1},
+                {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
+                {"type": "array", "items": token, "minItems": 1},
+                {"type": "array", "items": {"type": "array", "items": token, "minItems": 1}, "minItems": 1}
+            ]},
+            "logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
+            "echo": {"type": "boolean"}
+        }),
+        &["model", "prompt"],
+    );
+    (chat, completion)
+}
+
+/// An error answer: OpenAI's error shape on the inference routes (what their clients parse), a
+/// google.rpc Status everywhere else; the HTTP status follows the code either way.
+fn error_response(path: &str) -> Value {
+    let inference = ["/inference/", "/v1/chat/", "/v1/completions", "/v1/models", "/v1/openai/"];
+    let (what, schema) = if inference.iter().any(|p| path.starts_with(p)) {
+        ("An OpenAI error body; the HTTP status follows its google.rpc code", "OpenAiError")
+    } else {
+        ("A google.rpc Status; the HTTP status follows its code", "Status")
+    };
+    json!({"description": what, "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}}}})
+}
+
+/// The type of a query parameter, as the server parses it.
+fn query_schema(name: &str) -> Value {
+    match name {
+        "validateOnly"
+        | "disableAutoDeploy"
+        | "disableSpeculativeDecoding"
+        | "skipShapeValidation"
+        | "skipImageTagValidation"
+        | "acceptShapelessRisk"
+        | "showDeleted"
+        | "hard"
+        | "ignoreChecks"
+        | "replaceMergedAddon"
+        | "skipHfConfigValidation"
+        | "trustRemoteCode"
+        | "configOnly"
+        | "allowMissing" => {
+            json!({"type": "boolean"})
+        }
+        "pageSize" => json!({"type": "integer", "format": "int32", "minimum": 0}),
+        "size" => json!({"type": "integer", "format": "int64", "minimum": 0}),
+        "expires" => json!({"type": "integer", "format": "int64"}),
+        _ => json!({"type": "string"}),
+    }
 }
 
 /// The whole document.
@@ -187,7 +298,9 @@ pub fn document() -> Value {
             }
         }
         for q in op.query {
-            params.push(json!({"name": q, "in": "query", "required": false, "schema": {"type": "string"}}));
+            // The signed file routes are refused without their whole signature.
+            let required = !op.auth && matches!(*q, "size" | "expires" | "sig");
+            params.push(json!({"name": q, "in": "query", "required": required, "schema": query_schema(q)}));
         }
         let ok = match op.response {
             Some(r) => {
@@ -201,7 +314,7 @@ pub fn document() -> Value {
             "parameters": params,
             "responses": {
                 "200": ok,
-                "default": {"description": "A google.rpc Status; the HTTP status follows its code", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Status"}}}}
+                "default": error_response(op.path)
             }
         });
         if let Some(r) = op.request {

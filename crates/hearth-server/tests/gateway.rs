@@ -584,3 +584,22 @@ async fn partial_files_left_by_a_killed_gateway_never_block_a_model() {
     let model = app.ok("GET", "/v1/accounts/acme/models/base", None).await;
     assert_eq!(model["state"], json!("READY"));
 }
+
+/// A method a route does not declare is HTTP's 405 with the route's methods in `Allow` (and a
+/// google.rpc body), as schema-driven clients expect; nothing changes.
+#[tokio::test]
+async fn an_undeclared_method_is_405_with_allow() {
+    let app = App::new().await;
+    for (method, uri, allowed) in [
+        ("PUT", "/v1/accounts/acme/models", "GET,POST"),
+        ("DELETE", "/v1/accounts/acme/quotas", "GET"),
+        ("POST", "/v1/accounts/acme/quotas/models", "GET,PATCH"),
+        ("GET", "/inference/v1/chat/completions", "POST"),
+    ] {
+        let r = app.refused(method, uri, Some(KEY), None, 12, 405).await;
+        let allow = r.headers.get("allow").map(|v| v.to_str().unwrap_or("").replace(' ', "")).unwrap_or_default();
+        let mut got: Vec<&str> = allow.split(',').filter(|m| *m != "HEAD").collect();
+        got.sort_unstable();
+        assert_eq!(got.join(","), allowed, "{method} {uri}: Allow {allow:?}");
+    }
+}

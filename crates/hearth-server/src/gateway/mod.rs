@@ -134,11 +134,18 @@ async fn not_found() -> ApiError {
     ApiError::new(Code::NotFound, "no such route; GET /openapi.json lists hearth's API")
 }
 
-async fn method_not_allowed() -> ApiError {
-    ApiError::new(
+/// HTTP's 405 (axum adds the `Allow` header naming the route's methods), with a google.rpc
+/// body like every other refusal. No google.rpc code means "wrong method", so the body says
+/// UNIMPLEMENTED while the status says what HTTP clients and schema-driven tools expect.
+async fn method_not_allowed() -> Response {
+    let mut response = ApiError::new(
         Code::Unimplemented,
-        "this method is not supported on this route; GET /openapi.json lists hearth's API",
+        "this method is not supported on this route; the Allow header lists those that are, and GET /openapi.json \
+         lists hearth's API",
     )
+    .into_response();
+    *response.status_mut() = axum::http::StatusCode::METHOD_NOT_ALLOWED;
+    response
 }
 
 /// The older SDK checks a key by asking which account it belongs to.
