@@ -53,6 +53,10 @@ impl std::fmt::Debug for ChatTemplate {
     }
 }
 
+/// The most instructions one render may run: the templates models ship take a few thousand
+/// for a long conversation, so this only ever stops one that would not end.
+const RENDER_FUEL: u64 = 5_000_000;
+
 impl ChatTemplate {
     /// Compiles `source`. `bos_token` and `eos_token` are the texts templates see as
     /// `bos_token`/`eos_token` (left undefined when `None`, as transformers does). A syntax
@@ -78,6 +82,9 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
+        // A template comes with an uploaded model: one that loops without end must fail the
+        // request, not hold the engine's thread and memory.
+        env.set_fuel(Some(RENDER_FUEL));
         env.add_template_owned(TEMPLATE_NAME, rewrite_generation_blocks(source)).map_err(syntax_error)?;
         Ok(ChatTemplate { env, bos_token: bos_token.map(str::to_string), eos_token: eos_token.map(str::to_string) })
     }
@@ -119,6 +126,10 @@ impl ChatTemplate {
         }
         template.render(ctx).map_err(|e| match raised_message(&e) {
             Some(message) => EngineError::InvalidRequest(message),
+            None if e.kind() == ErrorKind::OutOfFuel => EngineError::InvalidRequest(format!(
+                "the model's chat template did not finish rendering this conversation within {RENDER_FUEL} steps; \
+                 send the prompt as text to /v1/completions instead"
+            )),
             None => EngineError::InvalidModel(format!("the model's chat template failed to render: {e}")),
         })
     }
@@ -736,6 +747,18 @@ mod tests {
             }
             other => panic!("expected InvalidModel, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_template_that_would_not_end_fails_the_request_within_its_budget() {
+        let endless = "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}";
+        let t = ChatTemplate::new(endless, None, None).expect("compiles");
+        let started = std::time::Instant::now();
+        match t.render(&[ChatMessage::new("user", "hi")], true) {
+            Err(EngineError::InvalidRequest(m)) => assert!(m.contains("did not finish rendering"), "{m}"),
+            other => panic!("expected InvalidRequest, got {other:?}"),
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(5), "{:?}", started.elapsed());
     }
 
     #[test]
