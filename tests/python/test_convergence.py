@@ -97,6 +97,13 @@ def _replica_endpoint(pid: int) -> str:
     return "http://" + args[args.index("--listen") + 1]
 
 
+def _replica_auth(pid: int) -> dict:
+    """The header a replica's own gateway sends it: its token, from the replica's environment
+    (readable by the user who started it, as this test did)."""
+    env = dict(e.split(b"=", 1) for e in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in e)
+    return {"Authorization": f"Bearer {env[b'HEARTH_ENGINE_TOKEN'].decode()}"}
+
+
 def _assert_replicas_refuse_strangers(pids: List[int], model: str) -> None:
     """A replica serves only its gateway: straight to it, chat and the admin routes get 401
     without the token the gateway gave it (in its environment, never on its command line)."""
@@ -271,7 +278,7 @@ def test_num_peft_device_cached_reaches_the_replicas(gateway):
         together = list(ex.map(ask, addons * 4))
     assert together == alone * 4
     endpoint = cmdline[cmdline.index(b"--listen") + 1].decode()
-    listed = requests.get(f"http://{endpoint}/v1/lora_adapters", timeout=10).json()["adapters"]
+    listed = requests.get(f"http://{endpoint}/v1/lora_adapters", headers=_replica_auth(pid), timeout=10).json()["adapters"]
     assert len(listed) == 2 and sum(a["hot"] for a in listed) == 1, listed
 
 
@@ -290,6 +297,7 @@ def test_merged_mode_replaces_the_merged_addon(gateway):
     [pid] = _replica_pids("tiny")
     cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     endpoint = "http://" + cmdline[cmdline.index(b"--listen") + 1].decode()
+    auth = _replica_auth(pid)
     client = gateway.openai()
     ask = lambda m: client.completions.create(model=m, prompt="Hello", max_tokens=8, temperature=0).choices[0].text
     base_answer = ask(base)
@@ -300,7 +308,7 @@ def test_merged_mode_replaces_the_merged_addon(gateway):
                          json={"model": addon, "deployment": f"accounts/{api.account}/deployments/merged"})
         dm_ids.append(dm["name"].rsplit("/", 1)[1])
         _wait("DEPLOYED", lambda: api.ok_json("GET", f"deployedModels/{dm_ids[-1]}")["state"] == "DEPLOYED")
-        listed = requests.get(f"{endpoint}/v1/lora_adapters", timeout=10).json()
+        listed = requests.get(f"{endpoint}/v1/lora_adapters", headers=auth, timeout=10).json()
         assert listed["merged"]["name"] == addon and listed["adapters"] == [], listed
         answers.append(ask(addon))
     assert len({base_answer, *answers}) == 3, (base_answer, answers)
@@ -311,7 +319,8 @@ def test_merged_mode_replaces_the_merged_addon(gateway):
     assert r.status_code == 404 and "merged" in r.text, r.text
     # Unloading the merged addon restores the base, answering exactly as before.
     api.delete(f"deployedModels/{dm_ids[1]}")
-    _wait("the base restored", lambda: requests.get(f"{endpoint}/v1/lora_adapters", timeout=10).json()["merged"] is None)
+    _wait("the base restored",
+          lambda: requests.get(f"{endpoint}/v1/lora_adapters", headers=auth, timeout=10).json()["merged"] is None)
     assert ask(base) == base_answer
 
 

@@ -61,8 +61,12 @@ def test_max_context_length_bounds_prompt_and_generation(hearth, client, uid):
     r = _complete(hearth, model, [5] * 80, 4)
     assert r.status_code == 400, r.text
     assert "80 tokens; this deployment serves at most 64 tokens" in r.json()["error"]["message"]
-    # One that fits generates up to the bound, not beyond.
+    # A max_tokens beyond the whole bound can never be honoured: refused, naming it.
     r = _complete(hearth, model, [5, 6, 7, 8, 9, 10], 200)
+    assert r.status_code == 400 and "max_tokens is 200" in r.json()["error"]["message"], r.text
+    # One that fits generates up to the bound, not beyond (max_tokens lowered to fit, as
+    # context_length_exceeded_behavior "truncate", the default, says).
+    r = _complete(hearth, model, [5, 6, 7, 8, 9, 10], 60)
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["choices"][0]["finish_reason"] == "length"

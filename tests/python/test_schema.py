@@ -69,6 +69,9 @@ def api_schema(server):
 def _check(case, server, live) -> None:
     if "account" in (case.path_parameters or {}):
         case.path_parameters["account"] = server.account
+    # A generated update must not switch the account's inference off for the operations after it.
+    if (case.path_parameters or {}).get("quota") in ("requests-per-minute", "tokens-per-minute"):
+        case.path_parameters["quota"] = "models"
     if isinstance(case.body, dict) and "model" in case.body and case.path.endswith("completions"):
         # The live model, and generations short enough that the run stays quick (the tiny
         # model's context is 512 tokens; a longer max_tokens is refused, which is tested too).

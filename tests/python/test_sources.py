@@ -222,8 +222,13 @@ def _create(api, model_id: str, source: dict, *, addon_of: Optional[str] = None)
 
 
 def _files_on_disk(hearth, model_id: str) -> list:
+    """The model's files; of hidden ones (the artifact store's own) only a READY model's seal
+    may be there: an import leaves no partial file behind."""
     d = Path(hearth.data_dir) / "artifacts" / hearth.account / "models" / model_id
-    return sorted(p.name for p in d.iterdir()) if d.exists() else []
+    names = sorted(p.name for p in d.iterdir()) if d.exists() else []
+    hidden = [n for n in names if n.startswith(".")]
+    assert set(hidden) <= {".sealed"}, f"{model_id} holds {hidden}"
+    return [n for n in names if not n.startswith(".")]
 
 
 def _assert_failed(hearth, m: dict, *words: str) -> None:
