@@ -448,6 +448,101 @@ def test_base_model_change_is_refused_while_addons_are_loaded(api, client, uid, 
     api.ok_json("DELETE", f"deployments/{dep_id}", params={"hard": "true"})
 
 
+# The request bodies the API's documentation shows (../reference: documented-examples.md), with
+# their placeholders filled in. No field of them is unknown; a value hearth cannot honour is
+# refused as UNIMPLEMENTED naming its field.
+DOCUMENTED_DEPLOYMENT = {
+    "displayName": "documented", "description": "as the docs show it", "expireTime": "2099-11-07T05:31:56Z",
+    "minReplicaCount": 0, "maxReplicaCount": 1,
+    "autoscalingPolicy": {"scaleUpWindow": "30s", "scaleDownWindow": "600s", "scaleToZeroWindow": "3600s",
+                          "loadTargets": {}},
+    "acceleratorCount": 1, "acceleratorType": "ACCELERATOR_TYPE_UNSPECIFIED", "precision": "PRECISION_UNSPECIFIED",
+    "enableAddons": True, "draftTokenCount": 4, "draftModel": "accounts/fireworks/models/x",
+    "ngramSpeculationLength": 3, "deploymentTemplate": "t", "autoTune": {"longPrompt": True},
+    "engine": "ENGINE_UNSPECIFIED", "forTraining": True,
+}
+
+DOCUMENTED_MODEL = {
+    "displayName": "documented", "description": "as the docs show it", "kind": "HF_BASE_MODEL",
+    "githubUrl": "https://github.com/x/y", "huggingFaceUrl": "https://huggingface.co/x/y",
+    "baseModelDetails": {"worldSize": 1, "checkpointFormat": "CHECKPOINT_FORMAT_UNSPECIFIED", "parameterCount": "1",
+                         "moe": False, "tunable": True, "modelType": "llama", "supportsFireattention": True,
+                         "supportsMtp": False},
+    "teftDetails": {}, "public": False,
+    "conversationConfig": {"style": "", "system": "", "template": ""},
+    "contextLength": 512, "supportsImageInput": False, "supportsTools": False,
+    "defaultDraftModel": "", "defaultDraftTokenCount": 0,
+    "deprecationDate": {"year": 2099, "month": 1, "day": 1}, "supportsLora": True,
+    "useHfApplyChatTemplate": False, "trainingContextLength": 512, "snapshotType": "FULL_SNAPSHOT",
+}
+
+
+def test_the_documented_example_bodies_have_no_unknown_field(api, uid, ready_base):
+    refused = []
+    body = dict(DOCUMENTED_DEPLOYMENT, baseModel=ready_base.name)
+    # Each refusal names one field; drop it and send the rest, until the body is accepted.
+    for _ in range(len(body)):
+        r = api.post("deployments", params={"deploymentId": uid("documented")}, json=body)
+        if r.status_code == 200:
+            break
+        err = assert_rpc_error(r, 501, 12)
+        field = next((f for f in body if f"`{f}`" in err["message"] or f" {f} " in err["message"]
+                      or f"{f}." in err["message"] or f"field {f}" in err["message"]), None)
+        assert field, f"the refusal names no field of the body: {err}"
+        refused.append(field)
+        body.pop(field)
+    dep = r.json()
+    assert dep["engine"] == "ENGINE_UNSPECIFIED" and "forTraining" in refused, (dep, refused)
+    assert set(refused) <= {"draftTokenCount", "draftModel", "ngramSpeculationLength", "deploymentTemplate",
+                            "autoTune", "forTraining"}, refused
+    api.ok_json("DELETE", dep["name"].split("/", 2)[2], params={"hard": "true"})
+    # forTraining: false is echoed; another engine is refused by name.
+    dep = api.ok_json("POST", "deployments", params={"deploymentId": uid("documented")},
+                      json={"baseModel": ready_base.name, "engine": "ENGINE_UNSPECIFIED", "forTraining": False})
+    assert dep["forTraining"] is False
+    api.ok_json("DELETE", dep["name"].split("/", 2)[2], params={"hard": "true"})
+    r = api.post("deployments", params={"deploymentId": uid("documented")},
+                 json={"baseModel": ready_base.name, "engine": "VLLM"})
+    assert "engine" in assert_rpc_error(r, 501, 12)["message"]
+
+    r = api.post("models", json={"modelId": uid("documented"), "model": DOCUMENTED_MODEL, "cluster": ""})
+    assert r.status_code == 200 or "unknown" not in r.text, r.text
+
+
+def test_scaling_schedules_are_stored_echoed_and_checked(api, uid, ready_base):
+    schedules = {
+        "weekdays": {"schedule": "0 8 * * Mon-Fri", "duration": "36000s", "timezone": "America/New_York",
+                     "minReplicaCount": 1, "description": "business hours"},
+        "peak": {"schedule": "30 12 * * Wed", "duration": "3600s", "timezone": "Europe/London",
+                 "minReplicaCount": 2, "disabled": True},
+    }
+    dep_id = uid("sched")
+    dep = api.ok_json("POST", "deployments", params={"deploymentId": dep_id},
+                      json={"baseModel": ready_base.name, "minReplicaCount": 0, "maxReplicaCount": 2,
+                            "autoscalingPolicy": {"scalingSchedules": schedules}})
+    got = dep["autoscalingPolicy"]["scalingSchedules"]
+    assert got["weekdays"] == {**schedules["weekdays"], "disabled": False}, got
+    assert got["peak"] == schedules["peak"], got
+    assert api.ok_json("GET", f"deployments/{dep_id}")["autoscalingPolicy"]["scalingSchedules"] == got
+    before = api.ok_json("GET", f"deployments/{dep_id}")
+    for bad, field in [
+        ({"schedule": "0 8 * *", "duration": "3600s", "timezone": "UTC"}, "scalingSchedules.x.schedule"),
+        ({"schedule": "61 8 * * *", "duration": "3600s", "timezone": "UTC"}, "scalingSchedules.x.schedule"),
+        ({"schedule": "0 8 * * *", "duration": "60s", "timezone": "UTC"}, "scalingSchedules.x.duration"),
+        ({"schedule": "0 8 * * *", "duration": "3600s", "timezone": "Nowhere/Land"}, "scalingSchedules.x.timezone"),
+        ({"schedule": "0 8 * * *", "duration": "3600s", "timezone": "UTC", "minReplicaCount": 3},
+         "scalingSchedules.x.minReplicaCount"),
+        ({"schedule": "0 8 * * *", "duration": "3600s", "timezone": "UTC", "colour": "red"}, "colour"),
+    ]:
+        r = api.patch(f"deployments/{dep_id}", json={"autoscalingPolicy": {"scalingSchedules": {"x": bad}}})
+        assert field in assert_rpc_error(r, 400, INVALID_ARGUMENT)["message"], (bad, r.text)
+    six = {f"s{i}": {"schedule": "0 8 * * *", "duration": "3600s", "timezone": "UTC"} for i in range(6)}
+    r = api.patch(f"deployments/{dep_id}", json={"autoscalingPolicy": {"scalingSchedules": six}})
+    assert "at most 5" in assert_rpc_error(r, 400, INVALID_ARGUMENT)["message"]
+    assert api.ok_json("GET", f"deployments/{dep_id}") == before
+    api.ok_json("DELETE", f"deployments/{dep_id}", params={"hard": "true"})
+
+
 # ---------------------------------------------------------------------------------------------
 # The fields table (docs/fields.md): refused fields are refused by name, echoed ones come back
 # as given, refused flags say why. Every refusal leaves nothing behind.

@@ -561,7 +561,26 @@ pub struct AutoscalingPolicy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_targets: Option<BTreeMap<String, f64>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub scaling_schedules: Option<BTreeMap<String, serde_json::Value>>,
+    pub scaling_schedules: Option<BTreeMap<String, ScalingSchedule>>,
+}
+
+/// `gatewayScalingSchedule`: a window, starting at the times of a cron expression in a time
+/// zone, during which a deployment keeps at least `minReplicaCount` replicas.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ScalingSchedule {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_replica_count: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration: Option<ProtoDuration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disabled: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
@@ -700,6 +719,14 @@ pub struct Deployment {
     /// Sent by the 1.2.x SDK although the 4.259.0 spec does not list it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enable_mtp: Option<bool>,
+    /// Of an older API version, still in the documentation's example body: the serving
+    /// engine. hearth has one; `ENGINE_UNSPECIFIED` is accepted and echoed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<String>,
+    /// Of an older API version, still in the documentation's example body: a deployment for
+    /// training. hearth serves inference; `false` is accepted and echoed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub for_training: Option<bool>,
 }
 
 /// `GatewayScaleDeploymentBody`.

@@ -163,8 +163,18 @@ fn refuse_unimplemented(d: &Deployment) -> Result<()> {
     if let Some((field, _)) = checks.iter().find(|(_, set)| *set) {
         return Err(ControlError::unimplemented_field("deployment", field));
     }
-    if d.autoscaling_policy.as_ref().and_then(|p| p.scaling_schedules.as_ref()).is_some_and(|s| !s.is_empty()) {
-        return Err(ControlError::unimplemented_field("deployment", "autoscalingPolicy.scalingSchedules"));
+    if let Some(engine) = d.engine.as_deref().filter(|e| !e.is_empty() && *e != "ENGINE_UNSPECIFIED") {
+        return Err(ControlError::Unimplemented(format!(
+            "deployment field engine = {engine:?} is not supported: hearth serves every deployment with its own \
+             engine; leave engine unset or ENGINE_UNSPECIFIED"
+        )));
+    }
+    if d.for_training == Some(true) {
+        return Err(ControlError::Unimplemented(
+            "deployment field forTraining = true is not supported: hearth deployments serve inference; leave it unset \
+             or false"
+                .to_string(),
+        ));
     }
     if let Some(p) = d.precision {
         if !matches!(p, Precision::Unspecified | Precision::Fp16 | Precision::Bf16 | Precision::Fp32) {
@@ -228,6 +238,9 @@ fn normalise(d: &mut Deployment, min_to_zero: Duration) -> Result<()> {
             "autoscalingPolicy.scaleToZeroWindow must be at least {}s, got {zero}",
             min_to_zero.as_secs_f64()
         )));
+    }
+    if let Some(schedules) = &policy.scaling_schedules {
+        crate::schedules::from_wire(schedules, max)?;
     }
     let targets =
         policy.load_targets.get_or_insert_with(|| BTreeMap::from([("default".to_string(), DEFAULT_LOAD_TARGET)]));

@@ -22,6 +22,7 @@ pub mod quotas;
 pub mod rates;
 mod records;
 pub mod routing;
+pub mod schedules;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -22,6 +22,10 @@
 //!    holding it longer helps nobody) and falling to zero (the scale-to-zero window already
 //!    held). A count outside `[min, max]` (the bounds were just changed) is clamped at once.
 //!
+//! The minimum is `minReplicaCount` raised by the scaling schedules active at the time
+//! (`hearth_control::schedules`): when one starts the count is raised at once (step 5's clamp),
+//! and when it ends the count falls back through the scale-down window like any other lull.
+//!
 //! `:scale` sets the count directly; the autoscaler moves on from there as load dictates.
 //! The windows' state lives in the gateway's memory: a restarted gateway starts them afresh,
 //! which can only delay a change, never make one early.
@@ -44,10 +48,11 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// A deployment's policy, from its spec (whose defaults were filled in on create).
-    pub fn of(spec: &DeploymentSpec) -> Policy {
+    /// A deployment's policy at calendar time `wall`, from its spec (whose defaults were
+    /// filled in on create): its minimum is raised by the scaling schedules active then.
+    pub fn of(spec: &DeploymentSpec, wall: chrono::DateTime<chrono::Utc>) -> Policy {
         Policy {
-            min: spec.min_replica_count,
+            min: spec.effective_min_replica_count(wall),
             max: spec.max_replica_count,
             target: spec.autoscaling.load_target,
             scale_up_window: spec.autoscaling.scale_up_window(),

@@ -216,7 +216,7 @@ fn desired(
     status: &DeploymentStatus,
     replicas: &[Replica],
 ) -> (i32, i64) {
-    let policy = Policy::of(spec);
+    let policy = Policy::of(spec, ctx.clock.wall());
     let (current, applied) = match spec.scale {
         Some(s) if s.seq > status.applied_scale => {
             // A `:scale` is use: the scale-to-zero window counts from it.

@@ -85,7 +85,10 @@ pub trait Runtime: Send + Sync + 'static {
 
 /// Where "now" comes from: the system clock in service, a hand-moved one in tests.
 pub trait Clock: Send + Sync + 'static {
+    /// For windows and timeouts.
     fn now(&self) -> std::time::Instant;
+    /// The calendar time, for scaling schedules.
+    fn wall(&self) -> chrono::DateTime<chrono::Utc>;
 }
 
 pub struct SystemClock;
@@ -93,5 +96,9 @@ pub struct SystemClock;
 impl Clock for SystemClock {
     fn now(&self) -> std::time::Instant {
         std::time::Instant::now()
+    }
+
+    fn wall(&self) -> chrono::DateTime<chrono::Utc> {
+        chrono::Utc::now()
     }
 }

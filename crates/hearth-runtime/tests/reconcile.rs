@@ -488,3 +488,35 @@ async fn merged_mode_merges_the_one_addon_into_each_replica() {
     assert_eq!(w.replicas.merged(&ep).as_deref(), Some("accounts/acme/models/a"));
     assert!(w.replicas.loaded(&ep).is_empty());
 }
+
+#[tokio::test]
+async fn a_scaling_schedule_raises_the_minimum_while_it_is_active() {
+    // The fake calendar starts at 1970-01-01 00:00 UTC; the schedule keeps 2 replicas from
+    // 01:00 for 10 minutes every day.
+    run(&[
+        Create(json!({"minReplicaCount": 0, "maxReplicaCount": 2,
+            "autoscalingPolicy": {"scalingSchedules": {"nightly": {
+                "schedule": "0 1 * * *", "duration": "600s", "timezone": "UTC", "minReplicaCount": 2}}}})),
+        Reconcile(Action::Idle),
+        Replicas(0, 0),
+        Advance(secs(3599)),
+        Reconcile(Action::Idle),
+        Replicas(0, 0),
+        // 01:00: raised at once, no window to wait for.
+        Advance(secs(1)),
+        Reconcile(Action::Soon),
+        Replicas(0, 2),
+        Ready,
+        Reconcile(Action::Idle),
+        Expect(json!({"desiredReplicaCount": 2, "replicaCount": 2,
+            "autoscalingPolicy": {"scalingSchedules": {"nightly": {"schedule": "0 1 * * *", "duration": "600s"}}}})),
+        Advance(secs(599)),
+        Reconcile(Action::Idle),
+        Replicas(2, 0),
+        // 01:10: over; unused, the deployment falls back to its own minimum.
+        Advance(secs(1)),
+        Reconcile(Action::Soon),
+        Expect(json!({"desiredReplicaCount": 0})),
+    ])
+    .await;
+}

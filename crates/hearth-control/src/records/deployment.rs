@@ -2,6 +2,7 @@
 //! status (what the runtime observed, written by the reconciler only), two rows under the same
 //! id, and the one conversion of the pair to the API's `Deployment`.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -14,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::{echo_of, with_echo, Record, DEPLOYMENTS, DEPLOYMENT_STATUS};
+use crate::schedules::{self, Schedule};
 
 /// Wire fields of a deployment stored only to be echoed back: they describe hardware
 /// placement, which hearth has no counterpart for, or are annotations.
@@ -24,6 +26,8 @@ pub(crate) const ECHO_FIELDS: &[&str] = &[
     "placement",
     "deploymentShape",
     "disableDeploymentSizeValidation",
+    "engine",
+    "forTraining",
 ];
 
 /// The autoscaling knobs, with their defaults filled in on create.
@@ -35,6 +39,8 @@ pub struct Autoscaling {
     pub scale_to_zero_window_seconds: f64,
     /// `loadTargets.default`: the share of a replica's batch to keep busy.
     pub load_target: f64,
+    /// `scalingSchedules`, by name.
+    pub schedules: BTreeMap<String, Schedule>,
 }
 
 impl Default for Autoscaling {
@@ -47,6 +53,7 @@ impl Default for Autoscaling {
             scale_down_window_seconds: DEFAULT_SCALE_DOWN_WINDOW as f64,
             scale_to_zero_window_seconds: DEFAULT_SCALE_TO_ZERO_WINDOW as f64,
             load_target: DEFAULT_LOAD_TARGET,
+            schedules: BTreeMap::new(),
         }
     }
 }
@@ -144,6 +151,12 @@ impl DeploymentSpec {
                     .as_ref()
                     .and_then(|t| t.get("default").copied())
                     .unwrap_or(defaults.load_target),
+                // Validated in `normalise`; from a stored row, one that no longer reads is dropped.
+                schedules: policy
+                    .scaling_schedules
+                    .as_ref()
+                    .and_then(|w| schedules::from_wire(w, d.max_replica_count.unwrap_or(1)).ok())
+                    .unwrap_or_default(),
             },
             precision: d.precision.filter(|p| *p != Precision::Unspecified).map(|p| p.as_str().to_string()),
             enable_addons: d.enable_addons,
@@ -172,7 +185,10 @@ impl DeploymentSpec {
                 scale_down_window: Some(ProtoDuration(self.autoscaling.scale_down_window())),
                 scale_to_zero_window: Some(ProtoDuration(self.autoscaling.scale_to_zero_window())),
                 load_targets: Some([("default".to_string(), self.autoscaling.load_target)].into()),
-                scaling_schedules: None,
+                scaling_schedules: Some(
+                    self.autoscaling.schedules.iter().map(|(k, v)| (k.clone(), v.to_wire())).collect(),
+                )
+                .filter(|m: &BTreeMap<String, _>| !m.is_empty()),
             }),
             precision: self.precision.as_deref().and_then(|p| Precision::ALL.iter().copied().find(|x| x.as_str() == p)),
             enable_addons: self.enable_addons,
@@ -185,6 +201,12 @@ impl DeploymentSpec {
             ..Deployment::default()
         };
         with_echo(d, &self.echo)
+    }
+
+    /// The minimum replica count in force at `now`: `minReplicaCount`, raised by the active
+    /// scaling schedules ("max wins").
+    pub fn effective_min_replica_count(&self, now: chrono::DateTime<chrono::Utc>) -> i32 {
+        schedules::effective_min(self.min_replica_count, &self.autoscaling.schedules, now)
     }
 
     pub fn is_deleted(&self) -> bool {

@@ -216,22 +216,33 @@ impl ReplicaApi for FakeReplicas {
     }
 }
 
-/// Time that moves only when the test says.
-pub struct FakeClock(Mutex<Instant>);
+/// Time that moves only when the test says: the instant and the calendar time together.
+pub struct FakeClock(Mutex<(Instant, chrono::DateTime<chrono::Utc>)>);
 
 impl FakeClock {
     pub fn new() -> FakeClock {
-        FakeClock(Mutex::new(Instant::now()))
+        FakeClock::at(chrono::DateTime::UNIX_EPOCH)
+    }
+
+    /// A clock whose calendar time starts at `wall`.
+    pub fn at(wall: chrono::DateTime<chrono::Utc>) -> FakeClock {
+        FakeClock(Mutex::new((Instant::now(), wall)))
     }
 
     pub fn advance(&self, by: Duration) {
-        *self.0.lock().expect("lock") += by;
+        let mut t = self.0.lock().expect("lock");
+        t.0 += by;
+        t.1 += chrono::Duration::from_std(by).expect("a test's step fits");
     }
 }
 
 impl Clock for FakeClock {
     fn now(&self) -> Instant {
-        *self.0.lock().expect("lock")
+        self.0.lock().expect("lock").0
+    }
+
+    fn wall(&self) -> chrono::DateTime<chrono::Utc> {
+        self.0.lock().expect("lock").1
     }
 }
 
@@ -323,7 +334,13 @@ impl World {
             inner.insert("models", ACCOUNT, addon, &row.to_string()).await.expect("addon");
         }
         let store = Arc::new(BreakableStore { inner, fail_writes: AtomicBool::new(false) });
-        let config = ControlConfig { min_scale_to_zero_window: Duration::from_secs(60), ..ControlConfig::default() };
+        // The reconciler's tests run more deployments than the default quotas allow one account.
+        let mut quotas = hearth_control::quotas::QuotaLimits::default();
+        for q in ["deployments=100000", "replicas=100000"] {
+            quotas.set(q).expect("a quota setting");
+        }
+        let config =
+            ControlConfig { min_scale_to_zero_window: Duration::from_secs(60), quotas, ..ControlConfig::default() };
         let control = ControlPlane::new(store.clone(), ArtifactStore::new(dir.path().join("artifacts")), config)
             .await
             .expect("control plane");
