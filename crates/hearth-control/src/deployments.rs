@@ -138,30 +138,71 @@ fn not_found(account: &str, id: &str) -> ControlError {
     ControlError::NotFound(format!("deployment accounts/{account}/deployments/{id} not found"))
 }
 
-/// Refuses the fields hearth parses but does not act on, naming each.
+/// Why a deployment field is refused: what hearth does instead, so the message says what to do.
+/// `docs/fields.md` ("What stays refused") lists the same.
+const SPECULATION: &str = "speculative decoding is not implemented in hearth yet; leave it unset";
+const HOT_LOAD: &str = "hot load of model versions is not implemented in hearth yet: upload the new version as a \
+                        model and update the deployment's baseModel, which rolls its replicas";
+
+/// Refuses the fields hearth parses but does not act on, naming each and saying why.
 fn refuse_unimplemented(d: &Deployment) -> Result<()> {
     let set_str = |s: &Option<String>| s.as_deref().is_some_and(|s| !s.is_empty());
-    let checks: [(&str, bool); 17] = [
-        ("maxWithRevocableReplicaCount", d.max_with_revocable_replica_count.is_some_and(|n| n != 0)),
-        ("draftTokenCount", d.draft_token_count.is_some_and(|n| n != 0)),
-        ("draftModel", set_str(&d.draft_model)),
-        ("ngramSpeculationLength", d.ngram_speculation_length.is_some_and(|n| n != 0)),
-        ("enableSessionAffinity", d.enable_session_affinity == Some(true)),
-        ("directRouteApiKeys", d.direct_route_api_keys.as_ref().is_some_and(|k| !k.is_empty())),
-        ("directRouteType", d.direct_route_type.is_some_and(|t| t != DirectRouteType::Unspecified)),
-        ("deploymentTemplate", set_str(&d.deployment_template)),
-        ("autoTune", d.auto_tune.as_ref().is_some_and(|a| a.long_prompt == Some(true))),
-        ("enableHotLoad", d.enable_hot_load == Some(true)),
-        ("hotLoadBucketType", d.hot_load_bucket_type.is_some_and(|t| t != HotLoadBucketType::Unspecified)),
-        ("hotLoadBucketUrl", set_str(&d.hot_load_bucket_url)),
-        ("hotLoadTrainerJob", set_str(&d.hot_load_trainer_job)),
-        ("activeModelVersion", set_str(&d.active_model_version)),
-        ("targetModelVersion", set_str(&d.target_model_version)),
-        ("pricingPlanId", set_str(&d.pricing_plan_id)),
-        ("enableMtp", d.enable_mtp == Some(true)),
+    let checks: [(&str, bool, &str); 17] = [
+        (
+            "maxWithRevocableReplicaCount",
+            d.max_with_revocable_replica_count.is_some_and(|n| n != 0),
+            "hearth has no revocable (preemptible) capacity: every replica it runs is a full one; use \
+             maxReplicaCount",
+        ),
+        ("draftTokenCount", d.draft_token_count.is_some_and(|n| n != 0), SPECULATION),
+        ("draftModel", set_str(&d.draft_model), SPECULATION),
+        ("ngramSpeculationLength", d.ngram_speculation_length.is_some_and(|n| n != 0), SPECULATION),
+        (
+            "enableSessionAffinity",
+            d.enable_session_affinity == Some(true),
+            "session affinity is not implemented in hearth yet: requests go to the least-loaded replica, \
+             preferring the one an adapter last ran on",
+        ),
+        (
+            "directRouteApiKeys",
+            d.direct_route_api_keys.as_ref().is_some_and(|k| !k.is_empty()),
+            "direct routes are not implemented in hearth yet: send requests to the gateway's /inference routes",
+        ),
+        (
+            "directRouteType",
+            d.direct_route_type.is_some_and(|t| t != DirectRouteType::Unspecified),
+            "direct routes are not implemented in hearth yet: send requests to the gateway's /inference routes",
+        ),
+        (
+            "deploymentTemplate",
+            set_str(&d.deployment_template),
+            "hearth has no deployment templates: set the deployment's own fields",
+        ),
+        (
+            "autoTune",
+            d.auto_tune.as_ref().is_some_and(|a| a.long_prompt == Some(true)),
+            "hearth has nothing to tune for long prompts: its engine prefills them in bounded chunks \
+             (hearth engine --max-step-tokens); leave autoTune unset",
+        ),
+        ("enableHotLoad", d.enable_hot_load == Some(true), HOT_LOAD),
+        ("hotLoadBucketType", d.hot_load_bucket_type.is_some_and(|t| t != HotLoadBucketType::Unspecified), HOT_LOAD),
+        ("hotLoadBucketUrl", set_str(&d.hot_load_bucket_url), HOT_LOAD),
+        (
+            "hotLoadTrainerJob",
+            set_str(&d.hot_load_trainer_job),
+            "hearth runs no trainer jobs: upload a trained adapter as a model and load it onto the deployment",
+        ),
+        ("activeModelVersion", set_str(&d.active_model_version), HOT_LOAD),
+        ("targetModelVersion", set_str(&d.target_model_version), HOT_LOAD),
+        ("pricingPlanId", set_str(&d.pricing_plan_id), "hearth has no pricing plans: it charges nothing"),
+        (
+            "enableMtp",
+            d.enable_mtp == Some(true),
+            "multi-token prediction needs a model's MTP heads, which hearth's engine does not run; leave it unset",
+        ),
     ];
-    if let Some((field, _)) = checks.iter().find(|(_, set)| *set) {
-        return Err(ControlError::unimplemented_field("deployment", field));
+    if let Some((field, _, why)) = checks.iter().find(|(_, set, _)| *set) {
+        return Err(ControlError::Unimplemented(format!("deployment field `{field}` is not supported: {why}")));
     }
     if let Some(engine) = d.engine.as_deref().filter(|e| !e.is_empty() && *e != "ENGINE_UNSPECIFIED") {
         return Err(ControlError::Unimplemented(format!(

@@ -266,7 +266,11 @@ impl ControlPlane {
         }
         validate_id("model", &id).map_err(ControlError::InvalidArgument)?;
         if req.cluster.as_deref().is_some_and(|c| !c.is_empty()) {
-            return Err(ControlError::unimplemented_field("create model request", "cluster"));
+            return Err(ControlError::Unimplemented(
+                "create model request field `cluster` is not supported: hearth keeps models in its own artifact \
+                 store and runs them on its own runtime, not on a cluster of yours; leave it unset"
+                    .to_string(),
+            ));
         }
         let input = req.model.unwrap_or_default();
         check_user_fields(&input, None)?;
