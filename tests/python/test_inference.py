@@ -365,3 +365,55 @@ def test_the_whole_flow_through_the_official_clients(hearth, client, uid):
     with pytest.raises(Exception) as gone:
         client.deployments.get(dep_id)
     assert getattr(gone.value, "status_code", None) == 404
+
+
+def test_a_models_conversation_config_renders_its_chats(client, hearth, uid):
+    """A model's conversationConfig: its template replaces the checkpoint's chat template, and
+    its system message is what a conversation without one gets, through the SDK and the gateway."""
+    template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    system = "Answer in one short sentence, always."
+    plain_id, styled_id = uid("conv-plain"), uid("conv-styled")
+    plain = _upload_tiny(client, plain_id)
+    client.models.create(model_id=styled_id, model={"kind": "HF_BASE_MODEL", "baseModelDetails": {},
+                                                    "conversationConfig": {"template": template, "system": system}})
+    fixtures.upload_model_files(client, styled_id, {f: (ENGINE_FIXTURE / f).read_bytes() for f in FILES})
+    client.models.validate_upload(styled_id)
+    styled = client.models.get(styled_id)
+    assert styled.conversation_config.template == template and styled.conversation_config.system == system
+    deps = []
+    for name in (plain, styled.name):
+        dep_id = uid("conv")
+        client.deployments.create(base_model=name, deployment_id=dep_id, min_replica_count=1, max_replica_count=1)
+        deps.append(dep_id)
+    for dep_id in deps:
+        _wait_state(client, dep_id, "READY")
+    oa = _openai(hearth)
+
+    def prompt_tokens(model, messages):
+        r = oa.chat.completions.create(model=model, messages=messages, max_tokens=1, temperature=0)
+        return r.usage.prompt_tokens
+
+    hi = [{"role": "user", "content": "hi"}]
+    with_system = [{"role": "system", "content": system}] + hi
+    # Without a system message of its own, the styled model's conversation gets the model's:
+    # the same prompt as when the request sends it.
+    assert prompt_tokens(styled.name, hi) == prompt_tokens(styled.name, with_system)
+    assert prompt_tokens(styled.name, [{"role": "system", "content": "Be long."}] + hi) != prompt_tokens(styled.name, hi)
+    # Its template is not the checkpoint's: the same conversation renders differently.
+    assert prompt_tokens(styled.name, with_system) != prompt_tokens(plain, with_system)
+    # The plain model adds no system message of its own.
+    assert prompt_tokens(plain, hi) != prompt_tokens(plain, with_system)
+
+    # A template that does not compile fails the deployment, saying why.
+    broken_id = uid("conv-broken")
+    client.models.create(model_id=broken_id, model={"kind": "HF_BASE_MODEL", "baseModelDetails": {},
+                                                    "conversationConfig": {"template": "{% for m in messages %}"}})
+    fixtures.upload_model_files(client, broken_id, {f: (ENGINE_FIXTURE / f).read_bytes() for f in FILES})
+    client.models.validate_upload(broken_id)
+    dep_id = uid("conv-broken")
+    client.deployments.create(base_model=client.models.get(broken_id).name, deployment_id=dep_id,
+                              min_replica_count=1, max_replica_count=1)
+    d = _wait_state(client, dep_id, "FAILED")
+    assert "chat-template" in d.status.message, d.status
+    for dep in deps + [dep_id]:
+        client.deployments.delete(dep, hard=True)

@@ -96,12 +96,12 @@ const MODEL_PATCH: Patchable = Patchable {
         "deprecationDate",
         "trainingContextLength",
         "snapshotType",
+        "conversationConfig",
         // Accepted so an update can carry them unchanged; a change is refused below.
         "kind",
         "baseModelDetails",
         "peftDetails",
         // Refused as unimplemented when set.
-        "conversationConfig",
         "defaultDraftModel",
         "defaultDraftTokenCount",
         "teftDetails",
@@ -131,8 +131,22 @@ fn check_user_fields(m: &Model, stored: Option<&Model>) -> Result<()> {
             )));
         }
     }
-    if m.conversation_config.is_some() {
-        return Err(ControlError::unimplemented_field("model", "conversationConfig"));
+    if let Some(c) = &m.conversation_config {
+        if c.style.as_deref().is_some_and(|s| !s.is_empty()) {
+            return Err(ControlError::Unimplemented(
+                "model field `conversationConfig.style` is not supported: hearth has no named conversation styles; \
+                 give the chat template itself in conversationConfig.template"
+                    .to_string(),
+            ));
+        }
+        for (field, v, max) in [("system", &c.system, 16 << 10), ("template", &c.template, 64 << 10)] {
+            if v.as_ref().is_some_and(|v| v.len() > max) {
+                return Err(ControlError::InvalidArgument(format!(
+                    "conversationConfig.{field} is longer than {} KiB",
+                    max >> 10
+                )));
+            }
+        }
     }
     if m.default_draft_model.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ControlError::unimplemented_field("model", "defaultDraftModel"));
@@ -143,10 +157,13 @@ fn check_user_fields(m: &Model, stored: Option<&Model>) -> Result<()> {
     if m.teft_details.is_some() {
         return Err(ControlError::unimplemented_field("model", "teftDetails"));
     }
-    if m.use_hf_apply_chat_template == Some(false) {
+    let own_template =
+        m.conversation_config.as_ref().and_then(|c| c.template.as_deref()).is_some_and(|t| !t.is_empty());
+    if m.use_hf_apply_chat_template == Some(false) && !own_template {
         return Err(ControlError::Unimplemented(
-            "model field `useHfApplyChatTemplate` false is not supported: hearth renders chats with the \
-             checkpoint's own (Hugging Face) chat template; leave it unset or true"
+            "model field `useHfApplyChatTemplate` false is not supported without a template of your own: hearth \
+             renders chats with the checkpoint's (Hugging Face) chat template unless conversationConfig.template \
+             gives another"
                 .to_string(),
         ));
     }
@@ -299,6 +316,7 @@ impl ControlPlane {
             supports_tools: input.supports_tools,
             supports_lora: input.supports_lora,
             use_hf_apply_chat_template: input.use_hf_apply_chat_template,
+            conversation_config: input.conversation_config,
             deprecation_date: input.deprecation_date,
             training_context_length: input.training_context_length,
             snapshot_type: input.snapshot_type,

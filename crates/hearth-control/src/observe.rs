@@ -14,6 +14,7 @@ pub use crate::records::deployed_model::{AddonPhase, DeployedModelStatus};
 pub use crate::records::deployment::{
     Autoscaling, DeploymentSpec, DeploymentStatus, Failure, Phase, Problem, ScaleRequest,
 };
+use crate::records::model::ModelRecord;
 use crate::records::{decode_body, Doc, DEPLOYMENTS};
 use crate::ControlPlane;
 
@@ -45,6 +46,13 @@ impl std::fmt::Display for DeploymentKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.name())
     }
+}
+
+/// How a model's chats are rendered, beyond its checkpoint (see `chat_settings`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ChatSettings {
+    pub template: Option<String>,
+    pub system_prompt: Option<String>,
 }
 
 /// An addon loaded onto a deployment, as the runtime needs it.
@@ -132,6 +140,17 @@ impl ControlPlane {
             return Ok(());
         }
         self.upsert(account, id, change).await.map(|_| ())
+    }
+
+    /// How a base model's replicas render chats: its `conversationConfig` (the chat template
+    /// that replaces the checkpoint's, and the system message for conversations without one).
+    /// A model that cannot be read serves as its checkpoint says.
+    pub async fn chat_settings(&self, model: &str) -> ChatSettings {
+        let Ok(rn) = ResourceName::parse(model, Collection::Models) else { return ChatSettings::default() };
+        let Ok(Some(doc)) = self.load::<ModelRecord>(&rn.account, &rn.id).await else { return ChatSettings::default() };
+        let c = doc.value.model.conversation_config.unwrap_or_default();
+        let set = |v: Option<String>| v.filter(|v| !v.is_empty());
+        ChatSettings { template: set(c.template), system_prompt: set(c.system) }
     }
 
     /// Where a model's files are in the artifact store, for `accounts/{a}/models/{m}`.

@@ -137,6 +137,12 @@ impl Runtime for LocalRuntime {
         if spec.max_context_length > 0 {
             cmd.arg("--max-context-length").arg(spec.max_context_length.to_string());
         }
+        if let Some(t) = &spec.chat_template {
+            cmd.arg("--chat-template").arg(t);
+        }
+        if let Some(p) = &spec.system_prompt {
+            cmd.arg("--system-prompt").arg(p);
+        }
         let mut child =
             cmd.spawn().map_err(|e| RuntimeError::Backend(format!("starting {}: {e}", self.binary.display())))?;
         let log_tail = Arc::new(std::sync::Mutex::new(Vec::new()));

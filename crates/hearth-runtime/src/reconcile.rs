@@ -18,7 +18,8 @@ use futures_util::future::join_all;
 use hearth_api::replica::{AdapterList, LoadAdapterRequest};
 use hearth_api::Code;
 use hearth_control::observe::{
-    Addon, AddonPhase, DeploymentKey, DeploymentSpec, DeploymentStatus, Failure, Phase as StatusPhase, Problem,
+    Addon, AddonPhase, ChatSettings, DeploymentKey, DeploymentSpec, DeploymentStatus, Failure, Phase as StatusPhase,
+    Problem,
 };
 use hearth_control::ControlPlane;
 
@@ -119,7 +120,8 @@ pub async fn reconcile(ctx: &Context, key: &DeploymentKey) -> Result<Action> {
         return Ok(Action::Idle);
     }
 
-    let rspec = replica_spec(key, &spec);
+    let chat = ctx.control.chat_settings(&spec.base_model).await;
+    let rspec = replica_spec(key, &spec, chat);
     let fingerprint = rspec.fingerprint();
     let (desired, applied_scale) = desired(ctx, &name, &spec, &status, &replicas);
 
@@ -195,9 +197,11 @@ pub async fn reconcile(ctx: &Context, key: &DeploymentKey) -> Result<Action> {
     Ok(if busy { Action::Soon } else { Action::Idle })
 }
 
-/// The replicas a deployment runs, as its spec implies.
-pub fn replica_spec(key: &DeploymentKey, spec: &DeploymentSpec) -> ReplicaSpec {
+/// The replicas a deployment runs, as its spec and its model's chat settings imply.
+pub fn replica_spec(key: &DeploymentKey, spec: &DeploymentSpec, chat: ChatSettings) -> ReplicaSpec {
     ReplicaSpec {
+        chat_template: chat.template,
+        system_prompt: chat.system_prompt,
         deployment: key.name(),
         model: spec.base_model.clone(),
         precision: spec.precision.clone().unwrap_or_default(),

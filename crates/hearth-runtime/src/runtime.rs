@@ -28,6 +28,11 @@ pub struct ReplicaSpec {
     pub max_context_length: u32,
     /// LoRA adapters kept hot on the replica (`numPeftDeviceCached`); 0 for the engine's default.
     pub max_hot_adapters: u32,
+    /// The model's `conversationConfig.template`: the chat template that replaces the
+    /// checkpoint's.
+    pub chat_template: Option<String>,
+    /// The model's `conversationConfig.system`: the system message of a conversation without one.
+    pub system_prompt: Option<String>,
 }
 
 impl ReplicaSpec {
@@ -39,7 +44,16 @@ impl ReplicaSpec {
             "{}|{}|{}|{}|{}",
             self.deployment, self.model, self.precision, self.max_context_length, self.max_hot_adapters
         );
-        hex::encode(&Sha256::digest(text.as_bytes())[..6])
+        let mut h = Sha256::new();
+        h.update(text.as_bytes());
+        // Only when set, so the replicas of models without them keep their fingerprints.
+        for (tag, v) in [(&b"|template:"[..], &self.chat_template), (&b"|system:"[..], &self.system_prompt)] {
+            if let Some(v) = v {
+                h.update(tag);
+                h.update(v.as_bytes());
+            }
+        }
+        hex::encode(&h.finalize()[..6])
     }
 }
 

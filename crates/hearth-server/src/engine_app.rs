@@ -43,6 +43,8 @@ struct App {
     engine: Engine,
     served_name: Arc<str>,
     template: Option<Arc<ChatTemplate>>,
+    /// The system message of a conversation that has none.
+    system_prompt: Option<Arc<str>>,
     metrics: Arc<Counters>,
 }
 
@@ -56,18 +58,38 @@ struct Counters {
 
 type ApiResult<T> = Result<T, OpenAiError>;
 
-/// The engine server. With a `token`, every route but `/health` requires
-/// `Authorization: Bearer <token>` (a replica started by a gateway always has one); without,
-/// it is open, as a developer running `hearth engine` by hand on loopback expects.
-pub fn engine_router(engine: Engine, served_name: String, token: Option<String>) -> Router {
-    let template = match ChatTemplate::from_tokenizer(engine.tokenizer()) {
+/// What the engine server does beyond serving its engine.
+#[derive(Default)]
+pub struct ServerOptions {
+    /// With a token, every route but `/health` requires `Authorization: Bearer <token>` (a
+    /// replica started by a gateway always has one); without, the server is open, as a
+    /// developer running `hearth engine` by hand on loopback expects.
+    pub token: Option<String>,
+    /// The chat template to render chats with instead of the checkpoint's (a model's
+    /// `conversationConfig.template`).
+    pub chat_template: Option<ChatTemplate>,
+    /// The system message a conversation without one gets (`conversationConfig.system`).
+    pub system_prompt: Option<String>,
+}
+
+/// The engine server's router.
+pub fn engine_router(engine: Engine, served_name: String, opts: ServerOptions) -> Router {
+    let template = match opts.chat_template.map(Ok).unwrap_or_else(|| ChatTemplate::from_tokenizer(engine.tokenizer()))
+    {
         Ok(t) => Some(Arc::new(t)),
         Err(e) => {
             tracing::warn!(error = %e, "no usable chat template; /v1/chat/completions will refuse requests");
             None
         }
     };
-    let app = App { engine, served_name: served_name.into(), template, metrics: Arc::new(Counters::default()) };
+    let token = opts.token;
+    let app = App {
+        engine,
+        served_name: served_name.into(),
+        template,
+        system_prompt: opts.system_prompt.map(Arc::from),
+        metrics: Arc::new(Counters::default()),
+    };
     Router::new()
         .route(paths::HEALTH, get(|| async { Json(Health { status: "ok".to_string() }) }))
         .route(paths::LOAD_FIGURES, get(load_figures))
@@ -712,6 +734,13 @@ async fn chat_completions(State(app): State<App>, body: Result<Bytes, BytesRejec
             "messages has only assistant messages; a conversation needs a system or user message to answer",
         )
         .param("messages"));
+    }
+    // The model's own system message, for a conversation that brings none.
+    let mut messages = messages;
+    if let Some(system) = app.system_prompt.as_deref() {
+        if !messages.iter().any(|m| m.role == "system") {
+            messages.insert(0, ChatMessage::new("system", system));
+        }
     }
     if req.max_completion_tokens.is_some() && req.sampling.max_tokens.is_some() {
         return Err(OpenAiError::bad("send max_tokens or max_completion_tokens, not both: they are the same limit")

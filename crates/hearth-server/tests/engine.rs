@@ -25,7 +25,11 @@ fn router_with_token(config: hearth_engine::EngineConfig, token: Option<&str>) -
     let loaded =
         hearth_engine::load(&dir, hearth_engine::Precision::Native, &candle_core::Device::Cpu).expect("tiny model");
     let engine = hearth_engine::Engine::start(loaded.model, loaded.tokenizer, config);
-    hearth_server::engine_router(engine, MODEL.to_string(), token.map(str::to_string))
+    hearth_server::engine_router(
+        engine,
+        MODEL.to_string(),
+        hearth_server::ServerOptions { token: token.map(str::to_string), ..Default::default() },
+    )
 }
 
 async fn post(app: &Router, path: &str, body: Value) -> (StatusCode, Value) {

@@ -36,7 +36,7 @@ async fn the_pirate_adapter_speaks_like_a_pirate_and_the_base_model_does_not_cha
         hearth_engine::load(&gguf, hearth_engine::Precision::Native, &candle_core::Device::Cpu).expect("model");
     let engine = hearth_engine::Engine::start(loaded.model, loaded.tokenizer, hearth_engine::EngineConfig::default());
     engine.load_adapter("pirate", &fixtures().join("lora/pirate"), None).expect("adapter");
-    let app = hearth_server::engine_router(engine, "smollm2".into(), None);
+    let app = hearth_server::engine_router(engine, "smollm2".into(), Default::default());
     let reference: Value =
         serde_json::from_str(&std::fs::read_to_string(fixtures().join("lora/pirate/reference.json")).expect("fixture"))
             .expect("json");

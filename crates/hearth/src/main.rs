@@ -112,6 +112,13 @@ struct EngineArgs {
     /// can reach its address.
     #[arg(skip = std::env::var(hearth_api::replica::TOKEN_ENV).ok().filter(|t| !t.is_empty()))]
     token: Option<String>,
+    /// A chat template (Jinja source) to render chats with instead of the checkpoint's; a
+    /// replica gets its model's conversationConfig.template here.
+    #[arg(long, value_name = "JINJA")]
+    chat_template: Option<String>,
+    /// The system message for conversations that bring none (a model's conversationConfig.system).
+    #[arg(long, value_name = "TEXT")]
+    system_prompt: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -380,6 +387,15 @@ async fn engine(args: EngineArgs) -> anyhow::Result<()> {
         max_step_adapters: args.max_loras_per_step as usize,
         ..hearth_engine::EngineConfig::default()
     };
+    // A template of the model's own must compile, or the replica does not start (and its
+    // deployment fails, saying why).
+    let chat_template = match &args.chat_template {
+        Some(source) => Some(
+            hearth_engine::chat::ChatTemplate::new(source, loaded.tokenizer.bos_token(), loaded.tokenizer.eos_token())
+                .context("--chat-template")?,
+        ),
+        None => None,
+    };
     let engine = hearth_engine::Engine::start(loaded.model, loaded.tokenizer, config);
     for spec in &args.loras {
         let Some((name, path)) = spec.split_once('=') else {
@@ -412,7 +428,8 @@ async fn engine(args: EngineArgs) -> anyhow::Result<()> {
         );
     }
     tracing::info!(listen = %listener.local_addr()?, served_model_name = %served, authenticated = args.token.is_some(), "hearth engine ready");
-    axum_serve(listener, hearth_server::engine_router(engine, served, args.token)).await
+    let opts = hearth_server::ServerOptions { token: args.token, chat_template, system_prompt: args.system_prompt };
+    axum_serve(listener, hearth_server::engine_router(engine, served, opts)).await
 }
 
 async fn axum_serve(listener: tokio::net::TcpListener, app: axum::Router) -> anyhow::Result<()> {
