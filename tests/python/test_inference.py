@@ -417,3 +417,33 @@ def test_a_models_conversation_config_renders_its_chats(client, hearth, uid):
     assert "chat-template" in d.status.message, d.status
     for dep in deps + [dep_id]:
         client.deployments.delete(dep, hard=True)
+
+
+def test_a_checkpoints_sampling_defaults_apply_to_requests_that_leave_them_unset(client, hearth, uid, served):
+    """generation_config.json's sampling parameters are the model's defaultSamplingParams, and
+    what a request that does not set them gets."""
+    model_id = uid("gen-config")
+    client.models.create(model_id=model_id, model={"kind": "HF_BASE_MODEL", "baseModelDetails": {}})
+    files = {f: (ENGINE_FIXTURE / f).read_bytes() for f in FILES}
+    files["generation_config.json"] = json.dumps({"do_sample": True, "top_k": 1, "temperature": 0.7}).encode()
+    fixtures.upload_model_files(client, model_id, files)
+    client.models.validate_upload(model_id)
+    model = client.models.get(model_id)
+    assert model.default_sampling_params == {"top_k": 1.0, "temperature": 0.7}, model.default_sampling_params
+    dep_id = uid("gen-config")
+    client.deployments.create(base_model=model.name, deployment_id=dep_id, min_replica_count=1, max_replica_count=1)
+    _wait_state(client, dep_id, "READY")
+    oa = _openai(hearth)
+
+    def text(name, seed, **extra):
+        return oa.completions.create(model=name, prompt="Once", max_tokens=12, seed=seed,
+                                     extra_body={"ignore_eos": True, **extra}).choices[0].text
+
+    # top_k 1 by default: every seed gives the one most likely text.
+    assert text(model.name, 1) == text(model.name, 2) == text(model.name, 3)
+    # A request that sets top_k samples as it asks.
+    assert len({text(model.name, s, top_k=0) for s in (1, 2, 3)}) > 1
+    # The same checkpoint without the file samples from the whole distribution by default.
+    _, plain, _ = served
+    assert len({text(plain, s) for s in (1, 2, 3)}) > 1
+    client.deployments.delete(dep_id, hard=True)

@@ -855,6 +855,7 @@ impl ControlPlane {
                     if let Some(ctx) = b.context_length {
                         m.context_length = i32::try_from(ctx).ok();
                     }
+                    m.default_sampling_params = Some(b.sampling_defaults.clone()).filter(|d| !d.is_empty());
                     m.supports_lora.get_or_insert(true);
                 }
                 if let Some(a) = &adapter {

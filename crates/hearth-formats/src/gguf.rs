@@ -970,6 +970,7 @@ pub(crate) fn inspect(
         dtype,
         files: files.keys().cloned().collect(),
         has_chat_template: hp.has_chat_template,
+        sampling_defaults: BTreeMap::new(),
         tokenizer: hp.tokenizer,
     })
 }

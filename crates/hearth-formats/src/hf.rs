@@ -54,6 +54,7 @@ pub(crate) fn inspect(dir: &Path, files: &BTreeMap<String, u64>, problems: &mut 
         dtype,
         files: files.keys().cloned().collect(),
         has_chat_template,
+        sampling_defaults: crate::sampling_defaults(dir),
         tokenizer,
     })
 }

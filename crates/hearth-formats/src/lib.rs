@@ -171,6 +171,35 @@ pub struct BaseSummary {
     /// `model.type` (e.g. "BPE").
     #[serde(default)]
     pub tokenizer: Option<String>,
+    /// The sampling defaults the checkpoint ships (see [`sampling_defaults`]).
+    #[serde(default)]
+    pub sampling_defaults: BTreeMap<String, f64>,
+}
+
+/// The sampling parameters a Hugging Face checkpoint's `generation_config.json` sets, by their
+/// OpenAI names: `temperature`, `top_p`, `top_k` and `repetition_penalty`, when the file asks
+/// for sampling (`do_sample: true`; without it transformers decodes greedily and ignores
+/// them) and each is in the range a request could give. Anything else, or no file, is none.
+pub fn sampling_defaults(dir: &Path) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    let Ok(text) = fs::read_to_string(dir.join("generation_config.json")) else { return out };
+    let Ok(serde_json::Value::Object(cfg)) = serde_json::from_str::<serde_json::Value>(&text) else { return out };
+    if cfg.get("do_sample").and_then(serde_json::Value::as_bool) != Some(true) {
+        return out;
+    }
+    type InRange = fn(f64) -> bool;
+    let in_range: [(&str, InRange); 4] = [
+        ("temperature", |v| (0.0..=2.0).contains(&v)),
+        ("top_p", |v| v > 0.0 && v <= 1.0),
+        ("top_k", |v| v >= 0.0 && v.fract() == 0.0),
+        ("repetition_penalty", |v| v > 0.0 && v.is_finite()),
+    ];
+    for (key, ok) in in_range {
+        if let Some(v) = cfg.get(key).and_then(serde_json::Value::as_f64).filter(|v| ok(*v)) {
+            out.insert(key.to_string(), v);
+        }
+    }
+    out
 }
 
 /// One patched linear layer of a LoRA addon.
@@ -498,6 +527,24 @@ fn layer_index(name: &str) -> Option<(u32, &str)> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn sampling_defaults_come_from_a_generation_config_that_samples() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let write = |v: serde_json::Value| fs::write(dir.path().join("generation_config.json"), v.to_string()).unwrap();
+        assert!(sampling_defaults(dir.path()).is_empty(), "no file");
+        write(serde_json::json!({"do_sample": true, "temperature": 0.6, "top_p": 0.9, "top_k": 50, "max_length": 9}));
+        let got = sampling_defaults(dir.path());
+        assert_eq!(
+            got,
+            [("temperature", 0.6), ("top_k", 50.0), ("top_p", 0.9)].map(|(k, v)| (k.to_string(), v)).into()
+        );
+        write(serde_json::json!({"temperature": 0.6}));
+        assert!(sampling_defaults(dir.path()).is_empty(), "greedy unless do_sample");
+        write(serde_json::json!({"do_sample": true, "temperature": 7.0, "top_p": 0.0, "top_k": 1.5}));
+        assert!(sampling_defaults(dir.path()).is_empty(), "out of range values are dropped");
+    }
+
     use super::testutil::*;
     use super::*;
 

@@ -45,6 +45,7 @@ struct App {
     template: Option<Arc<ChatTemplate>>,
     /// The system message of a conversation that has none.
     system_prompt: Option<Arc<str>>,
+    sampling_defaults: SamplingDefaults,
     metrics: Arc<Counters>,
 }
 
@@ -70,6 +71,30 @@ pub struct ServerOptions {
     pub chat_template: Option<ChatTemplate>,
     /// The system message a conversation without one gets (`conversationConfig.system`).
     pub system_prompt: Option<String>,
+    /// What a request that leaves a sampling parameter unset gets (the checkpoint's
+    /// generation_config.json, as `hearth_formats::sampling_defaults` reads it).
+    pub sampling_defaults: SamplingDefaults,
+}
+
+/// The model's own sampling parameters, for requests that do not set them.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SamplingDefaults {
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<u32>,
+    pub repetition_penalty: Option<f32>,
+}
+
+impl SamplingDefaults {
+    /// From the parameters by their OpenAI names.
+    pub fn from_map(m: &std::collections::BTreeMap<String, f64>) -> SamplingDefaults {
+        SamplingDefaults {
+            temperature: m.get("temperature").map(|v| *v as f32),
+            top_p: m.get("top_p").map(|v| *v as f32),
+            top_k: m.get("top_k").map(|v| *v as u32),
+            repetition_penalty: m.get("repetition_penalty").map(|v| *v as f32),
+        }
+    }
 }
 
 /// The engine server's router.
@@ -88,6 +113,7 @@ pub fn engine_router(engine: Engine, served_name: String, opts: ServerOptions) -
         served_name: served_name.into(),
         template,
         system_prompt: opts.system_prompt.map(Arc::from),
+        sampling_defaults: opts.sampling_defaults,
         metrics: Arc::new(Counters::default()),
     };
     Router::new()
@@ -467,14 +493,17 @@ impl App {
                     prompt: prompt.clone(),
                     max_tokens: max.min(room.max(1)),
                     params: SamplingParams {
-                        temperature: s.temperature.unwrap_or(1.0),
-                        top_p: s.top_p.unwrap_or(1.0),
-                        top_k: s.top_k.unwrap_or(0) as usize,
+                        temperature: s.temperature.or(self.sampling_defaults.temperature).unwrap_or(1.0),
+                        top_p: s.top_p.or(self.sampling_defaults.top_p).unwrap_or(1.0),
+                        top_k: s.top_k.or(self.sampling_defaults.top_k).unwrap_or(0) as usize,
                         // Each of n choices gets its own stream of randomness, still reproducible.
                         seed: s.seed.map(|seed| seed.wrapping_add(j as u64)),
                         presence_penalty: s.presence_penalty.unwrap_or(0.0),
                         frequency_penalty: s.frequency_penalty.unwrap_or(0.0),
-                        repetition_penalty: s.repetition_penalty.unwrap_or(1.0),
+                        repetition_penalty: s
+                            .repetition_penalty
+                            .or(self.sampling_defaults.repetition_penalty)
+                            .unwrap_or(1.0),
                         logprobs,
                     },
                     stop: s.stop.clone().map(|s| s.into_vec()).unwrap_or_default(),

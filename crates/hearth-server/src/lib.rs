@@ -9,6 +9,6 @@ pub mod metrics;
 pub mod openapi;
 mod params;
 
-pub use engine_app::{engine_router, ServerOptions};
+pub use engine_app::{engine_router, SamplingDefaults, ServerOptions};
 pub use error::ApiError;
 pub use gateway::{router as gateway_router, router_with as gateway_router_with, Inference};

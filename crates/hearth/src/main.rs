@@ -428,7 +428,18 @@ async fn engine(args: EngineArgs) -> anyhow::Result<()> {
         );
     }
     tracing::info!(listen = %listener.local_addr()?, served_model_name = %served, authenticated = args.token.is_some(), "hearth engine ready");
-    let opts = hearth_server::ServerOptions { token: args.token, chat_template, system_prompt: args.system_prompt };
+    // A Hugging Face checkpoint's generation_config.json gives the defaults of unset parameters.
+    let sampling =
+        if args.model.is_dir() { hearth_formats::sampling_defaults(&args.model) } else { Default::default() };
+    if !sampling.is_empty() {
+        tracing::info!(defaults = ?sampling, "sampling defaults from generation_config.json");
+    }
+    let opts = hearth_server::ServerOptions {
+        token: args.token,
+        chat_template,
+        system_prompt: args.system_prompt,
+        sampling_defaults: hearth_server::SamplingDefaults::from_map(&sampling),
+    };
     axum_serve(listener, hearth_server::engine_router(engine, served, opts)).await
 }
 

@@ -87,6 +87,9 @@ pub(crate) struct BaseFacts {
     pub parameter_count: u64,
     pub dtype: String,
     pub files: Vec<String>,
+    /// From generation_config.json: what `defaultSamplingParams` reports.
+    #[serde(default)]
+    pub sampling_defaults: std::collections::BTreeMap<String, f64>,
 }
 
 impl BaseFacts {
@@ -111,6 +114,7 @@ impl BaseFacts {
             parameter_count: b.parameter_count,
             dtype: b.dtype.clone(),
             files: b.files.clone(),
+            sampling_defaults: b.sampling_defaults.clone(),
         }
     }
 
