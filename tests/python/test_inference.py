@@ -447,3 +447,54 @@ def test_a_checkpoints_sampling_defaults_apply_to_requests_that_leave_them_unset
     _, plain, _ = served
     assert len({text(plain, s) for s in (1, 2, 3)}) > 1
     client.deployments.delete(dep_id, hard=True)
+
+
+def test_a_direct_route_serves_its_deployment_with_its_own_keys(client, hearth, uid, served):
+    """directRouteType INTERNET: the deployment gets an endpoint of its own (directRouteHandle,
+    host:port) that answers the OpenAI routes with its directRouteApiKeys only; the keys are
+    never shown again, and a new list takes effect at once."""
+    import openai as openai_module
+    import requests
+
+    model_id = uid("direct")
+    name = _upload_tiny(client, model_id)
+    dep_id = uid("direct")
+    client.deployments.create(base_model=name, deployment_id=dep_id, min_replica_count=1, max_replica_count=1,
+                              direct_route_type="INTERNET", direct_route_api_keys=["dk-one-secret"])
+    _wait_state(client, dep_id, "READY")
+    deadline = time.monotonic() + 10
+    while not (dep := client.deployments.get(dep_id)).direct_route_handle:
+        assert time.monotonic() < deadline, "no directRouteHandle"
+        time.sleep(0.2)
+    handle = dep.direct_route_handle
+    assert dep.direct_route_type == "INTERNET" and not dep.direct_route_api_keys, dep
+    direct = lambda key: OpenAI(api_key=key, base_url=f"http://{handle}/v1", max_retries=0)
+    chat = direct("dk-one-secret").chat.completions.create(
+        model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    assert chat.choices[0].message.content is not None
+    # The account's own key does not open it, nor a guess; another model is not served there.
+    for key in (hearth.api_key, "dk-guess"):
+        with pytest.raises(openai_module.AuthenticationError):
+            direct(key).completions.create(model=name, prompt="Hi", max_tokens=1)
+    _, other, _ = served
+    with pytest.raises(openai_module.BadRequestError) as e:
+        direct("dk-one-secret").completions.create(model=other, prompt="Hi", max_tokens=1)
+    assert dep_id in str(e.value), e.value
+    # A new list of keys: the old one is refused at once, the new one works.
+    client.deployments.update(dep_id, base_model=name, direct_route_api_keys=["dk-two-secret"])
+    with pytest.raises(openai_module.AuthenticationError):
+        direct("dk-one-secret").completions.create(model=name, prompt="Hi", max_tokens=1)
+    direct("dk-two-secret").completions.create(model=name, prompt="Hi", max_tokens=1)
+    # An update that does not send keys keeps them.
+    client.deployments.update(dep_id, base_model=name, display_name="renamed")
+    direct("dk-two-secret").completions.create(model=name, prompt="Hi", max_tokens=1)
+    # Deleted, the route closes.
+    client.deployments.delete(dep_id, hard=True)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            requests.post(f"http://{handle}/v1/completions", timeout=2)
+        except requests.ConnectionError:
+            break
+        assert time.monotonic() < deadline, "the direct route stayed open"
+        time.sleep(0.2)

@@ -147,7 +147,7 @@ const HOT_LOAD: &str = "hot load of model versions is not implemented in hearth 
 /// Refuses the fields hearth parses but does not act on, naming each and saying why.
 fn refuse_unimplemented(d: &Deployment) -> Result<()> {
     let set_str = |s: &Option<String>| s.as_deref().is_some_and(|s| !s.is_empty());
-    let checks: [(&str, bool, &str); 17] = [
+    let checks: [(&str, bool, &str); 16] = [
         (
             "maxWithRevocableReplicaCount",
             d.max_with_revocable_replica_count.is_some_and(|n| n != 0),
@@ -164,14 +164,10 @@ fn refuse_unimplemented(d: &Deployment) -> Result<()> {
              preferring the one an adapter last ran on",
         ),
         (
-            "directRouteApiKeys",
-            d.direct_route_api_keys.as_ref().is_some_and(|k| !k.is_empty()),
-            "direct routes are not implemented in hearth yet: send requests to the gateway's /inference routes",
-        ),
-        (
             "directRouteType",
-            d.direct_route_type.is_some_and(|t| t != DirectRouteType::Unspecified),
-            "direct routes are not implemented in hearth yet: send requests to the gateway's /inference routes",
+            d.direct_route_type.is_some_and(|t| !matches!(t, DirectRouteType::Unspecified | DirectRouteType::Internet)),
+            "private-link direct routes need a cloud provider's network, which hearth does not have; use INTERNET \
+             (an endpoint of the deployment's own, on the gateway's host)",
         ),
         (
             "deploymentTemplate",
@@ -228,6 +224,9 @@ fn refuse_unimplemented(d: &Deployment) -> Result<()> {
     Ok(())
 }
 
+/// The most keys one direct route accepts.
+const MAX_DIRECT_ROUTE_KEYS: usize = 100;
+
 /// Fills defaults and checks every user-settable field of a deployment about to be stored.
 /// `min_to_zero` is the shortest scale-to-zero window accepted (`ControlConfig`).
 fn normalise(d: &mut Deployment, min_to_zero: Duration) -> Result<()> {
@@ -279,6 +278,22 @@ fn normalise(d: &mut Deployment, min_to_zero: Duration) -> Result<()> {
             "autoscalingPolicy.scaleToZeroWindow must be at least {}s, got {zero}",
             min_to_zero.as_secs_f64()
         )));
+    }
+    match (d.direct_route_type == Some(DirectRouteType::Internet), d.direct_route_api_keys.as_deref()) {
+        (true, Some(keys)) if !keys.is_empty() => {
+            if keys.len() > MAX_DIRECT_ROUTE_KEYS || keys.iter().any(|k| k.trim().is_empty() || k.len() > 256) {
+                return Err(ControlError::InvalidArgument(format!(
+                    "directRouteApiKeys: at most {MAX_DIRECT_ROUTE_KEYS} keys of 1 to 256 characters"
+                )));
+            }
+        }
+        (true, _) => {}
+        (false, Some(keys)) if !keys.is_empty() => {
+            return Err(ControlError::InvalidArgument(
+                "directRouteApiKeys is used only with directRouteType INTERNET; set both".to_string(),
+            ))
+        }
+        (false, _) => {}
     }
     if let Some(schedules) = &policy.scaling_schedules {
         crate::schedules::from_wire(schedules, max)?;
@@ -520,13 +535,17 @@ impl ControlPlane {
                 let mut updated = patch.apply(&doc.value.to_wire())?;
                 normalise(&mut updated, min_to_zero)?;
                 let old = &doc.value;
-                let new = DeploymentSpec {
+                let mut new = DeploymentSpec {
                     delete_time: old.delete_time,
                     purge_time: old.purge_time,
                     generation: old.generation,
                     scale: old.scale,
                     ..DeploymentSpec::from_wire(&updated)
                 };
+                // The keys are never shown, so an update that does not send them keeps them.
+                if updated.direct_route_api_keys.is_none() && new.direct_route_key_hashes.is_some() {
+                    new.direct_route_key_hashes = old.direct_route_key_hashes.clone().or(Some(Vec::new()));
+                }
                 // Any change is a new generation: the runtime rolls to it (and a FAILED
                 // deployment tries again).
                 if new != *old {

@@ -142,6 +142,43 @@ impl ControlPlane {
         self.upsert(account, id, change).await.map(|_| ())
     }
 
+    /// The deployments that have a direct route.
+    pub async fn direct_routes(&self) -> Result<Vec<DeploymentKey>> {
+        let mut out = Vec::new();
+        for rec in self.store.list_all(DEPLOYMENTS).await? {
+            let Ok(spec) = decode_body::<DeploymentSpec>(&rec.body) else { continue };
+            if spec.is_deleted() {
+                continue;
+            }
+            if spec.direct_route_key_hashes.is_some() {
+                out.push(DeploymentKey { account: rec.account, id: rec.id });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether `key` opens the direct route of `deployment` now: read from the store on every
+    /// request, so a key removed from the list is refused at once.
+    pub async fn direct_route_admits(&self, deployment: &DeploymentKey, key: &str) -> Result<bool> {
+        let spec: Option<Doc<DeploymentSpec>> = self.load(&deployment.account, &deployment.id).await?;
+        let hash = crate::auth::hash_key(key);
+        Ok(spec.is_some_and(|s| {
+            !s.value.is_deleted() && s.value.direct_route_key_hashes.as_ref().is_some_and(|h| h.contains(&hash))
+        }))
+    }
+
+    /// A deployment's status row, when it has one.
+    pub async fn deployment_status(&self, key: &DeploymentKey) -> Result<Option<DeploymentStatus>> {
+        Ok(self.load::<DeploymentStatus>(&key.account, &key.id).await?.map(|d| d.value))
+    }
+
+    /// Records where a deployment's direct route listens (`directRouteHandle`).
+    pub async fn observe_direct_route(&self, key: &DeploymentKey, handle: Option<String>) -> Result<()> {
+        self.upsert::<DeploymentStatus, _>(&key.account, &key.id, |s| s.direct_route_handle = handle.clone())
+            .await
+            .map(|_| ())
+    }
+
     /// How a base model's replicas render chats: its `conversationConfig` (the chat template
     /// that replaces the checkpoint's, and the system message for conversations without one).
     /// A model that cannot be read serves as its checkpoint says.

@@ -11,4 +11,4 @@ mod params;
 
 pub use engine_app::{engine_router, SamplingDefaults, ServerOptions};
 pub use error::ApiError;
-pub use gateway::{router as gateway_router, router_with as gateway_router_with, Inference};
+pub use gateway::{router as gateway_router, router_with as gateway_router_with, serve_direct_routes, Inference};

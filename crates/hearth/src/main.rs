@@ -173,6 +173,10 @@ struct ServeArgs {
     /// this often (one in transition sooner; any change through the API at once).
     #[arg(long, env = "HEARTH_RECONCILE_INTERVAL_MS", default_value_t = 1000)]
     reconcile_interval_ms: u64,
+    /// The address deployments' direct routes listen on (`directRouteType: INTERNET`), each
+    /// on a port of its own that its `directRouteHandle` gives.
+    #[arg(long, env = "HEARTH_DIRECT_ROUTE_HOST", default_value = "127.0.0.1")]
+    direct_route_host: std::net::IpAddr,
     /// The ceiling (maxValue) of a quota for every account, as ID=N: models, deployments,
     /// replicas, accelerators-<type>, stored-bytes, loaded-addons, requests-per-minute,
     /// tokens-per-minute. Repeatable; quotas not named keep their defaults (docs/quotas.md).
@@ -331,6 +335,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
 
     let inference = hearth_server::Inference::new(fleet, credentials, Duration::from_secs(args.wake_timeout));
+    tokio::spawn(hearth_server::serve_direct_routes(control.clone(), inference.clone(), args.direct_route_host));
     let app = hearth_server::gateway_router_with(control.clone(), inference);
     tracing::info!(
         listen = %local,

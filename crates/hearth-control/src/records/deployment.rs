@@ -8,7 +8,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use hearth_api::duration::ProtoDuration;
 use hearth_api::names::{Collection, ResourceName};
-use hearth_api::resources::{AutoscalingPolicy, Deployment, DeploymentState, Precision, ReplicaStats};
+use hearth_api::resources::{AutoscalingPolicy, Deployment, DeploymentState, DirectRouteType, Precision, ReplicaStats};
 use hearth_api::rpc::ResourceStatus;
 use hearth_api::Code;
 use serde::{Deserialize, Serialize};
@@ -110,6 +110,9 @@ pub struct DeploymentSpec {
     pub scale: Option<ScaleRequest>,
     /// Wire fields kept only for echo ([`ECHO_FIELDS`]), in their wire form.
     pub echo: Map<String, Value>,
+    /// A direct route (`directRouteType: INTERNET`): the SHA-256 of each key it accepts. The
+    /// keys themselves are never stored, so the API never shows them again.
+    pub direct_route_key_hashes: Option<Vec<String>>,
 }
 
 impl Record for DeploymentSpec {
@@ -169,6 +172,8 @@ impl DeploymentSpec {
             generation: 0,
             scale: None,
             echo: echo_of(d, ECHO_FIELDS),
+            direct_route_key_hashes: (d.direct_route_type == Some(DirectRouteType::Internet))
+                .then(|| d.direct_route_api_keys.iter().flatten().map(|k| crate::auth::hash_key(k)).collect()),
         }
     }
 
@@ -198,6 +203,7 @@ impl DeploymentSpec {
             expire_time: self.expire_time,
             delete_time: self.delete_time,
             purge_time: self.purge_time,
+            direct_route_type: self.direct_route_key_hashes.as_ref().map(|_| DirectRouteType::Internet),
             ..Deployment::default()
         };
         with_echo(d, &self.echo)
@@ -293,6 +299,8 @@ pub struct DeploymentStatus {
     pub failure: Option<Failure>,
     /// The last reconcile's error, cleared by the next one that succeeds.
     pub error: Option<Problem>,
+    /// `host:port` of the deployment's direct route, once a gateway listens there.
+    pub direct_route_handle: Option<String>,
 }
 
 impl Record for DeploymentStatus {
@@ -320,6 +328,7 @@ impl DeploymentStatus {
             starting_replicas: wire.replica_stats.as_ref().and_then(|s| s.initializing_replica_count).unwrap_or(0),
             desired_replicas: wire.desired_replica_count,
             applied_scale: 0,
+            direct_route_handle: None,
             failure: (state == DeploymentState::Failed).then(|| Failure {
                 generation: 1,
                 problem: Problem {
@@ -377,6 +386,9 @@ pub(crate) fn view(
     let st = status.map_or(&empty, |s| &s.value);
     let mut d = spec.value.to_wire();
     d.name = Some(ResourceName::new(account, Collection::Deployments, id).to_string());
+    if spec.value.direct_route_key_hashes.is_some() {
+        d.direct_route_handle = st.direct_route_handle.clone();
+    }
     d.create_time = Some(spec.create_time);
     d.update_time = Some(status.map_or(spec.update_time, |s| s.update_time.max(spec.update_time)));
     let state = state_of(&spec.value, st);

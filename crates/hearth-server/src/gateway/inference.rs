@@ -62,7 +62,7 @@ pub(super) async fn proxy(
     let body = super::body(body)?;
     let request: Value = serde_json::from_slice(&body).map_err(|e| OpenAiError::bad(format!("invalid JSON: {e}")))?;
     let path = uri.path().strip_prefix("/inference").unwrap_or(uri.path()).to_string();
-    forward(&s, &who, &path, request).await
+    forward(&s, &who, &path, request, None).await
 }
 
 /// Sends an OpenAI request to a replica of the deployment its `model` resolves to; `path` is
@@ -72,6 +72,7 @@ pub(super) async fn forward(
     who: &hearth_control::Principal,
     path: &str,
     mut request: Value,
+    only: Option<&str>,
 ) -> InferenceResult<Response> {
     let model = request
         .get("model")
@@ -80,6 +81,14 @@ pub(super) async fn forward(
         .to_string();
     s.control.admit_inference(&who.account).await?;
     let route = s.control.resolve_route(who, &model).await?;
+    // A direct route serves its own deployment and nothing else.
+    if let Some(deployment) = only.filter(|d| *d != route.deployment) {
+        return Err(OpenAiError::new(
+            Code::NotFound,
+            format!("{model} is not served by this direct route, which serves deployment {deployment}"),
+        )
+        .param("model"));
+    }
     // Replicas know the deployment by its base model's name.
     request["model"] = Value::String(route.served_model.clone());
     // A stream always carries its usage from the replica, so its tokens can be charged to the

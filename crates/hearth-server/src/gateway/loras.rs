@@ -98,5 +98,5 @@ pub(super) async fn openai(
         }
     }
     let path = uri.path().replacen("/v1/openai/", "/v1/", 1);
-    super::inference::forward(&s, &who, &path, request).await
+    super::inference::forward(&s, &who, &path, request, None).await
 }

@@ -7,6 +7,7 @@
 
 mod deployed_models;
 mod deployments;
+mod direct;
 mod inference;
 mod loras;
 mod models;
@@ -51,6 +52,12 @@ pub fn router(control: ControlPlane) -> Router {
     // No replica will ever be called, so any key does.
     let credentials = hearth_runtime::ReplicaCredentials::new(rand::random::<[u8; 32]>().to_vec());
     router_with(control, Inference::new(fleet, credentials, std::time::Duration::ZERO))
+}
+
+/// Serves the direct routes of every deployment that has one, on `host`, for as long as the
+/// gateway runs (`direct.rs`).
+pub async fn serve_direct_routes(control: ControlPlane, inference: Inference, host: std::net::IpAddr) {
+    direct::run(AppState { control, metrics: Arc::new(Metrics::default()), inference }, host).await
 }
 
 /// The gateway whose inference routes use `inference` (the fleet a reconciler maintains).
