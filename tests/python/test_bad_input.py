@@ -553,7 +553,6 @@ REFUSED_DEPLOYMENT_FIELDS = {
     "draftModel": "accounts/x/models/y",
     "draftTokenCount": 4,
     "ngramSpeculationLength": 3,
-    "enableSessionAffinity": True,
     "directRouteType": "AWS_PRIVATELINK",
     "deploymentTemplate": "t",
     "autoTune": {"longPrompt": True},

@@ -498,3 +498,41 @@ def test_a_direct_route_serves_its_deployment_with_its_own_keys(client, hearth, 
             break
         assert time.monotonic() < deadline, "the direct route stayed open"
         time.sleep(0.2)
+
+
+def test_session_affinity_keeps_each_session_on_one_of_three_replicas(client, hearth, uid):
+    """enableSessionAffinity: requests with the same prompt_cache_key (else user, else the
+    x-session-affinity header) go to the same replica, and sessions spread over the replicas."""
+    import requests
+
+    name = _upload_tiny(client, uid("affinity"))
+    dep_id = uid("affinity")
+    client.deployments.create(base_model=name, deployment_id=dep_id, min_replica_count=3, max_replica_count=3,
+                              enable_session_affinity=True)
+    d = _wait_state(client, dep_id, "READY")
+    deadline = time.monotonic() + 60
+    while client.deployments.get(dep_id).replica_count != 3:
+        assert time.monotonic() < deadline, "three replicas never became ready"
+        time.sleep(0.2)
+    assert d.enable_session_affinity is True
+    url = f"{hearth.base_url}/inference/v1/completions"
+    auth = {"Authorization": f"Bearer {hearth.api_key}"}
+
+    def replica(body_extra=None, headers=None):
+        body = {"model": name, "prompt": "Hi", "max_tokens": 1, **(body_extra or {})}
+        r = requests.post(url, json=body, headers={**auth, **(headers or {})}, timeout=30)
+        assert r.status_code == 200, r.text
+        return r.headers["x-hearth-replica"]
+
+    for make in (lambda k: ({"prompt_cache_key": k}, None), lambda k: ({"user": k}, None),
+                 lambda k: (None, {"x-session-affinity": k})):
+        homes = {}
+        for i in range(12):
+            body, headers = make(f"session-{i}")
+            seen = {replica(body, headers) for _ in range(3)}
+            assert len(seen) == 1, f"session-{i} moved between replicas: {seen}"
+            homes[i] = seen.pop()
+        assert len(set(homes.values())) >= 2, f"12 sessions all on one replica: {homes}"
+    # prompt_cache_key outranks user.
+    assert replica({"prompt_cache_key": "session-1", "user": "session-2"}) == replica({"prompt_cache_key": "session-1"})
+    client.deployments.delete(dep_id, hard=True)

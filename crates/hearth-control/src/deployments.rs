@@ -103,14 +103,16 @@ const DEPLOYMENT_PATCH: Patchable = Patchable {
         "disableDeploymentSizeValidation",
         "enableHotReloadLatestAddon",
         "deploymentShape",
+        "enableSessionAffinity",
+        "directRouteApiKeys",
+        "directRouteType",
+        "engine",
+        "forTraining",
         // Refused as unimplemented when set.
         "maxWithRevocableReplicaCount",
         "draftTokenCount",
         "draftModel",
         "ngramSpeculationLength",
-        "enableSessionAffinity",
-        "directRouteApiKeys",
-        "directRouteType",
         "deploymentTemplate",
         "autoTune",
         "enableHotLoad",
@@ -147,7 +149,7 @@ const HOT_LOAD: &str = "hot load of model versions is not implemented in hearth 
 /// Refuses the fields hearth parses but does not act on, naming each and saying why.
 fn refuse_unimplemented(d: &Deployment) -> Result<()> {
     let set_str = |s: &Option<String>| s.as_deref().is_some_and(|s| !s.is_empty());
-    let checks: [(&str, bool, &str); 16] = [
+    let checks: [(&str, bool, &str); 15] = [
         (
             "maxWithRevocableReplicaCount",
             d.max_with_revocable_replica_count.is_some_and(|n| n != 0),
@@ -157,12 +159,6 @@ fn refuse_unimplemented(d: &Deployment) -> Result<()> {
         ("draftTokenCount", d.draft_token_count.is_some_and(|n| n != 0), SPECULATION),
         ("draftModel", set_str(&d.draft_model), SPECULATION),
         ("ngramSpeculationLength", d.ngram_speculation_length.is_some_and(|n| n != 0), SPECULATION),
-        (
-            "enableSessionAffinity",
-            d.enable_session_affinity == Some(true),
-            "session affinity is not implemented in hearth yet: requests go to the least-loaded replica, \
-             preferring the one an adapter last ran on",
-        ),
         (
             "directRouteType",
             d.direct_route_type.is_some_and(|t| !matches!(t, DirectRouteType::Unspecified | DirectRouteType::Internet)),

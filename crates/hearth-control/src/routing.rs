@@ -23,6 +23,8 @@ pub struct Route {
     pub served_model: String,
     /// Whether `served_model` is a LoRA addon (not the base model).
     pub adapter: bool,
+    /// `enableSessionAffinity`: requests of one session go to one replica.
+    pub session_affinity: bool,
 }
 
 fn usable(name: &str, spec: &DeploymentSpec, status: &DeploymentStatus) -> Result<()> {
@@ -104,7 +106,12 @@ impl ControlPlane {
                         d.value.base_model
                     )));
                 }
-                Ok(Route { deployment: rn.to_string(), served_model: model_name, adapter: false })
+                Ok(Route {
+                    deployment: rn.to_string(),
+                    served_model: model_name,
+                    adapter: false,
+                    session_affinity: d.value.session_affinity(),
+                })
             }
             None => {
                 // The model's default deployment: the oldest live deployment of it in the
@@ -126,7 +133,12 @@ impl ControlPlane {
                 let status =
                     self.load::<DeploymentStatus>(&who.account, &d.id).await?.map(|s| s.value).unwrap_or_default();
                 usable(&name, &d.value, &status)?;
-                Ok(Route { deployment: name, served_model: model_name, adapter: false })
+                Ok(Route {
+                    deployment: name,
+                    served_model: model_name,
+                    adapter: false,
+                    session_affinity: d.value.session_affinity(),
+                })
             }
         }
     }
@@ -159,6 +171,11 @@ impl ControlPlane {
             .await?
             .ok_or_else(|| ControlError::NotFound(format!("deployment {dep} not found")))?;
         usable(&dep, &d.value, &status)?;
-        Ok(Route { deployment: dep, served_model: dm.model, adapter: true })
+        Ok(Route {
+            deployment: dep,
+            served_model: dm.model,
+            adapter: true,
+            session_affinity: d.value.session_affinity(),
+        })
     }
 }

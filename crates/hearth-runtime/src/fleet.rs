@@ -92,7 +92,19 @@ impl Fleet {
     /// With `model` (an adapter's name), the replica that last served it is preferred while it
     /// has at most one request more than the least loaded: its adapter is likely still hot
     /// there (prepared, one of its `--max-hot-loras`), which a cold replica would first prepare.
-    pub fn acquire(&self, deployment: &str, exclude: &[String], model: Option<&str>) -> Option<InFlight> {
+    ///
+    /// With `session` (a deployment with session affinity, and a request that names its
+    /// session), the replica is the session's by rendezvous hashing over the ready replicas,
+    /// while it has at most [`SESSION_SLACK`] requests more than the least loaded: a session's
+    /// requests meet the same replica's caches, and a replica that leaves moves only its own
+    /// sessions.
+    pub fn acquire(
+        &self,
+        deployment: &str,
+        exclude: &[String],
+        model: Option<&str>,
+        session: Option<&str>,
+    ) -> Option<InFlight> {
         let endpoints = self.ready_endpoints(deployment);
         let mut best: Option<(usize, String, Arc<AtomicUsize>)> = None;
         let mut loads: Vec<(String, usize, Arc<AtomicUsize>)> = Vec::new();
@@ -116,10 +128,16 @@ impl Fleet {
         let key = model.map(|m| (deployment.to_string(), m.to_string()));
         if let (Some(key), Some((least, _, _))) = (&key, &best) {
             let warm = self.affinity.read().ok().and_then(|a| a.get(key).cloned());
-            if let Some((e, load, counter)) = warm.and_then(|w| loads.into_iter().find(|(e, _, _)| *e == w)) {
+            if let Some((e, load, counter)) = warm.and_then(|w| loads.iter().find(|(e, _, _)| *e == w).cloned()) {
                 if load <= least + 1 {
                     best = Some((load, e, counter));
                 }
+            }
+        }
+        if let (Some(session), Some((least, _, _))) = (session, &best) {
+            let home = loads.iter().max_by_key(|(e, _, _)| rendezvous(session, e)).cloned();
+            if let Some((e, load, counter)) = home.filter(|(_, load, _)| *load <= least + SESSION_SLACK) {
+                best = Some((load, e, counter));
             }
         }
         best.map(|(_, endpoint, counter)| {
@@ -183,26 +201,81 @@ impl Fleet {
     }
 }
 
+/// How many requests more than the least loaded replica a session's own replica may have
+/// before the session's request goes elsewhere: a quarter of a replica's batch.
+pub const SESSION_SLACK: usize = hearth_control::deployments::REPLICA_BATCH_SIZE / 4;
+
+/// A session's score on a replica: the highest-scoring ready replica is its home. The same on
+/// every gateway, so they agree without talking.
+fn rendezvous(session: &str, endpoint: &str) -> u64 {
+    use sha2::{Digest, Sha256};
+    let d =
+        Sha256::new().chain_update(session.as_bytes()).chain_update([0]).chain_update(endpoint.as_bytes()).finalize();
+    u64::from_be_bytes(d[..8].try_into().unwrap_or_default())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
+    fn a_session_keeps_its_replica_until_it_is_far_busier_or_gone() {
+        let fleet = Fleet::default();
+        let three = || vec!["a".to_string(), "b".to_string(), "c".to_string()];
+        fleet.set_ready("d", three());
+        let home = |s: &str| fleet.acquire("d", &[], None, Some(s)).expect("a replica");
+        // Every request of a session lands on one replica, whatever the others carry.
+        let first = home("s1");
+        let mut held = vec![];
+        for _ in 0..SESSION_SLACK {
+            let again = home("s1");
+            assert_eq!(again.endpoint, first.endpoint);
+            held.push(again);
+        }
+        drop(held);
+        drop(first);
+        // Sessions spread over the replicas.
+        let homes: std::collections::HashSet<String> = (0..30)
+            .map(|i| fleet.acquire("d", &[], None, Some(&format!("user-{i}"))).unwrap().endpoint.clone())
+            .collect();
+        assert_eq!(homes.len(), 3, "{homes:?}");
+        // Far busier than the others: the session's next request goes elsewhere.
+        let busy: Vec<InFlight> = (0..SESSION_SLACK + 1).map(|_| home("s1")).collect();
+        let home_of_s1 = busy[0].endpoint.clone();
+        let moved = home("s1");
+        assert_ne!(moved.endpoint, home_of_s1);
+        drop(busy);
+        drop(moved);
+        // A replica that leaves moves only its own sessions.
+        let before: Vec<String> = (0..30).map(|i| home(&format!("u{i}")).endpoint.clone()).collect();
+        let gone = before[0].clone();
+        fleet.set_ready("d", three().into_iter().filter(|e| *e != gone).collect());
+        for (i, was) in before.iter().enumerate() {
+            let now = home(&format!("u{i}")).endpoint.clone();
+            if *was != gone {
+                assert_eq!(&now, was, "session u{i} moved although its replica stayed");
+            } else {
+                assert_ne!(now, gone);
+            }
+        }
+    }
+
+    #[test]
     fn least_loaded_first_and_an_adapter_sticks_to_its_warm_replica() {
         let fleet = Fleet::default();
         fleet.set_ready("d", vec!["a".to_string(), "b".to_string()]);
-        let first = fleet.acquire("d", &[], Some("lora-x")).expect("a replica");
+        let first = fleet.acquire("d", &[], Some("lora-x"), None).expect("a replica");
         // The same adapter goes back to its replica while that has at most one more request...
-        let second = fleet.acquire("d", &[], Some("lora-x")).expect("a replica");
+        let second = fleet.acquire("d", &[], Some("lora-x"), None).expect("a replica");
         assert_eq!(second.endpoint, first.endpoint);
         // ...but not once it is two ahead: then the least loaded wins, and becomes the warm one.
-        let third = fleet.acquire("d", &[], Some("lora-x")).expect("a replica");
+        let third = fleet.acquire("d", &[], Some("lora-x"), None).expect("a replica");
         assert_ne!(third.endpoint, first.endpoint);
         // The base model (no adapter) only looks at load.
-        let base = fleet.acquire("d", &[], None).expect("a replica");
+        let base = fleet.acquire("d", &[], None, None).expect("a replica");
         assert_eq!(base.endpoint, third.endpoint, "b has 1 in flight, a has 2");
         drop((first, second));
         assert_eq!(fleet.in_flight("a"), 0);
-        assert!(fleet.acquire("d", &["a".to_string(), "b".to_string()], None).is_none());
+        assert!(fleet.acquire("d", &["a".to_string(), "b".to_string()], None, None).is_none());
     }
 }

@@ -116,7 +116,7 @@ async fn run(steps: &[Step]) -> World {
             Hold => {
                 let name = key.name();
                 w.ctx.fleet.touch_at(&name, hearth_runtime::Clock::now(&*w.clock));
-                held.push(w.ctx.fleet.acquire(&name, &[], None).expect(&at));
+                held.push(w.ctx.fleet.acquire(&name, &[], None, None).expect(&at));
             }
             Release => held.clear(),
             Wait => {

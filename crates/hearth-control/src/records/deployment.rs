@@ -113,6 +113,8 @@ pub struct DeploymentSpec {
     /// A direct route (`directRouteType: INTERNET`): the SHA-256 of each key it accepts. The
     /// keys themselves are never stored, so the API never shows them again.
     pub direct_route_key_hashes: Option<Vec<String>>,
+    /// `enableSessionAffinity`.
+    pub enable_session_affinity: Option<bool>,
 }
 
 impl Record for DeploymentSpec {
@@ -172,6 +174,7 @@ impl DeploymentSpec {
             generation: 0,
             scale: None,
             echo: echo_of(d, ECHO_FIELDS),
+            enable_session_affinity: d.enable_session_affinity,
             direct_route_key_hashes: (d.direct_route_type == Some(DirectRouteType::Internet))
                 .then(|| d.direct_route_api_keys.iter().flatten().map(|k| crate::auth::hash_key(k)).collect()),
         }
@@ -204,6 +207,7 @@ impl DeploymentSpec {
             delete_time: self.delete_time,
             purge_time: self.purge_time,
             direct_route_type: self.direct_route_key_hashes.as_ref().map(|_| DirectRouteType::Internet),
+            enable_session_affinity: self.enable_session_affinity,
             ..Deployment::default()
         };
         with_echo(d, &self.echo)
@@ -217,6 +221,11 @@ impl DeploymentSpec {
 
     pub fn is_deleted(&self) -> bool {
         self.delete_time.is_some()
+    }
+
+    /// Whether requests of one session go to one replica (`enableSessionAffinity`).
+    pub fn session_affinity(&self) -> bool {
+        self.enable_session_affinity == Some(true)
     }
 
     /// Whether addons may be loaded onto it side by side.

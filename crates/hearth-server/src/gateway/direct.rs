@@ -137,5 +137,7 @@ async fn serve(
         request["model"] = Value::String(format!("{model}#{name}"));
     }
     let who = Principal { account: d.key.account.clone() };
-    super::inference::forward(&d.state, &who, uri.path(), request, Some(&name)).await
+    let how =
+        super::inference::Forwarding { only: Some(&name), ..super::inference::Forwarding::from_headers(&headers) };
+    super::inference::forward(&d.state, &who, uri.path(), request, how).await
 }

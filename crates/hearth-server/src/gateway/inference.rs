@@ -56,13 +56,41 @@ pub(super) async fn proxy(
     State(s): State<AppState>,
     InferenceCaller(who): InferenceCaller,
     uri: Uri,
+    headers: axum::http::HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> InferenceResult<Response> {
     no_query(uri.query())?;
     let body = super::body(body)?;
     let request: Value = serde_json::from_slice(&body).map_err(|e| OpenAiError::bad(format!("invalid JSON: {e}")))?;
     let path = uri.path().strip_prefix("/inference").unwrap_or(uri.path()).to_string();
-    forward(&s, &who, &path, request, None).await
+    forward(&s, &who, &path, request, Forwarding::from_headers(&headers)).await
+}
+
+/// How a request is forwarded, besides its body.
+#[derive(Debug, Default)]
+pub(super) struct Forwarding<'a> {
+    /// A direct route's deployment: the only one the request may go to.
+    pub only: Option<&'a str>,
+    /// The `x-session-affinity` header: the session, when the body names none.
+    pub session_header: Option<String>,
+}
+
+impl Forwarding<'_> {
+    pub(super) fn from_headers(headers: &axum::http::HeaderMap) -> Forwarding<'static> {
+        let session_header = headers
+            .get("x-session-affinity")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty())
+            .map(str::to_string);
+        Forwarding { only: None, session_header }
+    }
+}
+
+/// The session of a request to a deployment with session affinity, as the inference spec
+/// orders them: `prompt_cache_key`, else `user`, else the `x-session-affinity` header.
+fn session_of(request: &Value, header: Option<String>) -> Option<String> {
+    let field = |k: &str| request.get(k).and_then(Value::as_str).filter(|v| !v.is_empty()).map(str::to_string);
+    field("prompt_cache_key").or_else(|| field("user")).or(header)
 }
 
 /// Sends an OpenAI request to a replica of the deployment its `model` resolves to; `path` is
@@ -72,7 +100,7 @@ pub(super) async fn forward(
     who: &hearth_control::Principal,
     path: &str,
     mut request: Value,
-    only: Option<&str>,
+    how: Forwarding<'_>,
 ) -> InferenceResult<Response> {
     let model = request
         .get("model")
@@ -82,7 +110,7 @@ pub(super) async fn forward(
     s.control.admit_inference(&who.account).await?;
     let route = s.control.resolve_route(who, &model).await?;
     // A direct route serves its own deployment and nothing else.
-    if let Some(deployment) = only.filter(|d| *d != route.deployment) {
+    if let Some(deployment) = how.only.filter(|d| *d != route.deployment) {
         return Err(OpenAiError::new(
             Code::NotFound,
             format!("{model} is not served by this direct route, which serves deployment {deployment}"),
@@ -91,6 +119,14 @@ pub(super) async fn forward(
     }
     // Replicas know the deployment by its base model's name.
     request["model"] = Value::String(route.served_model.clone());
+    // With session affinity the session picks the replica; prompt_cache_key has done its work
+    // then (replicas have no prompt cache yet, and refuse the field).
+    let session = route.session_affinity.then(|| session_of(&request, how.session_header)).flatten();
+    if route.session_affinity {
+        if let Some(o) = request.as_object_mut() {
+            o.remove("prompt_cache_key");
+        }
+    }
     // A stream always carries its usage from the replica, so its tokens can be charged to the
     // account; a client that did not ask for it gets the stream without it.
     let mut strip_usage = false;
@@ -119,7 +155,7 @@ pub(super) async fn forward(
     loop {
         // An adapter prefers the replica that last served it (it is likely hot there).
         let adapter = route.adapter.then_some(route.served_model.as_str());
-        let slot = match fleet.acquire(&route.deployment, &tried, adapter) {
+        let slot = match fleet.acquire(&route.deployment, &tried, adapter, session.as_deref()) {
             Some(slot) => {
                 drop(waiting.take());
                 slot
@@ -188,6 +224,12 @@ pub(super) fn no_query(q: Option<&str>) -> InferenceResult<()> {
 /// long as the body, so load counts cover streaming responses; a client that goes away drops
 /// the body, which drops the upstream request and frees the sequence on the replica.
 fn relay(upstream: reqwest::Response, slot: InFlight, mut meter: Meter) -> Response {
+    // Which replica answered, as an opaque id (never its address): for clients that check
+    // their session stays on one replica, and for logs.
+    let replica = {
+        use sha2::Digest;
+        hex::encode(&sha2::Sha256::digest(slot.endpoint.as_bytes())[..4])
+    };
     let status = StatusCode::from_u16(upstream.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
     let content_type =
         upstream.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("application/json").to_string();
@@ -215,7 +257,7 @@ fn relay(upstream: reqwest::Response, slot: InFlight, mut meter: Meter) -> Respo
         }
         std::future::ready(!done)
     });
-    (status, [("content-type", content_type)], Body::from_stream(stream)).into_response()
+    (status, [("content-type", content_type), ("x-hearth-replica", replica)], Body::from_stream(stream)).into_response()
 }
 
 /// What the inference router needs besides the control plane.

@@ -85,6 +85,7 @@ pub(super) async fn openai(
     State(s): State<AppState>,
     InferenceCaller(who): InferenceCaller,
     uri: Uri,
+    headers: axum::http::HeaderMap,
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, OpenAiError> {
     super::inference::no_query(uri.query())?;
@@ -98,5 +99,5 @@ pub(super) async fn openai(
         }
     }
     let path = uri.path().replacen("/v1/openai/", "/v1/", 1);
-    super::inference::forward(&s, &who, &path, request, None).await
+    super::inference::forward(&s, &who, &path, request, super::inference::Forwarding::from_headers(&headers)).await
 }
