@@ -161,6 +161,7 @@ impl ControlPlane {
             default: make_default,
             public: body.public,
         };
+        let _admission = self.admission(account).await;
         self.check_quota(account, QuotaId::LoadedAddons, 1, None).await?;
         // An id of eight hex digits, as the hosted service issues; retried on the rare clash.
         let mut doc = None;

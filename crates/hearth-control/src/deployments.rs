@@ -447,6 +447,7 @@ impl ControlPlane {
         };
         normalise(&mut d, self.config.min_scale_to_zero_window)?;
         let spec = DeploymentSpec { generation: 1, ..DeploymentSpec::from_wire(&d) };
+        let _admission = self.admission(account).await;
         self.check_quota(account, QuotaId::Deployments, 1, None).await?;
         self.check_deployment_quotas(account, &id, &spec).await?;
         if opts.validate_only {
@@ -513,6 +514,7 @@ impl ControlPlane {
         }
         let min_to_zero = self.config.min_scale_to_zero_window;
         // What the update would reserve, checked against the quotas before it is written.
+        let _admission = self.admission(account).await;
         if !current.value.is_deleted() {
             let mut trial = patch.apply(&current.value.to_wire())?;
             normalise(&mut trial, min_to_zero)?;
@@ -658,6 +660,7 @@ impl ControlPlane {
         }
         // The base model may have gone while the deployment was deleted.
         self.check_base_model(account, Some(&spec.value.base_model)).await?;
+        let _admission = self.admission(account).await;
         if state == DeploymentState::Deleted {
             self.check_quota(account, QuotaId::Deployments, 1, Some(id)).await?;
             self.check_deployment_quotas(account, id, &spec.value).await?;

@@ -81,6 +81,8 @@ pub struct ControlPlane {
     pub(crate) changes: Arc<tokio::sync::Notify>,
     /// Inference requests and tokens per account, against the rate quotas.
     pub(crate) rates: Arc<rates::Rates>,
+    /// One lock per account, held from a quota's check to the write it guards.
+    pub(crate) admissions: quotas::Admissions,
 }
 
 impl ControlPlane {
@@ -105,6 +107,7 @@ impl ControlPlane {
             imports: Arc::default(),
             changes: Arc::default(),
             rates: Arc::default(),
+            admissions: Arc::default(),
         };
         control.migrate_records().await?;
         control.sweep_uploads().await?;

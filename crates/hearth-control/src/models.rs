@@ -393,6 +393,7 @@ impl ControlPlane {
             source_version: None,
             deploy_onto: deploy_onto.filter(|_| req.source.is_some()),
         };
+        let _admission = self.admission(account).await;
         self.check_quota(account, QuotaId::Models, 1, None).await?;
         if record.import.is_some() {
             self.check_quota(account, QuotaId::StoredBytes, 1, None).await?;

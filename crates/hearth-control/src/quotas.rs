@@ -18,8 +18,9 @@
 //! | `loaded-addons` | loaded LoRA addons (deployed models) | load |
 //! | `requests-per-minute`, `tokens-per-minute` | inference through this gateway (see `rates`) | each inference request |
 //!
-//! A check and the write it guards are not one transaction: two requests racing for the last
-//! unit can both pass. The check is a limit on growth, not an accounting ledger.
+//! On one gateway a check and the write it guards are one step: both happen under the
+//! account's admission lock, so requests racing for the last unit get it once. Gateways on one
+//! store do not share that lock: two of them racing for the last unit can both pass.
 
 use std::collections::BTreeMap;
 
@@ -174,7 +175,20 @@ fn not_found(account: &str, id: &str) -> ControlError {
     ))
 }
 
+/// The accounts' admission locks.
+pub(crate) type Admissions = std::sync::Arc<std::sync::Mutex<BTreeMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>>;
+
 impl ControlPlane {
+    /// Holds the account's admission lock: taken before a quota's check and kept until the
+    /// write it guards is done, so the check holds against what is written.
+    pub(crate) async fn admission(&self, account: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut all = self.admissions.lock().unwrap_or_else(|p| p.into_inner());
+            all.entry(account.to_string()).or_default().clone()
+        };
+        lock.lock_owned().await
+    }
+
     async fn quota_values(&self, account: &str) -> Result<QuotaValues> {
         Ok(self.load::<QuotaValues>(account, ROW).await?.map(|d| d.value).unwrap_or_default())
     }

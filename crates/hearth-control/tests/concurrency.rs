@@ -96,3 +96,33 @@ async fn a_writer_that_loses_once_succeeds_on_fresh_state() {
     assert_eq!(got["displayName"], "after");
     assert_eq!(store.interfere.load(Ordering::SeqCst), 0, "the rival did write in between");
 }
+
+/// Requests racing for the last units of a quota get exactly the units left, on one gateway:
+/// the check and the write it guards hold the account's admission lock together.
+#[tokio::test]
+async fn racing_creates_never_exceed_a_quota() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = hearth_store::open(dir.path().join("db").to_str().expect("utf-8")).await.expect("store");
+    let mut quotas = hearth_control::quotas::QuotaLimits::default();
+    quotas.set("models=5").expect("quota");
+    let config = ControlConfig { quotas, ..ControlConfig::default() };
+    let cp = ControlPlane::new(store, ArtifactStore::new(dir.path().join("a")), config).await.expect("control plane");
+    let who = Principal { account: "acme".into() };
+    let creates = (0..20).map(|i| {
+        let (cp, who) = (cp.clone(), who.clone());
+        tokio::spawn(async move {
+            let req: CreateModelRequest = serde_json::from_value(
+                json!({"modelId": format!("m{i}"), "model": {"kind": "HF_BASE_MODEL", "baseModelDetails": {}}}),
+            )
+            .expect("request");
+            cp.create_model(&who, "acme", req).await
+        })
+    });
+    let results = futures_util::future::join_all(creates).await;
+    let ok = results.iter().filter(|r| r.as_ref().expect("joined").is_ok()).count();
+    let exhausted = results
+        .iter()
+        .filter(|r| r.as_ref().expect("joined").as_ref().is_err_and(|e| e.code() == Code::ResourceExhausted))
+        .count();
+    assert_eq!((ok, exhausted), (5, 15));
+}
