@@ -348,10 +348,15 @@ impl Meter {
         if !data.starts_with(b"{") {
             return None;
         }
-        let mut v: Value = serde_json::from_slice(data).ok()?;
-        if v.get("choices").and_then(Value::as_array).is_some_and(|c| !c.is_empty()) {
+        // Most events are one token's chunk: counted by a byte search, parsed only when they
+        // carry a usage (the replica writes compact JSON).
+        if contains(data, b"\"choices\":[{") {
             self.chunks += 1;
         }
+        if !contains(data, b"\"usage\":{") {
+            return None;
+        }
+        let mut v: Value = serde_json::from_slice(data).ok()?;
         let tokens = total_tokens(&v)?;
         *self.usage.get_or_insert(0) += tokens;
         if !self.strip_usage {
@@ -365,6 +370,10 @@ impl Meter {
         }
         Some(format!("data: {v}\n").into_bytes())
     }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 impl Drop for Meter {
