@@ -44,6 +44,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         ignore_eos: true,
         prompt_logprobs: false,
         adapter: None,
+        grammar: None,
     })?;
     let mut last = Instant::now();
     let mut gaps = Vec::with_capacity(n);

@@ -24,6 +24,7 @@ async fn run(engine: &Engine, prompt: Vec<u32>, max_tokens: usize) -> (f64, Vec<
             ignore_eos: true,
             prompt_logprobs: false,
             adapter: None,
+            grammar: None,
         })
         .expect("queued");
     let (mut first, mut last, mut gaps) = (None, t0, Vec::new());

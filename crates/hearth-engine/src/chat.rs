@@ -29,17 +29,26 @@ pub struct ChatMessage {
     pub role: String,
     #[serde(default, deserialize_with = "content_text")]
     pub content: String,
+    /// An assistant turn's calls, in OpenAI's shape, for templates that render tools
+    /// themselves (see `ChatTemplate::renders_tools`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<serde_json::Value>,
+    /// A tool result's call id, for the same templates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl ChatMessage {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> ChatMessage {
-        ChatMessage { role: role.into(), content: content.into() }
+        ChatMessage { role: role.into(), content: content.into(), tool_calls: None, tool_call_id: None }
     }
 }
 
 /// A model's chat template, compiled once and rendered per request.
 pub struct ChatTemplate {
     env: Environment<'static>,
+    /// The template reads a `tools` variable: it writes the tools and tool turns itself.
+    renders_tools: bool,
     bos_token: Option<String>,
     eos_token: Option<String>,
 }
@@ -86,7 +95,14 @@ impl ChatTemplate {
         // request, not hold the engine's thread and memory.
         env.set_fuel(Some(RENDER_FUEL));
         env.add_template_owned(TEMPLATE_NAME, rewrite_generation_blocks(source)).map_err(syntax_error)?;
-        Ok(ChatTemplate { env, bos_token: bos_token.map(str::to_string), eos_token: eos_token.map(str::to_string) })
+        // Templates that take tools name the variable; those that do not never mention it.
+        let renders_tools = source.contains("tools");
+        Ok(ChatTemplate {
+            env,
+            renders_tools,
+            bos_token: bos_token.map(str::to_string),
+            eos_token: eos_token.map(str::to_string),
+        })
     }
 
     /// The template `tokenizer` ships, with its BOS and EOS texts. A model without one cannot
@@ -109,6 +125,23 @@ impl ChatTemplate {
     /// fails with `EngineError::InvalidRequest` carrying its message; any other failure while
     /// rendering is the template's fault, `EngineError::InvalidModel`.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        self.render_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// Whether the template renders tools and tool turns itself (it reads `tools`); if not,
+    /// a conversation with tools is written in `tools`' default format before rendering.
+    pub fn renders_tools(&self) -> bool {
+        self.renders_tools
+    }
+
+    /// `render` with the tools the model may call, in OpenAI's shape, as transformers passes
+    /// them (`tools`; none is `None`, which templates test for).
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&[serde_json::Value]>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let template = self
             .env
             .get_template(TEMPLATE_NAME)
@@ -116,7 +149,7 @@ impl ChatTemplate {
         let mut ctx: BTreeMap<&str, Value> = BTreeMap::new();
         ctx.insert("messages", Value::from_serialize(messages));
         ctx.insert("add_generation_prompt", Value::from(add_generation_prompt));
-        ctx.insert("tools", Value::from(()));
+        ctx.insert("tools", tools.map(Value::from_serialize).unwrap_or(Value::from(())));
         ctx.insert("documents", Value::from(()));
         if let Some(bos) = &self.bos_token {
             ctx.insert("bos_token", Value::from(bos.as_str()));

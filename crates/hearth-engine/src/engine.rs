@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc;
 
+use crate::constraint::{Constraint, Grammar, Grammars};
 use crate::error::{EngineError, Result};
 use crate::lora::{LoraAdapter, LoraWeights};
 use crate::model::{KvCache, KvDtype, LlamaConfig, LlamaModel, SeqInput};
@@ -135,6 +136,9 @@ pub struct GenerateRequest {
     /// The LoRA adapter this request runs with. The request keeps this version to the end,
     /// even if the name is reloaded meanwhile.
     pub adapter: Option<Arc<LoraAdapter>>,
+    /// A grammar the output must follow (structured output, tool calls); compiled when the
+    /// request is queued, so a bad one is refused before it waits.
+    pub grammar: Option<Grammar>,
 }
 
 /// What a request receives, in order: optionally its prompt logprobs, then tokens, then one
@@ -208,6 +212,7 @@ pub struct EngineStats {
 
 struct Incoming {
     req: GenerateRequest,
+    constraint: Option<Constraint>,
     events: mpsc::UnboundedSender<Event>,
     arrived: Instant,
 }
@@ -218,7 +223,7 @@ type PendingMerge = (Option<Arc<LoraAdapter>>, std::sync::mpsc::Sender<Result<()
 
 /// What the handle sends the scheduler thread.
 enum Message {
-    Request(Incoming),
+    Request(Box<Incoming>),
     /// Merge this adapter into the weights (replacing any merged one), or with `None` restore
     /// the base; answered once done.
     Merge {
@@ -242,6 +247,7 @@ pub struct Engine {
     adapters: Arc<std::sync::RwLock<std::collections::HashMap<String, Arc<LoraAdapter>>>>,
     /// The adapter merged into the weights, if any (set by the scheduler once merged).
     merged: Arc<std::sync::RwLock<Option<Arc<LoraAdapter>>>>,
+    grammars: Arc<Grammars>,
 }
 
 impl Engine {
@@ -279,6 +285,7 @@ impl Engine {
         }
         Engine {
             tx,
+            grammars: Arc::new(Grammars::new(tokenizer.clone(), vocab_size)),
             tokenizer,
             stats,
             config,
@@ -421,6 +428,11 @@ impl Engine {
         v
     }
 
+    /// Compiles a grammar as a request's would be, to refuse a bad one before anything runs.
+    pub fn check_grammar(&self, grammar: &Grammar) -> Result<()> {
+        self.grammars.compile(grammar).map(|_| ())
+    }
+
     /// Queues a request. Refuses at once what can never run (empty or too long a prompt, bad
     /// parameters) and what does not fit in the queue.
     pub fn generate(&self, req: GenerateRequest) -> Result<mpsc::UnboundedReceiver<Event>> {
@@ -457,13 +469,14 @@ impl Engine {
     }
 
     fn enqueue(&self, req: GenerateRequest) -> Result<mpsc::UnboundedReceiver<Event>> {
+        let constraint = req.grammar.as_ref().map(|g| self.grammars.compile(g)).transpose()?;
         let (events, rx) = mpsc::unbounded_channel();
         if let Some(a) = &req.adapter {
             a.requests.fetch_add(1, Ordering::Relaxed);
         }
         self.stats.waiting.fetch_add(1, Ordering::Relaxed);
         self.tx
-            .send(Message::Request(Incoming { req, events, arrived: Instant::now() }))
+            .send(Message::Request(Box::new(Incoming { req, constraint, events, arrived: Instant::now() })))
             .map_err(|_| EngineError::Stopped)?;
         Ok(rx)
     }
@@ -489,6 +502,8 @@ struct Sequence {
     /// Steps in a row it was in prefill and got no chunk (see `plan::STARVED_STEPS`).
     passed_over: usize,
     prompt_logprobs: Vec<Sampled>,
+    /// The grammar the output follows, if the request gave one.
+    constraint: Option<Constraint>,
     started: Instant,
     /// When the previous token was emitted, for per-token latency.
     last_token: Option<Instant>,
@@ -572,7 +587,7 @@ impl Scheduler {
 
     fn receive(&mut self, m: Message) {
         match m {
-            Message::Request(inc) => self.waiting.push_back(inc),
+            Message::Request(inc) => self.waiting.push_back(*inc),
             Message::Merge { adapter, done } => {
                 // A newer merge request supersedes one still waiting.
                 if let Some((_, old)) = self.merge_pending.replace((adapter, done)) {
@@ -672,6 +687,7 @@ impl Scheduler {
                 started: Instant::now(),
                 last_token: None,
                 req: inc.req,
+                constraint: inc.constraint,
                 events: inc.events,
             });
         }
@@ -909,7 +925,16 @@ impl Scheduler {
     fn advance(&mut self, i: usize, logits: &[f32]) -> Result<Option<FinishReason>> {
         let ctx = self.context_length;
         let s = &mut self.running[i];
-        let sampled = s.sampler.sample(logits, &s.req.prompt, &s.generated, &s.req.params);
+        let sampled = match &mut s.constraint {
+            None => s.sampler.sample(logits, &s.req.prompt, &s.generated, &s.req.params),
+            Some(c) => {
+                let mut masked = logits.to_vec();
+                c.mask(&mut masked)?;
+                let sampled = s.sampler.sample(&masked, &s.req.prompt, &s.generated, &s.req.params);
+                c.commit(sampled.token)?;
+                sampled
+            }
+        };
         let tok = sampled.token;
         self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
         if let Some(a) = &s.req.adapter {
@@ -949,6 +974,9 @@ impl Scheduler {
         if s.events.send(Event::Token { sampled, text }).is_err() {
             // The client went away; the next step frees the sequence and counts it.
             return Ok(None);
+        }
+        if s.constraint.as_ref().is_some_and(Constraint::finished) {
+            return Ok(Some(FinishReason::Stop));
         }
         if s.generated.len() >= s.req.max_tokens || s.req.prompt.len() + s.generated.len() >= ctx {
             return Ok(Some(FinishReason::Length));
@@ -1012,6 +1040,7 @@ mod tests {
             ignore_eos: true,
             prompt_logprobs: false,
             adapter: None,
+            grammar: None,
         }
     }
 

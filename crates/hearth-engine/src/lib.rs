@@ -7,6 +7,7 @@
 //! handle.
 
 pub mod chat;
+pub mod constraint;
 pub mod engine;
 pub mod error;
 pub mod kernels;
@@ -17,7 +18,9 @@ pub mod plan;
 pub mod sampling;
 mod threads;
 pub mod tokenizer;
+pub mod tools;
 
+pub use constraint::Grammar;
 pub use engine::{AdapterInfo, Engine, EngineConfig, Event, FinishReason, GenerateRequest};
 pub use error::EngineError;
 pub use load::{device_name, load, select_device, Loaded};

@@ -97,6 +97,7 @@ fn request(prompt: Vec<u32>, prompt_logprobs: bool) -> GenerateRequest {
         ignore_eos: true,
         prompt_logprobs,
         adapter: None,
+        grammar: None,
     }
 }
 

@@ -324,6 +324,7 @@ async fn trace_with(
             ignore_eos: true,
             prompt_logprobs: false,
             adapter,
+            grammar: None,
         })
         .expect("queued");
     let (mut tokens, mut logprobs) = (Vec::new(), Vec::new());

@@ -75,6 +75,7 @@ pub async fn greedy(
             ignore_eos: false,
             prompt_logprobs: false,
             adapter,
+            grammar: None,
         })
         .expect("queued");
     let mut out = Vec::new();
