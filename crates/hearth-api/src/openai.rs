@@ -48,12 +48,129 @@ pub struct ContentPart {
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Message {
     pub role: String,
     #[serde(default)]
     pub content: Option<Content>,
     #[serde(default)]
     pub name: Option<String>,
+    /// An assistant message's calls.
+    #[serde(default)]
+    pub tool_calls: Option<Vec<ToolCall>>,
+    /// A `tool` message: the call it answers.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
+    /// Fields of OpenAI's response message that a client echoes back when it appends a reply
+    /// to the conversation: accepted when empty, refused by name otherwise.
+    #[serde(default)]
+    pub refusal: Option<Value>,
+    #[serde(default)]
+    pub function_call: Option<Value>,
+    #[serde(default)]
+    pub audio: Option<Value>,
+    #[serde(default)]
+    pub annotations: Option<Value>,
+}
+
+impl Message {
+    /// The first echoed response field that holds something hearth does not act on.
+    pub fn unsupported_field(&self) -> Option<&'static str> {
+        let set = |v: &Option<Value>| match v {
+            None | Some(Value::Null) => false,
+            Some(Value::Array(a)) => !a.is_empty(),
+            Some(_) => true,
+        };
+        [
+            ("refusal", &self.refusal),
+            ("function_call", &self.function_call),
+            ("audio", &self.audio),
+            ("annotations", &self.annotations),
+        ]
+        .into_iter()
+        .find(|(_, v)| set(v))
+        .map(|(k, _)| k)
+    }
+}
+
+/// A call, in an assistant message and in responses.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolCall {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: FunctionCall,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionCall {
+    pub name: String,
+    /// The arguments object as JSON text.
+    pub arguments: String,
+}
+
+/// A tool the model may call: `{"type": "function", "function": {...}}`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tool {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: FunctionDef,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionDef {
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    /// A JSON schema of the arguments object; none means no arguments.
+    #[serde(default)]
+    pub parameters: Option<Value>,
+    /// OpenAI's structured-output flag; calls hearth constrains always follow the schema.
+    #[serde(default)]
+    pub strict: Option<bool>,
+}
+
+/// `tool_choice`: `"none"`, `"auto"`, `"required"`, or one function by name.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum ToolChoice {
+    Mode(String),
+    Function(NamedTool),
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamedTool {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: ToolName,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolName {
+    pub name: String,
+}
+
+/// `response_format`, in OpenAI's shapes and Fireworks': `{"type": "text"}`,
+/// `{"type": "json_object"}` (Fireworks lets it carry a `schema`), `{"type": "json_schema",
+/// "json_schema": {"name", "schema", "strict"}}` (OpenAI) or with the schema itself as
+/// `json_schema` (Fireworks), and `{"type": "grammar", "grammar": "..."}`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResponseFormat {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub schema: Option<Value>,
+    #[serde(default)]
+    pub json_schema: Option<Value>,
+    #[serde(default)]
+    pub grammar: Option<String>,
 }
 
 /// Sampling fields shared by both endpoints.
@@ -77,6 +194,8 @@ pub struct Sampling {
     /// What to do when the prompt plus `max_tokens` overflows the context: `truncate` (the
     /// default, as the inference spec has it) lowers `max_tokens`; `error` refuses.
     pub context_length_exceeded_behavior: Option<ContextOverflow>,
+    /// Structured output: the grammar the output must follow.
+    pub response_format: Option<ResponseFormat>,
 }
 
 /// `context_length_exceeded_behavior`.
@@ -111,6 +230,9 @@ pub struct ChatCompletionRequest {
     #[serde(default)]
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<u32>,
+    pub tools: Option<Vec<Tool>>,
+    pub tool_choice: Option<ToolChoice>,
+    pub parallel_tool_calls: Option<bool>,
 }
 
 /// `prompt`: text, several texts, token ids, or several lists of token ids.
@@ -153,6 +275,7 @@ const SAMPLING_FIELDS: &[&str] = &[
     "user",
     "metadata",
     "context_length_exceeded_behavior",
+    "response_format",
 ];
 
 /// Fields of the API (OpenAI's and Fireworks' extensions) that hearth does not act on yet.
@@ -164,7 +287,6 @@ const NOT_YET: &[&str] = &[
     "min_p",
     "mirostat_lr",
     "mirostat_target",
-    "parallel_tool_calls",
     "perf_metrics_in_response",
     "prediction",
     "prompt_cache_isolation_key",
@@ -173,14 +295,11 @@ const NOT_YET: &[&str] = &[
     "raw_output",
     "reasoning_effort",
     "reasoning_history",
-    "response_format",
     "return_token_ids",
     "safe_tokenization",
     "service_tier",
     "speculation",
     "thinking",
-    "tool_choice",
-    "tools",
     "typical_p",
     "images",
     "suffix",
@@ -212,7 +331,7 @@ pub fn check_fields(body: &Map<String, Value>, endpoint_fields: &[&str]) -> Resu
                 Value::Bool(b) => !b,
                 Value::Array(a) => a.is_empty(),
                 Value::Object(o) => o.is_empty(),
-                Value::String(s) => s.is_empty() || (k == "tool_choice" && s == "none"),
+                Value::String(s) => s.is_empty(),
                 Value::Number(_) => false,
             };
             if !off {
@@ -225,7 +344,8 @@ pub fn check_fields(body: &Map<String, Value>, endpoint_fields: &[&str]) -> Resu
     Ok(())
 }
 
-pub const CHAT_FIELDS: &[&str] = &["messages", "max_completion_tokens", "logprobs", "top_logprobs"];
+pub const CHAT_FIELDS: &[&str] =
+    &["messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls"];
 pub const COMPLETION_FIELDS: &[&str] = &["prompt", "logprobs", "echo"];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -270,12 +390,12 @@ mod tests {
 
     #[test]
     fn unimplemented_fields_are_named_and_unknown_ones_refused() {
-        let tools = json!({"tools": [{"type": "function"}]});
+        let functions = json!({"functions": [{"name": "f"}]});
         assert_eq!(
-            check_fields(tools.as_object().unwrap(), CHAT_FIELDS),
-            Err(FieldError::NotSupported("tools".into()))
+            check_fields(functions.as_object().unwrap(), CHAT_FIELDS),
+            Err(FieldError::NotSupported("functions".into()))
         );
-        let off = json!({"tools": [], "logit_bias": null, "tool_choice": "none"});
+        let off = json!({"functions": [], "logit_bias": null, "tools": [], "tool_choice": "none"});
         assert_eq!(check_fields(off.as_object().unwrap(), CHAT_FIELDS), Ok(()));
         let typo = json!({"temprature": 1});
         assert_eq!(check_fields(typo.as_object().unwrap(), CHAT_FIELDS), Err(FieldError::Unknown("temprature".into())));

@@ -18,17 +18,20 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::stream::{self, Stream, StreamExt};
 use hearth_api::openai::{
-    check_fields, ChatCompletionRequest, CompletionRequest, Content, ContextOverflow, FieldError, Message, Prompt,
-    Sampling, Usage, CHAT_FIELDS, COMPLETION_FIELDS,
+    check_fields, ChatCompletionRequest, CompletionRequest, ContextOverflow, FieldError, Prompt, Sampling, Usage,
+    CHAT_FIELDS, COMPLETION_FIELDS,
 };
 use hearth_api::replica::{
     paths, AdapterInfo, AdapterList, Health, LoadAdapterRequest, LoadFigures, UnloadAdapterRequest, Unloaded, Unmerged,
 };
 use hearth_api::Code;
 use hearth_engine::chat::{ChatMessage, ChatTemplate};
+
+use crate::structured::{self, ToolPlan};
 use hearth_engine::lora::LoraAdapter;
 use hearth_engine::sampling::Sampled;
-use hearth_engine::{Engine, EngineError, Event, GenerateRequest, SamplingParams};
+use hearth_engine::tools::{CallParser, Piece};
+use hearth_engine::{Engine, EngineError, Event, GenerateRequest, Grammar, SamplingParams};
 
 pub use crate::error::OpenAiError;
 use serde_json::{json, Map, Value};
@@ -449,6 +452,7 @@ impl App {
         logprobs: Option<usize>,
         prompt_logprobs: bool,
         adapter: Option<Arc<LoraAdapter>>,
+        grammar: Option<Grammar>,
     ) -> ApiResult<Vec<GenerateRequest>> {
         let n = s.n.unwrap_or(1) as usize;
         if n == 0 {
@@ -510,6 +514,7 @@ impl App {
                     ignore_eos: s.ignore_eos.unwrap_or(false),
                     prompt_logprobs,
                     adapter: adapter.clone(),
+                    grammar: grammar.clone(),
                 });
             }
         }
@@ -598,6 +603,7 @@ async fn completions(State(app): State<App>, body: Result<Bytes, BytesRejection>
         logprobs,
         echo && logprobs.is_some(),
         adapter,
+        structured::output_grammar(req.sampling.response_format.as_ref())?,
     )?;
     let n = req.sampling.n.unwrap_or(1) as usize;
     let rxs = app.submit(reqs)?;
@@ -728,36 +734,16 @@ async fn chat_completions(State(app): State<App>, body: Result<Bytes, BytesRejec
     if req.messages.is_empty() {
         return Err(OpenAiError::bad("messages must not be empty"));
     }
-    let messages: Vec<ChatMessage> = req
-        .messages
-        .iter()
-        .enumerate()
-        .map(|(i, m)| {
-            let role = chat_role(i, m)?;
-            let content = match &m.content {
-                None if role == "assistant" => String::new(),
-                None => {
-                    return Err(OpenAiError::bad(format!(
-                        "messages[{i}].content is null; a {role} message needs content (only an assistant's may be \
-                         null)"
-                    ))
-                    .param("messages"))
-                }
-                Some(Content::Text(t)) => t.clone(),
-                Some(Content::Parts(parts)) => {
-                    if let Some(p) = parts.iter().find(|p| p.kind != "text") {
-                        return Err(OpenAiError::new(
-                            Code::Unimplemented,
-                            format!("content parts of type {:?} are not supported; send text", p.kind),
-                        )
-                        .param("messages"));
-                    }
-                    parts.iter().filter_map(|p| p.text.clone()).collect::<Vec<_>>().join("\n")
-                }
-            };
-            Ok(ChatMessage::new(role.to_string(), content))
-        })
-        .collect::<ApiResult<_>>()?;
+    let plan = structured::tool_plan(&app.engine, &req)?;
+    let format = structured::output_grammar(req.sampling.response_format.as_ref())?;
+    if format.is_some() && plan.as_ref().is_some_and(|p| p.grammar.is_some()) {
+        return Err(OpenAiError::bad(
+            "a turn that must call a tool (tool_choice \"required\" or a function) has no free-form output for \
+             response_format to shape; send one or the other",
+        )
+        .param("response_format"));
+    }
+    let (messages, tool_defs) = structured::conversation(&template, &req.messages, plan.as_ref())?;
     if !messages.iter().any(|m| m.role != "assistant") {
         return Err(OpenAiError::bad(
             "messages has only assistant messages; a conversation needs a system or user message to answer",
@@ -775,7 +761,7 @@ async fn chat_completions(State(app): State<App>, body: Result<Bytes, BytesRejec
         return Err(OpenAiError::bad("send max_tokens or max_completion_tokens, not both: they are the same limit")
             .param("max_completion_tokens"));
     }
-    let prompt_text = template.render(&messages, true)?;
+    let prompt_text = template.render_with_tools(&messages, tool_defs.as_deref(), true)?;
     // The template already places any BOS the model wants.
     let prompt = app.engine.tokenizer().encode(&prompt_text, false)?;
     let want_logprobs = req.logprobs.unwrap_or(false);
@@ -785,7 +771,9 @@ async fn chat_completions(State(app): State<App>, body: Result<Bytes, BytesRejec
     }
     let logprobs = want_logprobs.then(|| top.unwrap_or(0));
     let max_tokens = req.max_completion_tokens.or(req.sampling.max_tokens);
-    let reqs = app.requests(vec![prompt], &req.sampling, max_tokens, None, logprobs, false, adapter)?;
+    let grammar = plan.as_ref().and_then(|p| p.grammar.clone()).or(format);
+    let reqs = app.requests(vec![prompt], &req.sampling, max_tokens, None, logprobs, false, adapter, grammar)?;
+    let calls = plan.map(Arc::new);
     let rxs = app.submit(reqs)?;
     let (id, created, model) = (new_id("chatcmpl"), now(), req.model.clone());
     if req.sampling.stream.unwrap_or(false) {
@@ -795,6 +783,7 @@ async fn chat_completions(State(app): State<App>, body: Result<Bytes, BytesRejec
         let (id2, model2) = (id.clone(), model.clone());
         // prompt tokens, completion tokens, finished choices
         let mut usage_acc = [0usize; 3];
+        let mut outputs: Vec<ToolOutput> = (0..choices).map(|_| ToolOutput::new(calls.clone())).collect();
         let first: Vec<Value> = (0..choices)
             .map(|index| {
                 json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -810,10 +799,13 @@ async fn chat_completions(State(app): State<App>, body: Result<Bytes, BytesRejec
                 Event::PromptLogprobs(_) => vec![],
                 Event::Token { sampled, text } => {
                     let lp = if want_logprobs { chat_logprobs(&app2, &[sampled]) } else { Value::Null };
-                    if text.is_empty() && !want_logprobs {
-                        vec![]
+                    let deltas = outputs[index].push(&text);
+                    if deltas.is_empty() && want_logprobs {
+                        vec![Ok(chunk(json!({"content": ""}), lp, None))]
                     } else {
-                        vec![Ok(chunk(json!({"content": text}), lp, None))]
+                        // The token's logprobs ride on the first chunk it produced.
+                        let mut lp = Some(lp);
+                        deltas.into_iter().map(|d| Ok(chunk(d, lp.take().unwrap_or(Value::Null), None))).collect()
                     }
                 }
                 Event::Finished { reason, text, prompt_tokens, completion_tokens } => {
@@ -821,8 +813,13 @@ async fn chat_completions(State(app): State<App>, body: Result<Bytes, BytesRejec
                     usage_acc[0] = prompt_tokens;
                     usage_acc[1] += completion_tokens;
                     usage_acc[2] += 1;
-                    let delta = if text.is_empty() { json!({}) } else { json!({"content": text}) };
-                    let mut v = vec![Ok(chunk(delta, Value::Null, Some(reason.as_str())))];
+                    let out = &mut outputs[index];
+                    let mut deltas = out.push(&text);
+                    deltas.extend(out.finish());
+                    let finish = out.finish_reason(reason.as_str());
+                    let mut v: Vec<Result<Value, String>> =
+                        deltas.into_iter().map(|d| Ok(chunk(d, Value::Null, None))).collect();
+                    v.push(Ok(chunk(json!({}), Value::Null, Some(finish))));
                     if include_usage && usage_acc[2] == choices {
                         app2.metrics.prompt_tokens.fetch_add(usage_acc[0] as u64, Ordering::Relaxed);
                         v.push(Ok(json!({"id": id2, "object": "chat.completion.chunk", "created": created,
@@ -844,8 +841,18 @@ async fn chat_completions(State(app): State<App>, body: Result<Bytes, BytesRejec
         pt = c.prompt_tokens;
         ct += c.completion_tokens;
         let lp = if want_logprobs { chat_logprobs(&app, &c.tokens) } else { Value::Null };
-        choices.push(json!({"index": index, "message": {"role": "assistant", "content": c.text},
-            "logprobs": lp, "finish_reason": c.finish}));
+        let mut out = ToolOutput::new(calls.clone());
+        out.push(&c.text);
+        out.finish();
+        let finish = out.finish_reason(c.finish.unwrap_or("stop"));
+        let mut message = json!({"role": "assistant", "content": out.content});
+        if !out.calls.is_empty() {
+            if out.content.as_ref().is_none_or(|t: &String| t.trim().is_empty()) {
+                message["content"] = Value::Null;
+            }
+            message["tool_calls"] = json!(structured::response_calls(out.calls));
+        }
+        choices.push(json!({"index": index, "message": message, "logprobs": lp, "finish_reason": finish}));
     }
     app.metrics.prompt_tokens.fetch_add(pt as u64, Ordering::Relaxed);
     app.metrics.completion_tokens.fetch_add(ct as u64, Ordering::Relaxed);
@@ -878,21 +885,79 @@ where
     Sse::new(events).keep_alive(KeepAlive::default()).into_response()
 }
 
-/// The role of message `i` as the chat template sees it. OpenAI's `developer` is its newer name
-/// for `system`; tool results need tool calls, which hearth does not support yet.
-fn chat_role(i: usize, m: &Message) -> ApiResult<&'static str> {
-    match m.role.as_str() {
-        "system" | "developer" => Ok("system"),
-        "user" => Ok("user"),
-        "assistant" => Ok("assistant"),
-        "tool" | "function" => Err(OpenAiError::new(
-            Code::Unimplemented,
-            format!("messages[{i}] has role {:?}: tool calls are not supported yet", m.role),
-        )
-        .param("messages")),
-        other => Err(OpenAiError::bad(format!(
-            "messages[{i}] has role {other:?}; a message's role is system, developer, user or assistant"
-        ))
-        .param("messages")),
+/// One choice's output, split into content and calls when tools are in play (see
+/// `hearth_engine::tools`), as stream deltas; without tools all of it is content.
+struct ToolOutput {
+    plan: Option<Arc<ToolPlan>>,
+    parser: CallParser,
+    /// The content so far (`None` until there is some).
+    content: Option<String>,
+    calls: Vec<hearth_engine::tools::ToolCall>,
+}
+
+impl ToolOutput {
+    fn new(plan: Option<Arc<ToolPlan>>) -> ToolOutput {
+        ToolOutput { plan, parser: CallParser::new(), content: None, calls: Vec::new() }
+    }
+
+    fn push(&mut self, text: &str) -> Vec<Value> {
+        if self.plan.is_none() {
+            return self.take(vec![Piece::Text(text.to_string())]);
+        }
+        let pieces = self.parser.push(text);
+        self.take(pieces)
+    }
+
+    fn finish(&mut self) -> Vec<Value> {
+        let pieces = self.parser.finish();
+        self.take(pieces)
+    }
+
+    /// Deltas for new pieces. A call to a function the request did not offer, or one beyond
+    /// the first when `parallel_tool_calls` is off, stays text. A turn that must call has no
+    /// text: what its grammar allows between calls is a separator, and a call cut short by
+    /// `max_tokens` is left out (the finish reason says `length`).
+    fn take(&mut self, pieces: Vec<Piece>) -> Vec<Value> {
+        let forced = self.plan.as_ref().is_some_and(|p| p.grammar.is_some());
+        let mut deltas = Vec::new();
+        for piece in pieces {
+            if forced && matches!(piece, Piece::Text(_)) {
+                continue;
+            }
+            let text = match piece {
+                Piece::Call(c) => {
+                    let plan = self.plan.as_ref();
+                    let offered = plan.is_some_and(|p| p.tools.iter().any(|t| t.name == c.name));
+                    let room = plan.is_some_and(|p| p.parallel) || self.calls.is_empty();
+                    if offered && room {
+                        let index = self.calls.len();
+                        let wire = structured::response_calls(vec![c.clone()]);
+                        let mut call = json!(wire[0]);
+                        call["index"] = json!(index);
+                        deltas.push(json!({"tool_calls": [call]}));
+                        self.calls.push(c);
+                        continue;
+                    }
+                    hearth_engine::tools::render_call(&c.name, &c.arguments)
+                }
+                Piece::Text(t) => t,
+            };
+            if text.is_empty() {
+                continue;
+            }
+            self.content.get_or_insert_with(String::new).push_str(&text);
+            deltas.push(json!({"content": text}));
+        }
+        deltas
+    }
+
+    /// `tool_calls` once the model called and ended by itself; the engine's reason otherwise
+    /// (`length` tells that the output, calls included, was cut short).
+    fn finish_reason(&self, engine_reason: &'static str) -> &'static str {
+        if self.calls.is_empty() || engine_reason == "length" {
+            engine_reason
+        } else {
+            "tool_calls"
+        }
     }
 }

@@ -201,32 +201,86 @@ fn inference_requests() -> (Value, Value) {
         "ignore_eos": {"type": "boolean"},
         "user": {"type": "string"},
         "metadata": {"type": "object"},
-        "context_length_exceeded_behavior": {"type": "string", "enum": ["truncate", "error"]}
+        "context_length_exceeded_behavior": {"type": "string", "enum": ["truncate", "error"]},
+        "response_format": {
+            "description": "structured output: text, any JSON object, or JSON valid against a schema \
+                (OpenAI's {name, schema, strict} or the schema itself); type grammar is refused as unimplemented",
+            "type": "object",
+            "properties": {
+                "type": {"type": "string", "enum": ["text", "json_object", "json_schema", "grammar"]},
+                "schema": {"oneOf": [{"type": "object"}, {"type": "string"}]},
+                "json_schema": {"oneOf": [{"type": "object"}, {"type": "string"}]},
+                "grammar": {"type": "string"}
+            },
+            "required": ["type"],
+            "additionalProperties": false
+        }
     });
     let with = |extra: Value, required: &[&str]| {
         let mut props = sampling.as_object().cloned().unwrap_or_default();
         props.extend(extra.as_object().cloned().unwrap_or_default());
         json!({"type": "object", "properties": props, "required": required, "additionalProperties": false})
     };
+    let tool_call = json!({
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"},
+            "type": {"type": "string", "enum": ["function"]},
+            "function": {"type": "object", "properties": {"name": {"type": "string"}, "arguments": {
+                "type": "string", "description": "the arguments object as JSON text"}},
+                "required": ["name", "arguments"], "additionalProperties": false}
+        },
+        "required": ["id", "type", "function"],
+        "additionalProperties": false
+    });
     let message = json!({
         "type": "object",
         "properties": {
-            "role": {"type": "string", "enum": ["system", "developer", "user", "assistant"]},
+            "role": {"type": "string", "enum": ["system", "developer", "user", "assistant", "tool"]},
             "content": {"description": "required but on an assistant message, whose content may be null", "oneOf": [
                 {"type": "string"},
                 {"type": "array", "items": {"type": "object", "properties": {
                     "type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}}, "required": ["type"]}}
             ]},
-            "name": {"type": "string"}
+            "name": {"type": "string"},
+            "tool_calls": {"type": "array", "items": tool_call},
+            "tool_call_id": {"type": "string", "description": "on a tool message: the call it answers"},
+            "refusal": {"type": "null"},
+            "function_call": {"type": "null"},
+            "audio": {"type": "null"},
+            "annotations": {"type": "array", "maxItems": 0}
         },
-        "required": ["role", "content"]
+        "required": ["role", "content"],
+        "additionalProperties": false
+    });
+    let tool = json!({
+        "type": "object",
+        "properties": {
+            "type": {"type": "string", "enum": ["function"]},
+            "function": {"type": "object", "properties": {
+                "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+                "description": {"type": "string"},
+                "parameters": {"type": "object", "description": "a JSON schema of the arguments object"},
+                "strict": {"type": "boolean"}
+            }, "required": ["name"], "additionalProperties": false}
+        },
+        "required": ["type", "function"],
+        "additionalProperties": false
     });
     let chat = with(
         json!({
             "messages": {"type": "array", "items": message, "minItems": 1},
             "max_completion_tokens": {"type": "integer", "minimum": 1},
             "logprobs": {"type": "boolean"},
-            "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20}
+            "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
+            "tools": {"type": "array", "items": tool},
+            "tool_choice": {"oneOf": [
+                {"type": "string", "enum": ["none", "auto", "required"]},
+                {"type": "object", "properties": {"type": {"type": "string", "enum": ["function"]}, "function": {
+                    "type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"],
+                    "additionalProperties": false}}, "required": ["type", "function"], "additionalProperties": false}
+            ]},
+            "parallel_tool_calls": {"type": "boolean"}
         }),
         &["model", "messages"],
     );

@@ -334,8 +334,13 @@ async fn malformed_requests_get_openai_errors_with_fitting_statuses() {
         (json!({"model": MODEL, "prompt": "x", "temprature": 1}), StatusCode::BAD_REQUEST, "temprature"),
         (
             json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}),
+            StatusCode::BAD_REQUEST,
+            "tools[0]: missing field `function`",
+        ),
+        (
+            json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "functions": [{"name": "f"}]}),
             StatusCode::NOT_IMPLEMENTED,
-            "tools",
+            "functions",
         ),
         (json!({"model": "other", "prompt": "x"}), StatusCode::NOT_FOUND, "other"),
         (json!({"model": MODEL, "prompt": "x", "temperature": 5}), StatusCode::BAD_REQUEST, "temperature"),
@@ -367,7 +372,10 @@ async fn chat_bodies_and_context_overflows_are_checked_before_anything_runs() {
         (chat(json!([{"role": "user", "content": null}])), StatusCode::BAD_REQUEST, "messages[0].content is null"),
         (chat(json!([{"role": "user"}])), StatusCode::BAD_REQUEST, "messages[0].content is null"),
         (chat(json!([{"role": "assistant", "content": "hi"}])), StatusCode::BAD_REQUEST, "only assistant"),
-        (chat(json!([{"role": "tool", "content": "42"}])), StatusCode::NOT_IMPLEMENTED, "tool"),
+        (chat(json!([{"role": "tool", "content": "42"}])), StatusCode::BAD_REQUEST, "without its tool_call_id"),
+        (chat(json!([{"role": "function", "content": "42"}])), StatusCode::NOT_IMPLEMENTED, "send role \"tool\""),
+        (chat(json!([{"role": "user", "content": "x", "refusal": "no"}])), StatusCode::NOT_IMPLEMENTED, "refusal"),
+        (chat(json!([{"role": "user", "content": "x", "colour": "red"}])), StatusCode::BAD_REQUEST, "colour"),
         (
             json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 1000000}),
             StatusCode::BAD_REQUEST,

@@ -1,0 +1,193 @@
+"""Structured output and tool calls through the gateway with the official `openai` client, on
+the default model (SmolLM2, GGUF) and on a LoRA of it in the same deployment: JSON that always
+parses and validates, tool calls in OpenAI's shape (whole and streamed), the whole tool flow
+back to a final answer, and bad input refused with a message."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jsonschema
+import openai
+import pytest
+from openai import OpenAI
+
+import fixtures
+from conftest import make_client
+
+ROOT = Path(__file__).resolve().parents[2]
+SMOLLM2 = ROOT / "models/SmolLM2-135M-Instruct.Q4_1.gguf"
+PIRATE = ROOT / "crates/hearth-engine/tests/fixtures/lora/pirate"
+
+pytestmark = pytest.mark.skipif(not SMOLLM2.exists(), reason="the default model is absent; scripts/fetch-model fetches it")
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 30},
+                           "unit": {"enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"type": "string", "maxLength": 20}}, "required": ["zone"]}}}
+CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
+                                         "population": {"type": "integer", "minimum": 0, "maximum": 10**9}},
+        "required": ["city", "population"], "additionalProperties": False}
+
+
+@pytest.fixture(scope="module")
+def hearth(hearth_live):
+    return hearth_live
+
+
+@pytest.fixture(scope="module")
+def served(hearth, uid):
+    """SmolLM2 deployed with the pirate LoRA loaded: (base model name, LoRA model name)."""
+    client = make_client(hearth)
+    base_id = uid("smol-structured")
+    client.models.create(model_id=base_id, model={"kind": "HF_BASE_MODEL", "baseModelDetails": {}})
+    fixtures.upload_model_files(client, base_id, {"model.gguf": SMOLLM2.read_bytes()})
+    client.models.validate_upload(base_id)
+    base = client.models.get(base_id).name
+    lora_id = uid("pirate-structured")
+    client.models.create(model_id=lora_id, model={"kind": "HF_PEFT_ADDON", "peftDetails": {"baseModel": base}})
+    fixtures.upload_model_files(client, lora_id, {f: (PIRATE / f).read_bytes()
+                                                  for f in ("adapter_config.json", "adapter_model.safetensors")})
+    client.models.validate_upload(lora_id)
+    dep_id = uid("structured")
+    client.deployments.create(base_model=base, deployment_id=dep_id, min_replica_count=1, max_replica_count=1,
+                              enable_addons=True)
+    deadline = time.monotonic() + 120
+    while client.deployments.get(dep_id).state != "READY":
+        assert time.monotonic() < deadline, client.deployments.get(dep_id).status
+        time.sleep(0.2)
+    lora = f"accounts/{hearth.account}/models/{lora_id}"
+    dm = client.lora.load(model=lora, deployment=f"accounts/{hearth.account}/deployments/{dep_id}")
+    while client.lora.get(dm.name.rsplit("/", 1)[1]).state != "DEPLOYED":
+        assert time.monotonic() < deadline, client.lora.get(dm.name.rsplit("/", 1)[1]).status
+        time.sleep(0.2)
+    yield base, lora
+    client.deployments.delete(dep_id, hard=True, ignore_checks=True)
+
+
+@pytest.fixture(scope="module")
+def oa(hearth) -> OpenAI:
+    return OpenAI(api_key=hearth.api_key, base_url=f"{hearth.base_url}/inference/v1", max_retries=0)
+
+
+def _ask(text: str):
+    return [{"role": "user", "content": text}]
+
+
+@pytest.mark.parametrize("which", ["base", "lora"])
+def test_json_modes_always_parse_and_validate(oa, served, which):
+    model = served[0] if which == "base" else served[1]
+    r = oa.chat.completions.create(model=model, messages=_ask(
+        'What is the capital of France? Answer as JSON with the key "capital".'), max_tokens=60,
+                                   response_format={"type": "json_object"}, temperature=0)
+    assert r.choices[0].finish_reason == "stop", r
+    assert isinstance(json.loads(r.choices[0].message.content), dict), r.choices[0].message.content
+    schema_format = {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY, "strict": True}}
+    for seed in range(4):
+        r = oa.chat.completions.create(model=model, messages=_ask("Describe Paris."), max_tokens=120, seed=seed,
+                                       temperature=0.9, response_format=schema_format)
+        assert r.choices[0].finish_reason == "stop", r
+        jsonschema.validate(json.loads(r.choices[0].message.content), CITY)
+    # Streamed, the chunks join into the same valid document.
+    chunks = oa.chat.completions.create(model=model, messages=_ask("Describe Rome."), max_tokens=80,
+                                        temperature=0, response_format=schema_format, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    jsonschema.validate(json.loads(text), CITY)
+    # On /completions too, Fireworks' form: the schema inside json_object.
+    r = oa.completions.create(model=model, prompt="A city as JSON:", max_tokens=80, temperature=0,
+                              extra_body={"response_format": {"type": "json_object", "schema": CITY}})
+    jsonschema.validate(json.loads(r.choices[0].text), CITY)
+
+
+@pytest.mark.parametrize("which", ["base", "lora"])
+def test_the_tool_flow_from_a_call_to_the_final_answer(oa, served, which):
+    model = served[0] if which == "base" else served[1]
+    messages = _ask("What is the weather in Paris?")
+    # Several calls in one turn may come; each is whole and valid, and a call cut short by
+    # max_tokens is left out (finish_reason "length").
+    r = oa.chat.completions.create(model=model, messages=messages, tools=[WEATHER, TIME], tool_choice="required",
+                                   max_tokens=50, temperature=0)
+    assert r.choices[0].finish_reason in ("tool_calls", "length") and r.choices[0].message.content is None
+    assert r.choices[0].message.tool_calls, r
+    for c in r.choices[0].message.tool_calls:
+        jsonschema.validate(json.loads(c.function.arguments), {"get_weather": WEATHER, "get_time": TIME}[
+            c.function.name]["function"]["parameters"])
+    r = oa.chat.completions.create(model=model, messages=messages, tools=[WEATHER, TIME], tool_choice="required",
+                                   parallel_tool_calls=False, max_tokens=80, temperature=0)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    assert choice.message.content is None
+    calls = choice.message.tool_calls
+    assert calls and all(c.type == "function" and c.id for c in calls), calls
+    for c in calls:
+        args = json.loads(c.function.arguments)
+        schema = {"get_weather": WEATHER, "get_time": TIME}[c.function.name]["function"]["parameters"]
+        jsonschema.validate(args, schema)
+    # The reply goes back as the client gives it, with each result as a `tool` message.
+    messages.append(choice.message)
+    for c in calls:
+        messages.append({"role": "tool", "tool_call_id": c.id, "content": json.dumps({"temperature": 18, "sky": "clear"})})
+    final = oa.chat.completions.create(model=model, messages=messages, tools=[WEATHER, TIME], tool_choice="none",
+                                       max_tokens=40, temperature=0)
+    assert final.choices[0].finish_reason in ("stop", "length")
+    assert final.choices[0].message.content and not final.choices[0].message.tool_calls
+
+
+def test_a_named_function_is_called_and_streams_as_openai_deltas(oa, served):
+    base, lora = served
+    choice = {"type": "function", "function": {"name": "get_time"}}
+    r = oa.chat.completions.create(model=lora, messages=_ask("What time is it in Tokyo?"), tools=[WEATHER, TIME],
+                                   tool_choice=choice, parallel_tool_calls=False, max_tokens=60, temperature=0)
+    calls = r.choices[0].message.tool_calls
+    assert [c.function.name for c in calls] == ["get_time"], calls
+    jsonschema.validate(json.loads(calls[0].function.arguments), TIME["function"]["parameters"])
+    # Streamed: a call arrives as tool_calls deltas (index, id, name, arguments), then
+    # finish_reason "tool_calls".
+    stream = oa.chat.completions.create(model=base, messages=_ask("Weather in Oslo?"), tools=[WEATHER],
+                                        tool_choice="required", parallel_tool_calls=False, max_tokens=60,
+                                        temperature=0, stream=True)
+    got, finish = {}, None
+    for chunk in stream:
+        for ch in chunk.choices:
+            for d in ch.delta.tool_calls or []:
+                slot = got.setdefault(d.index, {"id": None, "name": "", "arguments": ""})
+                slot["id"] = slot["id"] or d.id
+                slot["name"] += d.function.name or ""
+                slot["arguments"] += d.function.arguments or ""
+            finish = ch.finish_reason or finish
+    assert finish == "tool_calls" and list(got) == [0], (finish, got)
+    assert got[0]["name"] == "get_weather" and got[0]["id"]
+    jsonschema.validate(json.loads(got[0]["arguments"]), WEATHER["function"]["parameters"])
+
+
+def test_tools_and_schemas_that_cannot_be_used_are_refused_with_the_reason(oa, served):
+    base, _ = served
+
+    def refused(messages=None, **kw) -> str:
+        with pytest.raises(openai.BadRequestError) as e:
+            oa.chat.completions.create(model=base, messages=messages or _ask("hi"), max_tokens=4, **kw)
+        return e.value.body["message"] if isinstance(e.value.body, dict) else str(e.value)
+
+    assert "strnig" in refused(response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "strict": True, "schema": {"type": "object", "properties": {"a": {"type": "strnig"}}}}})
+    assert "name" in refused(tools=[{"type": "function", "function": {"name": ""}}])
+    assert "name" in refused(tools=[{"type": "function", "function": {"description": "no name"}}])
+    assert "not among the tools" in refused(tools=[WEATHER],
+                                            tool_choice={"type": "function", "function": {"name": "launch"}})
+    assert "no tools" in refused(tool_choice="required")
+    assert "parameters" in refused(tools=[{"type": "function", "function": {"name": "f", "parameters": [1]}}])
+    assert "tool_call_id" in refused(messages=[{"role": "user", "content": "hi"}, {"role": "tool", "content": "42"}])
