@@ -26,6 +26,12 @@ What each number is (every one the median of --repeats runs):
     25%, 40%, 55% and 70% of the time a 4,000-token prompt takes alone, while that prompt is
     being prefilled; its time to the response (the median of the 5). llama-server runs these
     with 2 slots of 8,192 tokens (-np 2 -c 16384), so it can take the short request at all.
+  * structured output (--rows structured, 2 threads, 32 streams as above): each request once
+    free and once constrained to JSON_SCHEMA below (an array of at least 50 small objects, so
+    no output completes within 64 tokens and every stream runs its full length), through
+    `response_format` on hearth and `json_schema` on llama-server (which compiles it to a GBNF
+    grammar); the table gives each server's constrained rate and its ratio to its own free
+    rate, measured on the same server process in the same run.
   * RSS: VmRSS from /proc of the server process, once /health answers and before any
     request ("after load"), and again after one warm-up request ("idle, warm").
   * other load: CPUs that other processes used meanwhile (this machine is shared); a figure
@@ -343,6 +349,34 @@ def measure_concurrent(srv, streams, repeats, deadline):
     return statistics.median(rates), rates
 
 
+# What the structured rows constrain output to: structure-heavy JSON, every token masked.
+JSON_SCHEMA = {"type": "array", "minItems": 50, "items": {
+    "type": "object", "properties": {"name": {"type": "string", "maxLength": 8}, "age": {"type": "integer"}},
+    "required": ["name", "age"], "additionalProperties": False}}
+
+
+def measure_constrained(srv, streams, repeats, deadline):
+    """measure_concurrent with every request's output constrained to JSON_SCHEMA."""
+    extra = ({"response_format": {"type": "json_schema", "json_schema": JSON_SCHEMA}} if srv.kind == "hearth"
+             else {"json_schema": JSON_SCHEMA})
+    rates = []
+    for r in range(repeats):
+        deadline.check(f"{streams} constrained streams on {srv.label}")
+
+        def one(i):
+            body = dict(srv.body(prompt_ids(30_000 * (r + 1) + i, SHORT_PROMPT), STREAM_TOKENS), **extra)
+            _, resp = request(srv.port, body)
+            # Cut at 64 tokens the JSON is unfinished, but its start shows the constraint held.
+            text = resp["choices"][0]["text"]
+            if not text.startswith("[{"):
+                raise RuntimeError(f"{srv.label}: constrained output does not start the array: {text[:80]!r}")
+            return check_usage(resp, STREAM_TOKENS, srv.label)["completion_tokens"]
+
+        tokens, wall = released_together(streams, one, f"{srv.label}, {streams} constrained streams")
+        rates.append(sum(tokens) / wall)
+    return statistics.median(rates), rates
+
+
 def measure_prefill(srv, n, repeats, deadline):
     rates = []
     for r in range(repeats):
@@ -563,6 +597,20 @@ def main():
                     measured(("agg", n), "server", srv, measure_concurrent, n)
                 finally:
                     srv.close()
+        if "structured" in wanted:
+            for kind in ("hearth", "llama.cpp"):
+                col = "hearth" if kind == "hearth" else "server"
+                deadline.check(f"{kind} on structured output")
+                quiet.wait(f"{kind} on structured output")
+                srv = (start_hearth(args.hearth, args.model, 2, logdir) if kind == "hearth"
+                       else start_llama(args.llama_server, args.model, 2, 32, no_repack, logdir))
+                try:
+                    started(srv)
+                    warm_up(srv)
+                    measured(("free", 32), col, srv, measure_concurrent, 32)
+                    measured(("json", 32), col, srv, measure_constrained, 32)
+                finally:
+                    srv.close()
         if "long" in wanted:
             for kind in ("hearth", "llama.cpp"):
                 deadline.check(f"{kind} on long prompts")
@@ -587,9 +635,12 @@ def main():
         ("agg", 32): f"aggregate decode, 32 streams × {STREAM_TOKENS} tokens, 2 threads (tokens/s)",
         **{("long", n): f"prefill, {n:,}-token prompt, 2 threads (tokens/s)" for n in LONG_PROMPTS},
         ("tgctx", LONG_CONTEXT): f"decode, batch 1, at {LONG_CONTEXT:,} tokens of context, 2 threads (tokens/s)",
+        ("free", 32): f"32 streams × {STREAM_TOKENS} tokens, free, beside the constrained row (tokens/s)",
+        ("json", 32): f"32 streams × {STREAM_TOKENS} tokens, all constrained to a JSON schema (tokens/s)",
         ("ttft", LONG_CONTEXT): f"short request's response during a {LONG_CONTEXT:,}-token prefill, 2 threads (s, lower is better)",
     }
     order = [k for k in [("pp", 1), ("pp", 2), ("tg", 1), ("tg", 2), ("agg", 8), ("agg", 32),
+                         ("free", 32), ("json", 32),
                          *[("long", n) for n in LONG_PROMPTS], ("tgctx", LONG_CONTEXT), ("ttft", LONG_CONTEXT)]
              if k in rows]
     lines = [
@@ -611,6 +662,10 @@ def main():
     for when, what in [] if not rss else (("load", "after load, before any request"), ("warm", "idle after one warm-up request")):
         h, s = mib("hearth", when), mib("llama.cpp", when)
         lines.append(f"| resident memory (RSS), {what} (MiB) | {h:,.0f} | {s:,.0f} | {ratio(h, s)} | — | — | |")
+    if ("json", 32) in rows and ("free", 32) in rows:
+        j, f = rows[("json", 32)], rows[("free", 32)]
+        h, s = ratio(j.get("hearth"), f.get("hearth")), ratio(j.get("server"), f.get("server"))
+        lines.append(f"| constrained / free, 32 streams (each server against itself) | {h} | {s} | — | — | — | |")
     table = "\n".join(lines)
     print(table)
     print()
@@ -621,7 +676,7 @@ def main():
     print(f"Every figure is the median of {args.repeats} runs. llama.cpp weight repacking: "
           f"{'off (--repack 0 / -nr)' if no_repack else 'default (on)'}.")
     short = {("pp", 1): "prefill 1T", ("pp", 2): "prefill 2T", ("tg", 1): "decode 1T", ("tg", 2): "decode 2T",
-             ("agg", 8): "8 streams", ("agg", 32): "32 streams", ("tgctx", LONG_CONTEXT): f"decode at {LONG_CONTEXT}",
+             ("agg", 8): "8 streams", ("agg", 32): "32 streams", ("free", 32): "32 free", ("json", 32): "32 JSON", ("tgctx", LONG_CONTEXT): f"decode at {LONG_CONTEXT}",
              ("ttft", LONG_CONTEXT): "short during long", **{("long", n): f"prefill {n}" for n in LONG_PROMPTS}}
     used = ", ".join(f"{short[k]} {cpus[k].get('hearth', 0):.2f} / {cpus[k].get('server', 0):.2f}" for k in order if k in cpus)
     print(f"CPUs each server kept busy while measured (hearth / llama-server): {used}.")
