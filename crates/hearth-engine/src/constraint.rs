@@ -31,6 +31,8 @@ pub enum Grammar {
     /// A grammar in llguidance's Lark dialect, which can embed JSON schemas (`%json{...}`):
     /// how tool calls are constrained.
     Lark(String),
+    /// A grammar in llama.cpp's GBNF (see `gbnf`).
+    Gbnf(String),
 }
 
 /// How JSON is laid out unless a schema's own `x-guidance` says otherwise: one space after
@@ -65,6 +67,9 @@ impl Grammar {
             Grammar::JsonObject => with_layout(json!({"type": "object"})),
             Grammar::JsonSchema(s) => with_layout(s.clone()),
             Grammar::Lark(g) => Ok(TopLevelGrammar::from_lark(g.clone())),
+            Grammar::Gbnf(g) => crate::gbnf::to_lark(g)
+                .map(TopLevelGrammar::from_lark)
+                .map_err(|e| EngineError::InvalidRequest(format!("the GBNF grammar: {e}"))),
         }
     }
 }
@@ -76,21 +81,38 @@ pub struct Constraint {
     /// The tokenizer's end-of-sequence ids; the trie knows one, the model may end with any.
     eos: Arc<[u32]>,
     trie_eos: TokenId,
+    /// The next mask, computed ahead by `prepare`.
+    ready: Option<anyhow::Result<llguidance::toktrie::SimpleVob>>,
 }
 
 impl Constraint {
+    /// Computes the mask for the next token ahead of `mask`, which then takes it: the engine
+    /// computes a step's masks side by side, each sequence's on its own thread.
+    pub fn prepare(&mut self) {
+        if self.ready.is_none() {
+            self.ready = Some(self.matcher.compute_mask_or_eos());
+        }
+    }
+
     /// Sets every logit the grammar does not allow now to -inf. Where the grammar is complete
     /// the end-of-sequence tokens stay allowed.
     pub fn mask(&mut self, logits: &mut [f32]) -> Result<()> {
-        let allowed = self.matcher.compute_mask_or_eos().map_err(|e| self.failure(e))?;
+        self.prepare();
+        let allowed =
+            self.ready.take().unwrap_or_else(|| Err(anyhow::anyhow!("no mask"))).map_err(|e| self.failure(e))?;
         let eos_ok = allowed.is_allowed(self.trie_eos);
-        for (id, l) in logits.iter_mut().enumerate() {
-            let id = id as u32;
-            let ok =
-                if self.eos.contains(&id) { eos_ok } else { (id as usize) < allowed.len() && allowed.is_allowed(id) };
-            if !ok {
-                *l = f32::NEG_INFINITY;
+        let eos_logits: Vec<(usize, f32)> =
+            self.eos.iter().filter_map(|&e| logits.get(e as usize).map(|&l| (e as usize, l))).collect();
+        // A word of the bit set at a time: most of a vocabulary is usually disallowed.
+        let n = allowed.len().min(logits.len());
+        allowed.iter_unset_entries(|i| {
+            if i < n {
+                logits[i] = f32::NEG_INFINITY;
             }
+        });
+        logits[n..].fill(f32::NEG_INFINITY);
+        for (e, l) in eos_logits {
+            logits[e] = if eos_ok { l } else { f32::NEG_INFINITY };
         }
         Ok(())
     }
@@ -139,7 +161,7 @@ impl Grammars {
             return Err(EngineError::InvalidRequest(format!("the grammar cannot be used: {e}")));
         }
         let eos: Arc<[u32]> = self.tokenizer.eos_ids().into();
-        Ok(Constraint { matcher: Box::new(matcher), trie_eos: eos.first().copied().unwrap_or(0), eos })
+        Ok(Constraint { matcher: Box::new(matcher), ready: None, trie_eos: eos.first().copied().unwrap_or(0), eos })
     }
 }
 

@@ -780,6 +780,24 @@ impl Scheduler {
         }
         let results = self.forward_isolated(helpers, &rows);
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        // The grammar masks of the rows that sample a token, side by side: each is a
+        // sequence's own work, and serially they would hold the other thread idle.
+        let mut samples = vec![false; self.running.len()];
+        for (row, _) in &rows {
+            let s = &self.running[row.seq];
+            samples[row.seq] = match &row.work {
+                Work::Decode => true,
+                Work::Prefill(r) => r.end >= s.req.prompt.len(),
+            };
+        }
+        {
+            use rayon::prelude::*;
+            self.running
+                .par_iter_mut()
+                .zip(samples.par_iter())
+                .filter(|(s, &sample)| sample && s.constraint.is_some())
+                .for_each(|(s, _)| s.constraint.as_mut().map_or((), Constraint::prepare));
+        }
 
         let mut finished = Vec::new();
         for ((row, _), result) in rows.iter().zip(results) {

@@ -10,6 +10,7 @@ pub mod chat;
 pub mod constraint;
 pub mod engine;
 pub mod error;
+pub mod gbnf;
 pub mod kernels;
 pub mod load;
 pub mod lora;

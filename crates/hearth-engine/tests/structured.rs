@@ -166,6 +166,28 @@ async fn json_object_mode_gives_an_object_and_a_constrained_request_batches_like
 }
 
 #[tokio::test]
+async fn a_gbnf_grammar_shapes_the_output() {
+    let Some(engine) = smollm2_engine() else { return };
+    let gbnf = r#"
+# a verdict, then a number of stars
+root  ::= "Verdict: " ("yes" | "no") ", stars: " [1-5] "\n"
+"#;
+    for seed in 0..6 {
+        let prompt = chat_prompt(&engine, "Is Paris the capital of France? Rate your confidence.");
+        let params = SamplingParams { temperature: 1.0, seed: Some(seed), ..Default::default() };
+        let (text, _, reason) = run(&engine, request(prompt, Some(Grammar::Gbnf(gbnf.into())), params, 30)).await;
+        assert_eq!(reason, hearth_engine::FinishReason::Stop, "{text:?}");
+        let rest = text.strip_prefix("Verdict: ").unwrap_or_else(|| panic!("{text:?}"));
+        let (verdict, stars) = rest.split_once(", stars: ").unwrap_or_else(|| panic!("{text:?}"));
+        assert!(["yes", "no"].contains(&verdict), "{text:?}");
+        assert!(
+            stars.len() == 2 && stars.ends_with('\n') && ('1'..='5').contains(&stars.chars().next().unwrap()),
+            "{text:?}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn grammars_that_cannot_be_used_are_refused_with_the_reason() {
     let Some(engine) = smollm2_engine() else { return };
     let prompt = chat_prompt(&engine, "hi");
@@ -187,4 +209,6 @@ async fn grammars_that_cannot_be_used_are_refused_with_the_reason() {
     assert!(m.contains("schema"), "{m}");
     let m = refuse(Grammar::Lark("start: undefined_rule".into()));
     assert!(m.contains("undefined_rule"), "{m}");
+    let m = refuse(Grammar::Gbnf("root ::= answer\n".into()));
+    assert!(m.contains("line 1: rule \"answer\" is used but never defined"), "{m}");
 }
