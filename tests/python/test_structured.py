@@ -6,6 +6,7 @@ back to a final answer, and bad input refused with a message."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -111,6 +112,11 @@ def test_json_modes_always_parse_and_validate(oa, served, which):
     r = oa.completions.create(model=model, prompt="A city as JSON:", max_tokens=80, temperature=0,
                               extra_body={"response_format": {"type": "json_object", "schema": CITY}})
     jsonschema.validate(json.loads(r.choices[0].text), CITY)
+    # Fireworks' grammar form: GBNF.
+    gbnf = 'root ::= "The capital is " [A-Z] [a-z]{1,12} "."'
+    r = oa.chat.completions.create(model=model, messages=_ask("What is the capital of France?"), max_tokens=20,
+                                   temperature=0, response_format={"type": "grammar", "grammar": gbnf})
+    assert re.fullmatch(r"The capital is [A-Z][a-z]{1,12}\.", r.choices[0].message.content), r
 
 
 @pytest.mark.parametrize("which", ["base", "lora"])
@@ -190,4 +196,8 @@ def test_tools_and_schemas_that_cannot_be_used_are_refused_with_the_reason(oa, s
                                             tool_choice={"type": "function", "function": {"name": "launch"}})
     assert "no tools" in refused(tool_choice="required")
     assert "parameters" in refused(tools=[{"type": "function", "function": {"name": "f", "parameters": [1]}}])
+    assert "line 1" in refused(response_format={"type": "grammar", "grammar": "root ::= missing"})
+    # A prompt_cache_key is a session's name: 2 KB is refused by name, 10 MB by the body limit.
+    assert "prompt_cache_key is 2048 bytes" in refused(extra_body={"prompt_cache_key": "k" * 2048})
+    assert "larger than" in refused(extra_body={"prompt_cache_key": "k" * (10 << 20)})
     assert "tool_call_id" in refused(messages=[{"role": "user", "content": "hi"}, {"role": "tool", "content": "42"}])

@@ -204,7 +204,7 @@ fn inference_requests() -> (Value, Value) {
         "context_length_exceeded_behavior": {"type": "string", "enum": ["truncate", "error"]},
         "response_format": {
             "description": "structured output: text, any JSON object, or JSON valid against a schema \
-                (OpenAI's {name, schema, strict} or the schema itself); type grammar is refused as unimplemented",
+                (OpenAI's {name, schema, strict} or the schema itself), or text of a GBNF grammar",
             "type": "object",
             "properties": {
                 "type": {"type": "string", "enum": ["text", "json_object", "json_schema", "grammar"]},

@@ -55,12 +55,14 @@ pub fn output_grammar(rf: Option<&ResponseFormat>) -> ApiResult<Option<Grammar>>
             let given = schema_value(given, "response_format.json_schema")?;
             Ok(Some(Grammar::JsonSchema(openai_schema(given)?)))
         }
-        "grammar" => Err(OpenAiError::new(
-            Code::Unimplemented,
-            "response_format of type \"grammar\" (GBNF) is not supported yet; describe the output with \
-             \"json_schema\" instead",
-        )
-        .param("response_format")),
+        "grammar" => {
+            stray("schema", rf.schema.is_some())?;
+            stray("json_schema", rf.json_schema.is_some())?;
+            match rf.grammar.as_deref() {
+                Some(g) if !g.trim().is_empty() => Ok(Some(Grammar::Gbnf(g.to_string()))),
+                _ => bad("response_format of type \"grammar\" needs `grammar`, a GBNF grammar".into()),
+            }
+        }
         other => bad(format!(
             "response_format type {other:?} is unknown; it is \"text\", \"json_object\", \"json_schema\" or \"grammar\""
         )),

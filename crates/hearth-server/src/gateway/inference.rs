@@ -86,6 +86,26 @@ impl Forwarding<'_> {
     }
 }
 
+/// The longest `prompt_cache_key` or `user` accepted: each names a session or a person, and
+/// a longer one is a mistake (a prompt sent in the wrong field), not a name.
+const MAX_SESSION_KEY: usize = 1024;
+
+/// Refuses a `prompt_cache_key` or `user` too long to be a session's name.
+fn check_session_keys(request: &Value) -> InferenceResult<()> {
+    for k in ["prompt_cache_key", "user"] {
+        if let Some(v) = request.get(k).and_then(Value::as_str) {
+            if v.len() > MAX_SESSION_KEY {
+                return Err(OpenAiError::bad(format!(
+                    "{k} is {} bytes long; it names a session or an end user in at most {MAX_SESSION_KEY} bytes",
+                    v.len()
+                ))
+                .param(k));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The session of a request to a deployment with session affinity, as the inference spec
 /// orders them: `prompt_cache_key`, else `user`, else the `x-session-affinity` header.
 fn session_of(request: &Value, header: Option<String>) -> Option<String> {
@@ -107,6 +127,7 @@ pub(super) async fn forward(
         .and_then(Value::as_str)
         .ok_or_else(|| OpenAiError::bad("model is required").param("model"))?
         .to_string();
+    check_session_keys(&request)?;
     s.control.admit_inference(&who.account).await?;
     let route = s.control.resolve_route(who, &model).await?;
     // A direct route serves its own deployment and nothing else.
