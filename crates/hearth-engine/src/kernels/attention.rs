@@ -44,14 +44,39 @@ const TILE_QUERIES: usize = 16;
 /// the query is in (see the module's notes).
 const SPLIT_KEYS: usize = 512;
 
-/// Where one KV head's keys and values of a layer are in the cache buffers: head `h`'s
-/// keys start at `h * head_stride` in `k`, as blocks of `[hd][BLOCK]` (token `t`, element
-/// `d` at `(t / BLOCK) * hd * BLOCK + d * BLOCK + t % BLOCK`), its values at
-/// `h * head_stride` in `v` as `[tokens][hd]`.
+/// One block of a host KV cache: `BLOCK` tokens' keys and values for every layer and KV
+/// head. Keys are `[layer][head][hd][BLOCK]`, values `[layer][head][BLOCK][hd]`. A cache is a
+/// list of blocks, so sequences with a common prefix share its blocks (`Arc`), and a block
+/// once full is never written again.
+#[derive(Debug, Clone)]
+pub struct KvBlock<T> {
+    pub k: Vec<T>,
+    pub v: Vec<T>,
+}
+
+impl<T: KvElem> KvBlock<T> {
+    /// A block of zeros for `layers × heads × hd` elements per token.
+    pub fn zeros(layers: usize, heads: usize, hd: usize) -> KvBlock<T> {
+        let n = layers * heads * hd * BLOCK;
+        KvBlock { k: vec![T::from_f32(0.0); n], v: vec![T::from_f32(0.0); n] }
+    }
+
+    /// Where token `t % BLOCK`'s element `d` of layer `layer`, head `h` is in `k`.
+    pub fn key_index(heads: usize, hd: usize, layer: usize, h: usize, t: usize, d: usize) -> usize {
+        ((layer * heads + h) * hd + d) * BLOCK + t % BLOCK
+    }
+
+    /// Where token `t % BLOCK`'s values of layer `layer`, head `h` start in `v`.
+    pub fn value_index(heads: usize, hd: usize, layer: usize, h: usize, t: usize) -> usize {
+        ((layer * heads + h) * BLOCK + t % BLOCK) * hd
+    }
+}
+
+/// One layer of a cache as the kernel reads it, in place: the sequence's blocks in token
+/// order, and where the layer starts in each (`layer × heads × hd × BLOCK` elements).
 pub struct KvLayout<'a, T> {
-    pub k: &'a [T],
-    pub v: &'a [T],
-    pub head_stride: usize,
+    pub blocks: &'a [std::sync::Arc<KvBlock<T>>],
+    pub offset: usize,
 }
 
 impl<T> Clone for KvLayout<'_, T> {
@@ -103,22 +128,17 @@ impl KvElem for f16 {
 }
 
 impl<T> KvLayout<'_, T> {
-    /// Where token `t`'s element `d` of head `h`'s keys is.
-    pub fn key_index(head_stride: usize, hd: usize, h: usize, t: usize, d: usize) -> usize {
-        h * head_stride + (t / BLOCK) * hd * BLOCK + d * BLOCK + t % BLOCK
-    }
-
-    /// Head `h`'s key block starting at token `t0` (a multiple of `BLOCK`), `[hd][BLOCK]`.
+    /// Head `h`'s keys of the block starting at token `t0` (a multiple of `BLOCK`),
+    /// `[hd][BLOCK]`.
     #[inline(always)]
     fn key_block(&self, h: usize, t0: usize, hd: usize) -> &[T] {
-        let i = h * self.head_stride + t0 * hd;
-        &self.k[i..i + hd * BLOCK]
+        &self.blocks[t0 / BLOCK].k[self.offset + h * hd * BLOCK..][..hd * BLOCK]
     }
 
+    /// Head `h`'s values of the same block, `[BLOCK][hd]`.
     #[inline(always)]
-    fn value(&self, h: usize, t: usize, hd: usize) -> &[T] {
-        let i = h * self.head_stride + t * hd;
-        &self.v[i..i + hd]
+    fn value_block(&self, h: usize, t0: usize, hd: usize) -> &[T] {
+        &self.blocks[t0 / BLOCK].v[self.offset + h * BLOCK * hd..][..BLOCK * hd]
     }
 }
 
@@ -446,7 +466,8 @@ fn block<V: Simd, T: KvElem, const QB: usize, const NV: usize, const JB: usize>(
     while t0 < item.keys.end {
         let tk = (item.keys.end - t0).min(BLOCK);
         let kt = seq.kv.key_block(item.kv, t0, hd);
-        let tile = Tile { t0, tk, hd, kt, kv: &seq.kv, head: item.kv };
+        let vt = seq.kv.value_block(item.kv, t0, hd);
+        let tile = Tile { t0, tk, hd, kt, vt };
         let mut i = 0;
         while i + QB <= g {
             tile.queries::<V, QB, NV, JB>(i, &scratch.q, &scratch.limit, &mut scratch.s, &mut st);
@@ -473,10 +494,9 @@ struct Tile<'a, T> {
     t0: usize,
     tk: usize,
     hd: usize,
-    /// The block's keys, `[hd][BLOCK]`.
+    /// The block's keys, `[hd][BLOCK]`, and values, `[BLOCK][hd]`, of the item's KV head.
     kt: &'a [T],
-    kv: &'a KvLayout<'a, T>,
-    head: usize,
+    vt: &'a [T],
 }
 
 impl<T: KvElem> Tile<'_, T> {
@@ -552,7 +572,7 @@ impl<T: KvElem> Tile<'_, T> {
             c += 1;
         }
         for t in 0..self.tk {
-            let v = self.kv.value(self.head, self.t0 + t, hd);
+            let v = &self.vt[t * hd..(t + 1) * hd];
             for b in 0..QB {
                 let p = s[(i0 + b) * BLOCK + t];
                 let acc = &mut st.acc[(i0 + b) * hd..(i0 + b + 1) * hd];
@@ -576,7 +596,7 @@ impl<T: KvElem> Tile<'_, T> {
         let mut o: [[V; JB]; QB] =
             std::array::from_fn(|b| std::array::from_fn(|j| V::load(&acc[(i0 + b) * hd + (c + j) * l..])));
         for t in 0..self.tk {
-            let v = self.kv.value(self.head, self.t0 + t, hd);
+            let v = &self.vt[t * hd..(t + 1) * hd];
             let vs: [V; JB] = std::array::from_fn(|j| T::load(&v[(c + j) * l..]));
             for (b, o) in o.iter_mut().enumerate() {
                 let p = V::splat(s[(i0 + b) * BLOCK + t]);
@@ -787,20 +807,27 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
-    /// A cache of `cap` tokens per head in the kernel's layout, from keys and values given as
-    /// `[heads][cap][hd]`; returns the buffers and the head stride.
-    fn layout<T: KvElem>(k: &[f32], v: &[f32], heads: usize, cap: usize, hd: usize) -> (Vec<T>, Vec<T>, usize) {
-        let stride = cap * hd;
-        let mut kb = vec![T::from_f32(f32::NAN); heads * stride];
-        for h in 0..heads {
-            for t in 0..cap {
-                for d in 0..hd {
-                    kb[KvLayout::<T>::key_index(stride, hd, h, t, d)] = T::from_f32(k[(h * cap + t) * hd + d]);
+    /// A one-layer cache of `cap` tokens (a multiple of `BLOCK`) in the kernel's blocks, from
+    /// keys and values given as `[heads][cap][hd]`.
+    fn layout<T: KvElem>(k: &[f32], v: &[f32], heads: usize, cap: usize, hd: usize) -> Vec<Arc<KvBlock<T>>> {
+        (0..cap / BLOCK)
+            .map(|b| {
+                let mut block = KvBlock::<T>::zeros(1, heads, hd);
+                for h in 0..heads {
+                    for t in b * BLOCK..(b + 1) * BLOCK {
+                        for d in 0..hd {
+                            block.k[KvBlock::<T>::key_index(heads, hd, 0, h, t, d)] =
+                                T::from_f32(k[(h * cap + t) * hd + d]);
+                            block.v[KvBlock::<T>::value_index(heads, hd, 0, h, t) + d] =
+                                T::from_f32(v[(h * cap + t) * hd + d]);
+                        }
+                    }
                 }
-            }
-        }
-        (kb, v.iter().map(|x| T::from_f32(*x)).collect(), stride)
+                Arc::new(block)
+            })
+            .collect()
     }
 
     /// Causal softmax(q·Kᵀ/√hd)·V per head in f64, from keys and values `[heads][cap][hd]`.
@@ -906,7 +933,7 @@ mod tests {
                     (k, v, cap)
                 })
                 .collect();
-            let laid: Vec<(Vec<T>, Vec<T>, usize)> =
+            let laid: Vec<Vec<Arc<KvBlock<T>>>> =
                 caches.iter().map(|(k, v, cap)| layout::<T>(k, v, nkv, *cap, hd)).collect();
             let total: usize = shapes.iter().map(|s| s.0).sum();
             // Large queries make peaked softmaxes, the case where a running maximum matters.
@@ -915,8 +942,8 @@ mod tests {
             let seqs: Vec<Rows<'_, T>> = shapes
                 .iter()
                 .zip(&laid)
-                .map(|(&(n, start, _), (k, v, stride))| {
-                    let r = Rows { row, n, start, kv: KvLayout { k, v, head_stride: *stride } };
+                .map(|(&(n, start, _), blocks)| {
+                    let r = Rows { row, n, start, kv: KvLayout { blocks, offset: 0 } };
                     row += n;
                     r
                 })

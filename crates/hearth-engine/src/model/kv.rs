@@ -1,19 +1,23 @@
-//! The KV cache of one sequence: per layer, keys and values for `capacity` tokens, written in
-//! place and grown by doubling, so a step costs the new tokens' writes and not a copy of the
-//! whole history.
+//! The KV cache of one sequence: keys and values of every layer for the tokens it holds,
+//! written in place, so a step costs the new tokens' writes and not a copy of the history.
 //!
-//! On the CPU the buffers are plain host memory in the layout the attention kernel reads in
-//! place (`crate::kernels::attention::KvLayout`: keys in transposed blocks of `BLOCK` tokens,
-//! values by token), in f32 or f16 ([`KvDtype`]); on a GPU they are device tensors
-//! `[kv_heads, capacity, head_dim]`.
+//! On the CPU the cache is a list of blocks of `BLOCK` tokens (`KvBlock`, in the layout the
+//! attention kernel reads in place: keys transposed, values by token), in f32 or f16
+//! ([`KvDtype`]), a new block added as the last fills. Blocks are reference-counted: a
+//! sequence may start from another's full blocks (a shared prompt prefix, see
+//! `crate::prefix`), which it reads but never writes; writing into a block someone else holds
+//! copies it first. On a GPU the cache is device tensors `[kv_heads, capacity, head_dim]`,
+//! grown by doubling.
+
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use half::f16;
 
 use crate::error::{EngineError, Result};
-use crate::kernels::attention::{KvElem, KvLayout, BLOCK};
+use crate::kernels::attention::{KvBlock, KvElem, KvLayout, BLOCK};
 
-/// A multiple of `BLOCK`, so every capacity (doubled from it) is whole blocks.
+/// A device cache's first capacity, doubled as it fills.
 const INITIAL_CAPACITY: usize = 2 * BLOCK;
 
 /// What the cache stores keys and values as. F16 halves the bytes a decode step reads at a
@@ -54,14 +58,31 @@ impl KvDtype {
     }
 }
 
-/// Per layer, keys and values.
-type HostLayers<T> = Vec<(Vec<T>, Vec<T>)>;
+/// A host cache's blocks, in token order.
+type HostBlocks<T> = Vec<Arc<KvBlock<T>>>;
 
 #[derive(Debug)]
 enum Store {
-    HostF32(HostLayers<f32>),
-    HostF16(HostLayers<f16>),
+    HostF32(HostBlocks<f32>),
+    HostF16(HostBlocks<f16>),
     Device(Vec<(Tensor, Tensor)>),
+}
+
+/// One full block of a host cache, to share with another sequence.
+#[derive(Debug, Clone)]
+pub enum SharedBlock {
+    F32(Arc<KvBlock<f32>>),
+    F16(Arc<KvBlock<f16>>),
+}
+
+impl SharedBlock {
+    /// Whether a sequence's cache other than the one sharing it holds this block too.
+    pub fn in_use(&self) -> bool {
+        match self {
+            SharedBlock::F32(b) => Arc::strong_count(b) > 1,
+            SharedBlock::F16(b) => Arc::strong_count(b) > 1,
+        }
+    }
 }
 
 /// One layer of a host cache as the attention kernel reads it.
@@ -113,14 +134,22 @@ impl KvCache {
         if needed <= self.capacity {
             return Ok(());
         }
+        let (layers_n, heads, hd) = (self.num_layers, self.kv_heads, self.head_dim);
+        let blocks = needed.div_ceil(BLOCK);
         let mut cap = self.capacity.max(INITIAL_CAPACITY);
         while cap < needed {
             cap *= 2;
         }
-        let shape = Shape { heads: self.kv_heads, hd: self.head_dim, len: self.len, old_cap: self.capacity, cap };
+        let shape = Shape { heads, hd, len: self.len };
         match &mut self.store {
-            Store::HostF32(layers) => grow_host(layers, self.num_layers, shape),
-            Store::HostF16(layers) => grow_host(layers, self.num_layers, shape),
+            Store::HostF32(b) => {
+                b.resize_with(blocks, || Arc::new(KvBlock::zeros(layers_n, heads, hd)));
+                cap = blocks * BLOCK;
+            }
+            Store::HostF16(b) => {
+                b.resize_with(blocks, || Arc::new(KvBlock::zeros(layers_n, heads, hd)));
+                cap = blocks * BLOCK;
+            }
             Store::Device(layers) => {
                 let mut grown = Vec::with_capacity(self.num_layers);
                 for layer in 0..self.num_layers {
@@ -163,26 +192,17 @@ impl KvCache {
     /// Writes `n` new tokens' keys and values, each `[n, kv_heads, head_dim]` (the rows as the
     /// projections make them), of one layer after the cached ones. For a cache on the host.
     pub fn append_host(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<()> {
-        let shape = Shape {
-            heads: self.kv_heads,
-            hd: self.head_dim,
-            len: self.len,
-            old_cap: self.capacity,
-            cap: self.capacity,
-        };
+        let shape = Shape { heads: self.kv_heads, hd: self.head_dim, len: self.len };
         let n = k.len() / (shape.heads * shape.hd);
         if self.len + n > self.capacity || k.len() != v.len() || k.len() != n * shape.heads * shape.hd {
             return Err(EngineError::Internal("KV rows do not fit the reserved cache".into()));
         }
+        if layer >= self.num_layers {
+            return Err(Self::missing(layer));
+        }
         match &mut self.store {
-            Store::HostF32(layers) => {
-                let (ck, cv) = layers.get_mut(layer).ok_or_else(|| Self::missing(layer))?;
-                write_host(ck, cv, k, v, shape);
-            }
-            Store::HostF16(layers) => {
-                let (ck, cv) = layers.get_mut(layer).ok_or_else(|| Self::missing(layer))?;
-                write_host(ck, cv, k, v, shape);
-            }
+            Store::HostF32(blocks) => write_host(blocks, layer, k, v, shape),
+            Store::HostF16(blocks) => write_host(blocks, layer, k, v, shape),
             Store::Device(_) => return Err(EngineError::Internal("a device KV cache appends tensors".into())),
         }
         Ok(())
@@ -191,16 +211,13 @@ impl KvCache {
     /// The keys and values of one layer of a host cache, for the attention kernel (the caller
     /// knows how many tokens are valid).
     pub fn host_layout(&self, layer: usize) -> Result<HostKv<'_>> {
-        let head_stride = self.capacity * self.head_dim;
+        if layer >= self.num_layers {
+            return Err(Self::missing(layer));
+        }
+        let offset = layer * self.kv_heads * self.head_dim * BLOCK;
         Ok(match &self.store {
-            Store::HostF32(layers) => {
-                let (k, v) = layers.get(layer).ok_or_else(|| Self::missing(layer))?;
-                HostKv::F32(KvLayout { k, v, head_stride })
-            }
-            Store::HostF16(layers) => {
-                let (k, v) = layers.get(layer).ok_or_else(|| Self::missing(layer))?;
-                HostKv::F16(KvLayout { k, v, head_stride })
-            }
+            Store::HostF32(blocks) => HostKv::F32(KvLayout { blocks, offset }),
+            Store::HostF16(blocks) => HostKv::F16(KvLayout { blocks, offset }),
             Store::Device(_) => return Err(EngineError::Internal("a device KV cache has no host layout".into())),
         })
     }
@@ -214,57 +231,85 @@ impl KvCache {
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
     }
+
+    /// The `i`th block, when it is full, to share; `None` on a device cache.
+    pub fn full_block(&self, i: usize) -> Option<SharedBlock> {
+        if (i + 1) * BLOCK > self.len {
+            return None;
+        }
+        match &self.store {
+            Store::HostF32(b) => b.get(i).cloned().map(SharedBlock::F32),
+            Store::HostF16(b) => b.get(i).cloned().map(SharedBlock::F16),
+            Store::Device(_) => None,
+        }
+    }
+
+    /// Starts an empty host cache from full blocks another sequence computed (the same tokens
+    /// under the same weights and adapter): it holds their tokens at once. Blocks of another
+    /// precision are refused.
+    pub fn adopt(&mut self, blocks: &[SharedBlock]) -> Result<()> {
+        if self.len != 0 {
+            return Err(EngineError::Internal("only an empty cache adopts shared blocks".into()));
+        }
+        let wrong = || EngineError::Internal("a shared block of another KV precision".into());
+        match &mut self.store {
+            Store::HostF32(own) => {
+                *own = blocks
+                    .iter()
+                    .map(|b| if let SharedBlock::F32(b) = b { Ok(b.clone()) } else { Err(wrong()) })
+                    .collect::<Result<_>>()?;
+            }
+            Store::HostF16(own) => {
+                *own = blocks
+                    .iter()
+                    .map(|b| if let SharedBlock::F16(b) = b { Ok(b.clone()) } else { Err(wrong()) })
+                    .collect::<Result<_>>()?;
+            }
+            Store::Device(_) => return Err(EngineError::Internal("a device cache shares no blocks".into())),
+        }
+        self.len = blocks.len() * BLOCK;
+        self.capacity = self.len;
+        Ok(())
+    }
+
+    /// Whether this cache is host memory, the kind that shares blocks.
+    pub fn is_host(&self) -> bool {
+        !matches!(self.store, Store::Device(_))
+    }
 }
 
-/// A host cache's geometry: KV heads, head size, tokens held, capacity before and after.
+/// A host cache's geometry: KV heads, head size, tokens held.
 #[derive(Clone, Copy)]
 struct Shape {
     heads: usize,
     hd: usize,
     len: usize,
-    old_cap: usize,
-    cap: usize,
 }
 
-/// Reallocates every layer at `shape.cap`, keeping what is cached. Within a head both layouts
-/// are the same whatever the capacity: the first blocks, whole, hold everything cached.
-fn grow_host<T: KvElem>(layers: &mut HostLayers<T>, num_layers: usize, shape: Shape) {
-    let Shape { heads, hd, len, old_cap, cap } = shape;
-    let used = len.next_multiple_of(BLOCK).min(old_cap) * hd;
-    let grow = |old: Option<&Vec<T>>| {
-        let mut new = vec![T::from_f32(0.0); heads * cap * hd];
-        if let Some(old) = old {
+/// Writes rows `[n, heads, hd]` of one layer's keys and values after the `shape.len` cached
+/// tokens. A block someone else also holds is copied before it is written (it never is in
+/// practice: shared blocks are full, and writes go past them).
+fn write_host<T: KvElem>(blocks: &mut [Arc<KvBlock<T>>], layer: usize, k: &[f32], v: &[f32], shape: Shape) {
+    let Shape { heads, hd, len } = shape;
+    let row = heads * hd;
+    let n = k.len() / row;
+    let mut t = 0;
+    while t < n {
+        let pos = len + t;
+        let in_block = (BLOCK - pos % BLOCK).min(n - t);
+        let block = Arc::make_mut(&mut blocks[pos / BLOCK]);
+        for j in 0..in_block {
+            let (kr, vr) = (&k[(t + j) * row..][..row], &v[(t + j) * row..][..row]);
             for h in 0..heads {
-                new[h * cap * hd..][..used].copy_from_slice(&old[h * old_cap * hd..][..used]);
+                for d in 0..hd {
+                    block.k[KvBlock::<T>::key_index(heads, hd, layer, h, pos + j, d)] = T::from_f32(kr[h * hd + d]);
+                }
+                let vi = KvBlock::<T>::value_index(heads, hd, layer, h, pos + j);
+                for (o, x) in block.v[vi..vi + hd].iter_mut().zip(&vr[h * hd..(h + 1) * hd]) {
+                    *o = T::from_f32(*x);
+                }
             }
         }
-        new
-    };
-    let grown = (0..num_layers)
-        .map(|l| {
-            let old = layers.get(l);
-            (grow(old.map(|o| &o.0)), grow(old.map(|o| &o.1)))
-        })
-        .collect();
-    *layers = grown;
-}
-
-/// Writes rows `[n, heads, hd]` of keys and values after the `shape.len` cached tokens.
-fn write_host<T: KvElem>(ck: &mut [T], cv: &mut [T], k: &[f32], v: &[f32], shape: Shape) {
-    let Shape { heads, hd, len, cap, .. } = shape;
-    let stride = cap * hd;
-    for (t, row) in k.chunks_exact(heads * hd).enumerate() {
-        for (h, head) in row.chunks_exact(hd).enumerate() {
-            for (d, x) in head.iter().enumerate() {
-                ck[KvLayout::<T>::key_index(stride, hd, h, len + t, d)] = T::from_f32(*x);
-            }
-        }
-    }
-    for (t, row) in v.chunks_exact(heads * hd).enumerate() {
-        for (h, head) in row.chunks_exact(hd).enumerate() {
-            for (o, x) in cv[h * stride + (len + t) * hd..][..hd].iter_mut().zip(head) {
-                *o = T::from_f32(*x);
-            }
-        }
+        t += in_block;
     }
 }
