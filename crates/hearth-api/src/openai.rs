@@ -196,6 +196,12 @@ pub struct Sampling {
     pub context_length_exceeded_behavior: Option<ContextOverflow>,
     /// Structured output: the grammar the output must follow.
     pub response_format: Option<ResponseFormat>,
+    /// A session's name: with session affinity it picks the replica (at the gateway); the
+    /// prefix cache itself finds shared prompt beginnings by their tokens, so on a replica
+    /// it adds nothing.
+    pub prompt_cache_key: Option<String>,
+    /// Requests share cached prompt prefixes only under the same key (tenants apart).
+    pub prompt_cache_isolation_key: Option<String>,
 }
 
 /// `context_length_exceeded_behavior`.
@@ -276,6 +282,8 @@ const SAMPLING_FIELDS: &[&str] = &[
     "metadata",
     "context_length_exceeded_behavior",
     "response_format",
+    "prompt_cache_key",
+    "prompt_cache_isolation_key",
 ];
 
 /// Fields of the API (OpenAI's and Fireworks' extensions) that hearth does not act on yet.
@@ -289,8 +297,6 @@ const NOT_YET: &[&str] = &[
     "mirostat_target",
     "perf_metrics_in_response",
     "prediction",
-    "prompt_cache_isolation_key",
-    "prompt_cache_key",
     "prompt_truncate_len",
     "raw_output",
     "reasoning_effort",
@@ -353,6 +359,14 @@ pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub total_tokens: usize,
+    /// What of the prompt came from the prefix cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens_details: Option<PromptTokensDetails>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PromptTokensDetails {
+    pub cached_tokens: usize,
 }
 
 /// The OpenAI error body: `{"error": {"message", "type", "param", "code"}}`.

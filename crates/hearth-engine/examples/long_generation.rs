@@ -45,6 +45,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         prompt_logprobs: false,
         adapter: None,
         grammar: None,
+        cache_salt: None,
     })?;
     let mut last = Instant::now();
     let mut gaps = Vec::with_capacity(n);

@@ -25,6 +25,7 @@ async fn run(engine: &Engine, prompt: Vec<u32>, max_tokens: usize) -> (f64, Vec<
             prompt_logprobs: false,
             adapter: None,
             grammar: None,
+            cache_salt: None,
         })
         .expect("queued");
     let (mut first, mut last, mut gaps) = (None, t0, Vec::new());

@@ -55,6 +55,10 @@ pub struct EngineConfig {
     /// deployment's `maxContextLength`); 0 for the model's own context, which it never
     /// exceeds.
     pub max_context: usize,
+    /// Keep full KV blocks of prompts after their requests end and start later prompts with
+    /// the same beginning from them (`crate::prefix`; host caches only). Their memory counts
+    /// against `kv_cache_bytes`, and idle blocks give way to running sequences.
+    pub prefix_cache: bool,
 }
 
 impl Default for EngineConfig {
@@ -70,6 +74,7 @@ impl Default for EngineConfig {
             max_step_adapters: 32,
             adapter_wait: std::time::Duration::from_secs(1),
             max_context: 0,
+            prefix_cache: true,
         }
     }
 }
@@ -139,6 +144,9 @@ pub struct GenerateRequest {
     /// A grammar the output must follow (structured output, tool calls); compiled when the
     /// request is queued, so a bad one is refused before it waits.
     pub grammar: Option<Grammar>,
+    /// Whose cached prefixes this request may use and feed (`prompt_cache_isolation_key`):
+    /// requests share prefix-cache blocks only under the same key.
+    pub cache_salt: Option<String>,
 }
 
 /// What a request receives, in order: optionally its prompt logprobs, then tokens, then one
@@ -158,6 +166,8 @@ pub enum Event {
         text: String,
         prompt_tokens: usize,
         completion_tokens: usize,
+        /// Prompt tokens whose keys and values came from the prefix cache.
+        cached_tokens: usize,
     },
     Error(String),
 }
@@ -208,6 +218,10 @@ pub struct EngineStats {
     pub cancelled: AtomicUsize,
     /// Adapters whose prepared form was dropped to make room for another.
     pub adapter_evictions: AtomicUsize,
+    /// The prefix cache's counters, and the bytes and blocks it holds.
+    pub prefix: std::sync::Mutex<crate::prefix::PrefixStats>,
+    pub prefix_bytes: AtomicUsize,
+    pub prefix_blocks: AtomicUsize,
 }
 
 struct Incoming {
@@ -263,9 +277,17 @@ impl Engine {
         let merged: Arc<std::sync::RwLock<Option<Arc<LoraAdapter>>>> = Default::default();
         let cost = Cost { attention_span: model.attention_span() };
         let kv_dtype = config.kv_dtype.unwrap_or_else(|| model.default_kv_dtype());
+        let block_bytes = KvCache::bytes_for(
+            crate::kernels::attention::BLOCK,
+            model.config.num_hidden_layers,
+            model.config.num_key_value_heads,
+            model.config.head_dim,
+            kv_dtype,
+        );
         let sched = Scheduler {
             cost,
             kv_dtype,
+            prefix: crate::prefix::PrefixCache::new(block_bytes),
             context_length,
             merged: merged.clone(),
             merge_pending: None,
@@ -504,6 +526,11 @@ struct Sequence {
     prompt_logprobs: Vec<Sampled>,
     /// The grammar the output follows, if the request gave one.
     constraint: Option<Constraint>,
+    /// Where its prefix-cache chain starts (adapter version, isolation key), how many prompt
+    /// tokens came from the cache, and how many of its blocks the cache has been offered.
+    prefix_root: u64,
+    cached_tokens: usize,
+    offered_blocks: usize,
     started: Instant,
     /// When the previous token was emitted, for per-token latency.
     last_token: Option<Instant>,
@@ -555,6 +582,7 @@ struct Scheduler {
     cost: Cost,
     /// What the KV caches hold (the configured type, or the model's default).
     kv_dtype: KvDtype,
+    prefix: crate::prefix::PrefixCache,
 }
 
 impl Scheduler {
@@ -601,6 +629,8 @@ impl Scheduler {
     /// previous merge replaced, then merges the new adapter (if any).
     fn apply_merge(&mut self) {
         let Some((adapter, done)) = self.merge_pending.take() else { return };
+        // Keys and values computed under the old weights are not the new weights'.
+        self.prefix.clear();
         if let Some(u) = self.unmerge.take() {
             self.model.unmerge(u);
         }
@@ -646,9 +676,24 @@ impl Scheduler {
                 continue;
             }
             let tokens = (w.req.prompt.len() + w.req.max_tokens).min(self.context_length);
-            let need = self.kv_bytes(tokens);
+            // The cached blocks its prompt begins with (never all of it: the last prompt
+            // token is computed, for the logits of the first new one; and none when the
+            // request wants every prompt token's logprobs).
+            let root =
+                crate::prefix::root(w.req.adapter.as_ref().map(|a| a.version.as_str()), w.req.cache_salt.as_deref());
+            let shared = if self.config.prefix_cache && !w.req.prompt_logprobs && self.model.device().is_cpu() {
+                let max = (w.req.prompt.len() - 1) / crate::kernels::attention::BLOCK;
+                self.prefix.lookup(root, &w.req.prompt, max)
+            } else {
+                Vec::new()
+            };
+            let cached = shared.len() * crate::kernels::attention::BLOCK;
+            let need = self.kv_bytes(tokens - cached);
             let used: usize = self.running.iter().map(|s| s.kv_reserved).sum();
-            if used + need > self.config.kv_cache_bytes && !self.running.is_empty() {
+            let bound = self.config.kv_cache_bytes;
+            // Idle cached blocks give way to a request that needs their memory.
+            let fits = self.prefix.evict_for(need, |cache| used + cache <= bound);
+            if !fits && !self.running.is_empty() {
                 break;
             }
             if let Some(a) = &w.req.adapter {
@@ -673,9 +718,17 @@ impl Scheduler {
                 }
             }
             let seed = inc.req.params.seed;
+            let mut cache = self.model.new_cache(self.kv_dtype);
+            let cached = if shared.is_empty() || cache.adopt(&shared).is_err() { 0 } else { cached };
+            if self.config.prefix_cache && !inc.req.prompt_logprobs && cache.is_host() {
+                self.prefix.record(cached);
+            }
             self.running.push(Sequence {
-                cache: self.model.new_cache(self.kv_dtype),
-                prefilled: 0,
+                cache,
+                prefilled: cached,
+                prefix_root: root,
+                cached_tokens: cached,
+                offered_blocks: shared.len(),
                 generated: Vec::new(),
                 pending: None,
                 sampler: Sampler::new(seed),
@@ -741,6 +794,11 @@ impl Scheduler {
 
     fn publish(&self) {
         self.stats.running.store(self.running.len(), Ordering::Relaxed);
+        self.stats.prefix_bytes.store(self.prefix.bytes(), Ordering::Relaxed);
+        self.stats.prefix_blocks.store(self.prefix.blocks(), Ordering::Relaxed);
+        if let Ok(mut p) = self.stats.prefix.lock() {
+            *p = self.prefix.stats;
+        }
         self.stats.kv_bytes.store(self.running.iter().map(|s| s.kv_reserved).sum(), Ordering::Relaxed);
     }
 
@@ -812,6 +870,15 @@ impl Scheduler {
                 Ok(Some(reason)) => finished.push((row.seq, Ok(reason))),
                 Ok(None) => {}
                 Err(e) => failed.push((row.seq, e.to_string())),
+            }
+        }
+        // Prompt blocks just completed are offered at once: requests arriving while this one
+        // still runs can start from them.
+        let used: usize = self.running.iter().map(|r| r.kv_reserved).sum();
+        for (row, _) in &rows {
+            if let (Work::Prefill(_), Some(s)) = (&row.work, self.running.get_mut(row.seq)) {
+                let prompt = s.req.prompt[..s.prefilled.min(s.req.prompt.len())].to_vec();
+                offer(&mut self.prefix, &self.config, used, s, &prompt);
             }
         }
         finished.extend(failed.into_iter().map(|(i, e)| (i, Err(e))));
@@ -914,7 +981,16 @@ impl Scheduler {
 
     /// Sends a sequence's one terminal event: `Finished` with the text it still held, or
     /// `Error`.
-    fn finish(&self, mut s: Sequence, ending: std::result::Result<FinishReason, String>) {
+    fn finish(&mut self, mut s: Sequence, ending: std::result::Result<FinishReason, String>) {
+        // What it computed stays for later prompts that begin the same way: its prompt and
+        // its answer (a conversation's next turn starts with both).
+        if ending.is_ok() {
+            let held = s.cache.len();
+            let mut tokens = s.req.prompt.clone();
+            tokens.extend_from_slice(&s.generated[..held.saturating_sub(tokens.len()).min(s.generated.len())]);
+            let used: usize = self.running.iter().map(|r| r.kv_reserved).sum();
+            offer(&mut self.prefix, &self.config, used, &mut s, &tokens);
+        }
         let event =
             match ending.and_then(|reason| self.tail_text(&mut s).map(|t| (reason, t)).map_err(|e| e.to_string())) {
                 Ok((reason, text)) => {
@@ -929,6 +1005,7 @@ impl Scheduler {
                         text,
                         prompt_tokens: s.req.prompt.len(),
                         completion_tokens: s.generated.len(),
+                        cached_tokens: s.cached_tokens,
                     }
                 }
                 Err(e) => {
@@ -1013,6 +1090,23 @@ impl Scheduler {
     }
 }
 
+/// Offers the prefix cache the full blocks of `s`'s cache holding `tokens`, within the memory
+/// bound beside `used` bytes reserved by running sequences (idle cached blocks give way;
+/// running sequences never do).
+fn offer(
+    prefix: &mut crate::prefix::PrefixCache,
+    config: &EngineConfig,
+    used: usize,
+    s: &mut Sequence,
+    tokens: &[u32],
+) {
+    if !config.prefix_cache || !s.cache.is_host() {
+        return;
+    }
+    let bound = config.kv_cache_bytes;
+    s.offered_blocks = prefix.insert(s.prefix_root, tokens, &s.cache, s.offered_blocks, |cache| used + cache <= bound);
+}
+
 /// Byte offset of the earliest stop string in `text`.
 fn find_stop(text: &str, stops: &[String]) -> Option<usize> {
     stops.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min()
@@ -1059,6 +1153,7 @@ mod tests {
             prompt_logprobs: false,
             adapter: None,
             grammar: None,
+            cache_salt: None,
         }
     }
 

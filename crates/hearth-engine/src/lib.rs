@@ -16,6 +16,7 @@ pub mod load;
 pub mod lora;
 pub mod model;
 pub mod plan;
+pub mod prefix;
 pub mod sampling;
 mod threads;
 pub mod tokenizer;

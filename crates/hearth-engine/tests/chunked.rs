@@ -98,6 +98,7 @@ fn request(prompt: Vec<u32>, prompt_logprobs: bool) -> GenerateRequest {
         prompt_logprobs,
         adapter: None,
         grammar: None,
+        cache_salt: None,
     }
 }
 

@@ -325,6 +325,7 @@ async fn trace_with(
             prompt_logprobs: false,
             adapter,
             grammar: None,
+            cache_salt: None,
         })
         .expect("queued");
     let (mut tokens, mut logprobs) = (Vec::new(), Vec::new());

@@ -30,6 +30,7 @@ fn request(prompt: Vec<u32>, grammar: Option<Grammar>, params: SamplingParams, m
         prompt_logprobs: false,
         adapter: None,
         grammar,
+        cache_salt: None,
     }
 }
 

@@ -319,6 +319,37 @@ async fn metrics(State(app): State<App>) -> Response {
         s.kv_bytes.load(Ordering::Relaxed) as u64,
     );
     line("hearth_engine_steps_total", "counter", "Forward passes run.", s.steps.load(Ordering::Relaxed) as u64);
+    let prefix = s.prefix.lock().map(|p| *p).unwrap_or_default();
+    line(
+        "hearth_engine_prefix_cache_hits_total",
+        "counter",
+        "Requests that started from cached prompt blocks.",
+        prefix.hits,
+    );
+    line(
+        "hearth_engine_prefix_cache_misses_total",
+        "counter",
+        "Requests that found no cached prompt block.",
+        prefix.misses,
+    );
+    line(
+        "hearth_engine_prefix_cache_cached_tokens_total",
+        "counter",
+        "Prompt tokens taken from the prefix cache instead of computed.",
+        prefix.cached_tokens,
+    );
+    line(
+        "hearth_engine_prefix_cache_evictions_total",
+        "counter",
+        "Cached blocks dropped to make room.",
+        prefix.evictions,
+    );
+    line(
+        "hearth_engine_prefix_cache_bytes",
+        "gauge",
+        "Bytes of KV blocks the prefix cache holds (running sequences may share them).",
+        s.prefix_bytes.load(Ordering::Relaxed) as u64,
+    );
     line(
         "hearth_engine_cancelled_total",
         "counter",
@@ -515,6 +546,7 @@ impl App {
                     prompt_logprobs,
                     adapter: adapter.clone(),
                     grammar: grammar.clone(),
+                    cache_salt: s.prompt_cache_isolation_key.clone(),
                 });
             }
         }
@@ -544,6 +576,7 @@ struct Collected {
     finish: Option<&'static str>,
     prompt_tokens: usize,
     completion_tokens: usize,
+    cached_tokens: usize,
 }
 
 async fn collect(mut rx: UnboundedReceiver<Event>) -> ApiResult<Collected> {
@@ -555,7 +588,8 @@ async fn collect(mut rx: UnboundedReceiver<Event>) -> ApiResult<Collected> {
                 c.text.push_str(&text);
                 c.tokens.push(sampled);
             }
-            Event::Finished { reason, text, prompt_tokens, completion_tokens } => {
+            Event::Finished { reason, text, prompt_tokens, completion_tokens, cached_tokens } => {
+                c.cached_tokens = cached_tokens;
                 c.text.push_str(&text);
                 c.finish = Some(reason.as_str());
                 c.prompt_tokens = prompt_tokens;
@@ -576,8 +610,14 @@ fn new_id(prefix: &str) -> String {
     format!("{prefix}-{:016x}", rand::random::<u64>())
 }
 
-fn usage(prompt: usize, completion: usize) -> Usage {
-    Usage { prompt_tokens: prompt, completion_tokens: completion, total_tokens: prompt + completion }
+/// Usage, with the prompt tokens the prefix cache supplied.
+fn usage(prompt: usize, completion: usize, cached: usize) -> Usage {
+    Usage {
+        prompt_tokens: prompt,
+        completion_tokens: completion,
+        total_tokens: prompt + completion,
+        prompt_tokens_details: Some(hearth_api::openai::PromptTokensDetails { cached_tokens: cached }),
+    }
 }
 
 async fn completions(State(app): State<App>, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
@@ -630,12 +670,12 @@ async fn completions(State(app): State<App>, body: Result<Bytes, BytesRejection>
                 let lp = if logprobs.is_some() { completion_logprobs(&app2, &[sampled], None) } else { Value::Null };
                 Some(Ok(chunk2(index, text, None, lp)))
             }
-            Event::Finished { reason, text, prompt_tokens, completion_tokens } => {
+            Event::Finished { reason, text, prompt_tokens, completion_tokens, cached_tokens } => {
                 app2.metrics.prompt_tokens.fetch_add(prompt_tokens as u64, Ordering::Relaxed);
                 app2.metrics.completion_tokens.fetch_add(completion_tokens as u64, Ordering::Relaxed);
                 let mut c = chunk2(index, text, Some(reason.as_str()), Value::Null);
                 if include_usage {
-                    c["usage"] = json!(usage(prompt_tokens, completion_tokens));
+                    c["usage"] = json!(usage(prompt_tokens, completion_tokens, cached_tokens));
                 }
                 Some(Ok(c))
             }
@@ -645,11 +685,12 @@ async fn completions(State(app): State<App>, body: Result<Bytes, BytesRejection>
         return Ok(sse(chunks));
     }
     let mut choices = Vec::new();
-    let (mut pt, mut ct) = (0, 0);
+    let (mut pt, mut ct, mut cached) = (0, 0, 0);
     for (index, rx) in rxs.into_iter().enumerate() {
         let c = collect(rx).await?;
         let prompt = &prompts[index / n];
         pt += c.prompt_tokens;
+        cached += c.cached_tokens;
         ct += c.completion_tokens;
         let mut text = c.text;
         let lp = match logprobs {
@@ -667,11 +708,11 @@ async fn completions(State(app): State<App>, body: Result<Bytes, BytesRejection>
         choices.push(json!({"index": index, "text": text, "logprobs": lp, "finish_reason": c.finish}));
     }
     // Prompt tokens count once per prompt, not once per choice.
-    let pt = pt / n.max(1);
+    let (pt, cached) = (pt / n.max(1), cached / n.max(1));
     app.metrics.prompt_tokens.fetch_add(pt as u64, Ordering::Relaxed);
     app.metrics.completion_tokens.fetch_add(ct as u64, Ordering::Relaxed);
     Ok(Json(json!({"id": id, "object": "text_completion", "created": created, "model": model,
-        "choices": choices, "usage": usage(pt, ct)}))
+        "choices": choices, "usage": usage(pt, ct, cached)}))
     .into_response())
 }
 
@@ -781,8 +822,8 @@ async fn chat_completions(State(app): State<App>, body: Result<Bytes, BytesRejec
         let choices = rxs.len();
         let app2 = app.clone();
         let (id2, model2) = (id.clone(), model.clone());
-        // prompt tokens, completion tokens, finished choices
-        let mut usage_acc = [0usize; 3];
+        // prompt tokens, completion tokens, finished choices, cached prompt tokens
+        let mut usage_acc = [0usize; 4];
         let mut outputs: Vec<ToolOutput> = (0..choices).map(|_| ToolOutput::new(calls.clone())).collect();
         let first: Vec<Value> = (0..choices)
             .map(|index| {
@@ -808,9 +849,10 @@ async fn chat_completions(State(app): State<App>, body: Result<Bytes, BytesRejec
                         deltas.into_iter().map(|d| Ok(chunk(d, lp.take().unwrap_or(Value::Null), None))).collect()
                     }
                 }
-                Event::Finished { reason, text, prompt_tokens, completion_tokens } => {
+                Event::Finished { reason, text, prompt_tokens, completion_tokens, cached_tokens } => {
                     app2.metrics.completion_tokens.fetch_add(completion_tokens as u64, Ordering::Relaxed);
                     usage_acc[0] = prompt_tokens;
+                    usage_acc[3] = usage_acc[3].max(cached_tokens);
                     usage_acc[1] += completion_tokens;
                     usage_acc[2] += 1;
                     let out = &mut outputs[index];
@@ -823,7 +865,7 @@ async fn chat_completions(State(app): State<App>, body: Result<Bytes, BytesRejec
                     if include_usage && usage_acc[2] == choices {
                         app2.metrics.prompt_tokens.fetch_add(usage_acc[0] as u64, Ordering::Relaxed);
                         v.push(Ok(json!({"id": id2, "object": "chat.completion.chunk", "created": created,
-                            "model": model2, "choices": [], "usage": usage(usage_acc[0], usage_acc[1])})));
+                            "model": model2, "choices": [], "usage": usage(usage_acc[0], usage_acc[1], usage_acc[3])})));
                     }
                     v
                 }
@@ -835,10 +877,11 @@ async fn chat_completions(State(app): State<App>, body: Result<Bytes, BytesRejec
         return Ok(sse(all));
     }
     let mut choices = Vec::new();
-    let (mut pt, mut ct) = (0, 0);
+    let (mut pt, mut ct, mut cached) = (0, 0, 0);
     for (index, rx) in rxs.into_iter().enumerate() {
         let c = collect(rx).await?;
         pt = c.prompt_tokens;
+        cached = cached.max(c.cached_tokens);
         ct += c.completion_tokens;
         let lp = if want_logprobs { chat_logprobs(&app, &c.tokens) } else { Value::Null };
         let mut out = ToolOutput::new(calls.clone());
@@ -857,7 +900,7 @@ async fn chat_completions(State(app): State<App>, body: Result<Bytes, BytesRejec
     app.metrics.prompt_tokens.fetch_add(pt as u64, Ordering::Relaxed);
     app.metrics.completion_tokens.fetch_add(ct as u64, Ordering::Relaxed);
     Ok(Json(json!({"id": id, "object": "chat.completion", "created": created, "model": model,
-        "choices": choices, "usage": usage(pt, ct)}))
+        "choices": choices, "usage": usage(pt, ct, cached)}))
     .into_response())
 }
 

@@ -7,6 +7,6 @@ pub mod llama;
 pub mod weights;
 
 pub use config::{Architecture, LlamaConfig};
-pub use kv::{KvCache, KvDtype};
+pub use kv::{KvCache, KvDtype, SharedBlock};
 pub use llama::{LlamaModel, Logits, SeqInput, Unmerge};
 pub use weights::Precision;

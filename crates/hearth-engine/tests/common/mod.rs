@@ -76,6 +76,7 @@ pub async fn greedy(
             prompt_logprobs: false,
             adapter,
             grammar: None,
+            cache_salt: None,
         })
         .expect("queued");
     let mut out = Vec::new();
