@@ -1,7 +1,8 @@
-"""Structured output and tool calls through the gateway with the official `openai` client, on
-the default model (SmolLM2, GGUF) and on a LoRA of it in the same deployment: JSON that always
-parses and validates, tool calls in OpenAI's shape (whole and streamed), the whole tool flow
-back to a final answer, and bad input refused with a message."""
+"""What applications need from the inference API, through the gateway with the official `openai`
+client, on the default model (SmolLM2, GGUF) and on a LoRA of it in the same deployment: JSON
+that always parses and validates, tool calls in OpenAI's shape (whole and streamed), the whole
+tool flow back to a final answer, a shared system prompt computed once (the prefix cache), and
+bad input refused with a message."""
 
 from __future__ import annotations
 
@@ -178,6 +179,23 @@ def test_a_named_function_is_called_and_streams_as_openai_deltas(oa, served):
     assert finish == "tool_calls" and list(got) == [0], (finish, got)
     assert got[0]["name"] == "get_weather" and got[0]["id"]
     jsonschema.validate(json.loads(got[0]["arguments"]), WEATHER["function"]["parameters"])
+
+
+def test_a_shared_system_prompt_is_computed_once(oa, served):
+    system = " ".join(f"Rule {i}: answer briefly and kindly." for i in range(60))
+    for model in served:
+        ask = lambda q, **kw: oa.chat.completions.create(  # noqa: E731
+            model=model, messages=[{"role": "system", "content": system}, {"role": "user", "content": q}],
+            max_tokens=4, temperature=0, **kw)
+        ask("Hi")
+        second = ask("Hello there")
+        # All of the shared beginning but its last partial block comes from the cache.
+        assert second.usage.prompt_tokens_details.cached_tokens >= second.usage.prompt_tokens - 64, second.usage
+        # Streamed, the usage chunk says the same; another isolation key shares nothing.
+        chunks = list(ask("Good morning", stream=True, stream_options={"include_usage": True}))
+        assert chunks[-1].usage.prompt_tokens_details.cached_tokens >= chunks[-1].usage.prompt_tokens - 64
+        apart = ask("Hi", extra_body={"prompt_cache_isolation_key": f"tenant-{model}"})
+        assert apart.usage.prompt_tokens_details.cached_tokens == 0, apart.usage
 
 
 def test_tools_and_schemas_that_cannot_be_used_are_refused_with_the_reason(oa, served):

@@ -202,6 +202,10 @@ fn inference_requests() -> (Value, Value) {
         "user": {"type": "string"},
         "metadata": {"type": "object"},
         "context_length_exceeded_behavior": {"type": "string", "enum": ["truncate", "error"]},
+        "prompt_cache_key": {"type": "string", "maxLength": 1024,
+            "description": "a session's name: with enableSessionAffinity it picks the replica"},
+        "prompt_cache_isolation_key": {"type": "string",
+            "description": "requests share cached prompt prefixes only under the same key"},
         "response_format": {
             "description": "structured output: text, any JSON object, or JSON valid against a schema \
                 (OpenAI's {name, schema, strict} or the schema itself), or text of a GBNF grammar",

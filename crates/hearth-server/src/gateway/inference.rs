@@ -140,14 +140,9 @@ pub(super) async fn forward(
     }
     // Replicas know the deployment by its base model's name.
     request["model"] = Value::String(route.served_model.clone());
-    // With session affinity the session picks the replica; prompt_cache_key has done its work
-    // then (replicas have no prompt cache yet, and refuse the field).
+    // With session affinity the session picks the replica, where the prefix cache holds what
+    // the session's earlier requests computed.
     let session = route.session_affinity.then(|| session_of(&request, how.session_header)).flatten();
-    if route.session_affinity {
-        if let Some(o) = request.as_object_mut() {
-            o.remove("prompt_cache_key");
-        }
-    }
     // A stream always carries its usage from the replica, so its tokens can be charged to the
     // account; a client that did not ask for it gets the stream without it.
     let mut strip_usage = false;
