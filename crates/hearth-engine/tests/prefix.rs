@@ -86,7 +86,12 @@ async fn answers_from_cached_blocks_are_the_answers_computed_cold() {
         let filled = greedy(&warm, first.clone(), adapter, None).await;
         assert_same(&filled, &greedy(&cold, first, adapter, None).await, "the filling request");
         let got = greedy(&warm, second.clone(), adapter, None).await;
-        assert!(got.cached >= 320, "{adapter:?}: only {} of {} prompt tokens came from the cache", got.cached, second.len());
+        assert!(
+            got.cached >= 320,
+            "{adapter:?}: only {} of {} prompt tokens came from the cache",
+            got.cached,
+            second.len()
+        );
         assert_same(&got, &want, &format!("{adapter:?} from the cache"));
         // Its own answer is cached too: the same prompt again starts from nearly all of it.
         let again = greedy(&warm, second.clone(), adapter, None).await;
@@ -100,7 +105,11 @@ async fn adapters_and_isolation_keys_never_share_blocks() {
     let Some(engine) = engine(EngineConfig::default()) else { return };
     let p = prompt(&engine, "What is rule 3?");
     greedy(&engine, p.clone(), None, None).await;
-    assert_eq!(greedy(&engine, p.clone(), Some("smol_attn"), None).await.cached, 0, "an adapter used the base's blocks");
+    assert_eq!(
+        greedy(&engine, p.clone(), Some("smol_attn"), None).await.cached,
+        0,
+        "an adapter used the base's blocks"
+    );
     assert_eq!(greedy(&engine, p.clone(), Some("smol_all"), None).await.cached, 0, "two adapters shared blocks");
     assert!(greedy(&engine, p.clone(), Some("smol_all"), None).await.cached > 0);
     greedy(&engine, p.clone(), None, Some("tenant-a")).await;
