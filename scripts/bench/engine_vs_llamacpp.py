@@ -32,6 +32,14 @@ What each number is (every one the median of --repeats runs):
     `response_format` on hearth and `json_schema` on llama-server (which compiles it to a GBNF
     grammar); the table gives each server's constrained rate and its ratio to its own free
     rate, measured on the same server process in the same run.
+  * prefix cache (--rows prefix, 2 threads): requests that begin with the same 1,000 prompt
+    tokens (a shared system prompt), each with its own 8-token tail, max_tokens 1 for the time
+    to first token: "cold" is the first request with a new prefix, "warm" the next one with
+    the same prefix (a fresh prefix per repeat). Then 32 streams released together, each
+    the shared prefix plus its own tail, 64 tokens each (ignore_eos): aggregate tokens/s and
+    the server's peak RSS meanwhile (sampled every 20 ms), hearth with its prefix cache and
+    again with --no-prefix-cache. llama-server gets "cache_prompt": true here (its slots keep
+    their last prompt) and -np 32 for the streams.
   * RSS: VmRSS from /proc of the server process, once /health answers and before any
     request ("after load"), and again after one warm-up request ("idle, warm").
   * other load: CPUs that other processes used meanwhile (this machine is shared); a figure
@@ -377,6 +385,74 @@ def measure_constrained(srv, streams, repeats, deadline):
     return statistics.median(rates), rates
 
 
+PREFIX_TOKENS = 1000
+
+
+def prefix_body(srv, prefix, tail_seed, max_tokens):
+    """A request of the shared prefix and its own 8-token tail; llama-server keeps its cache."""
+    body = srv.body(prefix + prompt_ids(tail_seed, SHORT_PROMPT), max_tokens)
+    if srv.kind == "llama.cpp":
+        body["cache_prompt"] = True
+    return body
+
+
+def measure_prefix_ttft(srv, warm, repeats, deadline):
+    """Seconds to the response of a 1,000-token-prefix request, the prefix new ("cold") or
+    just used by another request ("warm")."""
+    times = []
+    for r in range(repeats):
+        deadline.check(f"prefix TTFT on {srv.label}")
+        prefix = prompt_ids(70_000 + r * 10 + int(warm), PREFIX_TOKENS)
+        t, resp = request(srv.port, prefix_body(srv, prefix, 80_000 + r, 1))
+        check_usage(resp, 1, srv.label)
+        if warm:
+            t, resp = request(srv.port, prefix_body(srv, prefix, 90_000 + r, 1))
+            check_usage(resp, 1, srv.label)
+        times.append(t)
+    return statistics.median(times), times
+
+
+class PeakRss:
+    """The highest VmRSS of a process while it is watched."""
+
+    def __init__(self, pid):
+        self.pid, self.peak, self.stop = pid, 0, threading.Event()
+        self.th = threading.Thread(target=self.run, daemon=True)
+        self.th.start()
+
+    def run(self):
+        while not self.stop.is_set():
+            self.peak = max(self.peak, rss_kib(self.pid).get("VmRSS", 0))
+            time.sleep(0.02)
+
+    def done(self):
+        self.stop.set()
+        self.th.join()
+        return self.peak / 1024
+
+
+def measure_prefix_streams(srv, streams, peaks, repeats, deadline):
+    """32 streams sharing one prefix: aggregate tokens/s; the peak RSS goes into `peaks`."""
+    rates = []
+    for r in range(repeats):
+        deadline.check(f"{streams} prefix-sharing streams on {srv.label}")
+        prefix = prompt_ids(100_000 + r, PREFIX_TOKENS)
+        # One request first, as a deployment's first user would: the prefix is then known.
+        request(srv.port, prefix_body(srv, prefix, 110_000 + r, 1))
+        watch = PeakRss(srv.proc.pid)
+
+        def one(i):
+            _, resp = request(srv.port, prefix_body(srv, prefix, 120_000 + 100 * r + i, STREAM_TOKENS))
+            return check_usage(resp, STREAM_TOKENS, srv.label)["completion_tokens"]
+
+        try:
+            tokens, wall = released_together(streams, one, f"{srv.label}, {streams} prefix streams")
+        finally:
+            peaks.append(watch.done())
+        rates.append(sum(tokens) / wall)
+    return statistics.median(rates), rates
+
+
 def measure_prefill(srv, n, repeats, deadline):
     rates = []
     for r in range(repeats):
@@ -452,11 +528,12 @@ def run_llama_bench(binary, model, threads, repeats, no_repack, logdir):
     raise RuntimeError("llama-bench died of SIGILL even with --repack 0")
 
 
-def start_hearth(binary, model, threads, logdir):
+def start_hearth(binary, model, threads, logdir, extra=()):
     port = free_port()
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads), RUST_LOG=os.environ.get("RUST_LOG", "warn"))
-    argv = [binary, "engine", "--model", model, "--listen", f"127.0.0.1:{port}", "--served-model-name", SERVED]
-    return Server("hearth", argv, env, port, logdir, f"hearth-t{threads}")
+    argv = [binary, "engine", "--model", model, "--listen", f"127.0.0.1:{port}", "--served-model-name", SERVED,
+            *extra]
+    return Server("hearth", argv, env, port, logdir, f"hearth-t{threads}{''.join(extra)}")
 
 
 def start_llama(binary, model, threads, slots, no_repack, logdir, ctx=None):
@@ -516,6 +593,7 @@ def main():
     cpus = {}  # key -> {"hearth": CPUs the server itself kept busy, "server": ...}
     raw = {}
     rss = {}
+    prefix_rss = {}  # column -> median peak RSS (MiB) during the prefix-sharing streams
     no_repack = args.no_repack
     quiet = Quiet(args.quiet_wait)
 
@@ -611,6 +689,24 @@ def main():
                     measured(("json", 32), col, srv, measure_constrained, 32)
                 finally:
                     srv.close()
+        if "prefix" in wanted:
+            for kind, extra in (("hearth", ()), ("hearth", ("--no-prefix-cache",)), ("llama.cpp", ())):
+                col = ("hearth" if not extra else "nocache") if kind == "hearth" else "server"
+                deadline.check(f"{kind} on shared prefixes")
+                quiet.wait(f"{kind} on shared prefixes")
+                srv = (start_hearth(args.hearth, args.model, 2, logdir, extra) if kind == "hearth"
+                       else start_llama(args.llama_server, args.model, 2, 32, no_repack, logdir, ctx=32 * 1200))
+                try:
+                    started(srv)
+                    warm_up(srv)
+                    if not extra:
+                        measured(("pfx_cold", PREFIX_TOKENS), col, srv, measure_prefix_ttft, False)
+                        measured(("pfx_warm", PREFIX_TOKENS), col, srv, measure_prefix_ttft, True)
+                    peaks = []
+                    measured(("pfx_agg", 32), col, srv, measure_prefix_streams, 32, peaks)
+                    prefix_rss[col] = statistics.median(peaks)
+                finally:
+                    srv.close()
         if "long" in wanted:
             for kind in ("hearth", "llama.cpp"):
                 deadline.check(f"{kind} on long prompts")
@@ -666,6 +762,25 @@ def main():
         j, f = rows[("json", 32)], rows[("free", 32)]
         h, s = ratio(j.get("hearth"), f.get("hearth")), ratio(j.get("server"), f.get("server"))
         lines.append(f"| constrained / free, 32 streams (each server against itself) | {h} | {s} | — | — | — | |")
+    if ("pfx_warm", PREFIX_TOKENS) in rows:
+        c, w, a = rows[("pfx_cold", PREFIX_TOKENS)], rows[("pfx_warm", PREFIX_TOKENS)], rows[("pfx_agg", 32)]
+        lines += [
+            "",
+            f"| prefix cache: {PREFIX_TOKENS:,}-token shared prompt, 2 threads | hearth | llama.cpp (llama-server)"
+            " | hearth / llama-server | hearth without its cache |",
+            "| --- | ---: | ---: | ---: | ---: |",
+            f"| time to first token, cold (s) | {c.get('hearth', 0):.3f} | {c.get('server', 0):.3f} "
+            f"| {ratio(c.get('server'), c.get('hearth'))} (× sooner) | — |",
+            f"| time to first token, warm (s) | {w.get('hearth', 0):.3f} | {w.get('server', 0):.3f} "
+            f"| {ratio(w.get('server'), w.get('hearth'))} (× sooner) | — |",
+            f"| warm speed-up (cold / warm) | {ratio(c.get('hearth'), w.get('hearth'))} "
+            f"| {ratio(c.get('server'), w.get('server'))} | — | — |",
+            f"| 32 streams sharing it × {STREAM_TOKENS} tokens (tokens/s) | {fmt_rate(a.get('hearth'))} "
+            f"| {fmt_rate(a.get('server'))} | {ratio(a.get('hearth'), a.get('server'))} | {fmt_rate(a.get('nocache'))} |",
+            f"| peak RSS during those streams (MiB) | {prefix_rss.get('hearth', 0):,.0f} "
+            f"| {prefix_rss.get('server', 0):,.0f} | {ratio(prefix_rss.get('hearth'), prefix_rss.get('server'))} "
+            f"| {prefix_rss.get('nocache', 0):,.0f} |",
+        ]
     table = "\n".join(lines)
     print(table)
     print()

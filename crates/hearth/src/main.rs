@@ -82,6 +82,11 @@ struct EngineArgs {
     /// maxContextLength); 0 for the model's own context, which it never exceeds.
     #[arg(long, env = "HEARTH_MAX_CONTEXT_LENGTH", default_value_t = 0)]
     max_context_length: usize,
+    /// Compute every prompt in full: no prefix cache (by default full KV blocks of earlier
+    /// prompts are kept, within the KV memory, and later prompts that begin the same way
+    /// start from them).
+    #[arg(long, env = "HEARTH_NO_PREFIX_CACHE")]
+    no_prefix_cache: bool,
     /// A LoRA adapter to load at start, as NAME=PATH (a PEFT directory); repeatable. Requests
     /// select it with "model": NAME.
     #[arg(long = "lora", value_name = "NAME=PATH")]
@@ -390,6 +395,7 @@ async fn engine(args: EngineArgs) -> anyhow::Result<()> {
         max_hot_adapters: args.max_hot_loras as usize,
         max_context: args.max_context_length,
         max_step_adapters: args.max_loras_per_step as usize,
+        prefix_cache: !args.no_prefix_cache,
         ..hearth_engine::EngineConfig::default()
     };
     // A template of the model's own must compile, or the replica does not start (and its
