@@ -278,7 +278,7 @@ impl Engine {
         let cost = Cost { attention_span: model.attention_span() };
         let kv_dtype = config.kv_dtype.unwrap_or_else(|| model.default_kv_dtype());
         let block_bytes = KvCache::bytes_for(
-            crate::kernels::attention::BLOCK,
+            crate::kernels::attention::PAGE,
             model.config.num_hidden_layers,
             model.config.num_key_value_heads,
             model.config.head_dim,
@@ -682,12 +682,12 @@ impl Scheduler {
             let root =
                 crate::prefix::root(w.req.adapter.as_ref().map(|a| a.version.as_str()), w.req.cache_salt.as_deref());
             let shared = if self.config.prefix_cache && !w.req.prompt_logprobs && self.model.device().is_cpu() {
-                let max = (w.req.prompt.len() - 1) / crate::kernels::attention::BLOCK;
+                let max = (w.req.prompt.len() - 1) / crate::kernels::attention::PAGE;
                 self.prefix.lookup(root, &w.req.prompt, max)
             } else {
                 Vec::new()
             };
-            let cached = shared.len() * crate::kernels::attention::BLOCK;
+            let cached = shared.len() * crate::kernels::attention::PAGE;
             let need = self.kv_bytes(tokens - cached);
             let used: usize = self.running.iter().map(|s| s.kv_reserved).sum();
             let bound = self.config.kv_cache_bytes;
@@ -848,7 +848,7 @@ impl Scheduler {
                 Work::Prefill(r) => r.end >= s.req.prompt.len(),
             };
         }
-        {
+        if self.running.iter().zip(&samples).any(|(s, &sample)| sample && s.constraint.is_some()) {
             use rayon::prelude::*;
             self.running
                 .par_iter_mut()

@@ -3,7 +3,7 @@
 //! the earlier turns of a conversation) starts from them instead of computing them again.
 //!
 //! A block is found by its chain key: a hash of the key of the block before it and its own
-//! `BLOCK` tokens, from a root that names everything else the keys and values depend on: the
+//! `PAGE` tokens, from a root that names everything else the keys and values depend on: the
 //! adapter's content hash (its version, never its name, so a reloaded adapter never meets its
 //! old cache and two adapters never share one) and the request's isolation key
 //! (`prompt_cache_isolation_key`, so tenants never share). Each entry keeps its tokens and
@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 
-use crate::kernels::attention::BLOCK;
+use crate::kernels::attention::PAGE;
 use crate::model::{KvCache, SharedBlock};
 
 /// Counters the engine reports.
@@ -45,7 +45,7 @@ struct Entry {
 
 pub struct PrefixCache {
     entries: HashMap<u64, Entry>,
-    /// Bytes of one block (every layer's keys and values for `BLOCK` tokens).
+    /// Bytes of one block (every layer's keys and values for `PAGE` tokens).
     block_bytes: usize,
     clock: u64,
     pub stats: PrefixStats,
@@ -93,7 +93,7 @@ impl PrefixCache {
         self.clock += 1;
         let mut found = Vec::new();
         let mut key = root;
-        for tokens in prompt.chunks_exact(BLOCK).take(max_blocks) {
+        for tokens in prompt.chunks_exact(PAGE).take(max_blocks) {
             let next = chain(key, tokens);
             match self.entries.get_mut(&next) {
                 Some(e) if e.parent == key && *e.tokens == *tokens => {
@@ -120,10 +120,10 @@ impl PrefixCache {
         room: impl Fn(usize) -> bool,
     ) -> usize {
         self.clock += 1;
-        let full = tokens.len().min(cache.len()) / BLOCK;
+        let full = tokens.len().min(cache.len()) / PAGE;
         let mut key = root;
         for i in 0..full {
-            let t = &tokens[i * BLOCK..(i + 1) * BLOCK];
+            let t = &tokens[i * PAGE..(i + 1) * PAGE];
             let next = chain(key, t);
             if i >= from {
                 match self.entries.get_mut(&next) {

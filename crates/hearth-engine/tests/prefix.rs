@@ -95,7 +95,7 @@ async fn answers_from_cached_blocks_are_the_answers_computed_cold() {
         assert_same(&got, &want, &format!("{adapter:?} from the cache"));
         // Its own answer is cached too: the same prompt again starts from nearly all of it.
         let again = greedy(&warm, second.clone(), adapter, None).await;
-        assert!(again.cached + 32 > second.len(), "{} of {}", again.cached, second.len());
+        assert!(again.cached + 128 > second.len(), "{} of {}", again.cached, second.len());
         assert_same(&again, &want, &format!("{adapter:?} again"));
     }
 }

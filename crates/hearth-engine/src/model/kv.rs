@@ -1,7 +1,7 @@
 //! The KV cache of one sequence: keys and values of every layer for the tokens it holds,
 //! written in place, so a step costs the new tokens' writes and not a copy of the history.
 //!
-//! On the CPU the cache is a list of blocks of `BLOCK` tokens (`KvBlock`, in the layout the
+//! On the CPU the cache is a list of blocks of `PAGE` tokens (`KvBlock`, in the layout the
 //! attention kernel reads in place: keys transposed, values by token), in f32 or f16
 //! ([`KvDtype`]), a new block added as the last fills. Blocks are reference-counted: a
 //! sequence may start from another's full blocks (a shared prompt prefix, see
@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Tensor};
 use half::f16;
 
 use crate::error::{EngineError, Result};
-use crate::kernels::attention::{KvBlock, KvElem, KvLayout, BLOCK};
+use crate::kernels::attention::{KvBlock, KvElem, KvLayout, BLOCK, PAGE};
 
 /// A device cache's first capacity, doubled as it fills.
 const INITIAL_CAPACITY: usize = 2 * BLOCK;
@@ -135,7 +135,7 @@ impl KvCache {
             return Ok(());
         }
         let (layers_n, heads, hd) = (self.num_layers, self.kv_heads, self.head_dim);
-        let blocks = needed.div_ceil(BLOCK);
+        let blocks = needed.div_ceil(PAGE);
         let mut cap = self.capacity.max(INITIAL_CAPACITY);
         while cap < needed {
             cap *= 2;
@@ -144,11 +144,11 @@ impl KvCache {
         match &mut self.store {
             Store::HostF32(b) => {
                 b.resize_with(blocks, || Arc::new(KvBlock::zeros(layers_n, heads, hd)));
-                cap = blocks * BLOCK;
+                cap = blocks * PAGE;
             }
             Store::HostF16(b) => {
                 b.resize_with(blocks, || Arc::new(KvBlock::zeros(layers_n, heads, hd)));
-                cap = blocks * BLOCK;
+                cap = blocks * PAGE;
             }
             Store::Device(layers) => {
                 let mut grown = Vec::with_capacity(self.num_layers);
@@ -214,7 +214,7 @@ impl KvCache {
         if layer >= self.num_layers {
             return Err(Self::missing(layer));
         }
-        let offset = layer * self.kv_heads * self.head_dim * BLOCK;
+        let offset = layer * self.kv_heads * self.head_dim * PAGE;
         Ok(match &self.store {
             Store::HostF32(blocks) => HostKv::F32(KvLayout { blocks, offset }),
             Store::HostF16(blocks) => HostKv::F16(KvLayout { blocks, offset }),
@@ -234,7 +234,7 @@ impl KvCache {
 
     /// The `i`th block, when it is full, to share; `None` on a device cache.
     pub fn full_block(&self, i: usize) -> Option<SharedBlock> {
-        if (i + 1) * BLOCK > self.len {
+        if (i + 1) * PAGE > self.len {
             return None;
         }
         match &self.store {
@@ -267,7 +267,7 @@ impl KvCache {
             }
             Store::Device(_) => return Err(EngineError::Internal("a device cache shares no blocks".into())),
         }
-        self.len = blocks.len() * BLOCK;
+        self.len = blocks.len() * PAGE;
         self.capacity = self.len;
         Ok(())
     }
@@ -296,8 +296,8 @@ fn write_host<T: KvElem>(blocks: &mut [Arc<KvBlock<T>>], layer: usize, k: &[f32]
     let mut t = 0;
     while t < n {
         let pos = len + t;
-        let in_block = (BLOCK - pos % BLOCK).min(n - t);
-        let block = Arc::make_mut(&mut blocks[pos / BLOCK]);
+        let in_block = (PAGE - pos % PAGE).min(n - t);
+        let block = Arc::make_mut(&mut blocks[pos / PAGE]);
         for j in 0..in_block {
             let (kr, vr) = (&k[(t + j) * row..][..row], &v[(t + j) * row..][..row]);
             for h in 0..heads {
