@@ -840,21 +840,25 @@ impl Scheduler {
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         // The grammar masks of the rows that sample a token, side by side: each is a
         // sequence's own work, and serially they would hold the other thread idle.
-        let mut samples = vec![false; self.running.len()];
-        for (row, _) in &rows {
-            let s = &self.running[row.seq];
-            samples[row.seq] = match &row.work {
-                Work::Decode => true,
-                Work::Prefill(r) => r.end >= s.req.prompt.len(),
-            };
-        }
-        if self.running.iter().zip(&samples).any(|(s, &sample)| sample && s.constraint.is_some()) {
+        if self.running.iter().any(|s| s.constraint.is_some()) {
             use rayon::prelude::*;
-            self.running
-                .par_iter_mut()
-                .zip(samples.par_iter())
-                .filter(|(s, &sample)| sample && s.constraint.is_some())
-                .for_each(|(s, _)| s.constraint.as_mut().map_or((), Constraint::prepare));
+            // Which constrained sequences sample a token this step.
+            let mut masked = vec![false; self.running.len()];
+            for (row, _) in &rows {
+                let s = &self.running[row.seq];
+                masked[row.seq] = s.constraint.is_some()
+                    && match &row.work {
+                        Work::Decode => true,
+                        Work::Prefill(r) => r.end >= s.req.prompt.len(),
+                    };
+            }
+            if masked.iter().any(|&m| m) {
+                self.running
+                    .par_iter_mut()
+                    .zip(masked.par_iter())
+                    .filter(|(_, &m)| m)
+                    .for_each(|(s, _)| s.constraint.as_mut().map_or((), Constraint::prepare));
+            }
         }
 
         let mut finished = Vec::new();

@@ -893,7 +893,7 @@ async fn chat_completions(State(app): State<App>, body: Result<Bytes, BytesRejec
             if out.content.as_ref().is_none_or(|t: &String| t.trim().is_empty()) {
                 message["content"] = Value::Null;
             }
-            message["tool_calls"] = json!(structured::response_calls(out.calls));
+            message["tool_calls"] = json!(out.calls);
         }
         choices.push(json!({"index": index, "message": message, "logprobs": lp, "finish_reason": finish}));
     }
@@ -935,7 +935,7 @@ struct ToolOutput {
     parser: CallParser,
     /// The content so far (`None` until there is some).
     content: Option<String>,
-    calls: Vec<hearth_engine::tools::ToolCall>,
+    calls: Vec<hearth_api::openai::ToolCall>,
 }
 
 impl ToolOutput {
@@ -973,12 +973,12 @@ impl ToolOutput {
                     let offered = plan.is_some_and(|p| p.tools.iter().any(|t| t.name == c.name));
                     let room = plan.is_some_and(|p| p.parallel) || self.calls.is_empty();
                     if offered && room {
-                        let index = self.calls.len();
-                        let wire = structured::response_calls(vec![c.clone()]);
-                        let mut call = json!(wire[0]);
-                        call["index"] = json!(index);
+                        // The id is made once: a stream's delta and a whole answer show the same.
+                        let wire = structured::response_call(c);
+                        let mut call = json!(wire);
+                        call["index"] = json!(self.calls.len());
                         deltas.push(json!({"tool_calls": [call]}));
-                        self.calls.push(c);
+                        self.calls.push(wire);
                         continue;
                     }
                     hearth_engine::tools::render_call(&c.name, &c.arguments)

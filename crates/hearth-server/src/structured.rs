@@ -331,14 +331,11 @@ fn chat_role(i: usize, m: &Message) -> ApiResult<&'static str> {
     }
 }
 
-/// A response's calls, with fresh ids.
-pub fn response_calls(calls: Vec<tools::ToolCall>) -> Vec<ToolCall> {
-    calls
-        .into_iter()
-        .map(|c| ToolCall {
-            id: format!("call_{:016x}", rand::random::<u64>()),
-            kind: "function".into(),
-            function: hearth_api::openai::FunctionCall { name: c.name, arguments: c.arguments },
-        })
-        .collect()
+/// A call as the response shows it, with a fresh id.
+pub fn response_call(c: tools::ToolCall) -> ToolCall {
+    ToolCall {
+        id: format!("call_{:016x}", rand::random::<u64>()),
+        kind: "function".into(),
+        function: hearth_api::openai::FunctionCall { name: c.name, arguments: c.arguments },
+    }
 }
