@@ -66,6 +66,16 @@ impl std::fmt::Debug for ChatTemplate {
 /// for a long conversation, so this only ever stops one that would not end.
 const RENDER_FUEL: u64 = 5_000_000;
 
+/// The longest one render may take. Real templates take well under a millisecond per message;
+/// this stops what fuel cannot see, the work inside one instruction (printing a lazily
+/// repeated sequence, `messages * 100000`, is one). minijinja is patched to check it before
+/// every instruction and at every item of a lazy sequence (vendor/minijinja/HEARTH-PATCH.md).
+const RENDER_TIME_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The most text one render may produce, or hearth's printing and `tojson` may build for one
+/// value: far beyond any model's context (a million tokens is about 4 MiB of text).
+const MAX_RENDER_BYTES: usize = 8 << 20;
+
 impl ChatTemplate {
     /// Compiles `source`. `bos_token` and `eos_token` are the texts templates see as
     /// `bos_token`/`eos_token` (left undefined when `None`, as transformers does). A syntax
@@ -157,14 +167,80 @@ impl ChatTemplate {
         if let Some(eos) = &self.eos_token {
             ctx.insert("eos_token", Value::from(eos.as_str()));
         }
-        template.render(ctx).map_err(|e| match raised_message(&e) {
+        let mut out = BoundedText::default();
+        let (result, late) = {
+            let deadline = RenderDeadline::start(RENDER_TIME_LIMIT);
+            let result = template.render_captured_to(ctx, &mut out).map(drop);
+            // A lazy sequence cut short by the deadline in the last instruction ends the
+            // render without an error: its output is incomplete all the same.
+            (result, deadline.passed())
+        };
+        if out.overflowed {
+            return Err(EngineError::InvalidRequest(format!(
+                "the model's chat template wrote more than {} MiB for this conversation; send the prompt as text \
+                 to /v1/completions instead",
+                MAX_RENDER_BYTES >> 20
+            )));
+        }
+        let result = result.and_then(|()| match late {
+            true => Err(minijinja::Error::new(ErrorKind::OutOfFuel, "the render passed its deadline")),
+            false => Ok(()),
+        });
+        result.map_err(|e| match raised_message(&e) {
             Some(message) => EngineError::InvalidRequest(message),
             None if e.kind() == ErrorKind::OutOfFuel => EngineError::InvalidRequest(format!(
-                "the model's chat template did not finish rendering this conversation within {RENDER_FUEL} steps; \
-                 send the prompt as text to /v1/completions instead"
+                "the model's chat template did not finish rendering this conversation within its bounds \
+                 ({RENDER_FUEL} steps, {} s); send the prompt as text to /v1/completions instead",
+                RENDER_TIME_LIMIT.as_secs()
             )),
             None => EngineError::InvalidModel(format!("the model's chat template failed to render: {e}")),
+        })?;
+        String::from_utf8(out.text).map_err(|_| {
+            EngineError::InvalidModel("the model's chat template wrote text that is not UTF-8".to_string())
         })
+    }
+}
+
+/// minijinja's render deadline for this thread, set while it lives.
+struct RenderDeadline(std::time::Instant);
+
+impl RenderDeadline {
+    fn start(limit: std::time::Duration) -> RenderDeadline {
+        let deadline = std::time::Instant::now() + limit;
+        minijinja::set_render_deadline(Some(deadline));
+        RenderDeadline(deadline)
+    }
+
+    fn passed(&self) -> bool {
+        std::time::Instant::now() >= self.0
+    }
+}
+
+impl Drop for RenderDeadline {
+    fn drop(&mut self) {
+        minijinja::set_render_deadline(None);
+    }
+}
+
+/// The render's output, refusing to grow past `MAX_RENDER_BYTES`.
+#[derive(Default)]
+struct BoundedText {
+    text: Vec<u8>,
+    overflowed: bool,
+}
+
+impl std::io::Write for BoundedText {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.text.len() + buf.len() > MAX_RENDER_BYTES {
+            self.overflowed = true;
+            return Err(std::io::Error::other("chat template output too long"));
+        }
+        self.text.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -214,7 +290,7 @@ fn python_formatter(
         ValueKind::Bool => out.write_str(if value.is_true() { "True" } else { "False" })?,
         ValueKind::Seq | ValueKind::Map => {
             let mut text = String::new();
-            python_repr(&mut text, value, 0);
+            python_repr(&mut text, value, 0)?;
             out.write_str(&text)?
         }
         _ => return minijinja::escape_formatter(out, state, value),
@@ -224,10 +300,13 @@ fn python_formatter(
 
 /// Python's `repr` of a value, as jinja2 prints values inside lists and dicts. (Python would
 /// print a tuple, such as an item of `dict.items()`, with parentheses; minijinja has no tuples.)
-fn python_repr(out: &mut String, value: &Value, depth: usize) {
+fn python_repr(out: &mut String, value: &Value, depth: usize) -> std::result::Result<(), minijinja::Error> {
+    if out.len() > MAX_RENDER_BYTES {
+        return Err(minijinja::Error::new(ErrorKind::InvalidOperation, "printed value too long"));
+    }
     if depth > MAX_JSON_DEPTH {
         out.push_str("...");
-        return;
+        return Ok(());
     }
     match value.kind() {
         ValueKind::None | ValueKind::Undefined => out.push_str("None"),
@@ -247,7 +326,7 @@ fn python_repr(out: &mut String, value: &Value, depth: usize) {
                 if i > 0 {
                     out.push_str(", ");
                 }
-                python_repr(out, &item, depth + 1);
+                python_repr(out, &item, depth + 1)?;
             }
             out.push(']');
         }
@@ -257,9 +336,9 @@ fn python_repr(out: &mut String, value: &Value, depth: usize) {
                 if i > 0 {
                     out.push_str(", ");
                 }
-                python_repr(out, &key, depth + 1);
+                python_repr(out, &key, depth + 1)?;
                 out.push_str(": ");
-                python_repr(out, &value.get_item(&key).unwrap_or_default(), depth + 1);
+                python_repr(out, &value.get_item(&key).unwrap_or_default(), depth + 1)?;
             }
             out.push('}');
         }
@@ -267,6 +346,7 @@ fn python_repr(out: &mut String, value: &Value, depth: usize) {
             let _ = write!(out, "{value}");
         }
     }
+    Ok(())
 }
 
 /// Python's `repr` of a string: single quotes unless the text has one and no double quote.
@@ -490,16 +570,25 @@ fn tojson(value: &Value, ensure_ascii: Option<bool>, kwargs: Kwargs) -> std::res
     let indent = match kwargs.get::<Option<Value>>("indent")? {
         None => None,
         Some(v) if v.is_none() => None,
-        Some(v) => match (v.as_str(), v.as_i64()) {
-            (Some(s), _) => Some(s.to_string()),
-            (None, Some(n)) => Some(" ".repeat(usize::try_from(n).unwrap_or(0))),
-            _ => {
+        Some(v) => {
+            let indent = match (v.as_str(), v.as_i64()) {
+                (Some(s), _) => s.to_string(),
+                (None, Some(n)) => " ".repeat(usize::try_from(n.clamp(0, MAX_JSON_INDENT + 1)).unwrap_or(0)),
+                _ => {
+                    return Err(minijinja::Error::new(
+                        ErrorKind::InvalidOperation,
+                        "tojson: indent must be an int or a string",
+                    ))
+                }
+            };
+            if indent.len() > MAX_JSON_INDENT as usize {
                 return Err(minijinja::Error::new(
                     ErrorKind::InvalidOperation,
-                    "tojson: indent must be an int or a string",
-                ))
+                    format!("tojson: an indent wider than {MAX_JSON_INDENT} characters"),
+                ));
             }
-        },
+            Some(indent)
+        }
     };
     let (item_sep, key_sep) = match kwargs.get::<Option<Vec<String>>>("separators")? {
         Some(seps) if seps.len() == 2 => (seps[0].clone(), seps[1].clone()),
@@ -523,6 +612,9 @@ struct JsonStyle {
     ensure_ascii: bool,
 }
 
+/// The widest `tojson` indent (Python takes any; real templates use 2 or 4).
+const MAX_JSON_INDENT: i64 = 64;
+
 /// Deep enough for any real tool schema; stops a self-referencing value from overflowing the stack.
 const MAX_JSON_DEPTH: usize = 128;
 
@@ -534,6 +626,9 @@ fn write_json(
 ) -> std::result::Result<(), minijinja::Error> {
     if depth > MAX_JSON_DEPTH {
         return Err(minijinja::Error::new(ErrorKind::InvalidOperation, "tojson: value nested too deeply"));
+    }
+    if out.len() > MAX_RENDER_BYTES {
+        return Err(minijinja::Error::new(ErrorKind::InvalidOperation, "tojson: value too long"));
     }
     match value.kind() {
         ValueKind::Undefined | ValueKind::None => out.push_str("null"),
@@ -792,6 +887,51 @@ mod tests {
             other => panic!("expected InvalidRequest, got {other:?}"),
         }
         assert!(started.elapsed() < std::time::Duration::from_secs(5), "{:?}", started.elapsed());
+    }
+
+    #[test]
+    fn a_template_that_walks_a_huge_lazy_sequence_fails_at_once() {
+        // `messages * n` repeats lazily, so the sequence exists at no cost until something
+        // walks it: printing, a filter, a method. Each of these must be refused, not run.
+        let walkers = [
+            "{{ 68*messages*773*37**7. }}",
+            "{{ (messages * 10**12)|join(',') }}",
+            "{{ (messages * 10**12)|list|length }}",
+            "{{ (messages * 10**12)|tojson }}",
+            "{{ (messages * 10**12)|sort }}",
+            "{{ (messages * 10**12)|map(attribute='role')|first }}",
+            "{{ (messages * 10**12)|string }}",
+            "{{ ', '.join(messages * 10**12) }}",
+            "{{ 'user' is in(messages * 10**12) }}",
+            "{{ messages*5431*544*3~6. }}",
+            "{{ (messages * 400000) ~ '' }}",
+            "{{ [messages * 400000] * 1000000 }}",
+            "{{ ([messages * 400000] * 1000000)|tojson }}",
+            "{% set x = 'ab' * 40000000 %}{{ x ~ x ~ x }}",
+            // Each of these runs into the render deadline, inside a single instruction.
+            "{{ ([messages * 400000] * 1000000) ~ '' }}",
+            "{{ [messages * 400000] * 1000000 == [messages * 400000] * 1000000 }}",
+            "{{ messages|tojson(indent=10**12) }}",
+        ];
+        let conversation = [ChatMessage::new("user", "hi"), ChatMessage::new("assistant", "hello")];
+        for source in walkers {
+            let t = ChatTemplate::new(source, None, None).expect("compiles");
+            let started = std::time::Instant::now();
+            let result = t.render(&conversation, true);
+            assert!(result.is_err(), "{source}: {result:?}");
+            let bound = RENDER_TIME_LIMIT + std::time::Duration::from_secs(1);
+            assert!(started.elapsed() < bound, "{source}: {:?}", started.elapsed());
+        }
+    }
+
+    #[test]
+    fn a_template_that_writes_too_much_is_refused_with_the_bound() {
+        let long = "{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}";
+        let t = ChatTemplate::new(long, None, None).expect("compiles");
+        match t.render(&[ChatMessage::new("user", "hi")], true) {
+            Err(EngineError::InvalidRequest(m)) => assert!(m.contains("more than 8 MiB"), "{m}"),
+            other => panic!("expected InvalidRequest, got {other:?}"),
+        }
     }
 
     #[test]
