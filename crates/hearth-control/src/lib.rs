@@ -23,6 +23,7 @@ pub mod rates;
 mod records;
 pub mod routing;
 pub mod schedules;
+pub mod users;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -71,7 +72,6 @@ pub struct ControlPlane {
     pub(crate) artifacts: ArtifactStore,
     pub(crate) signer: UrlSigner,
     pub(crate) config: ControlConfig,
-    pub(crate) auth_cache: Arc<auth::KeyCache>,
     /// Fetches imported models' files. No overall timeout: a checkpoint may take an hour; a
     /// stalled transfer is caught by the read timeout instead.
     pub(crate) http: reqwest::Client,
@@ -102,7 +102,6 @@ impl ControlPlane {
             artifacts,
             signer,
             config,
-            auth_cache: Arc::new(auth::KeyCache::default()),
             http,
             imports: Arc::default(),
             changes: Arc::default(),

@@ -146,7 +146,7 @@ impl ControlPlane {
     /// Loads a freshly imported addon onto the deployment its record names. A failure is
     /// kept in the model's `status`, where the LoRA API reads it as `failed`.
     pub(crate) async fn deploy_imported_addon(&self, account: &str, id: &str, deployment: &str) -> Result<()> {
-        let who = Principal { account: account.to_string() };
+        let who = Principal::admin(account.to_string());
         let body = DeployedModel {
             model: Some(ResourceName::new(account, Collection::Models, id).to_string()),
             deployment: Some(deployment.to_string()),

@@ -52,8 +52,17 @@ impl Store for Contended {
     async fn ensure_api_key(&self, key_hash: &str, account: &str) -> Result<String> {
         self.inner.ensure_api_key(key_hash, account).await
     }
-    async fn account_for_key(&self, key_hash: &str) -> Result<Option<String>> {
-        self.inner.account_for_key(key_hash).await
+    async fn api_key(&self, key_hash: &str) -> Result<Option<hearth_store::KeyRecord>> {
+        self.inner.api_key(key_hash).await
+    }
+    async fn insert_api_key(&self, key: &hearth_store::KeyRecord) -> Result<hearth_store::KeyRecord> {
+        self.inner.insert_api_key(key).await
+    }
+    async fn list_api_keys(&self, account: &str, user: &str) -> Result<Vec<hearth_store::KeyRecord>> {
+        self.inner.list_api_keys(account, user).await
+    }
+    async fn delete_api_key(&self, account: &str, user: &str, key_id: &str) -> Result<bool> {
+        self.inner.delete_api_key(account, user, key_id).await
     }
     async fn secret_or_init(&self, name: &str, candidate: &[u8]) -> Result<Vec<u8>> {
         self.inner.secret_or_init(name, candidate).await
@@ -67,7 +76,7 @@ async fn setup(interfere: usize) -> (tempfile::TempDir, Arc<Contended>, ControlP
     let cp = ControlPlane::new(store.clone(), ArtifactStore::new(dir.path().join("a")), ControlConfig::default())
         .await
         .expect("control plane");
-    let who = Principal { account: "acme".into() };
+    let who = Principal::admin("acme");
     let req: CreateModelRequest = serde_json::from_value(
         json!({"modelId": "m", "model": {"kind": "HF_BASE_MODEL", "baseModelDetails": {}, "displayName": "before"}}),
     )
@@ -80,7 +89,7 @@ async fn setup(interfere: usize) -> (tempfile::TempDir, Arc<Contended>, ControlP
 #[tokio::test]
 async fn a_writer_that_always_loses_is_aborted_and_overwrites_nothing() {
     let (_dir, _store, cp) = setup(usize::MAX).await;
-    let who = Principal { account: "acme".into() };
+    let who = Principal::admin("acme");
     let err = cp.update_model(&who, "acme", "m", &json!({"displayName": "after"}), None).await.expect_err("aborted");
     assert_eq!(err.code(), Code::Aborted);
     assert!(err.to_string().contains("retry"), "{err}");
@@ -91,7 +100,7 @@ async fn a_writer_that_always_loses_is_aborted_and_overwrites_nothing() {
 #[tokio::test]
 async fn a_writer_that_loses_once_succeeds_on_fresh_state() {
     let (_dir, store, cp) = setup(1).await;
-    let who = Principal { account: "acme".into() };
+    let who = Principal::admin("acme");
     let got = cp.update_model(&who, "acme", "m", &json!({"displayName": "after"}), None).await.expect("update");
     assert_eq!(got["displayName"], "after");
     assert_eq!(store.interfere.load(Ordering::SeqCst), 0, "the rival did write in between");
@@ -107,7 +116,7 @@ async fn racing_creates_never_exceed_a_quota() {
     quotas.set("models=5").expect("quota");
     let config = ControlConfig { quotas, ..ControlConfig::default() };
     let cp = ControlPlane::new(store, ArtifactStore::new(dir.path().join("a")), config).await.expect("control plane");
-    let who = Principal { account: "acme".into() };
+    let who = Principal::admin("acme");
     let creates = (0..20).map(|i| {
         let (cp, who) = (cp.clone(), who.clone());
         tokio::spawn(async move {

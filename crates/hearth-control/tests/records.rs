@@ -53,7 +53,7 @@ async fn schema_0_rows_read_and_are_split_into_spec_and_status_at_start() {
     let cp = ControlPlane::new(store.clone(), ArtifactStore::new(dir.path().join("a")), ControlConfig::default())
         .await
         .expect("control plane");
-    let who = Principal { account: "a".into() };
+    let who = Principal::admin("a");
 
     let up: Value = cp.get_deployment(&who, "a", "up", None).await.expect("get up");
     assert_eq!(up["state"], "READY");
@@ -102,7 +102,7 @@ async fn one_unreadable_row_does_not_fail_a_listing() {
         .await
         .expect("insert");
     store.insert("deployments", "a", "junk", "\u{0}not json").await.expect("insert");
-    let who = Principal { account: "a".into() };
+    let who = Principal::admin("a");
     let listed = cp.list_deployments(&who, "a", &ListRequest::default()).await.expect("the listing works");
     assert_eq!(listed.items.len(), 2);
     let junk: Value = cp.get_deployment(&who, "a", "junk", None).await.expect("get works");

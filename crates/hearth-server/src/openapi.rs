@@ -60,6 +60,13 @@ pub const OPERATIONS: &[Operation] = &[
     op!("get" "/v1/accounts/{account}/quotas" "ListQuotas" "Every quota of the account with its limit, ceiling and live usage", q: LIST, req: None, resp: Some("ListQuotasResponse")),
     op!("get" "/v1/accounts/{account}/quotas/{quota}" "GetQuota" "One quota", q: &["readMask"], req: None, resp: Some("Quota")),
     op!("patch" "/v1/accounts/{account}/quotas/{quota}" "UpdateQuota" "Set the limit the account enforces (value), up to the server's ceiling (maxValue)", q: &["allowMissing"], req: Some("Quota"), resp: Some("Quota")),
+    op!("post" "/v1/accounts/{account}/users" "CreateUser" "Create a user of the account (admins only)", q: &["userId"], req: Some("User"), resp: Some("User")),
+    op!("get" "/v1/accounts/{account}/users" "ListUsers" "List the account's users (admins only)", q: LIST, req: None, resp: Some("ListUsersResponse")),
+    op!("get" "/v1/accounts/{account}/users/{user}" "GetUser" "Get a user (admins, or the user themself)", q: &["readMask"], req: None, resp: Some("User")),
+    op!("patch" "/v1/accounts/{account}/users/{user}" "UpdateUser" "Change a user's role or details (admins only)", q: &[], req: Some("User"), resp: Some("User")),
+    op!("post" "/v1/accounts/{account}/users/{user}/apiKeys" "CreateApiKey" "Create an API key for the user; its text is in this answer only", q: &[], req: Some("CreateApiKeyRequest"), resp: Some("ApiKey")),
+    op!("get" "/v1/accounts/{account}/users/{user}/apiKeys" "ListApiKeys" "The user's API keys, without their text", q: LIST, req: None, resp: Some("ListApiKeysResponse")),
+    op!("post" "/v1/accounts/{account}/users/{user}/apiKeys:delete" "DeleteApiKey" "Delete one of the user's API keys; refused from the next request on", q: &[], req: Some("DeleteApiKeyRequest"), resp: None),
     op!("post" "/inference/v1/chat/completions" "ChatCompletions" "OpenAI chat completions, routed to the deployment `model` names", q: &[], req: Some("ChatCompletionRequest"), resp: None),
     op!("post" "/inference/v1/completions" "Completions" "OpenAI completions, routed to the deployment `model` names", q: &[], req: Some("CompletionRequest"), resp: None),
     op!("get" "/inference/v1/models" "ListServableModels" "Models with a live deployment in the caller's account", q: &[], req: None, resp: None),
@@ -144,6 +151,10 @@ fn schemas() -> Map<String, Value> {
     add("UndeleteDeploymentRequest", generator.subschema_for::<UndeleteDeploymentRequest>());
     add("DeployedModel", generator.subschema_for::<DeployedModel>());
     add("Quota", generator.subschema_for::<Quota>());
+    add("User", generator.subschema_for::<hearth_api::resources::User>());
+    add("ApiKey", generator.subschema_for::<hearth_api::resources::ApiKey>());
+    add("CreateApiKeyRequest", generator.subschema_for::<hearth_api::resources::CreateApiKeyRequest>());
+    add("DeleteApiKeyRequest", generator.subschema_for::<hearth_api::resources::DeleteApiKeyRequest>());
     add("Status", generator.subschema_for::<Status>());
     add("OpenAiError", generator.subschema_for::<hearth_api::openai::ErrorBody>());
     add("ModelSource", generator.subschema_for::<ModelSource>());
@@ -159,6 +170,8 @@ fn schemas() -> Map<String, Value> {
         ("ListDeploymentsResponse", ("deployments", "Deployment")),
         ("ListDeployedModelsResponse", ("deployedModels", "DeployedModel")),
         ("ListQuotasResponse", ("quotas", "Quota")),
+        ("ListUsersResponse", ("users", "User")),
+        ("ListApiKeysResponse", ("apiKeys", "ApiKey")),
     ] {
         all.insert(
             list.to_string(),

@@ -29,6 +29,22 @@ pub struct Record {
     pub update_time: DateTime<Utc>,
 }
 
+/// An API key as the store keeps it: the SHA-256 of the key, never the key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyRecord {
+    pub key_hash: String,
+    pub account: String,
+    /// The user the key belongs to; `None` for a key bound by `ensure_api_key` (a key given
+    /// at start), which the control plane reads as its account's first admin.
+    pub user: Option<String>,
+    /// The key's name in the API; `None` for keys bound by `ensure_api_key`.
+    pub key_id: Option<String>,
+    pub expire_time: Option<DateTime<Utc>>,
+    /// The key's metadata as JSON; its shape belongs to the control plane.
+    pub body: Option<String>,
+    pub create_time: DateTime<Utc>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("{kind} {account}/{id} already exists")]
@@ -80,7 +96,15 @@ pub trait Store: Send + Sync + 'static {
     /// Binds a key hash to an account if the hash is not bound yet. Returns the account the
     /// hash is bound to afterwards, which differs from `account` if it was bound before.
     async fn ensure_api_key(&self, key_hash: &str, account: &str) -> Result<String>;
-    async fn account_for_key(&self, key_hash: &str) -> Result<Option<String>>;
+    /// The key with this hash, whoever it belongs to.
+    async fn api_key(&self, key_hash: &str) -> Result<Option<KeyRecord>>;
+    /// Stores a new key (its `create_time` is the store's clock); `AlreadyExists` if its hash
+    /// or its `(account, user, key_id)` is taken.
+    async fn insert_api_key(&self, key: &KeyRecord) -> Result<KeyRecord>;
+    /// The keys of one user, by key id.
+    async fn list_api_keys(&self, account: &str, user: &str) -> Result<Vec<KeyRecord>>;
+    /// Removes one user's key; whether there was one.
+    async fn delete_api_key(&self, account: &str, user: &str, key_id: &str) -> Result<bool>;
 
     /// Returns the named secret, storing `candidate` first if there is none yet. Concurrent
     /// first callers all get the same value.

@@ -11,7 +11,7 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::Row;
 
-use crate::{Record, Result, Store, StoreError};
+use crate::{KeyRecord, Record, Result, Store, StoreError};
 
 /// The embedded store: one SQLite file in WAL mode.
 #[derive(Clone)]
@@ -83,6 +83,18 @@ macro_rules! impl_store {
                     version: row.try_get("version")?,
                     create_time: from_micros(row.try_get("create_us")?),
                     update_time: from_micros(row.try_get("update_us")?),
+                })
+            }
+
+            fn key_record(row: &$row) -> Result<KeyRecord> {
+                Ok(KeyRecord {
+                    key_hash: row.try_get("key_hash")?,
+                    account: row.try_get("account")?,
+                    user: row.try_get("user_id")?,
+                    key_id: row.try_get("key_id")?,
+                    expire_time: row.try_get::<Option<i64>, _>("expire_us")?.map(from_micros),
+                    body: row.try_get("body")?,
+                    create_time: from_micros(row.try_get("create_us")?),
                 })
             }
         }
@@ -238,12 +250,63 @@ macro_rules! impl_store {
                 Ok(row.try_get("account")?)
             }
 
-            async fn account_for_key(&self, key_hash: &str) -> Result<Option<String>> {
-                let row = sqlx::query("SELECT account FROM api_keys WHERE key_hash = $1")
-                    .bind(key_hash)
-                    .fetch_optional(&self.pool)
+            async fn api_key(&self, key_hash: &str) -> Result<Option<KeyRecord>> {
+                let row = sqlx::query(
+                    "SELECT key_hash, account, user_id, key_id, expire_us, body, create_us FROM api_keys \
+                     WHERE key_hash = $1",
+                )
+                .bind(key_hash)
+                .fetch_optional(&self.pool)
+                .await?;
+                row.as_ref().map(Self::key_record).transpose()
+            }
+
+            async fn insert_api_key(&self, key: &KeyRecord) -> Result<KeyRecord> {
+                let now = Utc::now();
+                let res = sqlx::query(
+                    "INSERT INTO api_keys (key_hash, account, user_id, key_id, expire_us, body, create_us) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                )
+                .bind(&key.key_hash)
+                .bind(&key.account)
+                .bind(&key.user)
+                .bind(&key.key_id)
+                .bind(key.expire_time.map(micros))
+                .bind(&key.body)
+                .bind(micros(now))
+                .execute(&self.pool)
+                .await;
+                match res {
+                    Ok(_) => Ok(KeyRecord { create_time: from_micros(micros(now)), ..key.clone() }),
+                    Err(e) if is_unique_violation(&e) => Err(StoreError::AlreadyExists {
+                        kind: "apiKey".to_string(),
+                        account: key.account.clone(),
+                        id: key.key_id.clone().unwrap_or_default(),
+                    }),
+                    Err(e) => Err(e.into()),
+                }
+            }
+
+            async fn list_api_keys(&self, account: &str, user: &str) -> Result<Vec<KeyRecord>> {
+                let rows = sqlx::query(
+                    "SELECT key_hash, account, user_id, key_id, expire_us, body, create_us FROM api_keys \
+                     WHERE account = $1 AND user_id = $2 ORDER BY key_id",
+                )
+                .bind(account)
+                .bind(user)
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter().map(Self::key_record).collect()
+            }
+
+            async fn delete_api_key(&self, account: &str, user: &str, key_id: &str) -> Result<bool> {
+                let res = sqlx::query("DELETE FROM api_keys WHERE account = $1 AND user_id = $2 AND key_id = $3")
+                    .bind(account)
+                    .bind(user)
+                    .bind(key_id)
+                    .execute(&self.pool)
                     .await?;
-                Ok(row.map(|r| r.try_get("account")).transpose()?)
+                Ok(res.rows_affected() > 0)
             }
 
             async fn secret_or_init(&self, name: &str, candidate: &[u8]) -> Result<Vec<u8>> {

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use hearth_store::{Store, StoreError};
+use hearth_store::{KeyRecord, Store, StoreError};
 
 async fn sqlite() -> (tempfile::TempDir, Arc<dyn Store>) {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -73,8 +73,37 @@ async fn contract(store: Arc<dyn Store>) {
     let other = unique("other");
     store.ensure_account(&other).await.expect("account");
     assert_eq!(store.ensure_api_key(&hash, &other).await.expect("key"), acct);
-    assert_eq!(store.account_for_key(&hash).await.expect("lookup").as_deref(), Some(acct.as_str()));
-    assert_eq!(store.account_for_key("unknown").await.expect("lookup"), None);
+    let bound = store.api_key(&hash).await.expect("lookup").expect("bound");
+    assert_eq!((bound.account.as_str(), bound.user.as_deref(), bound.key_id.as_deref()), (acct.as_str(), None, None));
+    assert_eq!(store.api_key("unknown").await.expect("lookup"), None);
+
+    // Users' keys: by hash, by (account, user, key id); a taken hash or id is refused.
+    let expire = chrono::DateTime::from_timestamp(4_000_000_000, 0).expect("time");
+    let key = KeyRecord {
+        key_hash: unique("hash"),
+        account: acct.clone(),
+        user: Some("alice".to_string()),
+        key_id: Some("k1".to_string()),
+        expire_time: Some(expire),
+        body: Some(r#"{"displayName":"laptop"}"#.to_string()),
+        create_time: chrono::Utc::now(),
+    };
+    let stored = store.insert_api_key(&key).await.expect("insert key");
+    assert_eq!(store.api_key(&key.key_hash).await.expect("lookup"), Some(stored.clone()));
+    assert_eq!(stored.expire_time, Some(expire));
+    let same_id = KeyRecord { key_hash: unique("hash"), ..key.clone() };
+    assert!(matches!(store.insert_api_key(&same_id).await, Err(StoreError::AlreadyExists { .. })));
+    let same_hash = KeyRecord { key_id: Some("k2".to_string()), ..key.clone() };
+    assert!(matches!(store.insert_api_key(&same_hash).await, Err(StoreError::AlreadyExists { .. })));
+    let k2 = KeyRecord { key_hash: unique("hash"), key_id: Some("k2".to_string()), expire_time: None, ..key.clone() };
+    store.insert_api_key(&k2).await.expect("second key");
+    let ids: Vec<_> = store.list_api_keys(&acct, "alice").await.expect("list").into_iter().map(|k| k.key_id).collect();
+    assert_eq!(ids, [Some("k1".to_string()), Some("k2".to_string())]);
+    assert!(store.list_api_keys(&acct, "bob").await.expect("list").is_empty());
+    assert!(!store.delete_api_key(&acct, "bob", "k1").await.expect("delete other user's"));
+    assert!(store.delete_api_key(&acct, "alice", "k1").await.expect("delete"));
+    assert_eq!(store.api_key(&key.key_hash).await.expect("lookup"), None);
+    assert!(!store.delete_api_key(&acct, "alice", "k1").await.expect("delete again"));
 
     let name = unique("secret");
     let s1 = store.secret_or_init(&name, b"first").await.expect("secret");

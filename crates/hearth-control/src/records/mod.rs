@@ -15,6 +15,7 @@
 pub(crate) mod deployed_model;
 pub(crate) mod deployment;
 pub(crate) mod model;
+pub(crate) mod user;
 
 use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
@@ -29,6 +30,7 @@ pub(crate) const DEPLOYMENTS: &str = "deployments";
 pub(crate) const DEPLOYMENT_STATUS: &str = "deploymentStatus";
 pub(crate) const DEPLOYED_MODELS: &str = "deployedModels";
 pub(crate) const DEPLOYED_MODEL_STATUS: &str = "deployedModelStatus";
+pub(crate) const USERS: &str = "users";
 
 /// A stored record type: its kind in the store, the schema it writes, and how a row of an
 /// older schema becomes one of this schema.

@@ -293,8 +293,17 @@ impl Store for BreakableStore {
     async fn ensure_api_key(&self, key_hash: &str, account: &str) -> hearth_store::Result<String> {
         self.inner.ensure_api_key(key_hash, account).await
     }
-    async fn account_for_key(&self, key_hash: &str) -> hearth_store::Result<Option<String>> {
-        self.inner.account_for_key(key_hash).await
+    async fn api_key(&self, key_hash: &str) -> hearth_store::Result<Option<hearth_store::KeyRecord>> {
+        self.inner.api_key(key_hash).await
+    }
+    async fn insert_api_key(&self, key: &hearth_store::KeyRecord) -> hearth_store::Result<hearth_store::KeyRecord> {
+        self.inner.insert_api_key(key).await
+    }
+    async fn list_api_keys(&self, account: &str, user: &str) -> hearth_store::Result<Vec<hearth_store::KeyRecord>> {
+        self.inner.list_api_keys(account, user).await
+    }
+    async fn delete_api_key(&self, account: &str, user: &str, key_id: &str) -> hearth_store::Result<bool> {
+        self.inner.delete_api_key(account, user, key_id).await
     }
     async fn secret_or_init(&self, name: &str, candidate: &[u8]) -> hearth_store::Result<Vec<u8>> {
         self.inner.secret_or_init(name, candidate).await
@@ -349,16 +358,7 @@ impl World {
         let clock = Arc::new(FakeClock::new());
         let fleet = Arc::new(hearth_runtime::Fleet::default());
         let ctx = Arc::new(Context::new(control.clone(), runtime.clone(), replicas.clone(), fleet, clock.clone()));
-        World {
-            _dir: dir,
-            store,
-            control,
-            runtime,
-            replicas,
-            clock,
-            ctx,
-            who: Principal { account: ACCOUNT.to_string() },
-        }
+        World { _dir: dir, store, control, runtime, replicas, clock, ctx, who: Principal::admin(ACCOUNT.to_string()) }
     }
 
     pub fn key(id: &str) -> DeploymentKey {

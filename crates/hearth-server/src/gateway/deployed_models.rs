@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use hearth_api::resources::DeployedModel;
 
-use super::{body, empty, list_request, page_json, parse_body, patch_body, AppState, Caller};
+use super::{body, empty, list_query, page_json, parse_body, patch_body, read_mask_query, AppState, Caller};
 use crate::error::ApiResult;
 use crate::params::Params;
 
@@ -31,9 +31,7 @@ pub(super) async fn list(
     Path(account): Path<String>,
     RawQuery(q): RawQuery,
 ) -> ApiResult<Response> {
-    let mut p = Params::parse(q.as_deref())?;
-    let req = list_request(&mut p, false)?;
-    p.finish()?;
+    let req = list_query(q.as_deref())?;
     Ok(page_json("deployedModels", s.control.list_deployed_models(&who, &account, &req).await?).into_response())
 }
 
@@ -43,9 +41,7 @@ pub(super) async fn get(
     Path((account, id)): Path<(String, String)>,
     RawQuery(q): RawQuery,
 ) -> ApiResult<Response> {
-    let mut p = Params::parse(q.as_deref())?;
-    let mask = p.str("readMask");
-    p.finish()?;
+    let mask = read_mask_query(q.as_deref())?;
     Ok(Json(s.control.get_deployed_model(&who, &account, &id, mask.as_deref()).await?).into_response())
 }
 

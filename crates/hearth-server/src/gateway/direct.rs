@@ -136,7 +136,7 @@ async fn serve(
     if let Some(model) = request.get("model").and_then(Value::as_str).filter(|m| !m.contains('#')) {
         request["model"] = Value::String(format!("{model}#{name}"));
     }
-    let who = Principal { account: d.key.account.clone() };
+    let who = Principal::admin(d.key.account.clone());
     let how =
         super::inference::Forwarding { only: Some(&name), ..super::inference::Forwarding::from_headers(&headers) };
     super::inference::forward(&d.state, &who, uri.path(), request, how).await

@@ -13,6 +13,7 @@ mod loras;
 mod models;
 mod quotas;
 mod upload;
+mod users;
 
 use std::sync::Arc;
 
@@ -85,6 +86,10 @@ pub fn router_with(control: ControlPlane, inference: Inference) -> Router {
         )
         .route("/v1/accounts/{account}/quotas", get(quotas::list))
         .route("/v1/accounts/{account}/quotas/{quota}", get(quotas::get).patch(quotas::update))
+        .route("/v1/accounts/{account}/users", get(users::list).post(users::create))
+        .route("/v1/accounts/{account}/users/{user}", get(users::get).patch(users::update))
+        .route("/v1/accounts/{account}/users/{user}/apiKeys", get(users::list_keys).post(users::create_key))
+        .route("/v1/accounts/{account}/users/{user}/apiKeys:delete", post(users::delete_key))
         .route("/verifyApiKey", get(verify_api_key))
         .route("/v1/chat/completions", post(inference::proxy))
         .route("/v1/completions", post(inference::proxy))
@@ -225,6 +230,22 @@ pub(crate) fn list_request(params: &mut Params, with_show_deleted: bool) -> ApiR
         read_mask: params.str("readMask"),
         show_deleted: if with_show_deleted { params.bool("showDeleted")? } else { false },
     })
+}
+
+/// The query of a plain list call: its list parameters and nothing else.
+pub(crate) fn list_query(q: Option<&str>) -> ApiResult<ListRequest> {
+    let mut p = Params::parse(q)?;
+    let req = list_request(&mut p, false)?;
+    p.finish()?;
+    Ok(req)
+}
+
+/// The query of a plain get: `readMask` and nothing else.
+pub(crate) fn read_mask_query(q: Option<&str>) -> ApiResult<Option<String>> {
+    let mut p = Params::parse(q)?;
+    let mask = p.str("readMask");
+    p.finish()?;
+    Ok(mask)
 }
 
 pub(crate) fn page_json(key: &str, page: ListPage) -> Json<Value> {

@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use hearth_api::resources::Quota;
 
-use super::{body, list_request, page_json, parse_body, AppState, Caller};
+use super::{body, list_query, page_json, parse_body, read_mask_query, AppState, Caller};
 use crate::error::ApiResult;
 use crate::params::Params;
 
@@ -17,9 +17,7 @@ pub(super) async fn list(
     Path(account): Path<String>,
     RawQuery(q): RawQuery,
 ) -> ApiResult<Response> {
-    let mut p = Params::parse(q.as_deref())?;
-    let req = list_request(&mut p, false)?;
-    p.finish()?;
+    let req = list_query(q.as_deref())?;
     Ok(page_json("quotas", s.control.list_quotas(&who, &account, &req).await?).into_response())
 }
 
@@ -29,9 +27,7 @@ pub(super) async fn get(
     Path((account, id)): Path<(String, String)>,
     RawQuery(q): RawQuery,
 ) -> ApiResult<Response> {
-    let mut p = Params::parse(q.as_deref())?;
-    let mask = p.str("readMask");
-    p.finish()?;
+    let mask = read_mask_query(q.as_deref())?;
     Ok(Json(s.control.get_quota(&who, &account, &id, mask.as_deref()).await?).into_response())
 }
 
