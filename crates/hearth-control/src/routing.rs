@@ -4,7 +4,7 @@
 //! deployments, of its own models or of public ones.
 
 use hearth_api::names::{Collection, ResourceName};
-use hearth_api::resources::{DeploymentState, ModelKind};
+use hearth_api::resources::{Deployment, DeploymentState, ModelKind};
 
 use crate::auth::Principal;
 use crate::error::{ControlError, Result};
@@ -148,13 +148,22 @@ impl ControlPlane {
     /// The model names an account can send inference requests for: base models with a live
     /// deployment in the account.
     pub async fn servable_models(&self, who: &Principal) -> Result<Vec<String>> {
-        let mut names: Vec<String> = self
+        let live: Vec<Deployment> = self
             .deployments_of(&who.account)
             .await?
             .into_iter()
             .filter(|d| !matches!(d.state, Some(DeploymentState::Deleted | DeploymentState::Failed)))
-            .filter_map(|d| d.base_model)
             .collect();
+        let live_names: std::collections::HashSet<&str> = live.iter().filter_map(|d| d.name.as_deref()).collect();
+        // The LoRA addons loaded onto those deployments are served too, by their own names.
+        let addons: Vec<String> = self
+            .load_all::<DeployedModelSpec>(&who.account)
+            .await?
+            .into_iter()
+            .filter(|dm| live_names.contains(dm.value.deployment.as_str()))
+            .map(|dm| dm.value.model)
+            .collect();
+        let mut names: Vec<String> = live.iter().filter_map(|d| d.base_model.clone()).chain(addons).collect();
         names.sort();
         names.dedup();
         Ok(names)
