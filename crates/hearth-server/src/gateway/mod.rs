@@ -5,6 +5,7 @@
 //! Custom methods (`models/{id}:validateUpload`) arrive as one path segment; each resource's
 //! handler splits off the verb and dispatches on it.
 
+mod console;
 mod deployed_models;
 mod deployments;
 mod direct;
@@ -115,6 +116,10 @@ pub fn router_with(control: ControlPlane, inference: Inference) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(render_metrics))
         .route("/openapi.json", get(openapi))
+        .route("/", get(console::root))
+        .route("/console", get(console::root))
+        .route("/console/", get(console::index))
+        .route("/console/{file}", get(console::asset))
         // After routing, so the metric's route label is the matched pattern.
         .route_layer(axum::middleware::from_fn_with_state(metrics, crate::metrics::track))
         .fallback(not_found)
@@ -167,7 +172,14 @@ async fn verify_api_key(caller: Caller, RawQuery(q): RawQuery) -> ApiResult<Resp
     if let Ok(v) = caller.0.account.parse() {
         headers.insert("x-fireworks-account-id", v);
     }
-    Ok((StatusCode::OK, headers, Json(json!({"accountId": caller.0.account}))).into_response())
+    // `user` and `role` are hearth's own: the console shows what the signed-in key may do.
+    let who = &caller.0;
+    let body = json!({
+        "accountId": who.account,
+        "user": format!("accounts/{}/users/{}", who.account, who.user),
+        "role": who.role.as_str(),
+    });
+    Ok((StatusCode::OK, headers, Json(body)).into_response())
 }
 
 /// The authenticated caller, from `Authorization: Bearer <key>`, or `xi-api-key: <key>` as

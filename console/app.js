@@ -1,0 +1,529 @@
+// @ts-check
+// hearth's console: a page per resource, drawn from the public API with the signed-in key.
+// Every element is built with `h` (text is never parsed as HTML), pages are chosen by the URL
+// hash (#/models, #/deployments, #/playground, #/keys), and the key lives in this tab's
+// sessionStorage only.
+
+import { Api, ApiError, shortName } from "./api.js";
+import { curlSnippet, openaiSnippet, streamChat } from "./chat.js";
+
+const KEY_STORAGE = "hearth-console-key";
+
+/**
+ * Builds an element. `attrs` keys starting with `on` are event listeners; others are
+ * attributes (`true` sets a boolean attribute, `false`/null/undefined leaves it out).
+ * @param {string} tag
+ * @param {Record<string, any>} [attrs]
+ * @param {...(Node | string | number | null | undefined | false)} children
+ * @returns {HTMLElement}
+ */
+function h(tag, attrs = {}, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k.startsWith("on") && typeof v === "function") el.addEventListener(k.slice(2), v);
+    else if (v === true) el.setAttribute(k, "");
+    else if (v !== false && v !== null && v !== undefined) el.setAttribute(k, String(v));
+  }
+  for (const c of children) {
+    if (c === null || c === undefined || c === false) continue;
+    el.append(typeof c === "string" || typeof c === "number" ? String(c) : c);
+  }
+  return el;
+}
+
+/** @param {string} id */
+function byId(id) {
+  const el = document.getElementById(id);
+  if (!el) throw new Error(`missing #${id}`);
+  return el;
+}
+
+/** @param {HTMLElement} form @param {string} name */
+function field(form, name) {
+  const el = /** @type {HTMLInputElement | null} */ (form.querySelector(`[name="${name}"]`));
+  return el ? el.value.trim() : "";
+}
+
+/** Shows a message in the page's live region. @param {string} text @param {boolean} [isError] */
+function say(text, isError = false) {
+  const status = byId("status");
+  status.textContent = text;
+  status.className = isError ? "status error" : "status";
+}
+
+/** @param {unknown} e */
+function sayError(e) {
+  say(e instanceof ApiError || e instanceof Error ? e.message : String(e), true);
+}
+
+/** @param {string | undefined} t */
+function when(t) {
+  return t ? new Date(t).toLocaleString() : "";
+}
+
+/** @type {Api | null} */
+let api = null;
+/** @type {import("./api.js").Identity | null} */
+let me = null;
+/** A page's periodic refresh, stopped when the page changes. @type {number | undefined} */
+let refresh;
+
+// ---- signing in ------------------------------------------------------------------------
+
+async function signIn(/** @type {string} */ key) {
+  const candidate = new Api(key);
+  me = await candidate.whoami();
+  api = candidate;
+  sessionStorage.setItem(KEY_STORAGE, key);
+  byId("who").textContent = `${shortName(me.user)} (${me.role}) in account ${me.accountId}`;
+  document.body.classList.add("signed-in");
+  byId("nav-users").hidden = me.role !== "admin";
+  route();
+}
+
+function signOut() {
+  sessionStorage.removeItem(KEY_STORAGE);
+  api = null;
+  me = null;
+  document.body.classList.remove("signed-in");
+  location.hash = "";
+  showSignIn();
+}
+
+function showSignIn() {
+  clearInterval(refresh);
+  const form = h(
+    "form",
+    { class: "card narrow", "aria-labelledby": "signin-title" },
+    h("h1", { id: "signin-title" }, "Sign in to hearth"),
+    h("label", { for: "signin-key" }, "API key"),
+    h("input", { id: "signin-key", name: "key", type: "password", autocomplete: "off", required: true }),
+    h("button", { type: "submit" }, "Sign in"),
+    h("p", { class: "hint" }, "The key stays in this browser tab; the console uses hearth's public API with it."),
+  );
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    try {
+      await signIn(field(form, "key"));
+      say("");
+    } catch (e) {
+      sayError(e);
+    }
+  });
+  byId("main").replaceChildren(form);
+  /** @type {HTMLInputElement} */ (form.querySelector("input")).focus();
+}
+
+// ---- pages -------------------------------------------------------------------------------
+
+/** @type {Record<string, () => Promise<void>>} */
+const PAGES = {
+  models: modelsPage,
+  deployments: deploymentsPage,
+  playground: playgroundPage,
+  keys: keysPage,
+  users: usersPage,
+};
+
+async function route() {
+  if (!api) return showSignIn();
+  clearInterval(refresh);
+  const page = location.hash.replace(/^#\//, "") || "models";
+  for (const link of document.querySelectorAll("nav a")) {
+    link.toggleAttribute("aria-current", link.getAttribute("href") === `#/${page}`);
+  }
+  say("");
+  try {
+    await (PAGES[page] ?? modelsPage)();
+  } catch (e) {
+    sayError(e);
+  }
+}
+
+/**
+ * A table of rows, with a caption for screen readers.
+ * @param {string} caption
+ * @param {string[]} headers
+ * @param {(Node | string)[][]} rows
+ */
+function table(caption, headers, rows) {
+  return h(
+    "table",
+    {},
+    h("caption", {}, caption),
+    h("thead", {}, h("tr", {}, ...headers.map((c) => h("th", { scope: "col" }, c)))),
+    h("tbody", {}, ...rows.map((r) => h("tr", {}, ...r.map((c) => h("td", {}, c))))),
+  );
+}
+
+/** @param {import("./api.js").Resource} m */
+function modelDetails(m) {
+  const base = m.baseModelDetails ?? {};
+  const peft = m.peftDetails ?? {};
+  /** @type {[string, any][]} */
+  const facts = [
+    ["Name", m.name],
+    ["Kind", m.kind],
+    ["State", m.state],
+    ["Parameters", base.parameterCount],
+    ["Context length", m.contextLength],
+    ["Architecture", base.modelType],
+    ["LoRA rank", peft.r],
+    ["LoRA targets", (peft.targetModules ?? []).join(", ")],
+    ["LoRA base model", peft.baseModel],
+    ["Created", when(m.createTime)],
+    ["Status", m.status?.message],
+  ];
+  return h(
+    "dl",
+    { class: "details" },
+    ...facts.filter(([, v]) => v !== undefined && v !== "").flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, String(v))]),
+  );
+}
+
+async function modelsPage() {
+  if (!api) return;
+  const models = await api.listAll("models");
+  const detail = h("section", { "aria-live": "polite" });
+  const rows = models.map((m) => [
+    h("button", { class: "link", onclick: () => detail.replaceChildren(h("h2", {}, shortName(m.name)), modelDetails(m)) }, shortName(m.name)),
+    m.kind ?? "",
+    m.state ?? "",
+    String(m.baseModelDetails?.parameterCount ?? ""),
+    String(m.contextLength ?? ""),
+    m.peftDetails?.r ? `rank ${m.peftDetails.r}` : "",
+    h("button", { class: "danger", onclick: () => deleteModel(m) }, "Delete"),
+  ]);
+  byId("main").replaceChildren(
+    h("h1", {}, "Models"),
+    models.length ? table("Models of the account", ["Model", "Kind", "State", "Parameters", "Context", "LoRA", ""], rows) : h("p", {}, "No models yet."),
+    detail,
+  );
+}
+
+/** @param {import("./api.js").Resource} m */
+async function deleteModel(m) {
+  if (!api || !confirm(`Delete model ${shortName(m.name)}?`)) return;
+  try {
+    await api.request("DELETE", `models/${shortName(m.name)}`);
+    say(`Deleted ${shortName(m.name)}.`);
+    await modelsPage();
+  } catch (e) {
+    sayError(e);
+  }
+}
+
+/** @param {import("./api.js").Resource} d */
+function replicas(d) {
+  const ready = d.replicaStats?.readyReplicaCount ?? 0;
+  return `${ready} ready of ${d.desiredReplicaCount ?? 0} (${d.minReplicaCount ?? 0}–${d.maxReplicaCount ?? 0})`;
+}
+
+async function deploymentsPage() {
+  if (!api) return;
+  const a = api;
+  const models = await a.listAll("models");
+  const bases = models.filter((m) => m.state === "READY" && !m.peftDetails);
+  const slot = h("div");
+  const draw = () => drawDeployments(a, slot, models.filter((m) => m.state === "READY" && m.peftDetails));
+
+  const create = h(
+    "form",
+    { class: "card", "aria-labelledby": "create-deployment" },
+    h("h2", { id: "create-deployment" }, "Create a deployment"),
+    h("label", { for: "dep-id" }, "Deployment id"),
+    h("input", { id: "dep-id", name: "id", required: true, pattern: "[a-z][a-z0-9-]*", placeholder: "my-deployment" }),
+    h("label", { for: "dep-base" }, "Base model"),
+    h("select", { id: "dep-base", name: "base", required: true }, ...bases.map((m) => h("option", { value: m.name }, shortName(m.name)))),
+    h("label", { for: "dep-min" }, "Minimum replicas"),
+    h("input", { id: "dep-min", name: "min", type: "number", min: 0, value: 1 }),
+    h("label", { for: "dep-max" }, "Maximum replicas"),
+    h("input", { id: "dep-max", name: "max", type: "number", min: 1, value: 1 }),
+    h("label", { for: "dep-precision" }, "Precision"),
+    h("select", { id: "dep-precision", name: "precision" }, h("option", { value: "" }, "as stored"), h("option", { value: "FP32" }, "FP32"), h("option", { value: "FP16" }, "FP16"), h("option", { value: "BF16" }, "BF16")),
+    h("label", { for: "dep-window" }, "Scale to zero after (seconds idle, empty for never)"),
+    h("input", { id: "dep-window", name: "window", type: "number", min: 300 }),
+    h("label", { for: "dep-target" }, "Load target (requests per replica)"),
+    h("input", { id: "dep-target", name: "target", type: "number", min: 1, step: "any" }),
+    h("label", { for: "dep-cached" }, "LoRAs kept hot per replica (numPeftDeviceCached)"),
+    h("input", { id: "dep-cached", name: "cached", type: "number", min: 1 }),
+    h("label", { class: "inline" }, h("input", { type: "checkbox", name: "addons", checked: true }), " Allow LoRA addons"),
+    h("button", { type: "submit" }, "Create"),
+  );
+  create.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    /** @type {Record<string, any>} */
+    const body = {
+      baseModel: field(create, "base"),
+      minReplicaCount: Number(field(create, "min")),
+      maxReplicaCount: Number(field(create, "max")),
+      enableAddons: /** @type {HTMLInputElement} */ (create.querySelector('[name="addons"]')).checked,
+    };
+    if (field(create, "precision")) body.precision = field(create, "precision");
+    if (field(create, "cached")) body.numPeftDeviceCached = Number(field(create, "cached"));
+    /** @type {Record<string, any>} */
+    const policy = {};
+    if (field(create, "window")) policy.scaleToZeroWindow = `${field(create, "window")}s`;
+    if (field(create, "target")) policy.loadTargets = { default: Number(field(create, "target")) };
+    if (Object.keys(policy).length) body.autoscalingPolicy = policy;
+    try {
+      await a.request("POST", `deployments?deploymentId=${encodeURIComponent(field(create, "id"))}`, body);
+      say(`Created ${field(create, "id")}; it becomes READY when a replica is up.`);
+      await draw();
+    } catch (e) {
+      sayError(e);
+    }
+  });
+
+  byId("main").replaceChildren(h("h1", {}, "Deployments"), slot, create);
+  await draw();
+  // Live state: the table is redrawn every 2 s unless one of its fields is being used.
+  refresh = window.setInterval(() => {
+    const active = document.activeElement;
+    const busy = active && slot.contains(active) && active.tagName !== "BUTTON";
+    if (!busy) draw().catch(sayError);
+  }, 2000);
+}
+
+/**
+ * The deployments table with each one's actions and LoRAs.
+ * @param {Api} a
+ * @param {HTMLElement} slot
+ * @param {import("./api.js").Resource[]} addons READY LoRA models that can be loaded
+ */
+async function drawDeployments(a, slot, addons) {
+  const [deployments, loaded] = await Promise.all([
+    a.listAll("deployments", { showDeleted: "true" }),
+    a.listAll("deployedModels"),
+  ]);
+  const act = async (/** @type {() => Promise<any>} */ f, /** @type {string} */ done) => {
+    try {
+      await f();
+      say(done);
+      await drawDeployments(a, slot, addons);
+    } catch (e) {
+      sayError(e);
+    }
+  };
+  const rows = deployments.map((d) => {
+    const id = shortName(d.name);
+    const scale = h("input", { type: "number", min: 0, value: d.desiredReplicaCount ?? d.minReplicaCount ?? 0, "aria-label": `Replicas of ${id}`, class: "small" });
+    const mine = loaded.filter((l) => l.deployment === d.name);
+    const pick = h("select", { "aria-label": `LoRA to load onto ${id}` }, ...addons.map((m) => h("option", { value: m.name }, shortName(m.name))));
+    const loras = h(
+      "div",
+      { class: "loras" },
+      ...mine.map((l) =>
+        h(
+          "span",
+          { class: "chip" },
+          `${shortName(l.model)}: ${l.state ?? ""} `,
+          h("button", { class: "link", "aria-label": `Unload ${shortName(l.model)} from ${id}`, onclick: () => act(() => a.request("DELETE", `deployedModels/${shortName(l.name)}`), `Unloading ${shortName(l.model)}.`) }, "unload"),
+        ),
+      ),
+      d.state === "READY" && addons.length
+        ? h("span", {}, pick, h("button", { onclick: () => act(() => a.request("POST", "deployedModels", { model: /** @type {HTMLSelectElement} */ (pick).value, deployment: d.name }), "Loading the LoRA.") }, "Load LoRA"))
+        : null,
+    );
+    const deleted = d.state === "DELETED" || d.state === "DELETING";
+    return [
+      id,
+      shortName(d.baseModel),
+      h("span", { class: `state state-${(d.state ?? "").toLowerCase()}`, "data-deployment": id }, d.state ?? ""),
+      replicas(d),
+      d.precision ?? "",
+      h("div", {}, d.status?.message ?? "", loras),
+      deleted
+        ? h("button", { onclick: () => act(() => a.request("POST", `deployments/${id}:undelete`, {}), `Undeleting ${id}.`) }, "Undelete")
+        : h(
+            "div",
+            { class: "actions" },
+            scale,
+            h("button", { "aria-label": `Scale ${id}`, onclick: () => act(() => a.request("PATCH", `deployments/${id}:scale`, { replicaCount: Number(/** @type {HTMLInputElement} */ (scale).value) }), `Scaling ${id}.`) }, "Scale"),
+            h("button", { class: "danger", "aria-label": `Delete ${id}`, onclick: () => confirm(`Delete deployment ${id}?`) && act(() => a.request("DELETE", `deployments/${id}`), `Deleting ${id}.`) }, "Delete"),
+          ),
+    ];
+  });
+  slot.replaceChildren(
+    deployments.length
+      ? table("Deployments of the account, refreshed every 2 seconds", ["Deployment", "Base model", "State", "Replicas", "Precision", "Status and LoRAs", ""], rows)
+      : h("p", {}, "No deployments yet."),
+  );
+}
+
+async function playgroundPage() {
+  if (!api) return;
+  const a = api;
+  /** @type {{data?: {id: string}[]}} */
+  const served = await a.request("GET", "/inference/v1/models");
+  const ids = (served.data ?? []).map((m) => m.id);
+  const options = () => ids.map((id) => h("option", { value: id }, id));
+  const form = h(
+    "form",
+    { class: "card", "aria-labelledby": "playground-title" },
+    h("h1", { id: "playground-title" }, "Playground"),
+    h("div", { class: "row" },
+      h("div", {}, h("label", { for: "pg-model-a" }, "Model"), h("select", { id: "pg-model-a", name: "modelA" }, ...options())),
+      h("div", {}, h("label", { for: "pg-model-b" }, "Compare with (optional)"), h("select", { id: "pg-model-b", name: "modelB" }, h("option", { value: "" }, "none"), ...options())),
+    ),
+    h("label", { for: "pg-system" }, "System prompt"),
+    h("textarea", { id: "pg-system", name: "system", rows: 2 }),
+    h("label", { for: "pg-message" }, "Message"),
+    h("textarea", { id: "pg-message", name: "message", rows: 3, required: true }),
+    h("div", { class: "row" },
+      h("div", {}, h("label", { for: "pg-temperature" }, "Temperature"), h("input", { id: "pg-temperature", name: "temperature", type: "number", min: 0, max: 2, step: 0.1, value: 0 })),
+      h("div", {}, h("label", { for: "pg-top-p" }, "Top p"), h("input", { id: "pg-top-p", name: "topP", type: "number", min: 0, max: 1, step: 0.05, value: 1 })),
+      h("div", {}, h("label", { for: "pg-max" }, "Max tokens"), h("input", { id: "pg-max", name: "maxTokens", type: "number", min: 1, value: 64 })),
+    ),
+    h("button", { type: "submit" }, "Send"),
+  );
+  const outputs = h("div", { class: "row answers" });
+  const snippets = h("div");
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const models = [field(form, "modelA"), field(form, "modelB")].filter(Boolean);
+    /** @type {import("./chat.js").Message[]} */
+    const messages = [];
+    if (field(form, "system")) messages.push({ role: "system", content: field(form, "system") });
+    messages.push({ role: "user", content: field(form, "message") });
+    const request = (/** @type {string} */ model) => ({
+      model,
+      messages,
+      temperature: Number(field(form, "temperature")),
+      top_p: Number(field(form, "topP")),
+      max_tokens: Number(field(form, "maxTokens")),
+    });
+    outputs.replaceChildren();
+    await Promise.all(
+      models.map(async (model) => {
+        const text = h("output", { class: "answer", "aria-live": "polite" });
+        const stats = h("p", { class: "stats" }, "waiting for the first token…");
+        outputs.append(h("section", { class: "card" }, h("h2", {}, model), text, stats));
+        try {
+          const r = await streamChat(a.key, request(model), (t) => (text.textContent = t));
+          const rate = r.completionTokens && r.ttftMs !== null ? (r.completionTokens / ((r.totalMs - r.ttftMs) / 1000 || 1)).toFixed(1) : "";
+          stats.textContent = `first token ${r.ttftMs === null ? "—" : (r.ttftMs / 1000).toFixed(2) + " s"} · prompt ${r.promptTokens ?? "?"} tokens · answer ${r.completionTokens ?? "?"} tokens${rate ? ` · ${rate} tokens/s` : ""} · finish ${r.finishReason ?? "?"}`;
+        } catch (e) {
+          stats.textContent = "";
+          text.textContent = e instanceof Error ? e.message : String(e);
+          text.classList.add("error");
+        }
+      }),
+    );
+    const first = request(models[0] ?? "");
+    snippets.replaceChildren(
+      h("details", {}, h("summary", {}, "This request with curl"), h("pre", {}, curlSnippet(location.origin, first))),
+      h("details", {}, h("summary", {}, "This request with the openai client"), h("pre", {}, openaiSnippet(location.origin, first))),
+    );
+  });
+  byId("main").replaceChildren(form, outputs, snippets, ids.length ? "" : h("p", {}, "No deployment is serving yet: create one first."));
+}
+
+/** The signed-in user's keys, and a form that shows a new key once. */
+async function keysPage() {
+  if (!api || !me) return;
+  const a = api;
+  const user = shortName(me.user);
+  const keys = await a.listAll(`users/${user}/apiKeys`);
+  const fresh = h("div", { "aria-live": "polite" });
+  const rows = keys.map((k) => [
+    k.displayName ?? "",
+    h("code", {}, `${k.prefix ?? ""}…`),
+    when(k.createTime),
+    when(k.expireTime) || "never",
+    h("button", {
+      class: "danger",
+      "aria-label": `Revoke key ${k.displayName} (${k.prefix})`,
+      onclick: async () => {
+        if (!confirm(`Revoke the key ${k.displayName} (${k.prefix}…)? Requests with it fail from now on.`)) return;
+        try {
+          await a.request("POST", `users/${user}/apiKeys:delete`, { keyId: k.keyId });
+          say(`Revoked ${k.displayName}.`);
+          await keysPage();
+        } catch (e) {
+          sayError(e);
+        }
+      },
+    }, "Revoke"),
+  ]);
+  const form = h(
+    "form",
+    { class: "card", "aria-labelledby": "new-key" },
+    h("h2", { id: "new-key" }, "Create a key"),
+    h("label", { for: "key-name" }, "Name"),
+    h("input", { id: "key-name", name: "name", placeholder: "laptop" }),
+    h("label", { for: "key-expiry" }, "Expires (optional)"),
+    h("input", { id: "key-expiry", name: "expiry", type: "datetime-local" }),
+    h("button", { type: "submit" }, "Create key"),
+  );
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    /** @type {Record<string, any>} */
+    const apiKey = { displayName: field(form, "name") };
+    if (field(form, "expiry")) apiKey.expireTime = new Date(field(form, "expiry")).toISOString();
+    try {
+      const created = await a.request("POST", `users/${user}/apiKeys`, { apiKey });
+      await keysPage();
+      byId("fresh-key-slot").replaceChildren(
+        h("div", { class: "card notice", role: "status" },
+          h("p", {}, "Your new key. It is shown this once: copy it now."),
+          h("code", { id: "fresh-key" }, created.key),
+          h("button", { onclick: () => navigator.clipboard?.writeText(created.key) }, "Copy")),
+      );
+    } catch (e) {
+      sayError(e);
+    }
+  });
+  fresh.id = "fresh-key-slot";
+  byId("main").replaceChildren(
+    h("h1", {}, `API keys of ${user}`),
+    fresh,
+    keys.length ? table("Your API keys", ["Name", "Prefix", "Created", "Expires", ""], rows) : h("p", {}, "No keys of your own yet."),
+    form,
+  );
+}
+
+/** Admins: the account's users, and a form to add one. */
+async function usersPage() {
+  if (!api) return;
+  const a = api;
+  const users = await a.listAll("users");
+  const form = h(
+    "form",
+    { class: "card", "aria-labelledby": "new-user" },
+    h("h2", { id: "new-user" }, "Add a user"),
+    h("label", { for: "user-id" }, "User id"),
+    h("input", { id: "user-id", name: "id", required: true, pattern: "[a-z][a-z0-9-]*" }),
+    h("label", { for: "user-email" }, "Email"),
+    h("input", { id: "user-email", name: "email", type: "email" }),
+    h("label", { for: "user-role" }, "Role"),
+    h("select", { id: "user-role", name: "role" }, h("option", { value: "user" }, "user"), h("option", { value: "admin" }, "admin")),
+    h("button", { type: "submit" }, "Add user"),
+  );
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    /** @type {Record<string, any>} */
+    const body = { role: field(form, "role") };
+    if (field(form, "email")) body.email = field(form, "email");
+    try {
+      await a.request("POST", `users?userId=${encodeURIComponent(field(form, "id"))}`, body);
+      say(`Added ${field(form, "id")}.`);
+      await usersPage();
+    } catch (e) {
+      sayError(e);
+    }
+  });
+  byId("main").replaceChildren(
+    h("h1", {}, "Users"),
+    table("Users of the account", ["User", "Role", "Email", "Created"], users.map((u) => [shortName(u.name), u.role ?? "", u.email ?? "", when(u.createTime)])),
+    form,
+  );
+}
+
+// ---- start -------------------------------------------------------------------------------
+
+byId("sign-out").addEventListener("click", signOut);
+window.addEventListener("hashchange", () => route());
+const saved = sessionStorage.getItem(KEY_STORAGE);
+if (saved) signIn(saved).catch(() => showSignIn());
+else showSignIn();
