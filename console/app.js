@@ -6,6 +6,8 @@
 
 import { Api, ApiError, shortName } from "./api.js";
 import { curlSnippet, openaiSnippet, streamChat } from "./chat.js";
+import { lineChart } from "./plot.js";
+import { uploadModel } from "./upload.js";
 
 const KEY_STORAGE = "hearth-console-key";
 
@@ -54,6 +56,11 @@ function say(text, isError = false) {
 /** @param {unknown} e */
 function sayError(e) {
   say(e instanceof ApiError || e instanceof Error ? e.message : String(e), true);
+}
+
+/** @param {number} n @param {string} word */
+function plural(n, word) {
+  return `${n} ${word}${n === 1 ? "" : "s"}`;
 }
 
 /** @param {string | undefined} t */
@@ -121,6 +128,7 @@ const PAGES = {
   models: modelsPage,
   deployments: deploymentsPage,
   playground: playgroundPage,
+  metrics: metricsPage,
   keys: keysPage,
   users: usersPage,
 };
@@ -192,13 +200,135 @@ async function modelsPage() {
     String(m.baseModelDetails?.parameterCount ?? ""),
     String(m.contextLength ?? ""),
     m.peftDetails?.r ? `rank ${m.peftDetails.r}` : "",
-    h("button", { class: "danger", onclick: () => deleteModel(m) }, "Delete"),
+    h("button", { class: "danger", "aria-label": `Delete ${shortName(m.name)}`, onclick: () => deleteModel(m) }, "Delete"),
   ]);
+  const bases = models.filter((m) => m.state === "READY" && !m.peftDetails);
   byId("main").replaceChildren(
     h("h1", {}, "Models"),
     models.length ? table("Models of the account", ["Model", "Kind", "State", "Parameters", "Context", "LoRA", ""], rows) : h("p", {}, "No models yet."),
     detail,
+    h("div", { class: "row" }, uploadForm(bases), importForm(bases)),
   );
+}
+
+/**
+ * The fields every new model needs: its id and what it is (a base model, or a LoRA of one).
+ * @param {string} prefix ids of this form's fields
+ * @param {import("./api.js").Resource[]} bases
+ */
+function newModelFields(prefix, bases) {
+  return [
+    h("label", { for: `${prefix}-id` }, "Model id"),
+    h("input", { id: `${prefix}-id`, name: "id", required: true, pattern: "[a-z][a-z0-9-]*" }),
+    h("label", { for: `${prefix}-kind` }, "Kind"),
+    h("select", { id: `${prefix}-kind`, name: "kind" },
+      h("option", { value: "" }, "base model"),
+      ...bases.map((m) => h("option", { value: m.name }, `LoRA of ${shortName(m.name)}`))),
+  ];
+}
+
+/** @param {HTMLElement} form */
+function newModelBody(form) {
+  const base = field(form, "kind");
+  return base ? { kind: "HF_PEFT_ADDON", peftDetails: { baseModel: base } } : { kind: "HF_BASE_MODEL", baseModelDetails: {} };
+}
+
+/** Upload of files or a folder, with a progress bar; started again, it resumes. */
+function uploadForm(/** @type {import("./api.js").Resource[]} */ bases) {
+  const bar = h("progress", { max: 1, value: 0, "aria-label": "Upload progress" });
+  const line = h("p", { class: "hint", "aria-live": "polite" });
+  const form = h(
+    "form",
+    { class: "card", "aria-labelledby": "upload-title" },
+    h("h2", { id: "upload-title" }, "Upload a model"),
+    ...newModelFields("up", bases),
+    h("label", { for: "up-files" }, "Files (a GGUF file, or a checkpoint's files)"),
+    h("input", { id: "up-files", name: "files", type: "file", multiple: true }),
+    h("label", { for: "up-folder" }, "or a folder"),
+    h("input", { id: "up-folder", name: "folder", type: "file", webkitdirectory: true }),
+    h("button", { type: "submit" }, "Upload"),
+    bar,
+    line,
+  );
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    if (!api) return;
+    const pick = (/** @type {string} */ n) => Array.from(/** @type {HTMLInputElement} */ (form.querySelector(`[name="${n}"]`)).files ?? []);
+    const files = [...pick("files"), ...pick("folder")];
+    if (!files.length) return say("Choose files or a folder to upload.", true);
+    try {
+      await uploadModel(api, field(form, "id"), newModelBody(form), files, (fraction, text) => {
+        /** @type {HTMLProgressElement} */ (bar).value = fraction;
+        line.textContent = text;
+      });
+      say(`Uploaded ${field(form, "id")}: READY.`);
+      await modelsPage();
+    } catch (e) {
+      line.textContent = "";
+      sayError(e);
+    }
+  });
+  return form;
+}
+
+/** Import from a source the server fetches; the model's state is followed until it settles. */
+function importForm(/** @type {import("./api.js").Resource[]} */ bases) {
+  const line = h("p", { class: "hint", "aria-live": "polite" });
+  const form = h(
+    "form",
+    { class: "card", "aria-labelledby": "import-title" },
+    h("h2", { id: "import-title" }, "Import a model"),
+    ...newModelFields("imp", bases),
+    h("label", { for: "imp-source" }, "Source"),
+    h("select", { id: "imp-source", name: "source" },
+      h("option", { value: "hf" }, "Hugging Face repository"),
+      h("option", { value: "url" }, "URL of a file"),
+      h("option", { value: "s3" }, "S3 bucket"),
+      h("option", { value: "civitai" }, "Civitai model URL")),
+    h("label", { for: "imp-where" }, "Repository, URL, or s3://bucket/path"),
+    h("input", { id: "imp-where", name: "where", required: true }),
+    h("label", { for: "imp-token" }, "Token (optional)"),
+    h("input", { id: "imp-token", name: "token", type: "password", autocomplete: "off" }),
+    h("button", { type: "submit" }, "Import"),
+    line,
+  );
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    if (!api) return;
+    const a = api;
+    const id = field(form, "id");
+    const where = field(form, "where");
+    const token = field(form, "token") || undefined;
+    /** @type {Record<string, any>} */
+    let source;
+    switch (field(form, "source")) {
+      case "hf": source = { huggingfaceSource: { repo: where, token } }; break;
+      case "url": source = { urlSource: { url: where } }; break;
+      case "civitai": source = { civitaiSource: { civitUrl: where, token } }; break;
+      default: {
+        const m = where.match(/^s3:\/\/([^/]+)\/?(.*)$/);
+        if (!m) return say("An S3 source is written s3://bucket/path.", true);
+        source = { awsS3Source: { s3Bucket: m[1], s3Path: m[2] || undefined } };
+      }
+    }
+    try {
+      await a.request("POST", "models", { modelId: id, model: newModelBody(form) });
+      await a.request("POST", `models/${id}:import`, source);
+      let m;
+      for (;;) {
+        m = await a.request("GET", `models/${id}`);
+        line.textContent = `${m.state}${m.status?.message ? `: ${m.status.message}` : ""}`;
+        if (m.state !== "UPLOADING") break;
+        await new Promise((r) => setTimeout(r, 1000));
+      }
+      const outcome = line.textContent;
+      await modelsPage();
+      say(m.state === "READY" ? `Imported ${id}: READY.` : `${id}: ${outcome}`, m.state !== "READY");
+    } catch (e) {
+      sayError(e);
+    }
+  });
+  return form;
 }
 
 /** @param {import("./api.js").Resource} m */
@@ -417,6 +547,46 @@ async function playgroundPage() {
     );
   });
   byId("main").replaceChildren(form, outputs, snippets, ids.length ? "" : h("p", {}, "No deployment is serving yet: create one first."));
+}
+
+/** Per deployment and model (base or LoRA): the last hour, by minute, refreshed every 10 s. */
+async function metricsPage() {
+  if (!api) return;
+  const a = api;
+  const slot = h("div");
+  byId("main").replaceChildren(h("h1", {}, "Metrics"), h("p", { class: "hint" }, "The last hour of requests through this gateway, by minute."), slot);
+  const draw = async () => {
+    /** @type {{series: {deployment: string, model: string, adapter: boolean, points: Record<string, any>[]}[]}} */
+    const m = await a.request("GET", "inferenceMetrics");
+    const to = Date.now();
+    const from = to - 3600 * 1000;
+    /** @param {Record<string, any>[]} points @param {string} key @param {string} label */
+    const line = (points, key, label) => ({
+      label,
+      points: points.filter((p) => typeof p[key] === "number").map((p) => ({ t: Date.parse(p.time) + 30_000, v: p[key] })),
+    });
+    slot.replaceChildren(
+      ...(m.series.length ? [] : [h("p", {}, "No requests in the last hour.")]),
+      ...m.series.map((s) =>
+        h(
+          "section",
+          { class: "card", "aria-label": `${shortName(s.model)} on ${shortName(s.deployment)}` },
+          h("h2", {}, `${shortName(s.model)}${s.adapter ? " (LoRA)" : ""} on ${shortName(s.deployment)}`),
+          h("p", { class: "hint" }, `${plural(s.points.reduce((n, p) => n + p.requests, 0), "request")}, ${plural(s.points.reduce((n, p) => n + p.completionTokens, 0), "generated token")} in the hour`),
+          h(
+            "div",
+            { class: "charts" },
+            lineChart("Requests per minute", [line(s.points, "requests", "requests")], "", from, to),
+            lineChart("Generated tokens per second", [line(s.points, "tokensPerSecond", "tokens/s")], "", from, to),
+            lineChart("Time to first token", [line(s.points, "timeToFirstTokenP50", "p50"), line(s.points, "timeToFirstTokenP95", "p95")], "s", from, to),
+            lineChart("Time per output token", [line(s.points, "timePerOutputTokenP50", "p50"), line(s.points, "timePerOutputTokenP95", "p95")], "s", from, to),
+          ),
+        ),
+      ),
+    );
+  };
+  await draw();
+  refresh = window.setInterval(() => draw().catch(sayError), 10_000);
 }
 
 /** The signed-in user's keys, and a form that shows a new key once. */

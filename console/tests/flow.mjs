@@ -1,8 +1,9 @@
 // The console's whole flow in a real browser (Debian's Chromium, driven by playwright-core),
 // against a real `hearth serve` with the real default model, SmolLM2-135M-Instruct, and the
-// pirate LoRA trained on it: sign in; see the models; create a deployment and watch it become
-// READY; load the LoRA; chat with the base and the LoRA side by side and see the adapter
-// answer like a pirate; add a user; create a key, use it, revoke it and see it refused.
+// pirate LoRA trained on it: sign in; upload the LoRA with its progress and see the models;
+// create a deployment and watch it become READY; load the LoRA; chat with the base and the
+// LoRA side by side and see the adapter answer like a pirate; see those requests in the
+// metrics plots; add a user; create a key, use it, revoke it and see it refused.
 // Screenshots of each page go to $HEARTH_CONSOLE_SCREENSHOTS (default target/console).
 //
 // Usage: node console/tests/flow.mjs   (HEARTH_BIN, CHROMIUM override the defaults)
@@ -80,10 +81,6 @@ let failed = false;
 try {
   await until("hearth to answer /health", async () => (await fetch(`${base}/health`).catch(() => null))?.ok === true, 60);
   await upload("smollm2", { kind: "HF_BASE_MODEL", displayName: "SmolLM2-135M-Instruct", baseModelDetails: {} }, { "model.gguf": GGUF });
-  await upload("pirate", { kind: "HF_PEFT_ADDON", peftDetails: { baseModel: `accounts/${ACCOUNT}/models/smollm2` } }, {
-    "adapter_config.json": join(PIRATE, "adapter_config.json"),
-    "adapter_model.safetensors": join(PIRATE, "adapter_model.safetensors"),
-  });
 
   mkdirSync(SHOTS, { recursive: true });
   browser = await chromium.launch({
@@ -106,8 +103,14 @@ try {
   await page.getByRole("button", { name: "Sign in" }).click();
   await page.getByText(`admin (admin) in account ${ACCOUNT}`).waitFor();
 
-  // Models: both listed READY, with their details.
+  // Models: upload the LoRA through the console, with its progress; both are then READY.
   await page.getByRole("link", { name: "Models" }).click();
+  const uploadForm = page.getByRole("form", { name: "Upload a model" });
+  await uploadForm.getByLabel("Model id").fill("pirate");
+  await uploadForm.getByLabel("Kind").selectOption({ label: "LoRA of smollm2" });
+  await uploadForm.getByLabel(/^Files/).setInputFiles([join(PIRATE, "adapter_config.json"), join(PIRATE, "adapter_model.safetensors")]);
+  await uploadForm.getByRole("button", { name: "Upload" }).click();
+  await page.getByRole("status").getByText("Uploaded pirate: READY.").waitFor({ timeout: 60_000 });
   await page.getByRole("button", { name: "smollm2", exact: true }).click();
   await page.getByRole("term").filter({ hasText: "Parameters" }).waitFor();
   const table = page.getByRole("table", { name: "Models of the account" });
@@ -143,6 +146,14 @@ try {
   }
   await page.getByText("This request with curl").click();
   await shot("playground");
+
+  // Metrics: the two requests, one series each, with their time to first token.
+  await page.getByRole("link", { name: "Metrics" }).click();
+  await page.getByRole("region", { name: "pirate on console-demo" }).getByText("1 request,").waitFor();
+  await page.getByRole("region", { name: "smollm2 on console-demo" }).getByText("1 request,").waitFor();
+  const ttft = await page.getByRole("region", { name: "pirate on console-demo" }).getByRole("img", { name: /^Time to first token/ }).getAttribute("aria-label");
+  if (!/p50 \d/.test(ttft ?? "")) throw new Error(`the time to first token should be plotted: ${ttft}`);
+  await shot("metrics");
 
   // Users (an admin's page): add one.
   await page.getByRole("link", { name: "Users" }).click();

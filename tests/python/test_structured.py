@@ -219,3 +219,23 @@ def test_tools_and_schemas_that_cannot_be_used_are_refused_with_the_reason(oa, s
     assert "prompt_cache_key is 2048 bytes" in refused(extra_body={"prompt_cache_key": "k" * 2048})
     assert "larger than" in refused(extra_body={"prompt_cache_key": "k" * (10 << 20)})
     assert "tool_call_id" in refused(messages=[{"role": "user", "content": "hi"}, {"role": "tool", "content": "42"}])
+
+
+def test_the_gateway_keeps_the_last_hour_by_deployment_and_model(oa, served, hearth):
+    """`inferenceMetrics`: the requests above, per model (base and LoRA), with their tokens
+    and, for streamed answers, the time to first token; another account sees none of it."""
+    base, lora = served
+    chunks = oa.chat.completions.create(model=lora, messages=_ask("Hello"), max_tokens=8, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    api = fixtures.RawApi(hearth.base_url, hearth.api_key, hearth.account)
+    series = {s["model"]: s for s in api.ok_json("GET", "inferenceMetrics")["series"]}
+    assert {base, lora} <= set(series), sorted(series)
+    assert series[lora]["adapter"] is True and series[base]["adapter"] is False
+    for s in (series[base], series[lora]):
+        assert sum(p["requests"] for p in s["points"]) >= 2, s
+        assert sum(p["completionTokens"] for p in s["points"]) > 0, s
+        assert all(p["timePerOutputTokenP50"] <= p["timePerOutputTokenP95"] for p in s["points"]
+                   if "timePerOutputTokenP50" in p), s
+    assert any("timeToFirstTokenP50" in p for p in series[lora]["points"]), series[lora]
+    other = fixtures.RawApi(hearth.base_url, hearth.api_key2, hearth.account)
+    fixtures.assert_rpc_error(other.get("inferenceMetrics"), 403, 7)

@@ -848,6 +848,46 @@ pub struct DeleteApiKeyRequest {
     pub key_id: String,
 }
 
+/// hearth's own: the last hour of inference an account's requests made through a gateway, per
+/// deployment and model, by the minute (`GET /v1/accounts/{account}/inferenceMetrics`).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InferenceMetrics {
+    pub bucket_seconds: i64,
+    pub series: Vec<InferenceSeries>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InferenceSeries {
+    pub deployment: String,
+    /// The model requests named: the base model, or a LoRA addon (`adapter`).
+    pub model: String,
+    pub adapter: bool,
+    pub points: Vec<InferencePoint>,
+}
+
+/// One minute. Latencies in seconds; absent when no request of the minute measured them
+/// (time to first token is measured on streamed answers).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InferencePoint {
+    pub time: Timestamp,
+    pub requests: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// Generated tokens per second over the minute.
+    pub tokens_per_second: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_to_first_token_p50: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_to_first_token_p95: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_per_output_token_p50: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_per_output_token_p95: Option<f64>,
+}
+
 /// A page of a list call. The collection's key (`models`, `deployments`, `deployedModels`)
 /// is supplied by the caller, so one type serves all three.
 #[derive(Debug, Clone, PartialEq, Default)]

@@ -8,6 +8,7 @@ pub mod gateway;
 pub mod metrics;
 pub mod openapi;
 mod params;
+pub mod recent;
 mod structured;
 
 pub use engine_app::{engine_router, SamplingDefaults, ServerOptions};

@@ -24,6 +24,8 @@ struct Series {
 #[derive(Default)]
 pub struct Metrics {
     series: Mutex<BTreeMap<(String, String, u16), Series>>,
+    /// The last hour of inference relayed, for the console (`recent.rs`).
+    pub recent: Arc<crate::recent::RecentInference>,
 }
 
 impl Metrics {

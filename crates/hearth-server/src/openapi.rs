@@ -60,6 +60,7 @@ pub const OPERATIONS: &[Operation] = &[
     op!("get" "/v1/accounts/{account}/quotas" "ListQuotas" "Every quota of the account with its limit, ceiling and live usage", q: LIST, req: None, resp: Some("ListQuotasResponse")),
     op!("get" "/v1/accounts/{account}/quotas/{quota}" "GetQuota" "One quota", q: &["readMask"], req: None, resp: Some("Quota")),
     op!("patch" "/v1/accounts/{account}/quotas/{quota}" "UpdateQuota" "Set the limit the account enforces (value), up to the server's ceiling (maxValue)", q: &["allowMissing"], req: Some("Quota"), resp: Some("Quota")),
+    op!("get" "/v1/accounts/{account}/inferenceMetrics" "GetInferenceMetrics" "hearth's own: the last hour of the account's inference through this gateway, per deployment and model, by minute", q: &[], req: None, resp: Some("InferenceMetrics")),
     op!("post" "/v1/accounts/{account}/users" "CreateUser" "Create a user of the account (admins only)", q: &["userId"], req: Some("User"), resp: Some("User")),
     op!("get" "/v1/accounts/{account}/users" "ListUsers" "List the account's users (admins only)", q: LIST, req: None, resp: Some("ListUsersResponse")),
     op!("get" "/v1/accounts/{account}/users/{user}" "GetUser" "Get a user (admins, or the user themself)", q: &["readMask"], req: None, resp: Some("User")),
@@ -152,6 +153,7 @@ fn schemas() -> Map<String, Value> {
     add("DeployedModel", generator.subschema_for::<DeployedModel>());
     add("Quota", generator.subschema_for::<Quota>());
     add("User", generator.subschema_for::<hearth_api::resources::User>());
+    add("InferenceMetrics", generator.subschema_for::<hearth_api::resources::InferenceMetrics>());
     add("ApiKey", generator.subschema_for::<hearth_api::resources::ApiKey>());
     add("CreateApiKeyRequest", generator.subschema_for::<hearth_api::resources::CreateApiKeyRequest>());
     add("DeleteApiKeyRequest", generator.subschema_for::<hearth_api::resources::DeleteApiKeyRequest>());

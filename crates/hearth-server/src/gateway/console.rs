@@ -15,6 +15,8 @@ const FILES: &[(&str, &str, &str)] = &[
     ("app.js", "text/javascript; charset=utf-8", include_str!("../../../../console/app.js")),
     ("api.js", "text/javascript; charset=utf-8", include_str!("../../../../console/api.js")),
     ("chat.js", "text/javascript; charset=utf-8", include_str!("../../../../console/chat.js")),
+    ("upload.js", "text/javascript; charset=utf-8", include_str!("../../../../console/upload.js")),
+    ("plot.js", "text/javascript; charset=utf-8", include_str!("../../../../console/plot.js")),
     ("style.css", "text/css; charset=utf-8", include_str!("../../../../console/style.css")),
 ];
 

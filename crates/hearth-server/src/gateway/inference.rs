@@ -160,7 +160,14 @@ pub(super) async fn forward(
         }
     }
     let payload = Bytes::from(request.to_string());
-    let meter = Meter::new(s.control.clone(), &who.account, strip_usage);
+    let mut meter = Meter::new(s.control.clone(), &who.account, strip_usage);
+    let key = crate::recent::SeriesKey {
+        account: who.account.clone(),
+        deployment: route.deployment.clone(),
+        model: route.served_model.clone(),
+        adapter: route.adapter,
+    };
+    meter.recent = Some((s.metrics.recent.clone(), key));
 
     let fleet = &s.inference.fleet;
     fleet.touch(&route.deployment);
@@ -251,6 +258,7 @@ fn relay(upstream: reqwest::Response, slot: InFlight, mut meter: Meter) -> Respo
         upstream.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("application/json").to_string();
     let is_sse = content_type.starts_with("text/event-stream");
     meter.sse = is_sse;
+    meter.succeeded = status.is_success();
     let stream = upstream.bytes_stream().map(move |chunk| {
         let _slot = &slot;
         match chunk {
@@ -314,6 +322,13 @@ struct Meter {
     body: Vec<u8>,
     usage: Option<u64>,
     chunks: u64,
+    /// Where the request's figures go when it ends (a successful answer only).
+    recent: Option<(std::sync::Arc<crate::recent::RecentInference>, crate::recent::SeriesKey)>,
+    started: Instant,
+    first_token: Option<Instant>,
+    prompt_tokens: u64,
+    completion_tokens: Option<u64>,
+    succeeded: bool,
 }
 
 /// The most of a JSON response kept to read its usage; a larger one is charged nothing extra.
@@ -334,6 +349,20 @@ impl Meter {
             body: Vec::new(),
             usage: None,
             chunks: 0,
+            recent: None,
+            started: Instant::now(),
+            first_token: None,
+            prompt_tokens: 0,
+            completion_tokens: None,
+            succeeded: false,
+        }
+    }
+
+    /// Reads a usage object's prompt and completion tokens for the recent figures.
+    fn note_usage(&mut self, v: &Value) {
+        if let Some(u) = v.get("usage") {
+            self.prompt_tokens += u.get("prompt_tokens").and_then(Value::as_u64).unwrap_or(0);
+            *self.completion_tokens.get_or_insert(0) += u.get("completion_tokens").and_then(Value::as_u64).unwrap_or(0);
         }
     }
 
@@ -368,12 +397,18 @@ impl Meter {
         // carry a usage (the replica writes compact JSON).
         if contains(data, b"\"choices\":[{") {
             self.chunks += 1;
+            // The first chunk carrying output; a chat stream opens with an empty role chunk.
+            let opening = contains(data, b"\"role\":\"assistant\"") && contains(data, b"\"content\":\"\"");
+            if self.first_token.is_none() && !opening {
+                self.first_token = Some(Instant::now());
+            }
         }
         if !contains(data, b"\"usage\":{") {
             return None;
         }
         let mut v: Value = serde_json::from_slice(data).ok()?;
         let tokens = total_tokens(&v)?;
+        self.note_usage(&v);
         *self.usage.get_or_insert(0) += tokens;
         if !self.strip_usage {
             return None;
@@ -397,10 +432,44 @@ impl Drop for Meter {
         let tokens = if self.sse {
             self.usage.unwrap_or(self.chunks)
         } else {
-            serde_json::from_slice::<Value>(&self.body).ok().as_ref().and_then(total_tokens).unwrap_or(0)
+            let body = serde_json::from_slice::<Value>(&self.body).ok();
+            if let Some(v) = &body {
+                self.note_usage(v);
+            }
+            body.as_ref().and_then(total_tokens).unwrap_or(0)
         };
         if tokens > 0 {
             self.control.charge_inference_tokens(&self.account, tokens);
         }
+        self.record();
+    }
+}
+
+impl Meter {
+    /// The finished request's latencies and tokens, into the gateway's recent figures.
+    fn record(&mut self) {
+        let Some((recent, key)) = self.recent.take() else { return };
+        if !self.succeeded {
+            return;
+        }
+        let now = Instant::now();
+        let completion = self.completion_tokens.unwrap_or(0);
+        let (ttft, tpot) = match self.first_token {
+            Some(first) => (
+                Some(first.duration_since(self.started).as_secs_f64()),
+                (completion > 1).then(|| now.duration_since(first).as_secs_f64() / (completion - 1) as f64),
+            ),
+            None if !self.sse && completion > 0 => {
+                (None, Some(now.duration_since(self.started).as_secs_f64() / completion as f64))
+            }
+            None => (None, None),
+        };
+        let sample = crate::recent::Sample {
+            time_to_first_token: ttft,
+            time_per_output_token: tpot,
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: completion,
+        };
+        recent.record(key, sample, std::time::SystemTime::now());
     }
 }

@@ -87,6 +87,7 @@ pub fn router_with(control: ControlPlane, inference: Inference) -> Router {
         )
         .route("/v1/accounts/{account}/quotas", get(quotas::list))
         .route("/v1/accounts/{account}/quotas/{quota}", get(quotas::get).patch(quotas::update))
+        .route("/v1/accounts/{account}/inferenceMetrics", get(inference_metrics))
         .route("/v1/accounts/{account}/users", get(users::list).post(users::create))
         .route("/v1/accounts/{account}/users/{user}", get(users::get).patch(users::update))
         .route("/v1/accounts/{account}/users/{user}/apiKeys", get(users::list_keys).post(users::create_key))
@@ -163,6 +164,18 @@ async fn method_not_allowed() -> Response {
     .into_response();
     *response.status_mut() = axum::http::StatusCode::METHOD_NOT_ALLOWED;
     response
+}
+
+/// hearth's own: the last hour of the account's inference through this gateway, by minute.
+async fn inference_metrics(
+    State(s): State<AppState>,
+    Caller(who): Caller,
+    axum::extract::Path(account): axum::extract::Path<String>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Json<hearth_api::resources::InferenceMetrics>> {
+    no_params(q.as_deref())?;
+    s.control.authorize(&who, &account)?;
+    Ok(Json(s.metrics.recent.of_account(&account, std::time::SystemTime::now())))
 }
 
 /// The older SDK checks a key by asking which account it belongs to.
