@@ -74,6 +74,19 @@ let api = null;
 let me = null;
 /** A page's periodic refresh, stopped when the page changes. @type {number | undefined} */
 let refresh;
+/** Counts page changes: a page that finishes loading after the next one started is not shown. */
+let routeSeq = 0;
+
+/**
+ * Shows a page's content unless another page was asked for while it loaded.
+ * @param {number} seq `routeSeq` when the page started loading
+ * @param {...(Node | string)} nodes
+ */
+function show(seq, ...nodes) {
+  if (seq !== routeSeq) return false;
+  byId("main").replaceChildren(...nodes);
+  return true;
+}
 
 // ---- signing in ------------------------------------------------------------------------
 
@@ -136,6 +149,7 @@ const PAGES = {
 async function route() {
   if (!api) return showSignIn();
   clearInterval(refresh);
+  routeSeq += 1;
   const page = location.hash.replace(/^#\//, "") || "models";
   for (const link of document.querySelectorAll("nav a")) {
     link.toggleAttribute("aria-current", link.getAttribute("href") === `#/${page}`);
@@ -191,6 +205,7 @@ function modelDetails(m) {
 
 async function modelsPage() {
   if (!api) return;
+  const seq = routeSeq;
   const models = await api.listAll("models");
   const detail = h("section", { "aria-live": "polite" });
   const rows = models.map((m) => [
@@ -203,12 +218,12 @@ async function modelsPage() {
     h("button", { class: "danger", "aria-label": `Delete ${shortName(m.name)}`, onclick: () => deleteModel(m) }, "Delete"),
   ]);
   const bases = models.filter((m) => m.state === "READY" && !m.peftDetails);
-  byId("main").replaceChildren(
+  if (!show(seq, 
     h("h1", {}, "Models"),
     models.length ? table("Models of the account", ["Model", "Kind", "State", "Parameters", "Context", "LoRA", ""], rows) : h("p", {}, "No models yet."),
     detail,
     h("div", { class: "row" }, uploadForm(bases), importForm(bases)),
-  );
+  )) return;
 }
 
 /**
@@ -351,61 +366,21 @@ function replicas(d) {
 
 async function deploymentsPage() {
   if (!api) return;
+  const seq = routeSeq;
   const a = api;
   const models = await a.listAll("models");
   const bases = models.filter((m) => m.state === "READY" && !m.peftDetails);
   const slot = h("div");
-  const draw = () => drawDeployments(a, slot, models.filter((m) => m.state === "READY" && m.peftDetails));
-
-  const create = h(
-    "form",
-    { class: "card", "aria-labelledby": "create-deployment" },
-    h("h2", { id: "create-deployment" }, "Create a deployment"),
-    h("label", { for: "dep-id" }, "Deployment id"),
-    h("input", { id: "dep-id", name: "id", required: true, pattern: "[a-z][a-z0-9-]*", placeholder: "my-deployment" }),
-    h("label", { for: "dep-base" }, "Base model"),
-    h("select", { id: "dep-base", name: "base", required: true }, ...bases.map((m) => h("option", { value: m.name }, shortName(m.name)))),
-    h("label", { for: "dep-min" }, "Minimum replicas"),
-    h("input", { id: "dep-min", name: "min", type: "number", min: 0, value: 1 }),
-    h("label", { for: "dep-max" }, "Maximum replicas"),
-    h("input", { id: "dep-max", name: "max", type: "number", min: 1, value: 1 }),
-    h("label", { for: "dep-precision" }, "Precision"),
-    h("select", { id: "dep-precision", name: "precision" }, h("option", { value: "" }, "as stored"), h("option", { value: "FP32" }, "FP32"), h("option", { value: "FP16" }, "FP16"), h("option", { value: "BF16" }, "BF16")),
-    h("label", { for: "dep-window" }, "Scale to zero after (seconds idle, empty for never)"),
-    h("input", { id: "dep-window", name: "window", type: "number", min: 300 }),
-    h("label", { for: "dep-target" }, "Load target (requests per replica)"),
-    h("input", { id: "dep-target", name: "target", type: "number", min: 1, step: "any" }),
-    h("label", { for: "dep-cached" }, "LoRAs kept hot per replica (numPeftDeviceCached)"),
-    h("input", { id: "dep-cached", name: "cached", type: "number", min: 1 }),
-    h("label", { class: "inline" }, h("input", { type: "checkbox", name: "addons", checked: true }), " Allow LoRA addons"),
-    h("button", { type: "submit" }, "Create"),
-  );
-  create.addEventListener("submit", async (ev) => {
-    ev.preventDefault();
-    /** @type {Record<string, any>} */
-    const body = {
-      baseModel: field(create, "base"),
-      minReplicaCount: Number(field(create, "min")),
-      maxReplicaCount: Number(field(create, "max")),
-      enableAddons: /** @type {HTMLInputElement} */ (create.querySelector('[name="addons"]')).checked,
-    };
-    if (field(create, "precision")) body.precision = field(create, "precision");
-    if (field(create, "cached")) body.numPeftDeviceCached = Number(field(create, "cached"));
-    /** @type {Record<string, any>} */
-    const policy = {};
-    if (field(create, "window")) policy.scaleToZeroWindow = `${field(create, "window")}s`;
-    if (field(create, "target")) policy.loadTargets = { default: Number(field(create, "target")) };
-    if (Object.keys(policy).length) body.autoscalingPolicy = policy;
-    try {
-      await a.request("POST", `deployments?deploymentId=${encodeURIComponent(field(create, "id"))}`, body);
-      say(`Created ${field(create, "id")}; it becomes READY when a replica is up.`);
-      await draw();
-    } catch (e) {
-      sayError(e);
-    }
-  });
-
-  byId("main").replaceChildren(h("h1", {}, "Deployments"), slot, create);
+  const formSlot = h("div");
+  const draw = () => drawDeployments(a, slot, models.filter((m) => m.state === "READY" && m.peftDetails), edit);
+  const showCreate = () => formSlot.replaceChildren(deploymentForm(a, bases, null, draw, showCreate));
+  /** @param {import("./api.js").Resource} d */
+  function edit(d) {
+    formSlot.replaceChildren(deploymentForm(a, bases, d, draw, showCreate));
+    /** @type {HTMLElement | null} */ (formSlot.querySelector("h2"))?.scrollIntoView();
+  }
+  showCreate();
+  if (!show(seq, h("h1", {}, "Deployments"), slot, formSlot)) return;
   await draw();
   // Live state: the table is redrawn every 2 s unless one of its fields is being used.
   refresh = window.setInterval(() => {
@@ -415,13 +390,113 @@ async function deploymentsPage() {
   }, 2000);
 }
 
+/** Seconds of a proto duration such as "300s" (empty when unset). @param {string | undefined} d */
+function seconds(d) {
+  return d ? String(parseFloat(d)) : "";
+}
+
+/**
+ * The form that creates a deployment, or (given `existing`) updates one with PATCH. It sets
+ * what users set: replicas, autoscaling windows and load target, precision, addons, merged
+ * mode, LoRAs kept hot, context length and session affinity.
+ * @param {Api} a
+ * @param {import("./api.js").Resource[]} bases
+ * @param {import("./api.js").Resource | null} existing
+ * @param {() => Promise<void>} done called after a successful submit
+ * @param {() => void} cancel
+ */
+function deploymentForm(a, bases, existing, done, cancel) {
+  const d = existing ?? {};
+  const p = d.autoscalingPolicy ?? {};
+  const id = existing ? shortName(existing.name) : "";
+  const num = (/** @type {string} */ name, /** @type {string} */ label, /** @type {any} */ value, /** @type {Record<string, any>} */ extra = {}) => [
+    h("label", { for: `dep-${name}` }, label),
+    h("input", { id: `dep-${name}`, name, type: "number", value: value ?? "", ...extra }),
+  ];
+  const check = (/** @type {string} */ name, /** @type {string} */ label, /** @type {boolean} */ on) =>
+    h("label", { class: "inline" }, h("input", { type: "checkbox", name, checked: on }), ` ${label}`);
+  const form = h(
+    "form",
+    { class: "card", "aria-labelledby": "deployment-form" },
+    h("h2", { id: "deployment-form" }, existing ? `Update ${id}` : "Create a deployment"),
+    existing ? null : h("label", { for: "dep-id" }, "Deployment id"),
+    existing ? null : h("input", { id: "dep-id", name: "id", required: true, pattern: "[a-z][a-z0-9-]*", placeholder: "my-deployment" }),
+    h("label", { for: "dep-base" }, "Base model"),
+    h("select", { id: "dep-base", name: "base", required: true },
+      ...bases.map((m) => h("option", { value: m.name, selected: m.name === d.baseModel }, shortName(m.name)))),
+    h("div", { class: "row" },
+      h("div", {}, ...num("min", "Minimum replicas", d.minReplicaCount ?? 1, { min: 0 })),
+      h("div", {}, ...num("max", "Maximum replicas", d.maxReplicaCount ?? 1, { min: 1 })),
+      h("div", {}, ...num("target", "Load target (requests per replica)", p.loadTargets?.default, { min: 0.01, step: "any" })),
+    ),
+    h("div", { class: "row" },
+      h("div", {}, ...num("up", "Scale up after (s)", seconds(p.scaleUpWindow), { min: 0 })),
+      h("div", {}, ...num("down", "Scale down after (s)", seconds(p.scaleDownWindow), { min: 0 })),
+      h("div", {}, ...num("zero", "Scale to zero after (s idle)", seconds(p.scaleToZeroWindow), { min: 0 })),
+    ),
+    h("div", { class: "row" },
+      h("div", {},
+        h("label", { for: "dep-precision" }, "Precision"),
+        h("select", { id: "dep-precision", name: "precision" },
+          ...[["", "as stored"], ["FP32", "FP32"], ["FP16", "FP16"], ["BF16", "BF16"]].map(([v, t]) => h("option", { value: v, selected: (d.precision ?? "") === v }, t)))),
+      h("div", {}, ...num("cached", "LoRAs kept hot per replica", d.numPeftDeviceCached, { min: 1 })),
+      h("div", {}, ...num("context", "Maximum context length (tokens)", d.maxContextLength, { min: 1 })),
+    ),
+    check("addons", "Allow LoRA addons", d.enableAddons ?? true),
+    check("merged", "Merge its one LoRA into the weights (enableHotReloadLatestAddon)", d.enableHotReloadLatestAddon ?? false),
+    check("affinity", "Keep a session on one replica (enableSessionAffinity)", d.enableSessionAffinity ?? false),
+    h("div", { class: "actions" },
+      h("button", { type: "submit" }, existing ? "Update" : "Create"),
+      existing ? h("button", { type: "button", class: "danger", onclick: cancel }, "Cancel") : null),
+  );
+  const checked = (/** @type {string} */ n) => /** @type {HTMLInputElement} */ (form.querySelector(`[name="${n}"]`)).checked;
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    /** @type {Record<string, any>} */
+    const body = {
+      baseModel: field(form, "base"),
+      minReplicaCount: Number(field(form, "min")),
+      maxReplicaCount: Number(field(form, "max")),
+      enableAddons: checked("addons"),
+      enableHotReloadLatestAddon: checked("merged"),
+      enableSessionAffinity: checked("affinity"),
+    };
+    if (existing && body.baseModel === existing.baseModel) delete body.baseModel;
+    if (field(form, "precision")) body.precision = field(form, "precision");
+    if (field(form, "cached")) body.numPeftDeviceCached = Number(field(form, "cached"));
+    if (field(form, "context")) body.maxContextLength = Number(field(form, "context"));
+    /** @type {Record<string, any>} */
+    const policy = {};
+    if (field(form, "up")) policy.scaleUpWindow = `${field(form, "up")}s`;
+    if (field(form, "down")) policy.scaleDownWindow = `${field(form, "down")}s`;
+    if (field(form, "zero")) policy.scaleToZeroWindow = `${field(form, "zero")}s`;
+    if (field(form, "target")) policy.loadTargets = { default: Number(field(form, "target")) };
+    if (Object.keys(policy).length) body.autoscalingPolicy = policy;
+    try {
+      if (existing) {
+        await a.request("PATCH", `deployments/${id}`, body);
+        say(`Updated ${id}.`);
+        cancel();
+      } else {
+        await a.request("POST", `deployments?deploymentId=${encodeURIComponent(field(form, "id"))}`, body);
+        say(`Created ${field(form, "id")}; it becomes READY when a replica is up.`);
+      }
+      await done();
+    } catch (e) {
+      sayError(e);
+    }
+  });
+  return form;
+}
+
 /**
  * The deployments table with each one's actions and LoRAs.
  * @param {Api} a
  * @param {HTMLElement} slot
  * @param {import("./api.js").Resource[]} addons READY LoRA models that can be loaded
+ * @param {(d: import("./api.js").Resource) => void} edit opens the update form for one
  */
-async function drawDeployments(a, slot, addons) {
+async function drawDeployments(a, slot, addons, edit) {
   const [deployments, loaded] = await Promise.all([
     a.listAll("deployments", { showDeleted: "true" }),
     a.listAll("deployedModels"),
@@ -430,7 +505,7 @@ async function drawDeployments(a, slot, addons) {
     try {
       await f();
       say(done);
-      await drawDeployments(a, slot, addons);
+      await drawDeployments(a, slot, addons, edit);
     } catch (e) {
       sayError(e);
     }
@@ -452,7 +527,7 @@ async function drawDeployments(a, slot, addons) {
         ),
       ),
       d.state === "READY" && addons.length
-        ? h("span", {}, pick, h("button", { onclick: () => act(() => a.request("POST", "deployedModels", { model: /** @type {HTMLSelectElement} */ (pick).value, deployment: d.name }), "Loading the LoRA.") }, "Load LoRA"))
+        ? h("span", {}, pick, h("button", { onclick: () => act(() => a.request("POST", `deployedModels${d.enableHotReloadLatestAddon && mine.length ? "?replaceMergedAddon=true" : ""}`, { model: /** @type {HTMLSelectElement} */ (pick).value, deployment: d.name }), d.enableHotReloadLatestAddon ? "Merging the LoRA into the weights." : "Loading the LoRA.") }, d.enableHotReloadLatestAddon ? "Merge LoRA" : "Load LoRA"))
         : null,
     );
     const deleted = d.state === "DELETED" || d.state === "DELETING";
@@ -461,7 +536,7 @@ async function drawDeployments(a, slot, addons) {
       shortName(d.baseModel),
       h("span", { class: `state state-${(d.state ?? "").toLowerCase()}`, "data-deployment": id }, d.state ?? ""),
       replicas(d),
-      d.precision ?? "",
+      `${d.precision ?? ""}${d.enableHotReloadLatestAddon ? " · merged" : ""}`,
       h("div", {}, d.status?.message ?? "", loras),
       deleted
         ? h("button", { onclick: () => act(() => a.request("POST", `deployments/${id}:undelete`, {}), `Undeleting ${id}.`) }, "Undelete")
@@ -469,6 +544,7 @@ async function drawDeployments(a, slot, addons) {
             "div",
             { class: "actions" },
             scale,
+            h("button", { "aria-label": `Edit ${id}`, onclick: () => edit(d) }, "Edit"),
             h("button", { "aria-label": `Scale ${id}`, onclick: () => act(() => a.request("PATCH", `deployments/${id}:scale`, { replicaCount: Number(/** @type {HTMLInputElement} */ (scale).value) }), `Scaling ${id}.`) }, "Scale"),
             h("button", { class: "danger", "aria-label": `Delete ${id}`, onclick: () => confirm(`Delete deployment ${id}?`) && act(() => a.request("DELETE", `deployments/${id}`), `Deleting ${id}.`) }, "Delete"),
           ),
@@ -483,6 +559,7 @@ async function drawDeployments(a, slot, addons) {
 
 async function playgroundPage() {
   if (!api) return;
+  const seq = routeSeq;
   const a = api;
   /** @type {{data?: {id: string}[]}} */
   const served = await a.request("GET", "/inference/v1/models");
@@ -541,20 +618,24 @@ async function playgroundPage() {
       }),
     );
     const first = request(models[0] ?? "");
+    const snippet = (/** @type {string} */ title, /** @type {string} */ code) =>
+      h("details", {}, h("summary", {}, title), h("pre", {}, code),
+        h("button", { type: "button", onclick: () => navigator.clipboard?.writeText(code).then(() => say("Copied.")) }, "Copy"));
     snippets.replaceChildren(
-      h("details", {}, h("summary", {}, "This request with curl"), h("pre", {}, curlSnippet(location.origin, first))),
-      h("details", {}, h("summary", {}, "This request with the openai client"), h("pre", {}, openaiSnippet(location.origin, first))),
+      snippet("This request with curl", curlSnippet(location.origin, first)),
+      snippet("This request with the openai client", openaiSnippet(location.origin, first)),
     );
   });
-  byId("main").replaceChildren(form, outputs, snippets, ids.length ? "" : h("p", {}, "No deployment is serving yet: create one first."));
+  if (!show(seq, form, outputs, snippets, ids.length ? "" : h("p", {}, "No deployment is serving yet: create one first."))) return;
 }
 
 /** Per deployment and model (base or LoRA): the last hour, by minute, refreshed every 10 s. */
 async function metricsPage() {
   if (!api) return;
+  const seq = routeSeq;
   const a = api;
   const slot = h("div");
-  byId("main").replaceChildren(h("h1", {}, "Metrics"), h("p", { class: "hint" }, "The last hour of requests through this gateway, by minute."), slot);
+  if (!show(seq, h("h1", {}, "Metrics"), h("p", { class: "hint" }, "The last hour of requests through this gateway, by minute."), slot)) return;
   const draw = async () => {
     /** @type {{series: {deployment: string, model: string, adapter: boolean, points: Record<string, any>[]}[]}} */
     const m = await a.request("GET", "inferenceMetrics");
@@ -592,6 +673,7 @@ async function metricsPage() {
 /** The signed-in user's keys, and a form that shows a new key once. */
 async function keysPage() {
   if (!api || !me) return;
+  const seq = routeSeq;
   const a = api;
   const user = shortName(me.user);
   const keys = await a.listAll(`users/${user}/apiKeys`);
@@ -645,17 +727,18 @@ async function keysPage() {
     }
   });
   fresh.id = "fresh-key-slot";
-  byId("main").replaceChildren(
+  if (!show(seq, 
     h("h1", {}, `API keys of ${user}`),
     fresh,
     keys.length ? table("Your API keys", ["Name", "Prefix", "Created", "Expires", ""], rows) : h("p", {}, "No keys of your own yet."),
     form,
-  );
+  )) return;
 }
 
 /** Admins: the account's users, and a form to add one. */
 async function usersPage() {
   if (!api) return;
+  const seq = routeSeq;
   const a = api;
   const users = await a.listAll("users");
   const form = h(
@@ -683,11 +766,11 @@ async function usersPage() {
       sayError(e);
     }
   });
-  byId("main").replaceChildren(
+  if (!show(seq, 
     h("h1", {}, "Users"),
     table("Users of the account", ["User", "Role", "Email", "Created"], users.map((u) => [shortName(u.name), u.role ?? "", u.email ?? "", when(u.createTime)])),
     form,
-  );
+  )) return;
 }
 
 // ---- start -------------------------------------------------------------------------------

@@ -77,6 +77,8 @@ async function upload(id, model, files) {
 }
 
 let browser;
+/** @type {import("playwright-core").Page | undefined} */
+let page;
 let failed = false;
 try {
   await until("hearth to answer /health", async () => (await fetch(`${base}/health`).catch(() => null))?.ok === true, 60);
@@ -88,7 +90,7 @@ try {
     args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
       "--disable-component-update", "--disable-sync"],
   });
-  const page = await browser.newPage({ viewport: { width: 1280, height: 860 } });
+  page = await browser.newPage({ viewport: { width: 1280, height: 860 } });
   const outside = [];
   page.on("request", (r) => { if (!r.url().startsWith(base)) outside.push(r.url()); });
   page.on("dialog", (d) => d.accept());
@@ -126,6 +128,12 @@ try {
   await page.getByLabel("LoRA to load onto console-demo").selectOption({ label: "pirate" });
   await page.getByRole("button", { name: "Load LoRA" }).click();
   await page.getByText("pirate: DEPLOYED").waitFor({ timeout: 60_000 });
+  // Update it: a second replica allowed.
+  await page.getByRole("button", { name: "Edit console-demo" }).click();
+  await page.getByLabel("Maximum replicas").fill("2");
+  await page.getByRole("button", { name: "Update", exact: true }).click();
+  await page.getByRole("status").getByText("Updated console-demo.").waitFor();
+  await page.getByText("1 ready of 1 (1–2)").waitFor();
   await shot("deployments");
 
   // Playground: the base and the LoRA side by side on one question.
@@ -186,6 +194,8 @@ try {
 } catch (e) {
   failed = true;
   console.error(`console flow: FAILED: ${e instanceof Error ? e.stack : e}`);
+  await page?.screenshot({ path: join(SHOTS, "failure.png"), fullPage: true }).catch(() => {});
+  console.error(`the page as it was: ${join(SHOTS, "failure.png")}; it said: ${await page?.locator("#status").textContent().catch(() => "")}`);
   console.error(`--- hearth's log (last 60 lines) ---\n${log.split("\n").slice(-60).join("\n")}`);
 } finally {
   await browser?.close();

@@ -75,6 +75,8 @@ class Sources:
         # Cleared, file downloads wait for it: an import caught in the middle of a transfer.
         self.hold = threading.Event()
         self.hold.set()
+        # Files of these (repo, name) send their first half, then wait for `hold`.
+        self.trickle: set = set()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
@@ -89,13 +91,19 @@ class Sources:
                 pass
 
             def send(self, code: int, body: bytes, ctype: str = "application/octet-stream", headers=None,
-                     cut: bool = False) -> None:
+                     cut: bool = False, trickle: bool = False) -> None:
                 self.send_response(code)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
                 for k, v in (headers or {}).items():
                     self.send_header(k, v)
                 self.end_headers()
+                if trickle:
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    src.hold.wait(60)
+                    self.wfile.write(body[len(body) // 2:])
+                    return
                 if cut:
                     self.wfile.write(body[: len(body) // 2])
                     self.wfile.flush()
@@ -129,8 +137,9 @@ class Sources:
                     data = src.repos.get(repo, {}).get(name)
                     if data is None:
                         return self.send_json(404, {"error": "Entry not found"})
-                    src.hold.wait(60)
-                    return self.send(200, data, cut=(repo, name) in src.cut)
+                    if (repo, name) not in src.trickle:
+                        src.hold.wait(60)
+                    return self.send(200, data, cut=(repo, name) in src.cut, trickle=(repo, name) in src.trickle)
                 if path.startswith("/files/"):
                     data = src.files.get(path[len("/files/"):])
                     if data is None:
@@ -267,6 +276,30 @@ def test_huggingface_import_of_a_base_and_an_addon(hearth, api, sources, tiny_ba
     # The token was sent to the hub and is never shown.
     assert ("/api/models/hearth-test/tiny-lora/revision/main", "Bearer hf_secret") in sources.requests
     assert "hf_secret" not in json.dumps(api.ok_json("GET", f"models/{addon['name'].rsplit('/', 1)[1]}"))
+
+
+def test_an_import_says_how_much_it_has_fetched_while_it_runs(hearth, api, sources, uid):
+    sources.repos["hearth-test/slow"] = fixtures.tiny_llama_files()
+    sources.trickle.add(("hearth-test/slow", "model.safetensors"))
+    sources.hold.clear()
+    try:
+        model_id = uid("hf-slow")
+        api.ok_json("POST", "models", json={"modelId": model_id, "model": {"kind": "HF_BASE_MODEL", "baseModelDetails": {}}})
+        api.ok_json("POST", f"models/{model_id}:import", json={"huggingfaceSource": {"repo": "hearth-test/slow"}})
+        deadline = time.monotonic() + 20
+        while True:
+            m = api.ok_json("GET", f"models/{model_id}")
+            message = (m.get("status") or {}).get("message", "")
+            if "fetched so far" in message:
+                break
+            assert m["state"] == "UPLOADING" and time.monotonic() < deadline, m
+            time.sleep(0.2)
+        assert m["state"] == "UPLOADING" and "hf://hearth-test/slow" in message and " MB " in message, m
+    finally:
+        sources.hold.set()
+    # The rest arrives, the model is READY, and the progress line is gone.
+    done = _wait_model(api, model_id)
+    assert done["state"] == "READY" and not (done.get("status") or {}).get("message"), done
 
 
 def test_huggingface_failures_end_failed_with_the_reason(hearth, api, sources, tiny_base, uid):

@@ -61,7 +61,11 @@ impl ControlPlane {
     async fn run_import(&self, account: &str, id: &str, source: &ModelSource) {
         let from = describe(source);
         tracing::info!(account, model = %id, from = %from, "import started");
-        let outcome = match self.fetch_source(account, id, source).await {
+        let progress = self.spawn_import_progress(account, id, &from);
+        let fetched = self.fetch_source(account, id, source).await;
+        progress.abort();
+        let _ = progress.await;
+        let outcome = match fetched {
             Ok((files, version)) => self.finish_import(account, id, files, version).await,
             Err(e) => Err(e),
         };
@@ -74,6 +78,37 @@ impl ControlPlane {
                 }
             }
         }
+    }
+
+    /// While the files stream in, says every 2 s in the model's `status` how much has arrived,
+    /// read from the model's directory so every kind of source reports the same way.
+    fn spawn_import_progress(&self, account: &str, id: &str, from: &str) -> tokio::task::JoinHandle<()> {
+        let (control, account, id, from) = (self.clone(), account.to_string(), id.to_string(), from.to_string());
+        let dir = self.artifacts.model_dir(&account, &id);
+        tokio::spawn(async move {
+            let mut last = None;
+            loop {
+                tokio::time::sleep(IMPORT_PROGRESS_EVERY).await;
+                let scan = dir.clone();
+                let Ok(bytes) = tokio::task::spawn_blocking(move || bytes_under(&scan)).await else { continue };
+                if last == Some(bytes) {
+                    continue;
+                }
+                last = Some(bytes);
+                let message = format!("importing from {from}: {:.1} MB fetched so far", bytes as f64 / 1e6);
+                let _ = control
+                    .modify(
+                        &account,
+                        &id,
+                        || deleted_meanwhile(&account, &id),
+                        |doc: &mut Doc<ModelRecord>| {
+                            doc.value.model.status = Some(ResourceStatus::new(hearth_api::Code::Ok, message.clone()));
+                            Ok(())
+                        },
+                    )
+                    .await;
+            }
+        })
     }
 
     /// Fetches the files; returns them with what the source calls their version, if anything.
@@ -118,6 +153,8 @@ impl ControlPlane {
                 |doc: &mut Doc<ModelRecord>| {
                     doc.value.import = None;
                     doc.value.source_version = version.clone();
+                    // The import's progress no longer applies.
+                    doc.value.model.status = None;
                     Ok(())
                 },
             )
@@ -153,6 +190,22 @@ impl ControlPlane {
             Err(e) => Err(e),
         }
     }
+}
+
+/// How often an import reports what it has fetched.
+const IMPORT_PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The bytes of every file under `dir` (0 when it cannot be read).
+fn bytes_under(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => bytes_under(&e.path()),
+            Ok(_) => e.metadata().map(|m| m.len()).unwrap_or(0),
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 fn deleted_meanwhile(account: &str, id: &str) -> ControlError {
