@@ -59,6 +59,12 @@ pub struct EngineConfig {
     /// the same beginning from them (`crate::prefix`; host caches only). Their memory counts
     /// against `kv_cache_bytes`, and idle blocks give way to running sequences.
     pub prefix_cache: bool,
+    /// Prompt-lookup speculation (`crate::speculate`): the longest n-gram of a sequence's
+    /// recent tokens looked up in its context (a deployment's `ngramSpeculationLength`); 0
+    /// turns it off.
+    pub ngram_speculation: usize,
+    /// The most tokens one speculation proposes (a deployment's `draftTokenCount`).
+    pub draft_tokens: usize,
 }
 
 impl Default for EngineConfig {
@@ -75,6 +81,8 @@ impl Default for EngineConfig {
             adapter_wait: std::time::Duration::from_secs(1),
             max_context: 0,
             prefix_cache: true,
+            ngram_speculation: 0,
+            draft_tokens: 4,
         }
     }
 }
@@ -222,6 +230,9 @@ pub struct EngineStats {
     pub prefix: std::sync::Mutex<crate::prefix::PrefixStats>,
     pub prefix_bytes: AtomicUsize,
     pub prefix_blocks: AtomicUsize,
+    /// Speculation: tokens proposed, and those of them the sequences' own sampling agreed with.
+    pub drafted_tokens: AtomicUsize,
+    pub accepted_tokens: AtomicUsize,
 }
 
 struct Incoming {
@@ -513,6 +524,8 @@ struct Sequence {
     generated: Vec<u32>,
     /// The next token to feed (the last one sampled).
     pending: Option<u32>,
+    /// What its next decode row feeds: the pending token, then this step's draft if any.
+    feed: Vec<u32>,
     sampler: Sampler,
     /// Turns generated tokens into text one at a time, at a cost that does not grow with the
     /// generation.
@@ -555,6 +568,7 @@ impl Sequence {
             prompt_logprobs: self.req.prompt_logprobs,
             context: self.cache.len(),
             passed_over: self.passed_over,
+            draft: self.feed.len().saturating_sub(1),
         }
     }
 }
@@ -731,6 +745,7 @@ impl Scheduler {
                 offered_blocks: shared.len(),
                 generated: Vec::new(),
                 pending: None,
+                feed: Vec::new(),
                 sampler: Sampler::new(seed),
                 detok: self.tokenizer.decode_stream(true),
                 held: String::new(),
@@ -814,6 +829,7 @@ impl Scheduler {
         if self.running.is_empty() {
             return Ok(());
         }
+        self.draft();
         let progress: Vec<Progress> = self.running.iter().map(Sequence::progress).collect();
         let planned = plan(&progress, self.config.max_step_tokens, self.cost, self.cursor);
         self.cursor = self.cursor.wrapping_add(1);
@@ -945,7 +961,7 @@ impl Scheduler {
                 continue;
             }
             let tokens = match &row.work {
-                Work::Decode => s.pending.as_slice(),
+                Work::Decode => s.feed.as_slice(),
                 Work::Prefill(range) => s.req.prompt.get(range.clone()).unwrap_or(&[]),
             };
             inputs.push(SeqInput { tokens, cache: &mut s.cache, logits: row.logits, adapter: weights.as_deref() });
@@ -977,10 +993,70 @@ impl Scheduler {
             }
             let _ = s.events.send(Event::PromptLogprobs(std::mem::take(&mut s.prompt_logprobs)));
         }
+        let drafted = match row.work {
+            Work::Decode => s.feed.len().saturating_sub(1),
+            Work::Prefill(_) => 0,
+        };
+        if drafted > 0 {
+            return self.check_draft(row.seq, &rows);
+        }
         match rows.last() {
             Some(last) => self.advance(row.seq, last),
             None => Ok(None),
         }
+    }
+
+    /// Gives each decoding sequence this step's feed: its pending token, and a draft when
+    /// speculation is on and the sequence may take one (`crate::speculate`).
+    fn draft(&mut self) {
+        let (ngram, most) = (self.config.ngram_speculation, self.config.draft_tokens);
+        let ctx = self.context_length;
+        for s in self.running.iter_mut() {
+            s.feed.clear();
+            let Some(pending) = s.pending else { continue };
+            s.feed.push(pending);
+            // Not for constrained output (its grammar advances token by token) nor past what
+            // the sequence may still generate: its KV reservation covers no more.
+            if ngram == 0 || s.constraint.is_some() {
+                continue;
+            }
+            let held = s.req.prompt.len() + s.generated.len();
+            let room = (s.req.max_tokens.saturating_sub(s.generated.len()))
+                .saturating_sub(1)
+                .min(ctx.saturating_sub(held + 1))
+                .min(most);
+            if room == 0 {
+                continue;
+            }
+            let mut context = Vec::with_capacity(held);
+            context.extend_from_slice(&s.req.prompt);
+            context.extend_from_slice(&s.generated);
+            s.feed.extend(crate::speculate::propose(&context, ngram, room));
+        }
+    }
+
+    /// Emits a decode row's tokens while the sequence's own sampling agrees with its draft:
+    /// row j's distribution is sampled as always; the sample goes on to row j + 1 only if it
+    /// is the drafted token there. The cache keeps the positions that were fed what the
+    /// sequence emitted. Returns whether the sequence finished.
+    fn check_draft(&mut self, i: usize, rows: &[Vec<f32>]) -> Result<Option<FinishReason>> {
+        let draft: Vec<u32> = self.running[i].feed[1..].to_vec();
+        let start = self.running[i].cache.len().saturating_sub(draft.len() + 1);
+        let (mut emitted, mut agreed) = (0, 0);
+        let mut outcome = Ok(None);
+        for (j, logits) in rows.iter().enumerate().take(draft.len() + 1) {
+            outcome = self.advance(i, logits);
+            emitted += 1;
+            let matched = draft.get(j).is_some_and(|d| self.running[i].generated.last() == Some(d));
+            agreed += matched as usize;
+            if !matches!(outcome, Ok(None)) || !matched {
+                break;
+            }
+        }
+        self.running[i].cache.truncate(start + emitted);
+        self.stats.drafted_tokens.fetch_add(draft.len(), Ordering::Relaxed);
+        self.stats.accepted_tokens.fetch_add(agreed, Ordering::Relaxed);
+        outcome
     }
 
     /// Sends a sequence's one terminal event: `Finished` with the text it still held, or

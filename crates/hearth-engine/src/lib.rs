@@ -18,6 +18,7 @@ pub mod model;
 pub mod plan;
 pub mod prefix;
 pub mod sampling;
+pub mod speculate;
 mod threads;
 pub mod tokenizer;
 pub mod tools;

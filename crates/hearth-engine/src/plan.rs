@@ -37,6 +37,8 @@ pub struct Progress {
     pub context: usize,
     /// Steps in a row it was in prefill and got no chunk.
     pub passed_over: usize,
+    /// Drafted tokens its decode row feeds after the pending one (`crate::speculate`).
+    pub draft: usize,
 }
 
 impl Progress {
@@ -78,7 +80,7 @@ impl Cost {
 /// One sequence's part of a step.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Work {
-    /// Its pending token, one row.
+    /// Its pending token, and its draft if it has one (`Progress::draft`).
     Decode,
     /// These prompt positions.
     Prefill(Range<usize>),
@@ -125,8 +127,10 @@ pub fn plan(seqs: &[Progress], budget: usize, cost: Cost, cursor: usize) -> Step
     for &i in &order {
         let s = &seqs[i];
         if !s.in_prefill() && s.decoding && left > 0.0 {
-            rows.push(Row { seq: i, work: Work::Decode, logits: Logits::Last });
-            left -= cost.tokens(s.context, 1);
+            // A draft is checked in the same row: a distribution after every token fed.
+            let logits = if s.draft > 0 { Logits::All } else { Logits::Last };
+            rows.push(Row { seq: i, work: Work::Decode, logits });
+            left -= cost.tokens(s.context, 1 + s.draft);
         }
     }
     // Prompts in line: the starved first, then the shortest remaining; ties in turn.
@@ -273,6 +277,15 @@ mod tests {
             }
         }
         assert_eq!(served, [4, 4, 4]);
+    }
+
+    #[test]
+    fn a_draft_is_checked_in_its_decode_row_and_paid_for_in_the_budget() {
+        let drafting = Progress { draft: 4, ..decoding() };
+        let p = plan(&[drafting, prompt(100, 0)], 20, FLAT, 0);
+        assert_eq!(p.rows[0], Row { seq: 0, work: Work::Decode, logits: Logits::All });
+        // Five of the twenty went to the decode row and its draft.
+        assert_eq!(p.rows[1].work, Work::Prefill(0..15));
     }
 
     #[test]

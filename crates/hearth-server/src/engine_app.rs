@@ -350,6 +350,15 @@ async fn metrics(State(app): State<App>) -> Response {
         "Bytes of KV blocks the prefix cache holds (running sequences may share them).",
         s.prefix_bytes.load(Ordering::Relaxed) as u64,
     );
+    let (drafted, accepted) =
+        (s.drafted_tokens.load(Ordering::Relaxed) as u64, s.accepted_tokens.load(Ordering::Relaxed) as u64);
+    line("hearth_engine_spec_drafted_tokens_total", "counter", "Tokens proposed by speculation.", drafted);
+    line(
+        "hearth_engine_spec_accepted_tokens_total",
+        "counter",
+        "Proposed tokens the sequences' own sampling agreed with (acceptance rate: accepted / drafted).",
+        accepted,
+    );
     line(
         "hearth_engine_cancelled_total",
         "counter",

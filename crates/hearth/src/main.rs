@@ -87,6 +87,14 @@ struct EngineArgs {
     /// start from them).
     #[arg(long, env = "HEARTH_NO_PREFIX_CACHE")]
     no_prefix_cache: bool,
+    /// Prompt-lookup speculation: look the last N tokens of a sequence up in its context and
+    /// check what followed them there as a draft, in the same pass (a deployment's
+    /// ngramSpeculationLength). Output is what it would be without; 0 turns it off.
+    #[arg(long, env = "HEARTH_NGRAM_SPECULATION", default_value_t = 0)]
+    ngram_speculation: usize,
+    /// The most tokens one speculation drafts (a deployment's draftTokenCount).
+    #[arg(long, env = "HEARTH_DRAFT_TOKENS", default_value_t = 4)]
+    draft_tokens: usize,
     /// A LoRA adapter to load at start, as NAME=PATH (a PEFT directory); repeatable. Requests
     /// select it with "model": NAME.
     #[arg(long = "lora", value_name = "NAME=PATH")]
@@ -396,6 +404,8 @@ async fn engine(args: EngineArgs) -> anyhow::Result<()> {
         max_context: args.max_context_length,
         max_step_adapters: args.max_loras_per_step as usize,
         prefix_cache: !args.no_prefix_cache,
+        ngram_speculation: args.ngram_speculation,
+        draft_tokens: args.draft_tokens,
         ..hearth_engine::EngineConfig::default()
     };
     // A template of the model's own must compile, or the replica does not start (and its

@@ -1,0 +1,57 @@
+//! Prompt-lookup (n-gram) speculation: a decoding sequence whose recent tokens appeared
+//! before in its context (a rewrite of a given text, code edits, quoting) probably goes on as
+//! it did then. The tokens that followed that earlier occurrence are proposed as a draft; the
+//! step feeds the pending token and the draft in one pass, and the sequence keeps the draft's
+//! longest prefix that its own sampling agrees with, plus one token of its own.
+//!
+//! Why the output does not change: the draft is a fixed guess (a one-hot proposal), so the
+//! standard speculative rule (accept a drafted token with probability p(token), else sample
+//! from p without it) is the same as sampling each position from the model's own distribution
+//! p and keeping going while the sample equals the draft. The engine does exactly that, with
+//! the sequence's own sampler, one sample per emitted token as without speculation, so a
+//! greedy or seeded request gets the very tokens it would get without it. Positions after the
+//! first disagreement are dropped from the KV cache.
+
+/// Up to `k` tokens that followed the latest earlier occurrence of the context's last `n`
+/// tokens, for the longest `n` from `max_ngram` down to 1 that occurs earlier.
+pub fn propose(context: &[u32], max_ngram: usize, k: usize) -> Vec<u32> {
+    if k == 0 || context.len() < 2 {
+        return Vec::new();
+    }
+    for n in (1..=max_ngram.min(context.len() - 1)).rev() {
+        let tail = &context[context.len() - n..];
+        // Latest first: recent text is the likelier template. The match must end before the
+        // tail itself starts, so something follows it.
+        let found = (0..context.len() - n).rev().find(|&start| &context[start..start + n] == tail);
+        if let Some(start) = found {
+            let from = start + n;
+            let to = (from + k).min(context.len());
+            return context[from..to].to_vec();
+        }
+    }
+    Vec::new()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::propose;
+
+    #[test]
+    fn proposes_what_followed_the_latest_longest_match() {
+        // "1 2 3 4 5 ... 1 2 3" → after "1 2 3" came "4 5".
+        assert_eq!(propose(&[1, 2, 3, 4, 5, 9, 1, 2, 3], 3, 2), vec![4, 5]);
+        // The latest occurrence wins.
+        assert_eq!(propose(&[7, 1, 8, 7, 2, 9, 7], 1, 1), vec![2]);
+        // A longer match beats a more recent shorter one.
+        assert_eq!(propose(&[1, 2, 3, 6, 5, 3, 7, 1, 2, 3], 3, 1), vec![6]);
+        // Fewer tokens than asked when the context ends first.
+        assert_eq!(propose(&[4, 5, 4], 2, 8), vec![5, 4]);
+    }
+
+    #[test]
+    fn nothing_to_propose() {
+        assert!(propose(&[1, 2, 3, 4], 3, 4).is_empty(), "no repetition");
+        assert!(propose(&[1, 1], 2, 0).is_empty(), "no tokens asked");
+        assert!(propose(&[1], 3, 4).is_empty(), "too short");
+    }
+}
