@@ -12,13 +12,19 @@
 //! greedy or seeded request gets the very tokens it would get without it. Positions after the
 //! first disagreement are dropped from the KV cache.
 
+/// The shortest match a draft is taken from: a single repeated token (a space, a comma)
+/// predicts little, and a rejected draft costs its verification.
+const MIN_NGRAM: usize = 2;
+
 /// Up to `k` tokens that followed the latest earlier occurrence of the context's last `n`
-/// tokens, for the longest `n` from `max_ngram` down to 1 that occurs earlier.
+/// tokens, for the longest `n` from `max_ngram` down to [`MIN_NGRAM`] (or 1, if `max_ngram` is
+/// 1) that occurs earlier.
 pub fn propose(context: &[u32], max_ngram: usize, k: usize) -> Vec<u32> {
     if k == 0 || context.len() < 2 {
         return Vec::new();
     }
-    for n in (1..=max_ngram.min(context.len() - 1)).rev() {
+    let shortest = MIN_NGRAM.min(max_ngram).max(1);
+    for n in (shortest..=max_ngram.min(context.len() - 1)).rev() {
         let tail = &context[context.len() - n..];
         // Latest first: recent text is the likelier template. The match must end before the
         // tail itself starts, so something follows it.
@@ -44,8 +50,10 @@ mod tests {
         assert_eq!(propose(&[7, 1, 8, 7, 2, 9, 7], 1, 1), vec![2]);
         // A longer match beats a more recent shorter one.
         assert_eq!(propose(&[1, 2, 3, 6, 5, 3, 7, 1, 2, 3], 3, 1), vec![6]);
+        // One repeated token is not enough unless single tokens are asked for.
+        assert!(propose(&[7, 1, 8, 7, 2, 9, 7], 3, 1).is_empty());
         // Fewer tokens than asked when the context ends first.
-        assert_eq!(propose(&[4, 5, 4], 2, 8), vec![5, 4]);
+        assert_eq!(propose(&[4, 5, 4, 5], 2, 8), vec![4, 5]);
     }
 
     #[test]
