@@ -442,6 +442,10 @@ function deploymentForm(a, bases, existing, done, cancel) {
       h("div", {}, ...num("cached", "LoRAs kept hot per replica", d.numPeftDeviceCached, { min: 1 })),
       h("div", {}, ...num("context", "Maximum context length (tokens)", d.maxContextLength, { min: 1 })),
     ),
+    h("div", { class: "row" },
+      h("div", {}, ...num("ngram", "Prompt-lookup speculation: n-gram length (empty: off)", d.ngramSpeculationLength, { min: 1, max: 16 })),
+      h("div", {}, ...num("drafts", "Most tokens drafted per step", d.draftTokenCount, { min: 1, max: 16 })),
+    ),
     check("addons", "Allow LoRA addons", d.enableAddons ?? true),
     check("merged", "Merge its one LoRA into the weights (enableHotReloadLatestAddon)", d.enableHotReloadLatestAddon ?? false),
     check("affinity", "Keep a session on one replica (enableSessionAffinity)", d.enableSessionAffinity ?? false),
@@ -465,6 +469,8 @@ function deploymentForm(a, bases, existing, done, cancel) {
     if (field(form, "precision")) body.precision = field(form, "precision");
     if (field(form, "cached")) body.numPeftDeviceCached = Number(field(form, "cached"));
     if (field(form, "context")) body.maxContextLength = Number(field(form, "context"));
+    if (field(form, "ngram")) body.ngramSpeculationLength = Number(field(form, "ngram"));
+    if (field(form, "ngram") && field(form, "drafts")) body.draftTokenCount = Number(field(form, "drafts"));
     /** @type {Record<string, any>} */
     const policy = {};
     if (field(form, "up")) policy.scaleUpWindow = `${field(form, "up")}s`;

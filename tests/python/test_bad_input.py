@@ -551,8 +551,6 @@ def test_scaling_schedules_are_stored_echoed_and_checked(api, uid, ready_base):
 REFUSED_DEPLOYMENT_FIELDS = {
     "maxWithRevocableReplicaCount": 2,
     "draftModel": "accounts/x/models/y",
-    "draftTokenCount": 4,
-    "ngramSpeculationLength": 3,
     "directRouteType": "AWS_PRIVATELINK",
     "deploymentTemplate": "t",
     "autoTune": {"longPrompt": True},
@@ -589,6 +587,11 @@ def test_the_deployment_fields_table(api, uid, ready_base):
     r = api.post("deployments", params={"deploymentId": uid("refused"), "disableAutoDeploy": "true"},
                  json={"baseModel": ready_base.name})
     assert "disableAutoDeploy" in assert_rpc_error(r, 501, 12)["message"]
+    # Speculation's numbers are checked: in range, and a draft size only with something to draft.
+    for bad, words in [({"ngramSpeculationLength": 99}, "between 1 and 16"), ({"draftTokenCount": -1}, "between"),
+                       ({"draftTokenCount": 4}, "ngramSpeculationLength")]:
+        r = api.post("deployments", params={"deploymentId": uid("refused")}, json={"baseModel": ready_base.name, **bad})
+        assert words in assert_rpc_error(r, 400, 3)["message"], bad
     assert api.names("deployments", "deployments") == before
     dep_id = uid("echo")
     created = api.ok_json("POST", "deployments", params={"deploymentId": dep_id, "skipShapeValidation": "true",

@@ -239,3 +239,26 @@ def test_the_gateway_keeps_the_last_hour_by_deployment_and_model(oa, served, hea
     assert any("timeToFirstTokenP50" in p for p in series[lora]["points"]), series[lora]
     other = fixtures.RawApi(hearth.base_url, hearth.api_key2, hearth.account)
     fixtures.assert_rpc_error(other.get("inferenceMetrics"), 403, 7)
+
+
+def test_a_deployment_with_prompt_lookup_speculation_answers_as_one_without(oa, served, hearth, uid):
+    """`ngramSpeculationLength` and `draftTokenCount` reach the replicas: a second deployment
+    of the same base with speculation on gives the same greedy answers, base and LoRA."""
+    base, lora = served
+    client = make_client(hearth)
+    dep_id = uid("ngram")
+    dep = client.deployments.create(base_model=base, deployment_id=dep_id, min_replica_count=1, max_replica_count=1,
+                                    enable_addons=True, ngram_speculation_length=3, draft_token_count=4)
+    try:
+        assert (dep.ngram_speculation_length, dep.draft_token_count) == (3, 4)
+        deadline = time.monotonic() + 120
+        while client.deployments.get(dep_id).state != "READY":
+            assert time.monotonic() < deadline, client.deployments.get(dep_id).status
+            time.sleep(0.2)
+        name = f"accounts/{hearth.account}/deployments/{dep_id}"
+        ask = _ask("Repeat exactly: the quick brown fox jumps over the lazy dog, and the lazy dog sleeps on.")
+        plain = oa.chat.completions.create(model=base, messages=ask, max_tokens=40, temperature=0)
+        fast = oa.chat.completions.create(model=f"{base}#{name}", messages=ask, max_tokens=40, temperature=0)
+        assert fast.choices[0].message.content == plain.choices[0].message.content
+    finally:
+        client.deployments.delete(dep_id, hard=True, ignore_checks=True)

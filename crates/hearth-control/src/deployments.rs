@@ -108,11 +108,11 @@ const DEPLOYMENT_PATCH: Patchable = Patchable {
         "directRouteType",
         "engine",
         "forTraining",
+        "ngramSpeculationLength",
+        "draftTokenCount",
         // Refused as unimplemented when set.
         "maxWithRevocableReplicaCount",
-        "draftTokenCount",
         "draftModel",
-        "ngramSpeculationLength",
         "deploymentTemplate",
         "autoTune",
         "enableHotLoad",
@@ -142,23 +142,26 @@ fn not_found(account: &str, id: &str) -> ControlError {
 
 /// Why a deployment field is refused: what hearth does instead, so the message says what to do.
 /// `docs/fields.md` ("What stays refused") lists the same.
-const SPECULATION: &str = "speculative decoding is not implemented in hearth yet; leave it unset";
+const DRAFT_MODEL: &str = "speculation with a draft model is not implemented in hearth yet; prompt-lookup \
+                           speculation is: set ngramSpeculationLength (and draftTokenCount) instead";
 const HOT_LOAD: &str = "hot load of model versions is not implemented in hearth yet: upload the new version as a \
                         model and update the deployment's baseModel, which rolls its replicas";
+
+/// The longest n-gram and the most drafted tokens a deployment's speculation may ask for:
+/// beyond that a verification pass costs more than its drafts save on any machine hearth runs on.
+const MAX_SPECULATION: i32 = 16;
 
 /// Refuses the fields hearth parses but does not act on, naming each and saying why.
 fn refuse_unimplemented(d: &Deployment) -> Result<()> {
     let set_str = |s: &Option<String>| s.as_deref().is_some_and(|s| !s.is_empty());
-    let checks: [(&str, bool, &str); 15] = [
+    let checks: [(&str, bool, &str); 13] = [
         (
             "maxWithRevocableReplicaCount",
             d.max_with_revocable_replica_count.is_some_and(|n| n != 0),
             "hearth has no revocable (preemptible) capacity: every replica it runs is a full one; use \
              maxReplicaCount",
         ),
-        ("draftTokenCount", d.draft_token_count.is_some_and(|n| n != 0), SPECULATION),
-        ("draftModel", set_str(&d.draft_model), SPECULATION),
-        ("ngramSpeculationLength", d.ngram_speculation_length.is_some_and(|n| n != 0), SPECULATION),
+        ("draftModel", set_str(&d.draft_model), DRAFT_MODEL),
         (
             "directRouteType",
             d.direct_route_type.is_some_and(|t| !matches!(t, DirectRouteType::Unspecified | DirectRouteType::Internet)),
@@ -319,6 +322,23 @@ fn normalise(d: &mut Deployment, min_to_zero: Duration) -> Result<()> {
         if v.is_some_and(|n| n < 0) {
             return Err(ControlError::InvalidArgument(format!("{field} must not be negative")));
         }
+    }
+    for (field, v) in [("ngramSpeculationLength", d.ngram_speculation_length), ("draftTokenCount", d.draft_token_count)]
+    {
+        if v.is_some_and(|n| !(0..=MAX_SPECULATION).contains(&n)) {
+            return Err(ControlError::InvalidArgument(format!(
+                "{field} must be between 1 and {MAX_SPECULATION} (or 0 for none), got {}",
+                v.unwrap_or_default()
+            )));
+        }
+    }
+    if d.draft_token_count.is_some_and(|n| n > 0)
+        && d.ngram_speculation_length.unwrap_or(0) == 0
+        && d.draft_model.as_deref().unwrap_or("").is_empty()
+    {
+        return Err(ControlError::InvalidArgument(
+            "draftTokenCount sets how many tokens speculation drafts: set ngramSpeculationLength too".to_string(),
+        ));
     }
     Ok(())
 }

@@ -137,6 +137,12 @@ impl Runtime for LocalRuntime {
         if spec.max_context_length > 0 {
             cmd.arg("--max-context-length").arg(spec.max_context_length.to_string());
         }
+        if spec.ngram_speculation > 0 {
+            cmd.arg("--ngram-speculation").arg(spec.ngram_speculation.to_string());
+            if spec.draft_tokens > 0 {
+                cmd.arg("--draft-tokens").arg(spec.draft_tokens.to_string());
+            }
+        }
         if let Some(t) = &spec.chat_template {
             cmd.arg("--chat-template").arg(t);
         }

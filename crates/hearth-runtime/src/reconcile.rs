@@ -207,6 +207,8 @@ pub fn replica_spec(key: &DeploymentKey, spec: &DeploymentSpec, chat: ChatSettin
         precision: spec.precision.clone().unwrap_or_default(),
         max_context_length: spec.max_context_length.unwrap_or(0).max(0) as u32,
         max_hot_adapters: spec.num_peft_device_cached.unwrap_or(0).max(0) as u32,
+        ngram_speculation: spec.ngram_speculation_length.unwrap_or(0).max(0) as u32,
+        draft_tokens: spec.draft_token_count.unwrap_or(0).max(0) as u32,
     }
 }
 

@@ -33,6 +33,10 @@ pub struct ReplicaSpec {
     pub chat_template: Option<String>,
     /// The model's `conversationConfig.system`: the system message of a conversation without one.
     pub system_prompt: Option<String>,
+    /// Prompt-lookup speculation (`ngramSpeculationLength`; 0: off) and the most tokens it
+    /// drafts (`draftTokenCount`; 0: the engine's default).
+    pub ngram_speculation: u32,
+    pub draft_tokens: u32,
 }
 
 impl ReplicaSpec {
@@ -52,6 +56,9 @@ impl ReplicaSpec {
                 h.update(tag);
                 h.update(v.as_bytes());
             }
+        }
+        if self.ngram_speculation > 0 {
+            h.update(format!("|ngram:{}:{}", self.ngram_speculation, self.draft_tokens).as_bytes());
         }
         hex::encode(&h.finalize()[..6])
     }

@@ -115,6 +115,10 @@ pub struct DeploymentSpec {
     pub direct_route_key_hashes: Option<Vec<String>>,
     /// `enableSessionAffinity`.
     pub enable_session_affinity: Option<bool>,
+    /// `ngramSpeculationLength`: prompt-lookup speculation on the replicas (0 or none: off).
+    pub ngram_speculation_length: Option<i32>,
+    /// `draftTokenCount`: the most tokens one speculation drafts.
+    pub draft_token_count: Option<i32>,
 }
 
 impl Record for DeploymentSpec {
@@ -175,6 +179,8 @@ impl DeploymentSpec {
             scale: None,
             echo: echo_of(d, ECHO_FIELDS),
             enable_session_affinity: d.enable_session_affinity,
+            ngram_speculation_length: d.ngram_speculation_length,
+            draft_token_count: d.draft_token_count,
             direct_route_key_hashes: (d.direct_route_type == Some(DirectRouteType::Internet))
                 .then(|| d.direct_route_api_keys.iter().flatten().map(|k| crate::auth::hash_key(k)).collect()),
         }
@@ -208,6 +214,8 @@ impl DeploymentSpec {
             purge_time: self.purge_time,
             direct_route_type: self.direct_route_key_hashes.as_ref().map(|_| DirectRouteType::Internet),
             enable_session_affinity: self.enable_session_affinity,
+            ngram_speculation_length: self.ngram_speculation_length,
+            draft_token_count: self.draft_token_count,
             ..Deployment::default()
         };
         with_echo(d, &self.echo)
