@@ -150,6 +150,8 @@ async function route() {
   if (!api) return showSignIn();
   clearInterval(refresh);
   routeSeq += 1;
+  // The first page gets its own address, so following its link later changes nothing.
+  if (!location.hash) history.replaceState(null, "", "#/models");
   const page = location.hash.replace(/^#\//, "") || "models";
   for (const link of document.querySelectorAll("nav a")) {
     link.toggleAttribute("aria-current", link.getAttribute("href") === `#/${page}`);

@@ -98,6 +98,8 @@ try {
 
   // Sign in: the root sends the browser to the console.
   await page.goto(base);
+  await page.getByLabel("API key").waitFor();
+  await shot("sign-in");
   await page.getByLabel("API key").fill("wrong-key");
   await page.getByRole("button", { name: "Sign in" }).click();
   await page.getByRole("status").getByText("invalid API key").waitFor();
@@ -138,7 +140,10 @@ try {
 
   // Playground: the base and the LoRA side by side on one question.
   await page.getByRole("link", { name: "Playground" }).click();
-  const served = await page.getByLabel("Model", { exact: true }).locator("option").allTextContents();
+  await page.getByRole("button", { name: "Send" }).waitFor();
+  const offered = () => page.getByLabel("Model", { exact: true }).locator("option").allTextContents();
+  await until("the playground to offer the LoRA", async () => (await offered()).some((m) => m.endsWith("/pirate")), 30);
+  const served = await offered();
   const baseName = served.find((m) => m.endsWith("/smollm2"));
   const loraName = served.find((m) => m.endsWith("/pirate"));
   if (!baseName || !loraName) throw new Error(`the playground should offer both models, got ${served}`);
