@@ -66,7 +66,7 @@ impl std::fmt::Debug for ChatTemplate {
 /// for a long conversation, so this only ever stops one that would not end.
 const RENDER_FUEL: u64 = 5_000_000;
 
-/// The longest one render may take. Real templates take well under a millisecond per message;
+/// The longest one render may take, far beyond what a model's template needs for a conversation;
 /// this stops what fuel cannot see, the work inside one instruction (printing a lazily
 /// repeated sequence, `messages * 100000`, is one). minijinja is patched to check it before
 /// every instruction and at every item of a lazy sequence (vendor/minijinja/HEARTH-PATCH.md).
