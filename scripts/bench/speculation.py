@@ -8,7 +8,12 @@ drafts) and an open question (where it finds few). The acceptance rate is the en
 count (hearth_engine_spec_accepted_tokens_total / drafted) over the row. Every configuration
 answers with the same tokens as the one without speculation (checked here too).
 
-Usage: scripts/bench-speculation [--repeats N] [--precision P]
+With --precision (a dense target, FP32 say) and --draft-model, rows with the draft model
+proposing k = 2, 4 and 8 tokens follow: the default model's Q4_1 file drafting for its own
+weights served in FP32, the pairing whose draft is cheap and agrees often. Without
+--precision the draft would be the target itself, so those rows are left out.
+
+Usage: scripts/bench-speculation [--repeats N] [--precision P] [--draft-model PATH]
 """
 import argparse
 import http.client
@@ -99,11 +104,15 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--precision", default="")
     ap.add_argument("--logdir", required=True)
+    ap.add_argument("--draft-model", default="")
     args = ap.parse_args()
     os.makedirs(args.logdir, exist_ok=True)
     base = ["--precision", args.precision] if args.precision else []
     configs = [("no speculation", []), *[(f"n-gram 3, k = {k}", ["--ngram-speculation", "3", "--draft-tokens", str(k)])
                                            for k in (2, 4, 8)]]
+    if args.draft_model and args.precision:
+        configs += [(f"draft model, k = {k}", ["--draft-model", args.draft_model, "--draft-tokens", str(k)])
+                    for k in (2, 4, 8)]
     results, answers = {}, {}
     for label, extra in configs:
         proc, port = start(args.hearth, args.model, base + extra, args.logdir, re.sub(r"\W+", "-", label))

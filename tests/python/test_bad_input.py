@@ -479,7 +479,8 @@ DOCUMENTED_MODEL = {
 
 def test_the_documented_example_bodies_have_no_unknown_field(api, uid, ready_base):
     refused = []
-    body = dict(DOCUMENTED_DEPLOYMENT, baseModel=ready_base.name)
+    # The draft model's placeholder filled with a valid value: the base model drafting for itself.
+    body = dict(DOCUMENTED_DEPLOYMENT, baseModel=ready_base.name, draftModel=ready_base.name)
     # Each refusal names one field; drop it and send the rest, until the body is accepted.
     for _ in range(len(body)):
         r = api.post("deployments", params={"deploymentId": uid("documented")}, json=body)
@@ -493,8 +494,8 @@ def test_the_documented_example_bodies_have_no_unknown_field(api, uid, ready_bas
         body.pop(field)
     dep = r.json()
     assert dep["engine"] == "ENGINE_UNSPECIFIED" and "forTraining" in refused, (dep, refused)
-    assert set(refused) <= {"draftTokenCount", "draftModel", "ngramSpeculationLength", "deploymentTemplate",
-                            "autoTune", "forTraining"}, refused
+    assert set(refused) <= {"deploymentTemplate", "autoTune", "forTraining"}, refused
+    assert dep["draftModel"] == ready_base.name and dep["ngramSpeculationLength"] == 3, dep
     api.ok_json("DELETE", dep["name"].split("/", 2)[2], params={"hard": "true"})
     # forTraining: false is echoed; another engine is refused by name.
     dep = api.ok_json("POST", "deployments", params={"deploymentId": uid("documented")},
@@ -550,7 +551,6 @@ def test_scaling_schedules_are_stored_echoed_and_checked(api, uid, ready_base):
 
 REFUSED_DEPLOYMENT_FIELDS = {
     "maxWithRevocableReplicaCount": 2,
-    "draftModel": "accounts/x/models/y",
     "directRouteType": "AWS_PRIVATELINK",
     "deploymentTemplate": "t",
     "autoTune": {"longPrompt": True},
@@ -619,8 +619,8 @@ ECHOED_MODEL_FIELDS = {
 
 def test_the_model_fields_table(api, uid, ready_base):
     before = model_names(api)
-    for field, value in {"conversationConfig": {"style": "x"}, "defaultDraftModel": "accounts/a/models/b",
-                         "defaultDraftTokenCount": 4, "teftDetails": {}, "useHfApplyChatTemplate": False}.items():
+    for field, value in {"conversationConfig": {"style": "x"}, "teftDetails": {},
+                         "useHfApplyChatTemplate": False}.items():
         r = api.post("models", json=base_body(uid("refused"), **{field: value}))
         assert field in assert_rpc_error(r, 501, 12)["message"], field
     assert model_names(api) == before

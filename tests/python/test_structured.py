@@ -11,9 +11,11 @@ import re
 import time
 from pathlib import Path
 
+import fireworks
 import jsonschema
 import openai
 import pytest
+import requests
 from openai import OpenAI
 
 import fixtures
@@ -262,3 +264,90 @@ def test_a_deployment_with_prompt_lookup_speculation_answers_as_one_without(oa, 
         assert fast.choices[0].message.content == plain.choices[0].message.content
     finally:
         client.deployments.delete(dep_id, hard=True, ignore_checks=True)
+
+
+def _spec_counts(hearth, deployment: str):
+    """The gateway's Prometheus speculation figures for one deployment: (drafted, accepted, rate)."""
+    text = requests.get(f"{hearth.base_url}/metrics", headers={"Authorization": f"Bearer {hearth.api_key}"},
+                        timeout=10).text
+    found = {}
+    for name in ("drafted_tokens_total", "accepted_tokens_total", "acceptance_rate"):
+        m = re.search(rf'^hearth_deployment_spec_{name}\{{deployment="{re.escape(deployment)}"\}} (\S+)$', text, re.M)
+        found[name] = float(m.group(1)) if m else None
+    return found["drafted_tokens_total"], found["accepted_tokens_total"], found["acceptance_rate"]
+
+
+def test_a_deployment_with_a_draft_model_answers_as_one_without_and_reports_acceptance(oa, served, hearth, uid):
+    """`draftModel` reaches the replicas: the base model drafting for itself (same tokenizer,
+    every draft agrees) gives the same greedy answers, and the gateway's metrics show the
+    deployment's drafted and accepted tokens."""
+    base, _ = served
+    client = make_client(hearth)
+    dep_id = uid("drafted")
+    dep = client.deployments.create(base_model=base, deployment_id=dep_id, min_replica_count=1, max_replica_count=1,
+                                    draft_model=base, draft_token_count=3)
+    name = f"accounts/{hearth.account}/deployments/{dep_id}"
+    try:
+        assert (dep.draft_model, dep.draft_token_count) == (base, 3)
+        deadline = time.monotonic() + 120
+        while client.deployments.get(dep_id).state != "READY":
+            assert time.monotonic() < deadline, client.deployments.get(dep_id).status
+            time.sleep(0.2)
+        ask = _ask("Write two sentences about the sea.")
+        plain = oa.chat.completions.create(model=base, messages=ask, max_tokens=40, temperature=0)
+        fast = oa.chat.completions.create(model=f"{base}#{name}", messages=ask, max_tokens=40, temperature=0)
+        assert fast.choices[0].message.content == plain.choices[0].message.content
+        # The replica's counts reach the gateway with its next load probe.
+        deadline = time.monotonic() + 30
+        while True:
+            drafted, accepted, rate = _spec_counts(hearth, name)
+            if drafted:
+                break
+            assert time.monotonic() < deadline, "no speculation figures for the deployment in the gateway's /metrics"
+            time.sleep(0.5)
+        assert accepted and rate > 0.9, (drafted, accepted, rate)
+    finally:
+        client.deployments.delete(dep_id, hard=True, ignore_checks=True)
+
+
+def test_draft_models_are_checked_and_a_models_default_applies(served, hearth, uid, tmp_path):
+    """A draft with another tokenizer, or one that is not a READY base model, is refused saying
+    why; a model's defaultDraftModel and defaultDraftTokenCount apply to its deployments
+    unless disableSpeculativeDecoding is set; bad defaults are refused at the model."""
+    base, lora = served
+    client = make_client(hearth)
+    tiny = fixtures.create_ready_base_model(client, uid("tiny-draft"), tmp_path / "tiny").name
+    with pytest.raises(fireworks.APIStatusError) as e:
+        client.deployments.create(base_model=base, draft_model=tiny, validate_only=True)
+    body = fixtures.assert_sdk_error(e.value, 400, 9)
+    assert "tokenizer" in body["message"] and tiny in body["message"], body
+    with pytest.raises(fireworks.APIStatusError) as e:
+        client.deployments.create(base_model=base, draft_model=lora, validate_only=True)
+    assert "HF_BASE_MODEL" in fixtures.assert_sdk_error(e.value, 400, 9)["message"]
+    with pytest.raises(fireworks.APIStatusError) as e:
+        client.deployments.create(base_model=base, draft_model=base, validate_only=True,
+                                  disable_speculative_decoding=True)
+    assert "disableSpeculativeDecoding" in fixtures.assert_sdk_error(e.value, 400, 3)["message"]
+
+    drafted_id = uid("smol-drafted")
+    with pytest.raises(fireworks.APIStatusError) as e:
+        client.models.create(model_id=drafted_id, model={"kind": "HF_BASE_MODEL", "baseModelDetails": {},
+                                                         "defaultDraftModel": base, "defaultDraftTokenCount": 99})
+    assert "defaultDraftTokenCount" in fixtures.assert_sdk_error(e.value, 400, 3)["message"]
+    client.models.create(model_id=drafted_id, model={"kind": "HF_BASE_MODEL", "baseModelDetails": {},
+                                                     "defaultDraftModel": base, "defaultDraftTokenCount": 3})
+    fixtures.upload_model_files(client, drafted_id, {"model.gguf": SMOLLM2.read_bytes()})
+    client.models.validate_upload(drafted_id)
+    drafted = client.models.get(drafted_id)
+    assert (drafted.default_draft_model, drafted.default_draft_token_count) == (base, 3)
+    dep = client.deployments.create(base_model=drafted.name, validate_only=True)
+    assert (dep.draft_model, dep.draft_token_count) == (base, 3)
+    dep = client.deployments.create(base_model=drafted.name, validate_only=True, disable_speculative_decoding=True)
+    assert not dep.draft_model and not dep.draft_token_count
+    # A default that no longer suits the model refuses the create, saying how to go without.
+    client.models.update(drafted_id, default_draft_model=tiny)
+    with pytest.raises(fireworks.APIStatusError) as e:
+        client.deployments.create(base_model=drafted.name, validate_only=True)
+    message = fixtures.assert_sdk_error(e.value, 400, 9)["message"]
+    assert "defaultDraftModel" in message and "disableSpeculativeDecoding=true" in message, message
+    client.models.delete(drafted_id)

@@ -43,6 +43,11 @@ pub struct LoadFigures {
     /// KV cache bytes the running sequences hold, and the bound on them.
     pub kv_cache_used_bytes: u64,
     pub kv_cache_capacity_bytes: u64,
+    /// Tokens speculation proposed since the replica started, and those accepted.
+    #[serde(default)]
+    pub spec_drafted_tokens: u64,
+    #[serde(default)]
+    pub spec_accepted_tokens: u64,
 }
 
 /// `POST /v1/load_lora_adapter` and `/v1/merge_lora_adapter`: a PEFT directory the replica

@@ -110,9 +110,9 @@ const DEPLOYMENT_PATCH: Patchable = Patchable {
         "forTraining",
         "ngramSpeculationLength",
         "draftTokenCount",
+        "draftModel",
         // Refused as unimplemented when set.
         "maxWithRevocableReplicaCount",
-        "draftModel",
         "deploymentTemplate",
         "autoTune",
         "enableHotLoad",
@@ -134,6 +134,8 @@ pub struct CreateDeploymentOptions {
     pub validate_only: bool,
     /// Do not make this deployment where the base model's plain name is served.
     pub disable_auto_deploy: bool,
+    /// No speculation: the base model's `defaultDraftModel` is not applied.
+    pub disable_speculative_decoding: bool,
 }
 
 fn not_found(account: &str, id: &str) -> ControlError {
@@ -142,26 +144,23 @@ fn not_found(account: &str, id: &str) -> ControlError {
 
 /// Why a deployment field is refused: what hearth does instead, so the message says what to do.
 /// `docs/fields.md` ("What stays refused") lists the same.
-const DRAFT_MODEL: &str = "speculation with a draft model is not implemented in hearth yet; prompt-lookup \
-                           speculation is: set ngramSpeculationLength (and draftTokenCount) instead";
 const HOT_LOAD: &str = "hot load of model versions is not implemented in hearth yet: upload the new version as a \
                         model and update the deployment's baseModel, which rolls its replicas";
 
 /// The longest n-gram and the most drafted tokens a deployment's speculation may ask for:
 /// beyond that a verification pass costs more than its drafts save on any machine hearth runs on.
-const MAX_SPECULATION: i32 = 16;
+pub(crate) const MAX_SPECULATION: i32 = 16;
 
 /// Refuses the fields hearth parses but does not act on, naming each and saying why.
 fn refuse_unimplemented(d: &Deployment) -> Result<()> {
     let set_str = |s: &Option<String>| s.as_deref().is_some_and(|s| !s.is_empty());
-    let checks: [(&str, bool, &str); 13] = [
+    let checks: [(&str, bool, &str); 12] = [
         (
             "maxWithRevocableReplicaCount",
             d.max_with_revocable_replica_count.is_some_and(|n| n != 0),
             "hearth has no revocable (preemptible) capacity: every replica it runs is a full one; use \
              maxReplicaCount",
         ),
-        ("draftModel", set_str(&d.draft_model), DRAFT_MODEL),
         (
             "directRouteType",
             d.direct_route_type.is_some_and(|t| !matches!(t, DirectRouteType::Unspecified | DirectRouteType::Internet)),
@@ -337,7 +336,8 @@ fn normalise(d: &mut Deployment, min_to_zero: Duration) -> Result<()> {
         && d.draft_model.as_deref().unwrap_or("").is_empty()
     {
         return Err(ControlError::InvalidArgument(
-            "draftTokenCount sets how many tokens speculation drafts: set ngramSpeculationLength too".to_string(),
+            "draftTokenCount sets how many tokens speculation drafts: set ngramSpeculationLength or draftModel too"
+                .to_string(),
         ));
     }
     Ok(())
@@ -424,6 +424,38 @@ impl ControlPlane {
         Ok(base.to_string())
     }
 
+    /// A draft model must be a READY base model the account may use whose tokenizer is the
+    /// base model's: its token ids go to the base model as they are. The vocabularies are
+    /// compared here from what validation recorded of each; the replica compares every token
+    /// when it loads the pair, and a deployment whose pair differs there fails saying so.
+    async fn check_draft_model(&self, account: &str, base: &str, draft: &str) -> Result<String> {
+        let draft = self.check_base_model(account, Some(draft)).await.map_err(|e| match e {
+            ControlError::FailedPrecondition(m) => {
+                ControlError::FailedPrecondition(format!("draftModel: {}", m.replacen("baseModel ", "", 1)))
+            }
+            other => other,
+        })?;
+        let (_, b) = self.resolve_model(account, base, "baseModel").await?;
+        let (_, d) = self.resolve_model(account, &draft, "draftModel").await?;
+        if let (Some(b), Some(d)) = (&b.value.base, &d.value.base) {
+            let (bv, bt, dv, dt) = (b.dims.vocab_size, &b.tokenizer, d.dims.vocab_size, &d.tokenizer);
+            // The tokenizer kind is compared where both records know it (older ones do not) in
+            // the same terms (GGUF and tokenizer.json name kinds differently).
+            if bv != dv || (bt.is_some() && dt.is_some() && b.format == d.format && bt != dt) {
+                return Err(ControlError::FailedPrecondition(format!(
+                    "draftModel {draft} does not share baseModel {base}'s tokenizer ({} tokens, {} against {} \
+                     tokens, {}): a draft's token ids go to the base model as they are, so it must be the same \
+                     model family with the same tokenizer (a smaller or quantized sibling)",
+                    dv,
+                    dt.as_deref().unwrap_or("unknown kind"),
+                    bv,
+                    bt.as_deref().unwrap_or("unknown kind"),
+                )));
+            }
+        }
+        Ok(draft)
+    }
+
     pub async fn create_deployment(
         &self,
         who: &Principal,
@@ -447,6 +479,38 @@ impl ControlPlane {
             None => random_id(8),
         };
         let base = self.check_base_model(account, body.base_model.as_deref()).await?;
+        let mut body = body;
+        let named = body.draft_model.as_deref().is_some_and(|m| !m.is_empty());
+        if opts.disable_speculative_decoding {
+            if named || body.ngram_speculation_length.is_some_and(|n| n > 0) {
+                return Err(ControlError::InvalidArgument(
+                    "disableSpeculativeDecoding=true turns speculation off, but the deployment sets draftModel or \
+                     ngramSpeculationLength: drop one or the other"
+                        .to_string(),
+                ));
+            }
+        } else if !named {
+            // The base model's own speculation settings apply when the deployment names none.
+            let (_, model) = self.resolve_model(account, &base, "baseModel").await?;
+            if let Some(default) = model.value.model.default_draft_model.clone().filter(|m| !m.is_empty()) {
+                body.draft_model = Some(default);
+                if body.draft_token_count.is_none() {
+                    body.draft_token_count = model.value.model.default_draft_token_count.filter(|n| *n > 0);
+                }
+            }
+        }
+        if let Some(draft) = body.draft_model.clone().filter(|m| !m.is_empty()) {
+            let checked = self.check_draft_model(account, &base, &draft).await;
+            body.draft_model = Some(match checked {
+                Err(ControlError::FailedPrecondition(m)) if !named => {
+                    return Err(ControlError::FailedPrecondition(format!(
+                        "the base model's defaultDraftModel cannot be used ({m}); create with \
+                         disableSpeculativeDecoding=true to deploy without it"
+                    )))
+                }
+                other => other?,
+            });
+        }
         // Output-only fields in the body are ignored (AIP-203): start from the user's fields.
         let mut d = Deployment {
             name: None,
@@ -519,7 +583,17 @@ impl ControlPlane {
         // carry no addons: they are LoRAs of the old base, which the new one cannot serve.
         // (Refused rather than unloaded for the user: unloading is theirs to decide.)
         let current = self.load_deployment(account, id).await?;
-        if let Some(base) = patch.value.base_model.as_deref().filter(|b| *b != current.value.base_model) {
+        let new_base = patch.value.base_model.as_deref().filter(|b| *b != current.value.base_model);
+        // A draft model named by the update, or kept across a change of base model, must
+        // suit the base model the update leaves.
+        let after = patch.apply(&current.value.to_wire())?;
+        if let Some(draft) = after.draft_model.as_deref().filter(|d| !d.is_empty()) {
+            if new_base.is_some() || current.value.draft_model.as_deref() != Some(draft) {
+                let base = after.base_model.as_deref().unwrap_or(&current.value.base_model);
+                self.check_draft_model(account, base, draft).await?;
+            }
+        }
+        if let Some(base) = new_base {
             self.check_base_model(account, Some(base)).await?;
             let name = ResourceName::new(account, Collection::Deployments, id).to_string();
             let loaded = self.addons_loaded_on(account, &name).await?;

@@ -97,13 +97,13 @@ const MODEL_PATCH: Patchable = Patchable {
         "trainingContextLength",
         "snapshotType",
         "conversationConfig",
+        "defaultDraftModel",
+        "defaultDraftTokenCount",
         // Accepted so an update can carry them unchanged; a change is refused below.
         "kind",
         "baseModelDetails",
         "peftDetails",
         // Refused as unimplemented when set.
-        "defaultDraftModel",
-        "defaultDraftTokenCount",
         "teftDetails",
     ],
 };
@@ -148,11 +148,26 @@ fn check_user_fields(m: &Model, stored: Option<&Model>) -> Result<()> {
             }
         }
     }
-    if m.default_draft_model.as_deref().is_some_and(|s| !s.is_empty()) {
-        return Err(ControlError::unimplemented_field("model", "defaultDraftModel"));
+    // The default draft model is checked against this model when a deployment uses it
+    // (it may be uploaded after this one); here only its form.
+    if let Some(d) = m.default_draft_model.as_deref().filter(|s| !s.is_empty()) {
+        ResourceName::parse(d, Collection::Models)
+            .map_err(|e| ControlError::InvalidArgument(format!("defaultDraftModel: {e}")))?;
     }
-    if m.default_draft_token_count.is_some_and(|n| n != 0) {
-        return Err(ControlError::unimplemented_field("model", "defaultDraftTokenCount"));
+    if let Some(n) = m.default_draft_token_count.filter(|n| *n != 0) {
+        if !(1..=crate::deployments::MAX_SPECULATION).contains(&n) {
+            return Err(ControlError::InvalidArgument(format!(
+                "defaultDraftTokenCount must be between 1 and {} (or 0 for the engine's default), got {n}",
+                crate::deployments::MAX_SPECULATION
+            )));
+        }
+        if m.default_draft_model.as_deref().is_none_or(str::is_empty) {
+            return Err(ControlError::InvalidArgument(
+                "defaultDraftTokenCount sets how many tokens the default draft model proposes: set \
+                 defaultDraftModel too"
+                    .to_string(),
+            ));
+        }
     }
     if m.teft_details.is_some() {
         return Err(ControlError::unimplemented_field("model", "teftDetails"));
@@ -320,6 +335,8 @@ impl ControlPlane {
             deprecation_date: input.deprecation_date,
             training_context_length: input.training_context_length,
             snapshot_type: input.snapshot_type,
+            default_draft_model: input.default_draft_model.filter(|m| !m.is_empty()),
+            default_draft_token_count: input.default_draft_token_count.filter(|n| *n > 0),
             state: Some(ModelState::Uploading),
             ..Model::default()
         };

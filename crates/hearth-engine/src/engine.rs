@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use crate::constraint::{Constraint, Grammar, Grammars};
 use crate::error::{EngineError, Result};
 use crate::lora::{LoraAdapter, LoraWeights};
-use crate::model::{KvCache, KvDtype, LlamaConfig, LlamaModel, SeqInput};
+use crate::model::{KvCache, KvDtype, LlamaConfig, LlamaModel, Logits, SeqInput};
 use crate::plan::{plan, Cost, Progress, Row, Work};
 use crate::sampling::{log_softmax, top_k, Sampled, Sampler, SamplingParams};
 use crate::tokenizer::{DecodeStream, Tokenizer};
@@ -277,6 +277,18 @@ pub struct Engine {
 
 impl Engine {
     pub fn start(model: LlamaModel, tokenizer: Tokenizer, config: EngineConfig) -> Engine {
+        Engine::start_with_draft(model, tokenizer, config, None)
+    }
+
+    /// Starts the engine with a draft model that proposes tokens for speculation (see
+    /// `crate::speculate::DraftModel`), up to `config.draft_tokens` per step; where n-gram
+    /// speculation is on too, a lookup that finds a draft is used first, as it costs nothing.
+    pub fn start_with_draft(
+        model: LlamaModel,
+        tokenizer: Tokenizer,
+        config: EngineConfig,
+        draft: Option<crate::speculate::DraftModel>,
+    ) -> Engine {
         let (tx, rx) = std::sync::mpsc::channel();
         let tokenizer = Arc::new(tokenizer);
         let stats = Arc::new(EngineStats::default());
@@ -311,6 +323,7 @@ impl Engine {
             running: Vec::new(),
             hot: VecDeque::new(),
             cursor: 0,
+            drafter: draft,
         };
         // Without its threads the engine cannot run; its requests then fail with `Stopped`.
         if let Err(e) = crate::threads::spawn_scheduler(move || sched.run(rx)) {
@@ -526,6 +539,9 @@ struct Sequence {
     pending: Option<u32>,
     /// What its next decode row feeds: the pending token, then this step's draft if any.
     feed: Vec<u32>,
+    /// Its KV cache in the draft model, when the engine has one: the sequence's tokens up to
+    /// some point (it catches up before it proposes).
+    draft_cache: Option<KvCache>,
     sampler: Sampler,
     /// Turns generated tokens into text one at a time, at a cost that does not grow with the
     /// generation.
@@ -597,6 +613,7 @@ struct Scheduler {
     /// What the KV caches hold (the configured type, or the model's default).
     kv_dtype: KvDtype,
     prefix: crate::prefix::PrefixCache,
+    drafter: Option<crate::speculate::DraftModel>,
 }
 
 impl Scheduler {
@@ -702,7 +719,8 @@ impl Scheduler {
                 Vec::new()
             };
             let cached = shared.len() * crate::kernels::attention::PAGE;
-            let need = self.kv_bytes(tokens - cached);
+            let need =
+                self.kv_bytes(tokens - cached) + self.drafter.as_ref().map_or(0, |d| d.kv_bytes(tokens, self.kv_dtype));
             let used: usize = self.running.iter().map(|s| s.kv_reserved).sum();
             let bound = self.config.kv_cache_bytes;
             // Idle cached blocks give way to a request that needs their memory.
@@ -746,6 +764,7 @@ impl Scheduler {
                 generated: Vec::new(),
                 pending: None,
                 feed: Vec::new(),
+                draft_cache: self.drafter.as_ref().map(|d| d.model.new_cache(self.kv_dtype)),
                 sampler: Sampler::new(seed),
                 detok: self.tokenizer.decode_stream(true),
                 held: String::new(),
@@ -829,7 +848,7 @@ impl Scheduler {
         if self.running.is_empty() {
             return Ok(());
         }
-        self.draft();
+        self.draft(helpers);
         let progress: Vec<Progress> = self.running.iter().map(Sequence::progress).collect();
         let planned = plan(&progress, self.config.max_step_tokens, self.cost, self.cursor);
         self.cursor = self.cursor.wrapping_add(1);
@@ -1007,17 +1026,21 @@ impl Scheduler {
     }
 
     /// Gives each decoding sequence this step's feed: its pending token, and a draft when
-    /// speculation is on and the sequence may take one (`crate::speculate`).
-    fn draft(&mut self) {
+    /// speculation is on and the sequence may take one (`crate::speculate`): an n-gram
+    /// lookup's, else the draft model's.
+    fn draft(&mut self, helpers: &crate::threads::Helpers) {
         let (ngram, most) = (self.config.ngram_speculation, self.config.draft_tokens);
         let ctx = self.context_length;
-        for s in self.running.iter_mut() {
+        let modelled = self.drafter.is_some();
+        // Sequences the draft model proposes for this step, with the most tokens each may take.
+        let mut wanted: Vec<(usize, usize)> = Vec::new();
+        for (i, s) in self.running.iter_mut().enumerate() {
             s.feed.clear();
             let Some(pending) = s.pending else { continue };
             s.feed.push(pending);
             // Not for constrained output (its grammar advances token by token) nor past what
             // the sequence may still generate: its KV reservation covers no more.
-            if ngram == 0 || s.constraint.is_some() {
+            if (ngram == 0 && !modelled) || s.constraint.is_some() {
                 continue;
             }
             let held = s.req.prompt.len() + s.generated.len();
@@ -1028,20 +1051,122 @@ impl Scheduler {
             if room == 0 {
                 continue;
             }
-            let mut context = Vec::with_capacity(held);
-            context.extend_from_slice(&s.req.prompt);
-            context.extend_from_slice(&s.generated);
-            s.feed.extend(crate::speculate::propose(&context, ngram, room));
+            if let Some(c) = s.draft_cache.as_mut() {
+                // Positions past the sequence's tokens hold a draft no pass has verified
+                // (verification trims them; this covers a step that did not verify).
+                c.truncate(c.len().min(held));
+            }
+            if ngram > 0 {
+                let mut context = Vec::with_capacity(held);
+                context.extend_from_slice(&s.req.prompt);
+                context.extend_from_slice(&s.generated);
+                s.feed.extend(crate::speculate::propose(&context, ngram, room));
+            }
+            if s.feed.len() == 1 && s.draft_cache.is_some() {
+                wanted.push((i, room));
+            }
         }
+        if !wanted.is_empty() {
+            if let Err(e) = self.model_draft(helpers, &wanted) {
+                // A draft is only a guess: without one the step decodes as usual. The draft
+                // caches start over, as a failed pass may have left them anywhere.
+                tracing::warn!(error = %e, "the draft model failed; decoding without a draft this step");
+                for &(i, _) in &wanted {
+                    let s = &mut self.running[i];
+                    s.feed.truncate(1);
+                    if let (Some(c), Some(d)) = (s.draft_cache.as_mut(), self.drafter.as_ref()) {
+                        *c = d.model.new_cache(self.kv_dtype);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The draft model's proposals for `wanted` (sequence, most tokens): first each draft
+    /// cache catches up with its sequence's tokens through the pending one (all of them
+    /// within one step's token budget, so a long prompt catches up over several steps and
+    /// drafts only then), then it feeds its own most likely token back, one batched pass per
+    /// drafted position.
+    fn model_draft(&mut self, helpers: &crate::threads::Helpers, wanted: &[(usize, usize)]) -> Result<()> {
+        if self.drafter.is_none() {
+            return Ok(());
+        }
+        let mut budget = self.config.max_step_tokens.max(1);
+        // (sequence, catch-up tokens, most tokens it drafts: 0 while it is still catching up).
+        let mut catch_up: Vec<(usize, Vec<u32>, usize)> = Vec::new();
+        for &(i, room) in wanted {
+            let s = &self.running[i];
+            let Some(cache) = s.draft_cache.as_ref() else { continue };
+            let held = s.req.prompt.len() + s.generated.len();
+            let from = cache.len().min(held);
+            let take = (held - from).min(budget);
+            if take == 0 {
+                continue;
+            }
+            budget -= take;
+            let tokens: Vec<u32> = s.req.prompt.iter().chain(&s.generated).skip(from).take(take).copied().collect();
+            let proposes = from + take == held;
+            catch_up.push((i, tokens, if proposes { room } else { 0 }));
+            if budget == 0 {
+                break;
+            }
+        }
+        // Positions whose logits propose a token: (sequence, most tokens).
+        let mut active: Vec<(usize, usize)> = catch_up.iter().filter(|c| c.2 > 0).map(|c| (c.0, c.2)).collect();
+        let fed: Vec<(usize, &[u32], Logits)> = catch_up
+            .iter()
+            .map(|(i, tokens, room)| (*i, tokens.as_slice(), if *room > 0 { Logits::Last } else { Logits::None }))
+            .collect();
+        self.draft_pass(helpers, &fed)?;
+        // Then one token at a time while any sequence wants more.
+        loop {
+            active.retain(|&(i, room)| self.running[i].feed.len() - 1 < room);
+            if active.is_empty() {
+                return Ok(());
+            }
+            let last: Vec<u32> = active.iter().map(|&(i, _)| *self.running[i].feed.last().unwrap_or(&0)).collect();
+            let fed: Vec<(usize, &[u32], Logits)> =
+                active.iter().zip(&last).map(|(&(i, _), t)| (i, std::slice::from_ref(t), Logits::Last)).collect();
+            self.draft_pass(helpers, &fed)?;
+        }
+    }
+
+    /// One batched pass of the draft model: each `(sequence, tokens, logits)` in sequence
+    /// order feeds its tokens to the sequence's draft cache, and a row that asks for
+    /// `Logits::Last` gets the draft's most likely next token appended to its feed.
+    fn draft_pass(&mut self, helpers: &crate::threads::Helpers, fed: &[(usize, &[u32], Logits)]) -> Result<()> {
+        let Some(drafter) = self.drafter.as_ref() else { return Ok(()) };
+        let mut inputs = Vec::with_capacity(fed.len());
+        let mut k = 0;
+        for (i, s) in self.running.iter_mut().enumerate() {
+            let Some(&(j, tokens, logits)) = fed.get(k) else { break };
+            if j != i {
+                continue;
+            }
+            let cache = s.draft_cache.as_mut().ok_or_else(|| EngineError::Internal("no draft cache".into()))?;
+            inputs.push(SeqInput { tokens, cache, logits, adapter: None });
+            k += 1;
+        }
+        let out = helpers.busy(|| drafter.model.forward(&mut inputs))?;
+        drop(inputs);
+        for (&(i, _, _), logits) in fed.iter().zip(out) {
+            if let Some(logits) = logits {
+                let token = crate::speculate::greedy(&logits, drafter.vocab)?;
+                self.running[i].feed.push(token);
+            }
+        }
+        Ok(())
     }
 
     /// Emits a decode row's tokens while the sequence's own sampling agrees with its draft:
     /// row j's distribution is sampled as always; the sample goes on to row j + 1 only if it
     /// is the drafted token there. The cache keeps the positions that were fed what the
-    /// sequence emitted. Returns whether the sequence finished.
+    /// sequence emitted, and the draft model's cache the positions it was fed what the
+    /// sequence now holds. Returns whether the sequence finished.
     fn check_draft(&mut self, i: usize, rows: &[Vec<f32>]) -> Result<Option<FinishReason>> {
         let draft: Vec<u32> = self.running[i].feed[1..].to_vec();
         let start = self.running[i].cache.len().saturating_sub(draft.len() + 1);
+        let held = self.running[i].req.prompt.len() + self.running[i].generated.len();
         let (mut emitted, mut agreed) = (0, 0);
         let mut outcome = Ok(None);
         for (j, logits) in rows.iter().enumerate().take(draft.len() + 1) {
@@ -1053,7 +1178,12 @@ impl Scheduler {
                 break;
             }
         }
-        self.running[i].cache.truncate(start + emitted);
+        let s = &mut self.running[i];
+        s.cache.truncate(start + emitted);
+        if let Some(c) = s.draft_cache.as_mut() {
+            // It was fed the tokens through the pending one, then the draft but its last.
+            c.truncate(c.len().min(held + agreed));
+        }
         self.stats.drafted_tokens.fetch_add(draft.len(), Ordering::Relaxed);
         self.stats.accepted_tokens.fetch_add(agreed, Ordering::Relaxed);
         outcome

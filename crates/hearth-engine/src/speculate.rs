@@ -11,6 +11,57 @@
 //! the sequence's own sampler, one sample per emitted token as without speculation, so a
 //! greedy or seeded request gets the very tokens it would get without it. Positions after the
 //! first disagreement are dropped from the KV cache.
+//!
+//! A [`DraftModel`] proposes in the same way where the context holds no repetition to look up.
+
+use crate::error::{EngineError, Result};
+use crate::model::{KvCache, KvDtype, LlamaModel};
+use crate::tokenizer::Tokenizer;
+
+/// A draft model: a smaller or more compressed model with the target's tokenizer (the same
+/// model's Q4_1 file drafting for its FP32 weights, say). It runs in the same scheduler as
+/// the target, keeps a KV cache of its own per sequence, and proposes greedily: its most
+/// likely token, fed back, `k` times. A greedy proposal is again a fixed guess, so the target
+/// verifies it exactly as it verifies an n-gram draft and the output stays the target's own.
+/// Adapters are the target's alone: a LoRA request's draft comes from the plain draft model,
+/// which lowers its acceptance but not its correctness.
+pub struct DraftModel {
+    pub(crate) model: LlamaModel,
+    /// Token ids it may propose: the tokenizer's, which the target's embeddings cover (a
+    /// checkpoint's vocabulary may be padded past them).
+    pub(crate) vocab: usize,
+}
+
+impl DraftModel {
+    /// Pairs `model` (read with `tokenizer`) as a draft for a target read with `target`;
+    /// refuses a draft whose tokenizer differs, since its token ids go to the target as they
+    /// are.
+    pub fn new(model: LlamaModel, tokenizer: &Tokenizer, target: &Tokenizer) -> Result<DraftModel> {
+        target.same_as(tokenizer).map_err(|why| {
+            EngineError::InvalidModel(format!("the draft model's tokenizer is not the target's: {why}"))
+        })?;
+        let vocab = tokenizer.vocab_size().min(model.config.vocab_size);
+        Ok(DraftModel { model, vocab })
+    }
+
+    /// Bytes of KV cache a sequence of `tokens` tokens needs in the draft model.
+    pub(crate) fn kv_bytes(&self, tokens: usize, dtype: KvDtype) -> usize {
+        let c = &self.model.config;
+        KvCache::bytes_for(tokens, c.num_hidden_layers, c.num_key_value_heads, c.head_dim, dtype)
+    }
+}
+
+/// The most likely token among the first `vocab` of a `[1, vocab']` logits row.
+pub(crate) fn greedy(logits: &candle_core::Tensor, vocab: usize) -> Result<u32> {
+    let row: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+    let mut best = (0u32, f32::NEG_INFINITY);
+    for (i, &l) in row.iter().enumerate().take(vocab) {
+        if l > best.1 {
+            best = (i as u32, l);
+        }
+    }
+    Ok(best.0)
+}
 
 /// The shortest match a draft is taken from: a single repeated token (a space, a comma)
 /// predicts little, and a rejected draft costs its verification.

@@ -386,6 +386,32 @@ impl Tokenizer {
         self.chat_template.as_deref()
     }
 
+    /// Why `other` would not turn text into the same ids as this tokenizer, or `Ok` when
+    /// every id names the same token and the special tokens agree (a draft model must share
+    /// its target's tokenizer: its token ids are fed to the target as they are). The same
+    /// model's GGUF file and Hugging Face directory compare equal.
+    pub fn same_as(&self, other: &Tokenizer) -> std::result::Result<(), String> {
+        if self.vocab_size != other.vocab_size {
+            return Err(format!("the vocabularies have {} and {} tokens", self.vocab_size, other.vocab_size));
+        }
+        if self.bos_id != other.bos_id || self.eos_ids.first() != other.eos_ids.first() {
+            return Err(format!(
+                "the special tokens differ (BOS {:?} and {:?}, EOS {:?} and {:?})",
+                self.bos_id,
+                other.bos_id,
+                self.eos_ids.first(),
+                other.eos_ids.first()
+            ));
+        }
+        for id in 0..self.vocab_size as u32 {
+            let (a, b) = (self.inner.id_to_token(id), other.inner.id_to_token(id));
+            if a != b {
+                return Err(format!("token {id} is {a:?} in one and {b:?} in the other"));
+            }
+        }
+        Ok(())
+    }
+
     /// The underlying `tokenizers` tokenizer.
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner

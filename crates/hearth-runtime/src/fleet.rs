@@ -22,6 +22,9 @@ pub struct Fleet {
     waiting: RwLock<HashMap<String, Arc<AtomicUsize>>>,
     /// Deployment name → last time a request for it arrived.
     last_request: RwLock<HashMap<String, Instant>>,
+    /// Deployment name → tokens its replicas' speculation drafted and accepted, summed over
+    /// the replicas it runs now (for the gateway's Prometheus figures).
+    speculation: RwLock<HashMap<String, (u64, u64)>>,
     /// Wakes the reconciler early (a deployment was woken or changed).
     pub(crate) kicker: Notify,
     /// Signals the router that the ready set changed.
@@ -77,6 +80,31 @@ impl Fleet {
                 self.changed.notify_waiters();
             }
         }
+    }
+
+    /// Records a deployment's speculation counts (none: it does not speculate).
+    pub fn set_speculation(&self, deployment: &str, counts: Option<(u64, u64)>) {
+        if let Ok(mut m) = self.speculation.write() {
+            match counts {
+                Some(c) => {
+                    m.insert(deployment.to_string(), c);
+                }
+                None => {
+                    m.remove(deployment);
+                }
+            }
+        }
+    }
+
+    /// Every speculating deployment's (name, drafted tokens, accepted tokens), by name.
+    pub fn speculation(&self) -> Vec<(String, u64, u64)> {
+        let mut v: Vec<_> = self
+            .speculation
+            .read()
+            .map(|m| m.iter().map(|(k, &(d, a))| (k.clone(), d, a)).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
     }
 
     /// The deployments with ready endpoints.

@@ -139,9 +139,16 @@ impl Runtime for LocalRuntime {
         }
         if spec.ngram_speculation > 0 {
             cmd.arg("--ngram-speculation").arg(spec.ngram_speculation.to_string());
-            if spec.draft_tokens > 0 {
-                cmd.arg("--draft-tokens").arg(spec.draft_tokens.to_string());
-            }
+        }
+        if let Some(draft) = &spec.draft_model {
+            let files = self
+                .control
+                .model_files(draft)
+                .ok_or_else(|| RuntimeError::Backend(format!("draft model {draft} is not a model name")))?;
+            cmd.arg("--draft-model").arg(files);
+        }
+        if spec.draft_tokens > 0 && (spec.ngram_speculation > 0 || spec.draft_model.is_some()) {
+            cmd.arg("--draft-tokens").arg(spec.draft_tokens.to_string());
         }
         if let Some(t) = &spec.chat_template {
             cmd.arg("--chat-template").arg(t);

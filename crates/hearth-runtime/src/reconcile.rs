@@ -159,6 +159,13 @@ pub async fn reconcile(ctx: &Context, key: &DeploymentKey) -> Result<Action> {
             live.push(r);
         }
     }
+    // Speculation's counts over the replicas running now, for the gateway's metrics.
+    let speculates = rspec.ngram_speculation > 0 || rspec.draft_model.is_some();
+    let counts = live
+        .iter()
+        .filter_map(|r| r.load)
+        .fold((0, 0), |(d, a), l| (d + l.spec_drafted_tokens, a + l.spec_accepted_tokens));
+    ctx.fleet.set_speculation(&name, speculates.then_some(counts));
     let (current, stale): (Vec<Replica>, Vec<Replica>) = live.into_iter().partition(|r| r.fingerprint == fingerprint);
     let plan = plan_replicas(&current, &stale, desired, &ctx.draining());
     for _ in 0..plan.start {
@@ -209,6 +216,7 @@ pub fn replica_spec(key: &DeploymentKey, spec: &DeploymentSpec, chat: ChatSettin
         max_hot_adapters: spec.num_peft_device_cached.unwrap_or(0).max(0) as u32,
         ngram_speculation: spec.ngram_speculation_length.unwrap_or(0).max(0) as u32,
         draft_tokens: spec.draft_token_count.unwrap_or(0).max(0) as u32,
+        draft_model: spec.draft_model.clone(),
     }
 }
 

@@ -37,6 +37,9 @@ pub struct ReplicaSpec {
     /// drafts (`draftTokenCount`; 0: the engine's default).
     pub ngram_speculation: u32,
     pub draft_tokens: u32,
+    /// `accounts/{a}/models/{m}`: the draft model whose proposals the replica verifies
+    /// (`draftModel`), loaded beside the base model.
+    pub draft_model: Option<String>,
 }
 
 impl ReplicaSpec {
@@ -59,6 +62,9 @@ impl ReplicaSpec {
         }
         if self.ngram_speculation > 0 {
             h.update(format!("|ngram:{}:{}", self.ngram_speculation, self.draft_tokens).as_bytes());
+        }
+        if let Some(d) = &self.draft_model {
+            h.update(format!("|draft:{d}:{}", self.draft_tokens).as_bytes());
         }
         hex::encode(&h.finalize()[..6])
     }

@@ -271,6 +271,8 @@ async fn load_figures(State(app): State<App>) -> Json<LoadFigures> {
         max_running: c.max_running as u64,
         kv_cache_used_bytes: s.kv_bytes.load(Ordering::Relaxed) as u64,
         kv_cache_capacity_bytes: c.kv_cache_bytes as u64,
+        spec_drafted_tokens: s.drafted_tokens.load(Ordering::Relaxed) as u64,
+        spec_accepted_tokens: s.accepted_tokens.load(Ordering::Relaxed) as u64,
     })
 }
 

@@ -73,6 +73,43 @@ impl Metrics {
     }
 }
 
+/// Speculative decoding by deployment, summed over the replicas it runs now (so a replaced
+/// replica's counts leave the sums, as any counter restarts with its process): tokens
+/// drafted, tokens accepted, and their ratio.
+pub fn render_speculation(deployments: &[(String, u64, u64)]) -> String {
+    let mut out = String::new();
+    if deployments.is_empty() {
+        return out;
+    }
+    let families: [(&str, &str, &str); 3] = [
+        (
+            "hearth_deployment_spec_drafted_tokens_total",
+            "counter",
+            "Tokens speculation proposed on the deployment's replicas.",
+        ),
+        (
+            "hearth_deployment_spec_accepted_tokens_total",
+            "counter",
+            "Proposed tokens the replicas' sampling agreed with.",
+        ),
+        ("hearth_deployment_spec_acceptance_rate", "gauge", "Accepted over drafted tokens (0 before any draft)."),
+    ];
+    for (i, (name, kind, help)) in families.iter().enumerate() {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for (deployment, drafted, accepted) in deployments {
+            let value = match i {
+                0 => *drafted as f64,
+                1 => *accepted as f64,
+                _ if *drafted == 0 => 0.0,
+                _ => *accepted as f64 / *drafted as f64,
+            };
+            let _ = writeln!(out, "{name}{{deployment=\"{deployment}\"}} {value}");
+        }
+    }
+    out
+}
+
 /// Middleware that records every request.
 pub async fn track(State(metrics): State<Arc<Metrics>>, req: Request, next: Next) -> Response {
     let start = Instant::now();

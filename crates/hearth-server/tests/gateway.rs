@@ -249,12 +249,12 @@ async fn every_code_the_api_returns_comes_with_its_http_status_and_changes_nothi
             "POST",
             "/v1/accounts/acme/deployments",
             Some(KEY),
-            Some(json!({"baseModel": "accounts/acme/models/base", "draftModel": "accounts/acme/models/base"})),
+            Some(json!({"baseModel": "accounts/acme/models/base", "enableMtp": true})),
             12,
             501,
         )
         .await;
-    assert!(un.body["message"].as_str().unwrap_or("").contains("draftModel"), "{}", un.body);
+    assert!(un.body["message"].as_str().unwrap_or("").contains("enableMtp"), "{}", un.body);
     app.refused(
         "POST",
         "/v1/accounts/acme/deployments",

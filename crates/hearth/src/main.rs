@@ -95,6 +95,12 @@ struct EngineArgs {
     /// The most tokens one speculation drafts (a deployment's draftTokenCount).
     #[arg(long, env = "HEARTH_DRAFT_TOKENS", default_value_t = 4)]
     draft_tokens: usize,
+    /// A draft model for speculation (a deployment's draftModel): a GGUF file or Hugging
+    /// Face directory of a model with the same tokenizer, served as it is stored (a Q4_1 file
+    /// drafts for the same model in FP32, say). It proposes --draft-tokens tokens per step
+    /// that the model verifies in one pass; output is what it would be without.
+    #[arg(long, env = "HEARTH_DRAFT_MODEL")]
+    draft_model: Option<PathBuf>,
     /// A LoRA adapter to load at start, as NAME=PATH (a PEFT directory); repeatable. Requests
     /// select it with "model": NAME.
     #[arg(long = "lora", value_name = "NAME=PATH")]
@@ -417,7 +423,23 @@ async fn engine(args: EngineArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let engine = hearth_engine::Engine::start(loaded.model, loaded.tokenizer, config);
+    let drafter = match args.draft_model.clone() {
+        Some(path) => {
+            let on = device.clone();
+            let shown = path.display().to_string();
+            let d =
+                tokio::task::spawn_blocking(move || hearth_engine::load(&path, hearth_engine::Precision::Native, &on))
+                    .await?
+                    .with_context(|| format!("loading the draft model {shown}"))?;
+            tracing::info!(draft = %shown, weight_mb = d.model.weight_bytes() / (1 << 20), "draft model loaded");
+            Some(
+                hearth_engine::speculate::DraftModel::new(d.model, &d.tokenizer, &loaded.tokenizer)
+                    .with_context(|| format!("--draft-model {shown}"))?,
+            )
+        }
+        None => None,
+    };
+    let engine = hearth_engine::Engine::start_with_draft(loaded.model, loaded.tokenizer, config, drafter);
     for spec in &args.loras {
         let Some((name, path)) = spec.split_once('=') else {
             bail!("--lora expects NAME=PATH, got {spec:?}");

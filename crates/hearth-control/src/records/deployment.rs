@@ -119,6 +119,10 @@ pub struct DeploymentSpec {
     pub ngram_speculation_length: Option<i32>,
     /// `draftTokenCount`: the most tokens one speculation drafts.
     pub draft_token_count: Option<i32>,
+    /// `draftModel`: the base model whose proposals the replicas verify (checked to share the
+    /// base model's tokenizer when set; the model's `defaultDraftModel` when the create named
+    /// none).
+    pub draft_model: Option<String>,
 }
 
 impl Record for DeploymentSpec {
@@ -181,6 +185,7 @@ impl DeploymentSpec {
             enable_session_affinity: d.enable_session_affinity,
             ngram_speculation_length: d.ngram_speculation_length,
             draft_token_count: d.draft_token_count,
+            draft_model: d.draft_model.clone().filter(|m| !m.is_empty()),
             direct_route_key_hashes: (d.direct_route_type == Some(DirectRouteType::Internet))
                 .then(|| d.direct_route_api_keys.iter().flatten().map(|k| crate::auth::hash_key(k)).collect()),
         }
@@ -216,6 +221,7 @@ impl DeploymentSpec {
             enable_session_affinity: self.enable_session_affinity,
             ngram_speculation_length: self.ngram_speculation_length,
             draft_token_count: self.draft_token_count,
+            draft_model: self.draft_model.clone(),
             ..Deployment::default()
         };
         with_echo(d, &self.echo)

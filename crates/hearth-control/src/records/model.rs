@@ -90,6 +90,11 @@ pub(crate) struct BaseFacts {
     /// From generation_config.json: what `defaultSamplingParams` reports.
     #[serde(default)]
     pub sampling_defaults: std::collections::BTreeMap<String, f64>,
+    /// The tokenizer kind (GGUF `tokenizer.ggml.model`, tokenizer.json's `model.type`), which
+    /// a draft model must share with its base model. Absent in records validated before it
+    /// was kept.
+    #[serde(default)]
+    pub tokenizer: Option<String>,
 }
 
 impl BaseFacts {
@@ -115,6 +120,7 @@ impl BaseFacts {
             dtype: b.dtype.clone(),
             files: b.files.clone(),
             sampling_defaults: b.sampling_defaults.clone(),
+            tokenizer: b.tokenizer.clone(),
         }
     }
 

@@ -25,11 +25,11 @@ pub(super) async fn create(
         deployment_id: p.str("deploymentId"),
         validate_only: p.bool("validateOnly")?,
         disable_auto_deploy: p.bool("disableAutoDeploy")?,
+        disable_speculative_decoding: p.bool("disableSpeculativeDecoding")?,
     };
-    // Flags that skip what hearth does not do (shape and image-tag validation, speculative
-    // decoding from the base model's settings): honoured as they stand, there being nothing
-    // to skip. Parsed, so a malformed one is refused.
-    for flag in ["disableSpeculativeDecoding", "skipShapeValidation", "skipImageTagValidation", "acceptShapelessRisk"] {
+    // Flags that skip what hearth does not do (shape and image-tag validation): honoured as
+    // they stand, there being nothing to skip. Parsed, so a malformed one is refused.
+    for flag in ["skipShapeValidation", "skipImageTagValidation", "acceptShapelessRisk"] {
         p.bool(flag)?;
     }
     p.finish()?;

@@ -140,7 +140,9 @@ async fn health(RawQuery(q): RawQuery) -> ApiResult<Json<Value>> {
 
 async fn render_metrics(State(state): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Response> {
     no_params(q.as_deref())?;
-    Ok(([("content-type", "text/plain; version=0.0.4")], state.metrics.render()).into_response())
+    let mut text = state.metrics.render();
+    text.push_str(&crate::metrics::render_speculation(&state.inference.fleet.speculation()));
+    Ok(([("content-type", "text/plain; version=0.0.4")], text).into_response())
 }
 
 async fn openapi(RawQuery(q): RawQuery) -> ApiResult<Json<Value>> {
