@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import random
 import struct
+import time
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -461,3 +462,100 @@ def assert_sdk_error(exc: BaseException, http_status: int, code: int) -> Dict[st
     assert isinstance(body.get("message"), str) and body["message"], f"empty message: {body}"
     assert isinstance(body.get("details"), list), f"details is not a list: {body}"
     return body
+
+
+def perturb_gguf_norms(data: bytes, scale: float = 0.5) -> bytes:
+    """The same GGUF with every ``attn_norm`` weight (an F32 tensor in any quantization)
+    multiplied by ``1 + scale * sin(i)``: a model with the same shape and tokenizer that answers
+    differently, as a new version of the weights would."""
+    import math
+    import struct
+
+    buf = bytearray(data)
+    pos = 0
+
+    def take(fmt: str):
+        nonlocal pos
+        values = struct.unpack_from("<" + fmt, buf, pos)
+        pos += struct.calcsize("<" + fmt)
+        return values[0] if len(values) == 1 else values
+
+    def string() -> str:
+        n = take("Q")
+        nonlocal pos
+        s = bytes(buf[pos:pos + n]).decode()
+        pos += n
+        return s
+
+    scalar = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+    def value(kind: int):
+        if kind == 8:
+            return string()
+        if kind == 9:
+            inner, n = take("I"), take("Q")
+            return [value(inner) for _ in range(n)]
+        return take(scalar[kind])
+
+    assert bytes(buf[:4]) == b"GGUF", "not a GGUF file"
+    pos = 4
+    _version, n_tensors, n_kv = take("I"), take("Q"), take("Q")
+    alignment = 32
+    for _ in range(n_kv):
+        key = string()
+        v = value(take("I"))
+        if key == "general.alignment":
+            alignment = v
+    tensors = []
+    for _ in range(n_tensors):
+        name = string()
+        dims = [take("Q") for _ in range(take("I"))]
+        kind, offset = take("I"), take("Q")
+        tensors.append((name, dims, kind, offset))
+    start = (pos + alignment - 1) // alignment * alignment
+    changed = 0
+    for name, dims, kind, offset in tensors:
+        if kind != 0 or not name.endswith("attn_norm.weight"):
+            continue
+        n = math.prod(dims)
+        at = start + offset
+        values = struct.unpack_from(f"<{n}f", buf, at)
+        struct.pack_into(f"<{n}f", buf, at, *(x * (1 + scale * math.sin(i)) for i, x in enumerate(values)))
+        changed += 1
+    assert changed, "no F32 attn_norm tensor to change"
+    return bytes(buf)
+
+
+def wait_deployment(client, dep_id: str, check, what: str, timeout: float = 60):
+    """Polls a deployment until ``check(deployment)`` holds; returns it, or fails saying what it
+    never did and where it stood."""
+    deadline = time.monotonic() + timeout
+    while True:
+        d = client.deployments.get(dep_id)
+        if check(d):
+            return d
+        assert time.monotonic() < deadline, (
+            f"{dep_id} never {what}: {d.state} {d.status} active={getattr(d, 'active_model_version', None)}")
+        time.sleep(0.2)
+
+
+def moto_s3():
+    """A local S3-compatible server (moto) and a boto3 client for it, for a module fixture to
+    yield from: ``(endpoint, client)``. The credentials are those the test servers get."""
+    import socket
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                          aws_access_key_id="hearth", aws_secret_access_key="hearth-secret")
+    try:
+        yield endpoint, client
+    finally:
+        server.stop()

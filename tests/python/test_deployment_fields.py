@@ -27,16 +27,6 @@ def client(hearth):
     return make_client(hearth)
 
 
-def _wait(client, dep_id: str, check, what: str, timeout: float = 60):
-    deadline = time.monotonic() + timeout
-    while True:
-        d = client.deployments.get(dep_id)
-        if check(d):
-            return d
-        assert time.monotonic() < deadline, f"{dep_id} never {what}: {d.state} {d.status}"
-        time.sleep(0.2)
-
-
 def _complete(hearth, model: str, prompt: list, max_tokens: int) -> requests.Response:
     return requests.post(f"{hearth.base_url}/inference/v1/completions",
                          headers={"Authorization": f"Bearer {hearth.api_key}"},
@@ -55,7 +45,7 @@ def test_max_context_length_bounds_prompt_and_generation(hearth, client, uid):
     # The model's own context is 256 tokens.
     client.deployments.create(base_model=name, deployment_id=dep_id, min_replica_count=1, max_replica_count=1,
                               max_context_length=64)
-    _wait(client, dep_id, lambda d: d.state == "READY", "READY")
+    fixtures.wait_deployment(client, dep_id, lambda d: d.state == "READY", "READY")
     model = f"{name}#accounts/{hearth.account}/deployments/{dep_id}"
     # A prompt that does not fit is refused, saying so.
     r = _complete(hearth, model, [5] * 80, 4)
@@ -91,7 +81,7 @@ def test_a_deployment_past_its_expire_time_is_deleted(hearth, client, uid, tmp_p
                               expire_time=soon.isoformat())
     d = client.deployments.get(dep_id)
     assert d.state != "DELETED"
-    d = _wait(client, dep_id, lambda d: d.state == "DELETED", "DELETED at its expireTime", timeout=30)
+    d = fixtures.wait_deployment(client, dep_id, lambda d: d.state == "DELETED", "DELETED at its expireTime", timeout=30)
     assert d.delete_time is not None
     # Soft-deleted, as a user's delete is: it can be brought back, and the expireTime that
     # has passed goes with the undelete (else it would be deleted again at once).
@@ -107,7 +97,7 @@ def test_a_public_deployed_model_serves_other_accounts(hearth, client, uid, tmp_
     dep_id = uid("pub")
     client.deployments.create(base_model=base.name, deployment_id=dep_id, min_replica_count=1, max_replica_count=1,
                               enable_addons=True)
-    _wait(client, dep_id, lambda d: d.state == "READY", "READY")
+    fixtures.wait_deployment(client, dep_id, lambda d: d.state == "READY", "READY")
     deployment = f"accounts/{hearth.account}/deployments/{dep_id}"
     r = requests.post(f"{hearth.base_url}/v1/accounts/{hearth.account}/deployedModels",
                       headers={"Authorization": f"Bearer {hearth.api_key}"},

@@ -174,17 +174,7 @@ def sources():
 @pytest.fixture(scope="module")
 def s3():
     """A local S3-compatible server and a client for it (moto)."""
-    from moto.server import ThreadedMotoServer
-    import boto3
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                          aws_access_key_id="hearth", aws_secret_access_key="hearth-secret")
-    yield endpoint, client
-    server.stop()
+    yield from fixtures.moto_s3()
 
 
 @pytest.fixture(scope="module")

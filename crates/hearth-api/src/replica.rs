@@ -22,6 +22,7 @@ pub mod paths {
     pub const UNLOAD_ADAPTER: &str = "/v1/unload_lora_adapter";
     pub const MERGE_ADAPTER: &str = "/v1/merge_lora_adapter";
     pub const UNMERGE_ADAPTER: &str = "/v1/unmerge_lora_adapter";
+    pub const LOAD_MODEL_VERSION: &str = "/v1/load_model_version";
 }
 
 /// `GET /health`: 200 once the model is loaded and the replica serves.
@@ -32,7 +33,7 @@ pub struct Health {
 }
 
 /// `GET /v1/load`: what the replica has on its hands, for autoscaling and routing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct LoadFigures {
     /// Sequences in the running batch.
     pub running: u64,
@@ -48,6 +49,25 @@ pub struct LoadFigures {
     pub spec_drafted_tokens: u64,
     #[serde(default)]
     pub spec_accepted_tokens: u64,
+    /// The version of the model's weights it serves (a deployment's hot load), if it was given
+    /// one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_version: Option<String>,
+}
+
+/// `POST /v1/load_model_version`: serve the weights at `model_path` (a directory or GGUF file
+/// the replica can read) as `version`, in place of the current ones. Answered once they serve.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoadModelVersionRequest {
+    pub model_path: String,
+    pub version: String,
+}
+
+/// The answer to a version load: the version now serving.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelVersion {
+    pub version: String,
 }
 
 /// `POST /v1/load_lora_adapter` and `/v1/merge_lora_adapter`: a PEFT directory the replica

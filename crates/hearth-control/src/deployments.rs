@@ -10,8 +10,8 @@ use chrono::Utc;
 use hearth_api::duration::ProtoDuration;
 use hearth_api::names::{validate_id, Collection, ResourceName};
 use hearth_api::resources::{
-    AutoscalingPolicy, Deployment, DeploymentState, DirectRouteType, HotLoadBucketType, ModelKind, ModelState,
-    Precision, ScaleDeploymentRequest,
+    AutoscalingPolicy, Deployment, DeploymentState, DirectRouteType, ModelKind, ModelState, Precision,
+    ScaleDeploymentRequest,
 };
 use serde_json::Value;
 
@@ -83,6 +83,7 @@ const DEPLOYMENT_PATCH: Patchable = Patchable {
         "directRouteHandle",
         "region",
         "replicaStats",
+        "activeModelVersion",
     ],
     mutable: &[
         "displayName",
@@ -111,15 +112,14 @@ const DEPLOYMENT_PATCH: Patchable = Patchable {
         "ngramSpeculationLength",
         "draftTokenCount",
         "draftModel",
+        "enableHotLoad",
+        "hotLoadBucketType",
+        "hotLoadBucketUrl",
+        "targetModelVersion",
         // Refused as unimplemented when set.
         "maxWithRevocableReplicaCount",
         "deploymentTemplate",
         "autoTune",
-        "enableHotLoad",
-        "hotLoadBucketType",
-        "activeModelVersion",
-        "targetModelVersion",
-        "hotLoadBucketUrl",
         "pricingPlanId",
         "hotLoadTrainerJob",
         "enableMtp",
@@ -144,8 +144,6 @@ fn not_found(account: &str, id: &str) -> ControlError {
 
 /// Why a deployment field is refused: what hearth does instead, so the message says what to do.
 /// `docs/fields.md` ("What stays refused") lists the same.
-const HOT_LOAD: &str = "hot load of model versions is not implemented in hearth yet: upload the new version as a \
-                        model and update the deployment's baseModel, which rolls its replicas";
 
 /// The longest n-gram and the most drafted tokens a deployment's speculation may ask for:
 /// beyond that a verification pass costs more than its drafts save on any machine hearth runs on.
@@ -154,7 +152,7 @@ pub(crate) const MAX_SPECULATION: i32 = 16;
 /// Refuses the fields hearth parses but does not act on, naming each and saying why.
 fn refuse_unimplemented(d: &Deployment) -> Result<()> {
     let set_str = |s: &Option<String>| s.as_deref().is_some_and(|s| !s.is_empty());
-    let checks: [(&str, bool, &str); 12] = [
+    let checks: [(&str, bool, &str); 7] = [
         (
             "maxWithRevocableReplicaCount",
             d.max_with_revocable_replica_count.is_some_and(|n| n != 0),
@@ -178,16 +176,11 @@ fn refuse_unimplemented(d: &Deployment) -> Result<()> {
             "hearth has nothing to tune for long prompts: its engine prefills them in bounded chunks \
              (hearth engine --max-step-tokens); leave autoTune unset",
         ),
-        ("enableHotLoad", d.enable_hot_load == Some(true), HOT_LOAD),
-        ("hotLoadBucketType", d.hot_load_bucket_type.is_some_and(|t| t != HotLoadBucketType::Unspecified), HOT_LOAD),
-        ("hotLoadBucketUrl", set_str(&d.hot_load_bucket_url), HOT_LOAD),
         (
             "hotLoadTrainerJob",
             set_str(&d.hot_load_trainer_job),
             "hearth runs no trainer jobs: upload a trained adapter as a model and load it onto the deployment",
         ),
-        ("activeModelVersion", set_str(&d.active_model_version), HOT_LOAD),
-        ("targetModelVersion", set_str(&d.target_model_version), HOT_LOAD),
         ("pricingPlanId", set_str(&d.pricing_plan_id), "hearth has no pricing plans: it charges nothing"),
         (
             "enableMtp",
@@ -229,6 +222,7 @@ const MAX_DIRECT_ROUTE_KEYS: usize = 100;
 /// `min_to_zero` is the shortest scale-to-zero window accepted (`ControlConfig`).
 fn normalise(d: &mut Deployment, min_to_zero: Duration) -> Result<()> {
     refuse_unimplemented(d)?;
+    crate::hot_load::check(d)?;
     if let Some(n) = &d.display_name {
         if n.chars().count() >= 64 {
             return Err(ControlError::InvalidArgument(format!(
@@ -526,6 +520,7 @@ impl ControlPlane {
             direct_route_handle: None,
             region: None,
             replica_stats: None,
+            active_model_version: None,
             base_model: Some(base),
             ..body
         };

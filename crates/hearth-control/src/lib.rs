@@ -11,6 +11,7 @@ pub mod auth;
 pub mod deployed_models;
 pub mod deployments;
 pub mod error;
+pub mod hot_load;
 mod imports;
 mod lease;
 pub mod listing;

@@ -12,7 +12,7 @@ use crate::error::{ControlError, Result};
 use crate::records::deployed_model::DeployedModelSpec;
 pub use crate::records::deployed_model::{AddonPhase, DeployedModelStatus};
 pub use crate::records::deployment::{
-    Autoscaling, DeploymentSpec, DeploymentStatus, Failure, Phase, Problem, ScaleRequest,
+    Autoscaling, DeploymentSpec, DeploymentStatus, Failure, HotLoadProblem, HotLoadSpec, Phase, Problem, ScaleRequest,
 };
 use crate::records::model::ModelRecord;
 use crate::records::{decode_body, Doc, DEPLOYMENTS};

@@ -255,6 +255,11 @@ enum Message {
         adapter: Option<Arc<LoraAdapter>>,
         done: std::sync::mpsc::Sender<Result<()>>,
     },
+    /// Serve these weights from now on (a new version of the model); answered once done.
+    Replace {
+        model: Box<LlamaModel>,
+        done: std::sync::mpsc::Sender<Result<()>>,
+    },
 }
 
 /// The handle: cheap to clone; the scheduler stops when the last handle is dropped.
@@ -273,6 +278,11 @@ pub struct Engine {
     /// The adapter merged into the weights, if any (set by the scheduler once merged).
     merged: Arc<std::sync::RwLock<Option<Arc<LoraAdapter>>>>,
     grammars: Arc<Grammars>,
+    /// The version of the weights being served, as whoever loaded them named it (none: the
+    /// weights the engine started with, unnamed).
+    model_version: Arc<std::sync::RwLock<Option<String>>>,
+    /// Serialises version replacements (each waits for the running sequences to finish).
+    replacing: Arc<std::sync::Mutex<()>>,
 }
 
 impl Engine {
@@ -314,6 +324,7 @@ impl Engine {
             context_length,
             merged: merged.clone(),
             merge_pending: None,
+            replace_pending: None,
             unmerge: None,
             model,
             tokenizer: tokenizer.clone(),
@@ -341,7 +352,56 @@ impl Engine {
             gguf_layout,
             adapters: Default::default(),
             merged,
+            model_version: Default::default(),
+            replacing: Default::default(),
         }
+    }
+
+    /// The version of the weights being served (see [`Engine::replace_model`]).
+    pub fn model_version(&self) -> Option<String> {
+        self.model_version.read().ok().and_then(|v| v.clone())
+    }
+
+    /// Names the weights the engine started with (a replica started on a version).
+    pub fn set_model_version(&self, version: Option<String>) {
+        if let Ok(mut v) = self.model_version.write() {
+            *v = version;
+        }
+    }
+
+    /// Serves `model` (read with `tokenizer`) from now on, as `version`: a new version of the
+    /// same model, swapped in without a restart. Sequences running finish on the weights they
+    /// started with; requests arriving meanwhile wait (as for a merge) and then run on the new
+    /// ones, so no request sees a mix and none fails. The new weights must have the same
+    /// shape, tokenizer and checkpoint layout, which loaded LoRA adapters and the HTTP layer's
+    /// tokenizer rely on; a version that differs is refused and the old one goes on serving.
+    /// Blocking: returns once the new weights serve.
+    pub fn replace_model(&self, model: LlamaModel, tokenizer: &Tokenizer, version: &str) -> Result<()> {
+        let refuse = |why: String| Err(EngineError::InvalidModel(format!("version {version}: {why}")));
+        if let Some(m) = self.merged_adapter() {
+            return refuse(format!("adapter {} is merged into the weights; unmerge it before a new version", m.name));
+        }
+        if let Err(why) = self.tokenizer.same_as(tokenizer) {
+            return refuse(format!("its tokenizer is not the one serving: {why}"));
+        }
+        if model.config.dims() != self.model_config.dims() {
+            return refuse(format!(
+                "its shape {:?} is not the one serving {:?}; a version replaces weights, not the architecture \
+                 (deploy another model for that)",
+                model.config.dims(),
+                self.model_config.dims()
+            ));
+        }
+        if model.gguf_layout() != self.gguf_layout {
+            return refuse("its checkpoint format (GGUF or Hugging Face) is not the one serving".to_string());
+        }
+        let _one = self.replacing.lock().map_err(|_| EngineError::Internal("replacement lock poisoned".into()))?;
+        let (done, wait) = std::sync::mpsc::channel();
+        self.tx.send(Message::Replace { model: Box::new(model), done }).map_err(|_| EngineError::Stopped)?;
+        wait.recv().map_err(|_| EngineError::Stopped)??;
+        self.set_model_version(Some(version.to_string()));
+        tracing::info!(version, "model version serving");
+        Ok(())
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
@@ -605,6 +665,8 @@ struct Scheduler {
     merged: Arc<std::sync::RwLock<Option<Arc<LoraAdapter>>>>,
     unmerge: Option<crate::model::Unmerge>,
     merge_pending: Option<PendingMerge>,
+    /// New weights waiting for the running sequences to finish (nothing is admitted meanwhile).
+    replace_pending: Option<(Box<LlamaModel>, std::sync::mpsc::Sender<Result<()>>)>,
     /// Where the next step starts handing out its token budget, so that when the budget is
     /// smaller than the batch every sequence still gets its turn.
     cursor: usize,
@@ -621,7 +683,8 @@ impl Scheduler {
         let helpers = crate::threads::Helpers::start();
         loop {
             // Block only when there is nothing to do; otherwise take what arrived.
-            if self.running.is_empty() && self.waiting.is_empty() && self.merge_pending.is_none() {
+            let pending = self.merge_pending.is_some() || self.replace_pending.is_some();
+            if self.running.is_empty() && self.waiting.is_empty() && !pending {
                 match rx.recv() {
                     Ok(m) => self.receive(m),
                     Err(_) => return,
@@ -632,6 +695,15 @@ impl Scheduler {
             }
             if self.merge_pending.is_some() && self.running.is_empty() {
                 self.apply_merge();
+            }
+            if self.running.is_empty() {
+                if let Some((model, done)) = self.replace_pending.take() {
+                    // Keys and values of the old weights are not the new weights'.
+                    self.prefix.clear();
+                    self.model = *model;
+                    self.cost = Cost { attention_span: self.model.attention_span() };
+                    let _ = done.send(Ok(()));
+                }
             }
             self.admit();
             if let Err(e) = self.step(&helpers) {
@@ -647,6 +719,11 @@ impl Scheduler {
     fn receive(&mut self, m: Message) {
         match m {
             Message::Request(inc) => self.waiting.push_back(*inc),
+            Message::Replace { model, done } => {
+                if let Some((_, old)) = self.replace_pending.replace((model, done)) {
+                    let _ = old.send(Err(EngineError::InvalidRequest("superseded by a newer version".into())));
+                }
+            }
             Message::Merge { adapter, done } => {
                 // A newer merge request supersedes one still waiting.
                 if let Some((_, old)) = self.merge_pending.replace((adapter, done)) {
@@ -693,7 +770,7 @@ impl Scheduler {
     /// adapter does not fit the cap is passed over, but only for `adapter_wait`: then it
     /// stops admission until running sequences finish and make room, so its wait is bounded.
     fn admit(&mut self) {
-        if self.merge_pending.is_some() {
+        if self.merge_pending.is_some() || self.replace_pending.is_some() {
             return;
         }
         let cap = self.step_adapter_cap();

@@ -103,10 +103,13 @@ fn spawn_prober(
 impl Runtime for LocalRuntime {
     async fn start(&self, spec: &ReplicaSpec) -> Result<Replica> {
         let port = free_port()?;
-        let model_dir = self
-            .control
-            .model_files(&spec.model)
-            .ok_or_else(|| RuntimeError::Backend(format!("{} is not a model name", spec.model)))?;
+        let model_dir = match &spec.model_version {
+            Some((_, dir)) => dir.clone(),
+            None => self
+                .control
+                .model_files(&spec.model)
+                .ok_or_else(|| RuntimeError::Backend(format!("{} is not a model name", spec.model)))?,
+        };
         let endpoint = format!("http://127.0.0.1:{port}");
         let mut cmd = Command::new(&self.binary);
         // In the environment, not the command line, which every local user can read.
@@ -149,6 +152,9 @@ impl Runtime for LocalRuntime {
         }
         if spec.draft_tokens > 0 && (spec.ngram_speculation > 0 || spec.draft_model.is_some()) {
             cmd.arg("--draft-tokens").arg(spec.draft_tokens.to_string());
+        }
+        if let Some((version, _)) = &spec.model_version {
+            cmd.arg("--model-version").arg(version);
         }
         if let Some(t) = &spec.chat_template {
             cmd.arg("--chat-template").arg(t);

@@ -15,11 +15,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
-use hearth_api::replica::{AdapterList, LoadAdapterRequest};
+use hearth_api::replica::{AdapterList, LoadAdapterRequest, LoadModelVersionRequest};
 use hearth_api::Code;
 use hearth_control::observe::{
-    Addon, AddonPhase, ChatSettings, DeploymentKey, DeploymentSpec, DeploymentStatus, Failure, Phase as StatusPhase,
-    Problem,
+    Addon, AddonPhase, ChatSettings, DeploymentKey, DeploymentSpec, DeploymentStatus, Failure, HotLoadProblem,
+    HotLoadSpec, Phase as StatusPhase, Problem,
 };
 use hearth_control::ControlPlane;
 
@@ -47,6 +47,9 @@ pub struct Context {
     /// Ready replicas on their way out (scaled down, or replaced by a roll), by id, with when
     /// they stopped getting new requests.
     draining: Mutex<HashMap<String, Instant>>,
+    /// The model version each replica endpoint last took from this reconciler: what it
+    /// serves, before its load figures (probed every few seconds) say so.
+    versions: Mutex<HashMap<String, String>>,
 }
 
 impl Context {
@@ -57,7 +60,16 @@ impl Context {
         fleet: Arc<Fleet>,
         clock: Arc<dyn Clock>,
     ) -> Context {
-        Context { control, runtime, replicas, fleet, clock, scalers: Mutex::default(), draining: Mutex::default() }
+        Context {
+            control,
+            runtime,
+            replicas,
+            fleet,
+            clock,
+            scalers: Mutex::default(),
+            draining: Mutex::default(),
+            versions: Mutex::default(),
+        }
     }
 
     fn draining(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
@@ -69,6 +81,8 @@ impl Context {
         for r in replicas {
             self.runtime.stop(&r.id).await?;
             self.draining().remove(&r.id);
+            // Its port may serve another replica next.
+            self.versions.lock().unwrap_or_else(|e| e.into_inner()).remove(&r.endpoint);
         }
         Ok(())
     }
@@ -163,13 +177,20 @@ pub async fn reconcile(ctx: &Context, key: &DeploymentKey) -> Result<Action> {
     let speculates = rspec.ngram_speculation > 0 || rspec.draft_model.is_some();
     let counts = live
         .iter()
-        .filter_map(|r| r.load)
+        .filter_map(|r| r.load.as_ref())
         .fold((0, 0), |(d, a), l| (d + l.spec_drafted_tokens, a + l.spec_accepted_tokens));
     ctx.fleet.set_speculation(&name, speculates.then_some(counts));
     let (current, stale): (Vec<Replica>, Vec<Replica>) = live.into_iter().partition(|r| r.fingerprint == fingerprint);
     let plan = plan_replicas(&current, &stale, desired, &ctx.draining());
-    for _ in 0..plan.start {
-        ctx.runtime.start(&rspec).await?;
+    if plan.start > 0 {
+        // New replicas start on the version the others serve.
+        let mut rspec = rspec.clone();
+        if let (Some(hot), Some(v)) = (&spec.hot_load, &status.active_model_version) {
+            rspec.model_version = ctx.control.model_version_files(&name, hot, v).await.ok().map(|d| (v.clone(), d));
+        }
+        for _ in 0..plan.start {
+            ctx.runtime.start(&rspec).await?;
+        }
     }
     let mut draining = false;
     for r in current.iter().chain(stale.iter()).filter(|r| plan.retire.contains(&r.id)) {
@@ -179,6 +200,14 @@ pub async fn reconcile(ctx: &Context, key: &DeploymentKey) -> Result<Action> {
 
     let addons = ctx.control.addons_for_runtime(key).await?;
     let addons_busy = sync_addons(ctx, &name, spec.merged_mode(), &plan.serving, addons).await?;
+    let versions: HashMap<&str, Option<&str>> = current
+        .iter()
+        .chain(stale.iter())
+        .map(|r| (r.endpoint.as_str(), r.load.as_ref().and_then(|l| l.model_version.as_deref())))
+        .collect();
+    let serving: Vec<(&str, Option<&str>)> =
+        plan.serving.iter().map(|e| (e.as_str(), versions.get(e.as_str()).copied().flatten())).collect();
+    let version_busy = sync_version(ctx, key, &name, spec.hot_load.as_ref(), &status, &serving).await?;
 
     let ready = plan.serving.len() as i32;
     let phase = match status.phase {
@@ -200,7 +229,7 @@ pub async fn reconcile(ctx: &Context, key: &DeploymentKey) -> Result<Action> {
             s.error = None;
         })
         .await?;
-    let busy = plan.start > 0 || plan.starting > 0 || plan.updating || draining || addons_busy;
+    let busy = plan.start > 0 || plan.starting > 0 || plan.updating || draining || addons_busy || version_busy;
     Ok(if busy { Action::Soon } else { Action::Idle })
 }
 
@@ -217,6 +246,7 @@ pub fn replica_spec(key: &DeploymentKey, spec: &DeploymentSpec, chat: ChatSettin
         ngram_speculation: spec.ngram_speculation_length.unwrap_or(0).max(0) as u32,
         draft_tokens: spec.draft_token_count.unwrap_or(0).max(0) as u32,
         draft_model: spec.draft_model.clone(),
+        model_version: None,
     }
 }
 
@@ -241,7 +271,7 @@ fn desired(
     };
     // The gateway's count (requests in flight here, and waiting for a replica), or what the
     // replicas report when they hold more (requests from other gateways).
-    let reported: u64 = replicas.iter().filter_map(|r| r.load).map(|l| l.running + l.waiting).sum();
+    let reported: u64 = replicas.iter().filter_map(|r| r.load.as_ref()).map(|l| l.running + l.waiting).sum();
     let seen = Observation {
         load: (ctx.fleet.load(name) + ctx.fleet.waiting(name)).max(reported as usize),
         last_request: ctx.fleet.last_request(name),
@@ -346,6 +376,96 @@ enum Synced {
     Answered { has: HashSet<String>, refused: HashMap<String, String> },
     /// It did not answer; the next reconcile asks again.
     Silent,
+}
+
+/// Brings every serving replica to the deployment's target version (`hearth_control::hot_load`)
+/// and records the version they all serve as the active one. A target that cannot be fetched,
+/// or that a replica refuses, is recorded as the deployment's hot-load problem, with the old
+/// version serving, and not tried again until the target changes. Returns whether replicas are
+/// still on their way to the target.
+async fn sync_version(
+    ctx: &Context,
+    key: &DeploymentKey,
+    name: &str,
+    hot: Option<&HotLoadSpec>,
+    status: &DeploymentStatus,
+    serving: &[(&str, Option<&str>)],
+) -> Result<bool> {
+    let target = hot.and_then(|h| h.target_version.as_deref());
+    let failed = status.hot_load_problem.as_ref().filter(|p| Some(p.version.as_str()) == target);
+    let mut at: Vec<Option<String>> = {
+        let taken = ctx.versions.lock().unwrap_or_else(|e| e.into_inner());
+        serving.iter().map(|(ep, v)| taken.get(*ep).cloned().or(v.map(str::to_string))).collect()
+    };
+    let mut problem = None;
+    let mut busy = false;
+    if let (Some(hot), Some(target), None) = (hot, target, failed) {
+        let behind: Vec<usize> = (0..serving.len()).filter(|&i| at[i].as_deref() != Some(target)).collect();
+        if !behind.is_empty() {
+            match ctx.control.model_version_files(name, hot, target).await {
+                Err(e) => problem = Some(Problem::from(e)),
+                Ok(dir) => {
+                    let req = LoadModelVersionRequest {
+                        model_path: dir.to_string_lossy().into_owned(),
+                        version: target.to_string(),
+                    };
+                    let answers =
+                        join_all(behind.iter().map(|&i| ctx.replicas.load_model_version(serving[i].0, &req))).await;
+                    for (&i, answer) in behind.iter().zip(answers) {
+                        match answer {
+                            Ok(()) => {
+                                at[i] = Some(target.to_string());
+                                ctx.versions
+                                    .lock()
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .insert(serving[i].0.to_string(), target.to_string());
+                            }
+                            Err(RuntimeError::Refused { message, .. }) => {
+                                problem = Some(Problem::new(Code::FailedPrecondition, message))
+                            }
+                            Err(e) => {
+                                tracing::warn!(deployment = name, error = %e, "a replica did not take the version yet");
+                                busy = true;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // The version every serving replica has; while they differ, the one before.
+    let common = match at.split_first() {
+        Some((first, rest)) if first.is_some() && rest.iter().all(|v| v == first) => first.clone(),
+        _ => status.active_model_version.clone(),
+    };
+    let problem = problem.map(|p| HotLoadProblem {
+        version: target.unwrap_or_default().to_string(),
+        problem: Problem::new(
+            Code::FailedPrecondition,
+            format!(
+                "model version {} could not be served ({}); {} goes on serving. Set another targetModelVersion to \
+                 try again",
+                target.unwrap_or_default(),
+                p.message,
+                common.as_deref().map_or("the base model's own files".to_string(), |v| format!("version {v}"))
+            ),
+        ),
+    });
+    let keep_problem = failed.cloned().or(problem);
+    if common != status.active_model_version || keep_problem != status.hot_load_problem {
+        if let Some(p) = &keep_problem {
+            tracing::warn!(deployment = name, reason = %p.problem.message, "model version refused");
+        } else if let Some(v) = &common {
+            tracing::info!(deployment = name, version = %v, "model version active");
+        }
+        ctx.control
+            .observe_deployment(key, |s| {
+                s.active_model_version = common.clone();
+                s.hot_load_problem = keep_problem.clone();
+            })
+            .await?;
+    }
+    Ok(busy)
 }
 
 /// Makes every serving replica hold exactly the addons loaded onto the deployment (in merged

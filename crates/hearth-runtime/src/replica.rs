@@ -7,7 +7,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use hearth_api::openai::ErrorBody;
 use hearth_api::replica::{
-    paths, AdapterInfo, AdapterList, Health, LoadAdapterRequest, LoadFigures, UnloadAdapterRequest, Unloaded, Unmerged,
+    paths, AdapterInfo, AdapterList, Health, LoadAdapterRequest, LoadFigures, LoadModelVersionRequest, ModelVersion,
+    UnloadAdapterRequest, Unloaded, Unmerged,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -24,6 +25,8 @@ pub trait ReplicaApi: Send + Sync + 'static {
     async fn unload_adapter(&self, endpoint: &str, name: &str) -> Result<()>;
     async fn merge_adapter(&self, endpoint: &str, req: &LoadAdapterRequest) -> Result<AdapterInfo>;
     async fn unmerge_adapter(&self, endpoint: &str) -> Result<()>;
+    /// Serves a new version of the weights in place; answers once it serves.
+    async fn load_model_version(&self, endpoint: &str, req: &LoadModelVersionRequest) -> Result<()>;
 }
 
 /// How long a call may take: observations answer at once; loading or merging an adapter
@@ -110,5 +113,9 @@ impl ReplicaApi for HttpReplicas {
 
     async fn unmerge_adapter(&self, endpoint: &str) -> Result<()> {
         self.call::<_, Unmerged>(endpoint, paths::UNMERGE_ADAPTER, Some(&serde_json::json!({})), SLOW).await.map(|_| ())
+    }
+
+    async fn load_model_version(&self, endpoint: &str, req: &LoadModelVersionRequest) -> Result<()> {
+        self.call::<_, ModelVersion>(endpoint, paths::LOAD_MODEL_VERSION, Some(req), SLOW).await.map(|_| ())
     }
 }

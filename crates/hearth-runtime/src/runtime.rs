@@ -40,6 +40,10 @@ pub struct ReplicaSpec {
     /// `accounts/{a}/models/{m}`: the draft model whose proposals the replica verifies
     /// (`draftModel`), loaded beside the base model.
     pub draft_model: Option<String>,
+    /// The hot-loaded version to start on, and its files, in place of the base model's files
+    /// (a deployment's `activeModelVersion`). Not part of the fingerprint: replicas change
+    /// version in place, so replicas on different versions are still interchangeable.
+    pub model_version: Option<(String, std::path::PathBuf)>,
 }
 
 impl ReplicaSpec {

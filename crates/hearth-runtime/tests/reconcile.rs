@@ -55,6 +55,12 @@ enum Step {
     AddonIs(&'static str, &'static str, &'static str),
     /// Every serving replica holds exactly these adapters (model ids).
     ReplicasHold(&'static [&'static str]),
+    /// Replicas refuse model version `version` with `message`.
+    RefuseVersion(&'static str, &'static str),
+    /// Every serving replica serves this model version.
+    ReplicasServe(&'static str),
+    /// The deployment's status message contains this.
+    StatusSays(&'static str),
 }
 
 use Step::*;
@@ -146,6 +152,20 @@ async fn run(steps: &[Step]) -> World {
             AddonIs(model, state, text) => {
                 let got = w.addon(&addons[model]).await;
                 assert_eq!(got["state"], json!(state), "{at}: {got:#}");
+                let message = got["status"]["message"].as_str().unwrap_or("");
+                assert!(message.contains(text), "{at}: {got:#}");
+            }
+            RefuseVersion(version, message) => {
+                w.replicas.refuse.lock().expect("lock").insert(version.to_string(), message.into());
+            }
+            ReplicasServe(version) => {
+                for ep in w.endpoints(D) {
+                    let got = w.replicas.versions.lock().expect("lock").get(&ep).cloned();
+                    assert_eq!(got.as_deref(), Some(version), "{at}: replica {ep}");
+                }
+            }
+            StatusSays(text) => {
+                let got = w.get(D).await;
                 let message = got["status"]["message"].as_str().unwrap_or("");
                 assert!(message.contains(text), "{at}: {got:#}");
             }
@@ -517,6 +537,56 @@ async fn a_scaling_schedule_raises_the_minimum_while_it_is_active() {
         Advance(secs(1)),
         Reconcile(Action::Soon),
         Expect(json!({"desiredReplicaCount": 0})),
+    ])
+    .await;
+}
+
+#[tokio::test]
+async fn a_model_version_reaches_every_replica_in_place_and_one_that_cannot_serve_says_why() {
+    // A bucket whose folders are small Hugging Face models from the engine's fixtures: the
+    // reconciler checks a version's files as an upload is checked; the fake replicas take it.
+    let bucket_dir = tempfile::tempdir().expect("a temp dir");
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../hearth-engine/tests/fixtures");
+    for (version, from) in [("v1", "tiny_llama"), ("v2", "tiny_qwen2"), ("v3", "tiny_llama3")] {
+        let dir = bucket_dir.path().join(version);
+        std::fs::create_dir(&dir).expect("mkdir");
+        for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+            std::fs::copy(fixtures.join(from).join(f), dir.join(f)).expect("copy");
+        }
+    }
+    let bucket = format!("file://{}", bucket_dir.path().display());
+    run(&[
+        Create(json!({"minReplicaCount": 2, "maxReplicaCount": 2, "enableHotLoad": true,
+                      "hotLoadBucketUrl": bucket, "targetModelVersion": "v1"})),
+        Reconcile(Action::Soon),
+        Ready,
+        Reconcile(Action::Idle),
+        Expect(json!({"state": "READY", "activeModelVersion": "v1", "targetModelVersion": "v1"})),
+        ReplicasServe("v1"),
+        // Refused by the replicas: the old version serves on, no replica restarts, and the
+        // status says why until the target changes.
+        RefuseVersion("v2", "its tokenizer is not the one serving"),
+        Update(json!({"targetModelVersion": "v2"})),
+        Reconcile(Action::Idle),
+        Expect(json!({"activeModelVersion": "v1", "status": {"code": "FAILED_PRECONDITION"}})),
+        StatusSays("its tokenizer is not the one serving"),
+        StatusSays("version v1 goes on serving"),
+        ReplicasServe("v1"),
+        Replicas(2, 0),
+        Reconcile(Action::Idle),
+        StatusSays("v2"),
+        // Not in the bucket.
+        Update(json!({"targetModelVersion": "missing"})),
+        Reconcile(Action::Idle),
+        StatusSays("missing"),
+        Expect(json!({"activeModelVersion": "v1"})),
+        // A good one clears the problem.
+        Update(json!({"targetModelVersion": "v3"})),
+        Reconcile(Action::Idle),
+        Expect(json!({"activeModelVersion": "v3", "state": "READY"})),
+        ReplicasServe("v3"),
+        StatusSays(""),
+        Replicas(2, 0),
     ])
     .await;
 }

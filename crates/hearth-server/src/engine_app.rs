@@ -22,7 +22,8 @@ use hearth_api::openai::{
     CHAT_FIELDS, COMPLETION_FIELDS,
 };
 use hearth_api::replica::{
-    paths, AdapterInfo, AdapterList, Health, LoadAdapterRequest, LoadFigures, UnloadAdapterRequest, Unloaded, Unmerged,
+    paths, AdapterInfo, AdapterList, Health, LoadAdapterRequest, LoadFigures, LoadModelVersionRequest, ModelVersion,
+    UnloadAdapterRequest, Unloaded, Unmerged,
 };
 use hearth_api::Code;
 use hearth_engine::chat::{ChatMessage, ChatTemplate};
@@ -50,7 +51,13 @@ struct App {
     system_prompt: Option<Arc<str>>,
     sampling_defaults: SamplingDefaults,
     metrics: Arc<Counters>,
+    loader: Option<ModelLoader>,
 }
+
+/// Reads a model's weights and tokenizer as the replica serves them (its precision, its
+/// device): what a new version of the model is loaded with.
+pub type ModelLoader =
+    Arc<dyn Fn(&std::path::Path) -> hearth_engine::error::Result<hearth_engine::Loaded> + Send + Sync>;
 
 #[derive(Default)]
 struct Counters {
@@ -77,6 +84,9 @@ pub struct ServerOptions {
     /// What a request that leaves a sampling parameter unset gets (the checkpoint's
     /// generation_config.json, as `hearth_formats::sampling_defaults` reads it).
     pub sampling_defaults: SamplingDefaults,
+    /// How to read a new version of the model (`POST /v1/load_model_version`); without it
+    /// the route refuses.
+    pub loader: Option<ModelLoader>,
 }
 
 /// The model's own sampling parameters, for requests that do not set them.
@@ -118,6 +128,7 @@ pub fn engine_router(engine: Engine, served_name: String, opts: ServerOptions) -
         system_prompt: opts.system_prompt.map(Arc::from),
         sampling_defaults: opts.sampling_defaults,
         metrics: Arc::new(Counters::default()),
+        loader: opts.loader,
     };
     Router::new()
         .route(paths::HEALTH, get(|| async { Json(Health { status: "ok".to_string() }) }))
@@ -131,6 +142,7 @@ pub fn engine_router(engine: Engine, served_name: String, opts: ServerOptions) -
         .route(paths::ADAPTERS, get(list_adapters))
         .route(paths::MERGE_ADAPTER, post(merge_adapter))
         .route(paths::UNMERGE_ADAPTER, post(unmerge_adapter))
+        .route(paths::LOAD_MODEL_VERSION, post(load_model_version))
         .fallback(|| async { OpenAiError::new(Code::NotFound, "no such route") })
         .layer(axum::middleware::from_fn(no_query_parameters))
         .layer(axum::middleware::from_fn_with_state(token.map(Arc::<str>::from), require_token))
@@ -241,6 +253,39 @@ async fn merge_adapter(State(app): State<App>, body: Result<Bytes, BytesRejectio
     Ok(Json(adapter_info(info)).into_response())
 }
 
+/// Serves a new version of the model's weights in place (see `Engine::replace_model`):
+/// requests running finish on the old weights, later ones get the new. A version that cannot
+/// be read, or does not fit the one serving, is refused and the old one goes on serving.
+async fn load_model_version(State(app): State<App>, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
+    let body = body.map_err(|e| OpenAiError::bad(format!("could not read the request body: {e}")))?;
+    let req: LoadModelVersionRequest =
+        serde_json::from_slice(&body).map_err(|e| OpenAiError::bad(format!("invalid request: {e}")))?;
+    if req.version.is_empty() || req.version.len() > 256 {
+        return Err(OpenAiError::bad("a model version is named by 1 to 256 characters".to_string()));
+    }
+    // Already serving it (a gateway asking again before its probe saw the change): done.
+    if app.engine.model_version().as_deref() == Some(req.version.as_str()) {
+        return Ok(Json(ModelVersion { version: req.version }).into_response());
+    }
+    let Some(loader) = app.loader.clone() else {
+        return Err(OpenAiError::new(Code::Unimplemented, "this server does not load model versions"));
+    };
+    let engine = app.engine.clone();
+    let version = req.version.clone();
+    tokio::task::spawn_blocking(move || {
+        let loaded = loader(std::path::Path::new(&req.model_path))?;
+        engine.replace_model(loaded.model, &loaded.tokenizer, &req.version)
+    })
+    .await
+    .map_err(|e| EngineError::Internal(e.to_string()))?
+    // Here a model that cannot be served is the caller's to fix, and the reason is theirs to read.
+    .map_err(|e| match e {
+        EngineError::InvalidModel(m) => OpenAiError::new(Code::FailedPrecondition, m),
+        other => other.into(),
+    })?;
+    Ok(Json(ModelVersion { version }).into_response())
+}
+
 async fn unmerge_adapter(State(app): State<App>) -> ApiResult<Response> {
     let engine = app.engine.clone();
     tokio::task::spawn_blocking(move || engine.unmerge_adapter())
@@ -273,6 +318,7 @@ async fn load_figures(State(app): State<App>) -> Json<LoadFigures> {
         kv_cache_capacity_bytes: c.kv_cache_bytes as u64,
         spec_drafted_tokens: s.drafted_tokens.load(Ordering::Relaxed) as u64,
         spec_accepted_tokens: s.accepted_tokens.load(Ordering::Relaxed) as u64,
+        model_version: app.engine.model_version(),
     })
 }
 

@@ -101,6 +101,11 @@ struct EngineArgs {
     /// that the model verifies in one pass; output is what it would be without.
     #[arg(long, env = "HEARTH_DRAFT_MODEL")]
     draft_model: Option<PathBuf>,
+    /// The version the model's weights are, reported in the replica's load figures (a
+    /// deployment's hot load starts new replicas on its active version). New versions are
+    /// loaded in place through POST /v1/load_model_version.
+    #[arg(long)]
+    model_version: Option<String>,
     /// A LoRA adapter to load at start, as NAME=PATH (a PEFT directory); repeatable. Requests
     /// select it with "model": NAME.
     #[arg(long = "lora", value_name = "NAME=PATH")]
@@ -440,6 +445,7 @@ async fn engine(args: EngineArgs) -> anyhow::Result<()> {
         None => None,
     };
     let engine = hearth_engine::Engine::start_with_draft(loaded.model, loaded.tokenizer, config, drafter);
+    engine.set_model_version(args.model_version.clone());
     for spec in &args.loras {
         let Some((name, path)) = spec.split_once('=') else {
             bail!("--lora expects NAME=PATH, got {spec:?}");
@@ -482,6 +488,8 @@ async fn engine(args: EngineArgs) -> anyhow::Result<()> {
         chat_template,
         system_prompt: args.system_prompt,
         sampling_defaults: hearth_server::SamplingDefaults::from_map(&sampling),
+        // New versions of the model are read as the model was: same precision, same device.
+        loader: Some(std::sync::Arc::new(move |path: &std::path::Path| hearth_engine::load(path, precision, &device))),
     };
     axum_serve(listener, hearth_server::engine_router(engine, served, opts)).await
 }

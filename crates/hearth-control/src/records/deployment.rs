@@ -8,7 +8,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use hearth_api::duration::ProtoDuration;
 use hearth_api::names::{Collection, ResourceName};
-use hearth_api::resources::{AutoscalingPolicy, Deployment, DeploymentState, DirectRouteType, Precision, ReplicaStats};
+use hearth_api::resources::{
+    AutoscalingPolicy, Deployment, DeploymentState, DirectRouteType, HotLoadBucketType, Precision, ReplicaStats,
+};
 use hearth_api::rpc::ResourceStatus;
 use hearth_api::Code;
 use serde::{Deserialize, Serialize};
@@ -123,6 +125,21 @@ pub struct DeploymentSpec {
     /// base model's tokenizer when set; the model's `defaultDraftModel` when the create named
     /// none).
     pub draft_model: Option<String>,
+    /// `enableHotLoad` and its bucket: versions of the weights replaced in place.
+    pub hot_load: Option<HotLoadSpec>,
+}
+
+/// A deployment's hot load (`crate::hot_load`): where its versions are, and which to serve.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct HotLoadSpec {
+    /// `hotLoadBucketType` as given (its wire name), or none.
+    pub bucket_type: Option<String>,
+    /// `hotLoadBucketUrl`: `file:///a/dir` or `s3://bucket/prefix`; a version is a folder
+    /// under it.
+    pub bucket_url: String,
+    /// `targetModelVersion`: the folder to serve; none serves the base model's own files.
+    pub target_version: Option<String>,
 }
 
 impl Record for DeploymentSpec {
@@ -186,6 +203,14 @@ impl DeploymentSpec {
             ngram_speculation_length: d.ngram_speculation_length,
             draft_token_count: d.draft_token_count,
             draft_model: d.draft_model.clone().filter(|m| !m.is_empty()),
+            hot_load: (d.enable_hot_load == Some(true)).then(|| HotLoadSpec {
+                bucket_type: d
+                    .hot_load_bucket_type
+                    .filter(|t| *t != HotLoadBucketType::Unspecified)
+                    .map(|t| t.as_str().to_string()),
+                bucket_url: d.hot_load_bucket_url.clone().unwrap_or_default(),
+                target_version: d.target_model_version.clone().filter(|v| !v.is_empty()),
+            }),
             direct_route_key_hashes: (d.direct_route_type == Some(DirectRouteType::Internet))
                 .then(|| d.direct_route_api_keys.iter().flatten().map(|k| crate::auth::hash_key(k)).collect()),
         }
@@ -222,6 +247,12 @@ impl DeploymentSpec {
             ngram_speculation_length: self.ngram_speculation_length,
             draft_token_count: self.draft_token_count,
             draft_model: self.draft_model.clone(),
+            enable_hot_load: self.hot_load.as_ref().map(|_| true),
+            hot_load_bucket_type: self.hot_load.as_ref().and_then(|h| {
+                h.bucket_type.as_deref().and_then(|t| HotLoadBucketType::ALL.iter().copied().find(|x| x.as_str() == t))
+            }),
+            hot_load_bucket_url: self.hot_load.as_ref().map(|h| h.bucket_url.clone()),
+            target_model_version: self.hot_load.as_ref().and_then(|h| h.target_version.clone()),
             ..Deployment::default()
         };
         with_echo(d, &self.echo)
@@ -324,6 +355,19 @@ pub struct DeploymentStatus {
     pub error: Option<Problem>,
     /// `host:port` of the deployment's direct route, once a gateway listens there.
     pub direct_route_handle: Option<String>,
+    /// The hot-loaded version every ready replica serves (`activeModelVersion`).
+    pub active_model_version: Option<String>,
+    /// Why the target version is not serving (it could not be fetched, or a replica refused
+    /// it); the previous version goes on serving. Cleared when the target serves or changes.
+    pub hot_load_problem: Option<HotLoadProblem>,
+}
+
+/// A target version that failed, and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HotLoadProblem {
+    pub version: String,
+    pub problem: Problem,
 }
 
 impl Record for DeploymentStatus {
@@ -352,6 +396,8 @@ impl DeploymentStatus {
             desired_replicas: wire.desired_replica_count,
             applied_scale: 0,
             direct_route_handle: None,
+            active_model_version: None,
+            hot_load_problem: None,
             failure: (state == DeploymentState::Failed).then(|| Failure {
                 generation: 1,
                 problem: Problem {
@@ -419,8 +465,9 @@ pub(crate) fn view(
     d.status = match state {
         DeploymentState::Failed => st.failed_at(spec.value.generation).map(Problem::resource_status),
         DeploymentState::Deleted => None,
-        _ => st.error.as_ref().map(Problem::resource_status),
+        _ => st.error.as_ref().or(st.hot_load_problem.as_ref().map(|h| &h.problem)).map(Problem::resource_status),
     };
+    d.active_model_version = st.active_model_version.clone();
     d.desired_replica_count = Some(desired_of(&spec.value, st));
     d.replica_count = Some(st.ready_replicas);
     d.replica_stats = Some(ReplicaStats {

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use hearth_api::replica::{AdapterInfo, AdapterList, Health, LoadAdapterRequest, LoadFigures};
+use hearth_api::replica::{AdapterInfo, AdapterList, Health, LoadAdapterRequest, LoadFigures, LoadModelVersionRequest};
 use hearth_control::deployments::CreateDeploymentOptions;
 use hearth_control::observe::DeploymentKey;
 use hearth_control::{ArtifactStore, ControlConfig, ControlPlane, Principal};
@@ -121,6 +121,8 @@ pub struct FakeReplicas {
     pub refuse: Mutex<HashMap<String, String>>,
     pub hang: Mutex<HashSet<String>>,
     pub hang_for: Mutex<Duration>,
+    /// The model version each endpoint serves.
+    pub versions: Mutex<HashMap<String, String>>,
 }
 
 impl FakeReplicas {
@@ -212,6 +214,13 @@ impl ReplicaApi for FakeReplicas {
     async fn unmerge_adapter(&self, endpoint: &str) -> Result<()> {
         self.answer(endpoint).await?;
         self.adapters.lock().expect("lock").entry(endpoint.to_string()).or_default().merged = None;
+        Ok(())
+    }
+
+    async fn load_model_version(&self, endpoint: &str, req: &LoadModelVersionRequest) -> Result<()> {
+        self.answer(endpoint).await?;
+        self.refused(endpoint, &req.version)?;
+        self.versions.lock().expect("lock").insert(endpoint.to_string(), req.version.clone());
         Ok(())
     }
 }

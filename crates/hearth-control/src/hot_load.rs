@@ -1,0 +1,215 @@
+//! Hot load of model versions: a deployment with `enableHotLoad` names a bucket
+//! (`hotLoadBucketUrl`: `file:///a/dir` for local use, `s3://bucket/prefix` through the
+//! object store) whose folders are versions of its weights, each a Hugging Face directory or
+//! one GGUF file, and a `targetModelVersion` to serve. The runtime fetches the target (here),
+//! checks it as an upload is checked, and has every ready replica swap it in without a restart
+//! (`Engine::replace_model`); `activeModelVersion` is the version every ready replica serves.
+//! A version that cannot be fetched or served is reported in `status` with the old one serving.
+
+use std::path::{Path, PathBuf};
+
+use hearth_api::resources::{AwsS3Source, Deployment, HotLoadBucketType, ModelSource};
+
+use crate::error::{ControlError, Result};
+use crate::records::deployment::HotLoadSpec;
+use crate::ControlPlane;
+
+/// Where a bucket URL points.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Bucket {
+    /// A local directory (absolute).
+    Dir(PathBuf),
+    /// An S3 (or S3-compatible) bucket and a prefix, without slashes at either end.
+    S3 { bucket: String, prefix: String },
+}
+
+impl Bucket {
+    pub fn parse(url: &str) -> Result<Bucket> {
+        let bad = |why: &str| {
+            ControlError::InvalidArgument(format!(
+                "hotLoadBucketUrl {url:?} {why}: use file:///an/absolute/dir or s3://bucket/prefix (no trailing slash)"
+            ))
+        };
+        if url.ends_with('/') && url.len() > "file:///".len() {
+            return Err(bad("ends with a slash"));
+        }
+        if let Some(path) = url.strip_prefix("file://") {
+            if !path.starts_with('/') {
+                return Err(bad("is not an absolute path"));
+            }
+            if path.split('/').any(|seg| seg == "..") {
+                return Err(bad("climbs out with .."));
+            }
+            return Ok(Bucket::Dir(PathBuf::from(path)));
+        }
+        if let Some(rest) = url.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(bad("names no bucket"));
+            }
+            return Ok(Bucket::S3 { bucket: bucket.to_string(), prefix: prefix.trim_matches('/').to_string() });
+        }
+        if let Some((scheme, _)) = url.split_once("://") {
+            return Err(ControlError::Unimplemented(format!(
+                "hotLoadBucketUrl scheme {scheme}:// is not supported: hearth reads versions from S3 (and \
+                 S3-compatible stores: s3://) or a local directory (file://)"
+            )));
+        }
+        Err(bad("has no scheme"))
+    }
+}
+
+/// A version names one folder under the bucket.
+fn check_version(field: &str, v: &str) -> Result<()> {
+    let ok = !v.is_empty()
+        && v.len() <= 128
+        && v != "."
+        && v != ".."
+        && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(ControlError::InvalidArgument(format!(
+            "{field} {v:?} must name one folder under hotLoadBucketUrl: 1 to 128 letters, digits, '.', '_' or '-'"
+        )))
+    }
+}
+
+/// Checks a deployment's hot-load fields as given (create, or the result of an update).
+/// `activeModelVersion` is output only and never checked.
+pub(crate) fn check(d: &Deployment) -> Result<()> {
+    let set = |s: &Option<String>| s.as_deref().is_some_and(|s| !s.is_empty());
+    if d.enable_hot_load != Some(true) {
+        for (field, on) in [
+            ("hotLoadBucketUrl", set(&d.hot_load_bucket_url)),
+            ("targetModelVersion", set(&d.target_model_version)),
+            ("hotLoadBucketType", d.hot_load_bucket_type.is_some_and(|t| t != HotLoadBucketType::Unspecified)),
+        ] {
+            if on {
+                return Err(ControlError::InvalidArgument(format!(
+                    "{field} is set but enableHotLoad is not: set enableHotLoad to true to serve versions from a bucket"
+                )));
+            }
+        }
+        return Ok(());
+    }
+    let url = d.hot_load_bucket_url.as_deref().filter(|u| !u.is_empty()).ok_or_else(|| {
+        ControlError::InvalidArgument(
+            "enableHotLoad needs hotLoadBucketUrl: the bucket whose folders are the model's versions".to_string(),
+        )
+    })?;
+    let bucket = Bucket::parse(url)?;
+    match (d.hot_load_bucket_type.unwrap_or(HotLoadBucketType::Unspecified), &bucket) {
+        (HotLoadBucketType::FwHosted, _) => {
+            return Err(ControlError::Unimplemented(
+                "hotLoadBucketType FW_HOSTED is not supported: hearth hosts no buckets; use S3 (or MINIO, NEBIUS: \
+                 S3-compatible) with an s3:// URL, or a local directory"
+                    .to_string(),
+            ))
+        }
+        (HotLoadBucketType::Unspecified, _) | (_, Bucket::S3 { .. }) => {}
+        (t, Bucket::Dir(_)) => {
+            return Err(ControlError::InvalidArgument(format!(
+                "hotLoadBucketType {t} names an object store but hotLoadBucketUrl is a local directory; leave the \
+                 type unset for file:// URLs"
+            )))
+        }
+    }
+    if let Some(v) = d.target_model_version.as_deref().filter(|v| !v.is_empty()) {
+        check_version("targetModelVersion", v)?;
+    }
+    Ok(())
+}
+
+impl ControlPlane {
+    /// The local files of `version` of a deployment's hot load, checked as an upload is: a
+    /// local bucket's folder as it is; an S3 version fetched once into the artifact store's
+    /// `hot-load` directory (sizes and checksums as imports check them) and reused after.
+    pub async fn model_version_files(&self, deployment: &str, hot: &HotLoadSpec, version: &str) -> Result<PathBuf> {
+        check_version("targetModelVersion", version)?;
+        let dir = match Bucket::parse(&hot.bucket_url)? {
+            Bucket::Dir(root) => {
+                let dir = root.join(version);
+                if !dir.is_dir() {
+                    return Err(ControlError::FailedPrecondition(format!(
+                        "version {version}: {} is not a directory",
+                        dir.display()
+                    )));
+                }
+                dir
+            }
+            Bucket::S3 { bucket, prefix } => {
+                let key = deployment.replace('/', "_");
+                let dir = self.artifacts.root().join("hot-load").join(key).join(version);
+                if !dir.join(COMPLETE).exists() {
+                    self.fetch_s3_version(&bucket, &prefix, version, &dir).await?;
+                }
+                dir
+            }
+        };
+        let checked = dir.clone();
+        tokio::task::spawn_blocking(move || hearth_formats::inspect_base(&checked))
+            .await
+            .map_err(ControlError::internal)?
+            .map_err(|p| ControlError::FailedPrecondition(format!("version {version} is not a servable model: {p}")))?;
+        Ok(dir)
+    }
+
+    async fn fetch_s3_version(&self, bucket: &str, prefix: &str, version: &str, dir: &Path) -> Result<()> {
+        let path = if prefix.is_empty() { version.to_string() } else { format!("{prefix}/{version}") };
+        let source = ModelSource {
+            aws_s3_source: Some(AwsS3Source {
+                s3_bucket: bucket.to_string(),
+                s3_path: Some(path.clone()),
+                ..AwsS3Source::default()
+            }),
+            ..ModelSource::default()
+        };
+        // Into a fresh folder beside it, renamed into place once whole: a fetch cut short
+        // leaves nothing that looks complete.
+        let partial = dir.with_extension("partial");
+        let _ = tokio::fs::remove_dir_all(&partial).await;
+        tokio::fs::create_dir_all(&partial).await.map_err(ControlError::internal)?;
+        let files =
+            hearth_artifacts::sources::fetch(&self.http, &self.config.hf_endpoint, &source, &partial).await.map_err(
+                |e| ControlError::FailedPrecondition(format!("version {version} from s3://{bucket}/{path}: {e}")),
+            )?;
+        if files.0.is_empty() {
+            let _ = tokio::fs::remove_dir_all(&partial).await;
+            return Err(ControlError::FailedPrecondition(format!(
+                "version {version}: s3://{bucket}/{path}/ holds no files"
+            )));
+        }
+        tokio::fs::write(partial.join(COMPLETE), b"").await.map_err(ControlError::internal)?;
+        let _ = tokio::fs::remove_dir_all(dir).await;
+        tokio::fs::rename(&partial, dir).await.map_err(ControlError::internal)?;
+        tracing::info!(version, files = files.0.len(), "model version fetched from s3://{bucket}/{path}");
+        Ok(())
+    }
+}
+
+/// Marks a fetched version folder as whole.
+const COMPLETE: &str = ".complete";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_urls_parse_or_say_what_is_expected() {
+        assert_eq!(Bucket::parse("file:///srv/versions").unwrap(), Bucket::Dir("/srv/versions".into()));
+        assert_eq!(
+            Bucket::parse("s3://b/models/smol").unwrap(),
+            Bucket::S3 { bucket: "b".into(), prefix: "models/smol".into() }
+        );
+        assert_eq!(Bucket::parse("s3://b").unwrap(), Bucket::S3 { bucket: "b".into(), prefix: String::new() });
+        for bad in ["file://relative", "s3:///x", "s3://b/p/", "/just/a/path", "file:///a/../b"] {
+            assert!(matches!(Bucket::parse(bad), Err(ControlError::InvalidArgument(_))), "{bad}");
+        }
+        assert!(matches!(Bucket::parse("gs://b/p"), Err(ControlError::Unimplemented(_))));
+        assert!(check_version("v", "v2.1_final-3").is_ok());
+        for bad in ["", "..", "a/b", "a b", &"x".repeat(129)] {
+            assert!(check_version("v", bad).is_err(), "{bad}");
+        }
+    }
+}
