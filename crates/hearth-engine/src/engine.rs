@@ -233,6 +233,10 @@ pub struct EngineStats {
     /// Speculation: tokens proposed, and those of them the sequences' own sampling agreed with.
     pub drafted_tokens: AtomicUsize,
     pub accepted_tokens: AtomicUsize,
+    /// The adapters of the running sequences, and of the waiting requests, by name (sorted,
+    /// each once): what a router with adapter affinity reads.
+    pub running_adapters: std::sync::Mutex<Vec<String>>,
+    pub waiting_adapters: std::sync::Mutex<Vec<String>>,
 }
 
 struct Incoming {
@@ -905,6 +909,20 @@ impl Scheduler {
 
     fn publish(&self) {
         self.stats.running.store(self.running.len(), Ordering::Relaxed);
+        let names = |it: &mut dyn Iterator<Item = &GenerateRequest>| {
+            let mut v: Vec<String> = it.filter_map(|r| r.adapter.as_ref().map(|a| a.name.clone())).collect();
+            v.sort();
+            v.dedup();
+            v
+        };
+        let running = names(&mut self.running.iter().map(|s| &s.req));
+        let waiting = names(&mut self.waiting.iter().map(|w| &w.req));
+        if let Ok(mut r) = self.stats.running_adapters.lock() {
+            *r = running;
+        }
+        if let Ok(mut w) = self.stats.waiting_adapters.lock() {
+            *w = waiting;
+        }
         self.stats.prefix_bytes.store(self.prefix.bytes(), Ordering::Relaxed);
         self.stats.prefix_blocks.store(self.prefix.blocks(), Ordering::Relaxed);
         if let Ok(mut p) = self.stats.prefix.lock() {

@@ -456,7 +456,51 @@ async fn metrics(State(app): State<App>) -> Response {
             ));
         }
     }
+    out.push_str(&inference_extension_metrics(&app));
     ([("content-type", "text/plain; version=0.0.4")], out).into_response()
+}
+
+/// The figures the Kubernetes Gateway API Inference Extension's endpoint picker scrapes, in
+/// vLLM's names and form, so a hearth replica can sit behind that router unchanged: requests
+/// waiting and running, the KV cache's use (0 to 1), and `vllm:lora_requests_info`, whose
+/// labels list the adapters of running and waiting requests (comma-separated) and the most
+/// adapters a step runs, and whose value is the time of the reading (the picker takes the
+/// latest series).
+fn inference_extension_metrics(app: &App) -> String {
+    let s = app.engine.stats();
+    let c = app.engine.config();
+    let model = escape_label(&app.served_name);
+    let used = s.kv_bytes.load(Ordering::Relaxed) as f64;
+    let usage = if c.kv_cache_bytes > 0 { (used / c.kv_cache_bytes as f64).min(1.0) } else { 0.0 };
+    let list = |m: &std::sync::Mutex<Vec<String>>| {
+        m.lock().map(|v| v.iter().map(|n| escape_label(n)).collect::<Vec<_>>().join(",")).unwrap_or_default()
+    };
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+    let mut out = String::new();
+    for (name, help, value) in [
+        (
+            "vllm:num_requests_waiting",
+            "Number of requests waiting to be processed.",
+            s.waiting.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "vllm:num_requests_running",
+            "Number of requests in model execution batches.",
+            s.running.load(Ordering::Relaxed) as f64,
+        ),
+        ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", usage),
+    ] {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{model_name=\"{model}\"}} {value}\n"));
+    }
+    out.push_str(&format!(
+        "# HELP vllm:lora_requests_info Running stats on lora requests.\n# TYPE vllm:lora_requests_info gauge\n\
+         vllm:lora_requests_info{{max_lora=\"{}\",running_lora_adapters=\"{}\",waiting_lora_adapters=\"{}\"}} {now}\n",
+        c.max_step_adapters,
+        list(&s.running_adapters),
+        list(&s.waiting_adapters),
+    ));
+    out
 }
 
 /// Prometheus label values escape backslashes, quotes and newlines.
