@@ -400,7 +400,8 @@ function seconds(d) {
 /**
  * The form that creates a deployment, or (given `existing`) updates one with PATCH. It sets
  * what users set: replicas, autoscaling windows and load target, precision, addons, merged
- * mode, LoRAs kept hot, context length and session affinity.
+ * mode, LoRAs kept hot, context length, session affinity, speculation (prompt lookup or a
+ * draft model) and hot load of model versions.
  * @param {Api} a
  * @param {import("./api.js").Resource[]} bases
  * @param {import("./api.js").Resource | null} existing
@@ -447,6 +448,19 @@ function deploymentForm(a, bases, existing, done, cancel) {
     h("div", { class: "row" },
       h("div", {}, ...num("ngram", "Prompt-lookup speculation: n-gram length (empty: off)", d.ngramSpeculationLength, { min: 1, max: 16 })),
       h("div", {}, ...num("drafts", "Most tokens drafted per step", d.draftTokenCount, { min: 1, max: 16 })),
+      h("div", {},
+        h("label", { for: "dep-draft" }, "Draft model (same tokenizer)"),
+        h("select", { id: "dep-draft", name: "draft" },
+          h("option", { value: "" }, "none"),
+          ...bases.map((m) => h("option", { value: m.name, selected: m.name === d.draftModel }, shortName(m.name))))),
+    ),
+    h("div", { class: "row" },
+      h("div", {},
+        h("label", { for: "dep-bucket" }, "Model versions bucket (file:// or s3://; empty: no hot load)"),
+        h("input", { id: "dep-bucket", name: "bucket", value: d.hotLoadBucketUrl ?? "", placeholder: "s3://bucket/prefix" })),
+      h("div", {},
+        h("label", { for: "dep-version" }, "Version to serve (a folder in the bucket)"),
+        h("input", { id: "dep-version", name: "version", value: d.targetModelVersion ?? "" })),
     ),
     check("addons", "Allow LoRA addons", d.enableAddons ?? true),
     check("merged", "Merge its one LoRA into the weights (enableHotReloadLatestAddon)", d.enableHotReloadLatestAddon ?? false),
@@ -472,7 +486,15 @@ function deploymentForm(a, bases, existing, done, cancel) {
     if (field(form, "cached")) body.numPeftDeviceCached = Number(field(form, "cached"));
     if (field(form, "context")) body.maxContextLength = Number(field(form, "context"));
     if (field(form, "ngram")) body.ngramSpeculationLength = Number(field(form, "ngram"));
-    if (field(form, "ngram") && field(form, "drafts")) body.draftTokenCount = Number(field(form, "drafts"));
+    if ((field(form, "ngram") || field(form, "draft")) && field(form, "drafts")) body.draftTokenCount = Number(field(form, "drafts"));
+    if (field(form, "draft") || existing?.draftModel) body.draftModel = field(form, "draft");
+    if (field(form, "bucket")) {
+      body.enableHotLoad = true;
+      body.hotLoadBucketUrl = field(form, "bucket");
+      body.targetModelVersion = field(form, "version");
+    } else if (existing?.enableHotLoad) {
+      Object.assign(body, { enableHotLoad: false, hotLoadBucketUrl: "", targetModelVersion: "" });
+    }
     /** @type {Record<string, any>} */
     const policy = {};
     if (field(form, "up")) policy.scaleUpWindow = `${field(form, "up")}s`;
@@ -544,7 +566,7 @@ async function drawDeployments(a, slot, addons, edit) {
       shortName(d.baseModel),
       h("span", { class: `state state-${(d.state ?? "").toLowerCase()}`, "data-deployment": id }, d.state ?? ""),
       replicas(d),
-      `${d.precision ?? ""}${d.enableHotReloadLatestAddon ? " · merged" : ""}`,
+      `${d.precision ?? ""}${d.enableHotReloadLatestAddon ? " · merged" : ""}${d.activeModelVersion ? ` · version ${d.activeModelVersion}` : ""}${d.draftModel ? ` · draft ${shortName(d.draftModel)}` : ""}`,
       h("div", {}, d.status?.message ?? "", loras),
       deleted
         ? h("button", { onclick: () => act(() => a.request("POST", `deployments/${id}:undelete`, {}), `Undeleting ${id}.`) }, "Undelete")
