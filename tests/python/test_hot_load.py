@@ -140,11 +140,18 @@ def test_versions_swap_in_place_under_load_and_a_bad_one_leaves_the_old_serving(
         dep = fixtures.wait_deployment(client, dep_id, lambda d: d.active_model_version == "v3", "v3 active from S3")
         assert dep.status is None or not dep.status.message, dep.status
         assert _answer(oa, name) == old, "v3 is v1's weights again"
+        fetched = Path(hearth.data_dir) / "artifacts" / "hot-load" / dep.name.replace("/", "_")
+        assert sorted(p.name for p in fetched.iterdir()) == ["v3"], "an S3 version is fetched once, whole"
         # A version that is not in the bucket is reported, v3 still serving.
         client.deployments.update(dep_id, base_model=base, target_model_version="v9")
         dep = fixtures.wait_deployment(client, dep_id, lambda d: d.status is not None and "v9" in (d.status.message or ""),
                     "the missing version in status")
         assert dep.active_model_version == "v3"
+        # Purged, the deployment leaves no fetched version behind.
+        client.deployments.delete(dep_id, hard=True, ignore_checks=True)
+        dep_id = None
+        assert not fetched.exists(), sorted(fetched.iterdir())
     finally:
         stop.set()
-        client.deployments.delete(dep_id, hard=True, ignore_checks=True)
+        if dep_id:
+            client.deployments.delete(dep_id, hard=True, ignore_checks=True)

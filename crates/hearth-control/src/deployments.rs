@@ -726,6 +726,8 @@ impl ControlPlane {
         let removed = self.store.delete(DEPLOYMENTS, account, id, version).await?;
         if removed || version.is_none() {
             self.store.delete(DeploymentStatus::KIND, account, id, None).await?;
+            let name = ResourceName::new(account, Collection::Deployments, id).to_string();
+            self.forget_model_versions(&name, &[]).await;
         }
         Ok(removed)
     }

@@ -139,8 +139,7 @@ impl ControlPlane {
                 dir
             }
             Bucket::S3 { bucket, prefix } => {
-                let key = deployment.replace('/', "_");
-                let dir = self.artifacts.root().join("hot-load").join(key).join(version);
+                let dir = self.versions_dir(deployment).join(version);
                 if !dir.join(COMPLETE).exists() {
                     self.fetch_s3_version(&bucket, &prefix, version, &dir).await?;
                 }
@@ -153,6 +152,30 @@ impl ControlPlane {
             .map_err(ControlError::internal)?
             .map_err(|p| ControlError::FailedPrecondition(format!("version {version} is not a servable model: {p}")))?;
         Ok(dir)
+    }
+
+    /// Removes the versions fetched for `deployment` but those in `keep` (all of them when
+    /// the deployment is purged): a fetched version is a whole model's files.
+    pub async fn forget_model_versions(&self, deployment: &str, keep: &[&str]) {
+        let dir = self.versions_dir(deployment);
+        let Ok(mut entries) = tokio::fs::read_dir(&dir).await else { return };
+        while let Ok(Some(e)) = entries.next_entry().await {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let version = name.strip_suffix(".partial").unwrap_or(&name);
+            if !keep.contains(&version) {
+                if let Err(err) = tokio::fs::remove_dir_all(e.path()).await {
+                    tracing::warn!(deployment, version, error = %err, "could not remove a fetched model version");
+                }
+            }
+        }
+        if keep.is_empty() {
+            let _ = tokio::fs::remove_dir(&dir).await;
+        }
+    }
+
+    /// Where the S3 versions of `deployment` are fetched to.
+    fn versions_dir(&self, deployment: &str) -> PathBuf {
+        self.artifacts.root().join("hot-load").join(deployment.replace('/', "_"))
     }
 
     async fn fetch_s3_version(&self, bucket: &str, prefix: &str, version: &str, dir: &Path) -> Result<()> {

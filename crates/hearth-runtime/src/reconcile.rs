@@ -464,6 +464,9 @@ async fn sync_version(
                 s.hot_load_problem = keep_problem.clone();
             })
             .await?;
+        // Fetched versions that are neither serving nor wanted take a model's room each.
+        let keep: Vec<&str> = [common.as_deref(), target].into_iter().flatten().collect();
+        ctx.control.forget_model_versions(name, &keep).await;
     }
     Ok(busy)
 }

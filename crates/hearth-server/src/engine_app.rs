@@ -52,6 +52,9 @@ struct App {
     sampling_defaults: SamplingDefaults,
     metrics: Arc<Counters>,
     loader: Option<ModelLoader>,
+    /// One version load at a time: a gateway asking again while a load still waits for the
+    /// running requests finds it done, instead of reading the weights a second time.
+    loading: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Reads a model's weights and tokenizer as the replica serves them (its precision, its
@@ -129,6 +132,7 @@ pub fn engine_router(engine: Engine, served_name: String, opts: ServerOptions) -
         sampling_defaults: opts.sampling_defaults,
         metrics: Arc::new(Counters::default()),
         loader: opts.loader,
+        loading: Default::default(),
     };
     Router::new()
         .route(paths::HEALTH, get(|| async { Json(Health { status: "ok".to_string() }) }))
@@ -263,6 +267,7 @@ async fn load_model_version(State(app): State<App>, body: Result<Bytes, BytesRej
     if req.version.is_empty() || req.version.len() > 256 {
         return Err(OpenAiError::bad("a model version is named by 1 to 256 characters".to_string()));
     }
+    let _one = app.loading.lock().await;
     // Already serving it (a gateway asking again before its probe saw the change): done.
     if app.engine.model_version().as_deref() == Some(req.version.as_str()) {
         return Ok(Json(ModelVersion { version: req.version }).into_response());
