@@ -142,14 +142,13 @@ fn not_found(account: &str, id: &str) -> ControlError {
     ControlError::NotFound(format!("deployment accounts/{account}/deployments/{id} not found"))
 }
 
-/// Why a deployment field is refused: what hearth does instead, so the message says what to do.
-/// `docs/fields.md` ("What stays refused") lists the same.
-
 /// The longest n-gram and the most drafted tokens a deployment's speculation may ask for:
 /// beyond that a verification pass costs more than its drafts save on any machine hearth runs on.
 pub(crate) const MAX_SPECULATION: i32 = 16;
 
-/// Refuses the fields hearth parses but does not act on, naming each and saying why.
+/// Refuses the fields hearth parses but does not act on, naming each and saying why: what
+/// hearth does instead, so the message says what to do. `docs/fields.md` ("What stays
+/// refused") lists the same.
 fn refuse_unimplemented(d: &Deployment) -> Result<()> {
     let set_str = |s: &Option<String>| s.as_deref().is_some_and(|s| !s.is_empty());
     let checks: [(&str, bool, &str); 7] = [

@@ -80,6 +80,9 @@ impl Fleet {
                 self.changed.notify_waiters();
             }
         }
+        if let Ok(mut m) = self.speculation.write() {
+            m.clear();
+        }
     }
 
     /// Records a deployment's speculation counts (none: it does not speculate).

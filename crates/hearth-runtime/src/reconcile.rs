@@ -109,6 +109,7 @@ pub async fn reconcile(ctx: &Context, key: &DeploymentKey) -> Result<Action> {
         // Purged: only now are its replicas orphans.
         ctx.stop_all(&replicas).await?;
         ctx.fleet.set_ready(&name, Vec::new());
+        ctx.fleet.set_speculation(&name, None);
         ctx.scalers.lock().unwrap_or_else(|e| e.into_inner()).remove(&name);
         return Ok(Action::Forget);
     };
@@ -118,6 +119,7 @@ pub async fn reconcile(ctx: &Context, key: &DeploymentKey) -> Result<Action> {
     if spec.is_deleted() || status.failed_at(generation).is_some() {
         ctx.stop_all(&replicas).await?;
         ctx.fleet.set_ready(&name, Vec::new());
+        ctx.fleet.set_speculation(&name, None);
         let deleted = spec.is_deleted();
         ctx.control
             .observe_deployment(key, |s| {
@@ -146,6 +148,7 @@ pub async fn reconcile(ctx: &Context, key: &DeploymentKey) -> Result<Action> {
     if let Some(Phase::Failed(why)) = never_ready.map(|r| r.phase.clone()) {
         ctx.stop_all(&replicas).await?;
         ctx.fleet.set_ready(&name, Vec::new());
+        ctx.fleet.set_speculation(&name, None);
         tracing::warn!(deployment = %name, reason = %why, "deployment failed");
         let problem = Problem::new(Code::FailedPrecondition, format!("the model could not be served: {why}"));
         ctx.control
