@@ -88,6 +88,23 @@ pub struct Spec {
     /// Compute precision: FP32, BF16 or FP16.
     #[arg(long)]
     precision: Option<String>,
+    /// Prompt-lookup speculation: the longest n-gram looked up (0: off).
+    #[arg(long, value_parser = clap::value_parser!(i32).range(0..))]
+    ngram_speculation_length: Option<i32>,
+    /// A draft model (id or name) with the base model's tokenizer, proposing tokens the base
+    /// model verifies; "" for none.
+    #[arg(long)]
+    draft_model: Option<String>,
+    /// The most tokens one speculation drafts.
+    #[arg(long, value_parser = clap::value_parser!(i32).range(0..))]
+    draft_token_count: Option<i32>,
+    /// Hot load: the bucket whose folders are versions of the weights (file:///dir or
+    /// s3://bucket/prefix); "" turns hot load off.
+    #[arg(long)]
+    hot_load_bucket_url: Option<String>,
+    /// Hot load: the version (a folder of the bucket) to serve, swapped in without a restart.
+    #[arg(long)]
+    target_model_version: Option<String>,
 }
 
 impl Spec {
@@ -115,6 +132,25 @@ impl Spec {
         }
         if let Some(v) = &self.precision {
             set("precision", json!(v.to_ascii_uppercase()));
+        }
+        if let Some(v) = self.ngram_speculation_length {
+            set("ngramSpeculationLength", json!(v));
+        }
+        if let Some(v) = &self.draft_model {
+            set("draftModel", json!(v));
+        }
+        if let Some(v) = self.draft_token_count {
+            set("draftTokenCount", json!(v));
+        }
+        if let Some(v) = &self.hot_load_bucket_url {
+            set("enableHotLoad", json!(!v.is_empty()));
+            set("hotLoadBucketUrl", json!(v));
+        }
+        match (&self.target_model_version, &self.hot_load_bucket_url) {
+            (Some(v), _) => set("targetModelVersion", json!(v)),
+            // Hot load turned off takes its target with it.
+            (None, Some(url)) if url.is_empty() => set("targetModelVersion", json!("")),
+            _ => {}
         }
         (m, mask)
     }
@@ -156,6 +192,15 @@ const COLUMNS: &[Column] = &[
     Column { heading: "CREATED", cell: |v| field(v, "createTime") },
 ];
 
+/// A draft model given by id becomes its full name, as a base model does.
+async fn resolve_draft(ctx: &Ctx, body: &mut Map<String, Value>) -> anyhow::Result<()> {
+    if let Some(draft) = body.get("draftModel").and_then(Value::as_str).filter(|d| !d.is_empty()) {
+        let name = Ref::parse(draft, "models")?.name(&ctx.api, "models").await?;
+        body.insert("draftModel".into(), json!(name));
+    }
+    Ok(())
+}
+
 fn count(v: &Value, key: &str) -> i64 {
     v[key].as_i64().unwrap_or(0)
 }
@@ -165,6 +210,7 @@ pub async fn run(ctx: &Ctx, cmd: DeploymentCommand) -> anyhow::Result<()> {
         DeploymentCommand::Create(args) => {
             let (body, _) = args.spec.to_json();
             let mut body = body;
+            resolve_draft(ctx, &mut body).await?;
             let base = Ref::parse(&args.base_model, "models")?.name(&ctx.api, "models").await?;
             body.insert("baseModel".into(), json!(base));
             let mut query = Vec::new();
@@ -190,10 +236,11 @@ pub async fn run(ctx: &Ctx, cmd: DeploymentCommand) -> anyhow::Result<()> {
             print_list(ctx.out, &items, COLUMNS);
         }
         DeploymentCommand::Update(args) => {
-            let (body, mask) = args.spec.to_json();
+            let (mut body, mask) = args.spec.to_json();
             if mask.is_empty() {
                 bail!("nothing to update: pass at least one field to change (see --help)");
             }
+            resolve_draft(ctx, &mut body).await?;
             let r = Ref::parse(&args.deployment, COLLECTION)?;
             let path = r.path(&ctx.api, COLLECTION, None).await?;
             let d = ctx.api.patch(&path, &[("updateMask", mask.join(","))], &Value::Object(body)).await?;
