@@ -201,10 +201,10 @@ def test_deployment_verbs_on_a_control_plane_only_server(hearth, home, tiny_dir,
     assert p.returncode == 1 and "nothing to update" in p.stderr
     # Speculation and hot load: a draft model by id, a versions bucket and its version.
     updated = run_json(env, "deployment", "update", dep_id, "--draft-model", model_id, "--draft-token-count", "3",
-                       "--hot-load-bucket-url", f"file://{tiny_dir.parent}", "--target-model-version", tiny_dir.name)
+                       "--hot-load-bucket-url", "s3://versions/smol", "--target-model-version", "v2")
     assert updated["draftModel"] == f"accounts/{hearth.account}/models/{model_id}", updated
     assert (updated["draftTokenCount"], updated["enableHotLoad"], updated["targetModelVersion"]) == (
-        3, True, tiny_dir.name), updated
+        3, True, "v2"), updated
     updated = run_json(env, "deployment", "update", dep_id, "--hot-load-bucket-url", "", "--draft-model", "",
                        "--draft-token-count", "0")
     assert "enableHotLoad" not in updated and "targetModelVersion" not in updated and "draftModel" not in updated

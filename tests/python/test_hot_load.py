@@ -34,16 +34,21 @@ def s3():
 
 
 @pytest.fixture(scope="module")
-def hearth(s3):
+def versions_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("versions")
+
+
+@pytest.fixture(scope="module")
+def hearth(s3, versions_root):
     env = {"AWS_ENDPOINT_URL": s3[0], "AWS_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "hearth",
-           "AWS_SECRET_ACCESS_KEY": "hearth-secret"}
+           "AWS_SECRET_ACCESS_KEY": "hearth-secret", "HEARTH_HOT_LOAD_DIRS": str(versions_root)}
     yield from _serve("local", env)
 
 
 @pytest.fixture(scope="module")
-def versions(tmp_path_factory, s3):
+def versions(versions_root, s3):
     """The local bucket folder (v1, v2, other-tokenizer), and v3 on S3 under s3://versions/smol."""
-    root = tmp_path_factory.mktemp("versions")
+    root = versions_root
     original = SMOLLM2.read_bytes()
     (root / "v1").mkdir()
     (root / "v1" / "model.gguf").symlink_to(SMOLLM2)
@@ -79,10 +84,13 @@ def test_versions_swap_in_place_under_load_and_a_bad_one_leaves_the_old_serving(
          "FW_HOSTED"),
         ({"enable_hot_load": True, "hot_load_bucket_url": f"file://{versions}", "target_model_version": "../x"}, 3,
          "targetModelVersion"),
+        # A local directory the server's operator did not allow (it could be anyone's files).
+        ({"enable_hot_load": True, "hot_load_bucket_url": f"file://{SMOLLM2.parent}"}, 7, "--hot-load-dir"),
     ]:
         with pytest.raises(fireworks.APIStatusError) as e:
             client.deployments.create(base_model=base, validate_only=True, **extra)
-        assert word in fixtures.assert_sdk_error(e.value, 400 if code == 3 else 501, code)["message"], extra
+        status = {3: 400, 7: 403, 12: 501}[code]
+        assert word in fixtures.assert_sdk_error(e.value, status, code)["message"], extra
 
     dep_id = f"hot-{int(time.time())}"
     dep = client.deployments.create(base_model=base, deployment_id=dep_id, min_replica_count=1, max_replica_count=1,

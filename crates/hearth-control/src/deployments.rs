@@ -524,6 +524,9 @@ impl ControlPlane {
             ..body
         };
         normalise(&mut d, self.config.min_scale_to_zero_window)?;
+        if let (Some(true), Some(url)) = (d.enable_hot_load, d.hot_load_bucket_url.as_deref()) {
+            self.check_local_bucket(url, None)?;
+        }
         let spec = DeploymentSpec { generation: 1, ..DeploymentSpec::from_wire(&d) };
         let _admission = self.admission(account).await;
         self.check_quota(account, QuotaId::Deployments, 1, None).await?;
@@ -585,6 +588,13 @@ impl ControlPlane {
             if new_base.is_some() || current.value.draft_model.as_deref() != Some(draft) {
                 let base = after.base_model.as_deref().unwrap_or(&current.value.base_model);
                 self.check_draft_model(account, base, draft).await?;
+            }
+        }
+        let current_bucket = current.value.hot_load.as_ref().map(|h| h.bucket_url.as_str());
+        if let (Some(true), Some(url)) = (after.enable_hot_load, after.hot_load_bucket_url.as_deref()) {
+            if current_bucket != Some(url) {
+                crate::hot_load::check(&after)?;
+                self.check_local_bucket(url, None)?;
             }
         }
         if let Some(base) = new_base {

@@ -122,6 +122,31 @@ pub(crate) fn check(d: &Deployment) -> Result<()> {
 }
 
 impl ControlPlane {
+    /// Refuses a `file://` bucket outside the directories the server allows for hot load
+    /// (`ControlConfig::hot_load_dirs`), compared after symlinks are resolved. `version`, when
+    /// given, is checked too (a folder may be a link out of the bucket).
+    pub(crate) fn check_local_bucket(&self, hot_url: &str, version: Option<&str>) -> Result<()> {
+        let Bucket::Dir(root) = Bucket::parse(hot_url)? else { return Ok(()) };
+        let path = version.map_or(root.clone(), |v| root.join(v));
+        let real = std::fs::canonicalize(&path).map_err(|e| {
+            ControlError::FailedPrecondition(format!("hotLoadBucketUrl: {} cannot be read: {e}", path.display()))
+        })?;
+        let allowed = self.config.hot_load_dirs.iter().filter_map(|d| std::fs::canonicalize(d).ok());
+        if allowed.into_iter().any(|d| real.starts_with(&d)) {
+            return Ok(());
+        }
+        Err(ControlError::PermissionDenied(format!(
+            "hotLoadBucketUrl: this server does not let deployments read {}; its operator allows local version \
+             directories with `hearth serve --hot-load-dir DIR` (allowed now: {}), or use an s3:// bucket",
+            real.display(),
+            if self.config.hot_load_dirs.is_empty() {
+                "none".to_string()
+            } else {
+                self.config.hot_load_dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
+            }
+        )))
+    }
+
     /// The local files of `version` of a deployment's hot load, checked as an upload is: a
     /// local bucket's folder as it is; an S3 version fetched once into the artifact store's
     /// `hot-load` directory (sizes and checksums as imports check them) and reused after.
@@ -136,6 +161,7 @@ impl ControlPlane {
                         dir.display()
                     )));
                 }
+                self.check_local_bucket(&hot.bucket_url, Some(version))?;
                 dir
             }
             Bucket::S3 { bucket, prefix } => {

@@ -51,6 +51,9 @@ pub struct ControlConfig {
     pub min_scale_to_zero_window: Duration,
     /// The ceilings of every account's quotas (`maxValue`).
     pub quotas: quotas::QuotaLimits,
+    /// The local directories a deployment's hot load may read versions from (`file://`
+    /// buckets); none by default, since a local path could name another account's files.
+    pub hot_load_dirs: Vec<std::path::PathBuf>,
 }
 
 impl Default for ControlConfig {
@@ -62,6 +65,7 @@ impl Default for ControlConfig {
             hf_endpoint: "https://huggingface.co".to_string(),
             min_scale_to_zero_window: Duration::from_secs(deployments::MIN_SCALE_TO_ZERO_WINDOW),
             quotas: quotas::QuotaLimits::default(),
+            hot_load_dirs: Vec::new(),
         }
     }
 }

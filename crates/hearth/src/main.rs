@@ -150,6 +150,11 @@ struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "HEARTH_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
+    /// A local directory whose folders deployments may hot-load as model versions
+    /// (hotLoadBucketUrl file://...); repeatable, or ':'-separated in the environment. None by
+    /// default: a local path could name any file this server can read.
+    #[arg(long = "hot-load-dir", env = "HEARTH_HOT_LOAD_DIRS", value_delimiter = ':')]
+    hot_load_dirs: Vec<PathBuf>,
     /// Directory for the SQLite database and the artifact store.
     #[arg(long, env = "HEARTH_DATA_DIR", default_value = "./hearth-data")]
     data_dir: PathBuf,
@@ -274,6 +279,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .ok()
             .filter(|e| !e.is_empty())
             .unwrap_or_else(|| "https://huggingface.co".to_string()),
+        hot_load_dirs: args.hot_load_dirs.clone(),
     };
     let artifacts = ArtifactStore::new(args.data_dir.join("artifacts"));
     let control = ControlPlane::new(store, artifacts, config).await.map_err(|e| anyhow::anyhow!("{e}"))?;

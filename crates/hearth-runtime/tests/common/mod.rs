@@ -357,8 +357,13 @@ impl World {
         for q in ["deployments=100000", "replicas=100000"] {
             quotas.set(q).expect("a quota setting");
         }
-        let config =
-            ControlConfig { min_scale_to_zero_window: Duration::from_secs(60), quotas, ..ControlConfig::default() };
+        let config = ControlConfig {
+            min_scale_to_zero_window: Duration::from_secs(60),
+            quotas,
+            // The hot-load tests' buckets are temporary directories.
+            hot_load_dirs: vec![std::env::temp_dir()],
+            ..ControlConfig::default()
+        };
         let control = ControlPlane::new(store.clone(), ArtifactStore::new(dir.path().join("artifacts")), config)
             .await
             .expect("control plane");
