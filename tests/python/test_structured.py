@@ -334,12 +334,18 @@ def test_draft_models_are_checked_and_a_models_default_applies(served, hearth, u
         client.models.create(model_id=drafted_id, model={"kind": "HF_BASE_MODEL", "baseModelDetails": {},
                                                          "defaultDraftModel": base, "defaultDraftTokenCount": 99})
     assert "defaultDraftTokenCount" in fixtures.assert_sdk_error(e.value, 400, 3)["message"]
+    with pytest.raises(fireworks.APIStatusError) as e:
+        client.models.create(model_id=drafted_id, model={"kind": "HF_BASE_MODEL", "baseModelDetails": {},
+                                                         "defaultDraftTokenCount": 3})
+    assert "set defaultDraftModel too" in fixtures.assert_sdk_error(e.value, 400, 3)["message"]
     client.models.create(model_id=drafted_id, model={"kind": "HF_BASE_MODEL", "baseModelDetails": {},
                                                      "defaultDraftModel": base, "defaultDraftTokenCount": 3})
     fixtures.upload_model_files(client, drafted_id, {"model.gguf": SMOLLM2.read_bytes()})
     client.models.validate_upload(drafted_id)
     drafted = client.models.get(drafted_id)
     assert (drafted.default_draft_model, drafted.default_draft_token_count) == (base, 3)
+    # An update of the count alone keeps the draft model it belongs to.
+    client.models.update(drafted_id, default_draft_token_count=3)
     dep = client.deployments.create(base_model=drafted.name, validate_only=True)
     assert (dep.draft_model, dep.draft_token_count) == (base, 3)
     dep = client.deployments.create(base_model=drafted.name, validate_only=True, disable_speculative_decoding=True)

@@ -114,6 +114,19 @@ fn not_found(account: &str, id: &str) -> ControlError {
 
 /// Checks the fields a user may set on create or update. `stored` is the model before an
 /// update (None on create).
+/// A default draft size needs the default draft model it sizes; checked on a whole model (as
+/// created, or as an update leaves it).
+fn check_draft_defaults(m: &Model) -> Result<()> {
+    if m.default_draft_token_count.is_some_and(|n| n != 0) && m.default_draft_model.as_deref().is_none_or(str::is_empty)
+    {
+        return Err(ControlError::InvalidArgument(
+            "defaultDraftTokenCount sets how many tokens the default draft model proposes: set defaultDraftModel too"
+                .to_string(),
+        ));
+    }
+    Ok(())
+}
+
 fn check_user_fields(m: &Model, stored: Option<&Model>) -> Result<()> {
     if let Some(n) = &m.display_name {
         if n.chars().count() >= 64 {
@@ -160,13 +173,6 @@ fn check_user_fields(m: &Model, stored: Option<&Model>) -> Result<()> {
                 "defaultDraftTokenCount must be between 1 and {} (or 0 for the engine's default), got {n}",
                 crate::deployments::MAX_SPECULATION
             )));
-        }
-        if m.default_draft_model.as_deref().is_none_or(str::is_empty) {
-            return Err(ControlError::InvalidArgument(
-                "defaultDraftTokenCount sets how many tokens the default draft model proposes: set \
-                 defaultDraftModel too"
-                    .to_string(),
-            ));
         }
     }
     if m.teft_details.is_some() {
@@ -306,6 +312,7 @@ impl ControlPlane {
         }
         let input = req.model.unwrap_or_default();
         check_user_fields(&input, None)?;
+        check_draft_defaults(&input)?;
         if let Some(source) = &req.source {
             hearth_artifacts::sources::check(source)?;
         }
@@ -530,6 +537,7 @@ impl ControlPlane {
                 |doc: &mut Doc<ModelRecord>| {
                     let updated = patch.apply(&doc.value.model)?;
                     check_user_fields(&updated, Some(&doc.value.model))?;
+                    check_draft_defaults(&updated)?;
                     doc.value.model = updated;
                     Ok(())
                 },
