@@ -13,6 +13,10 @@ use serde::{Deserialize, Serialize};
 /// The environment variable that carries a replica's token.
 pub const TOKEN_ENV: &str = "HEARTH_ENGINE_TOKEN";
 
+/// The environment variable that carries the replicas' key to a replica that derives its own
+/// token from the endpoint it is given (a pod, whose address is known only once it runs).
+pub const TOKEN_KEY_ENV: &str = "HEARTH_ENGINE_TOKEN_KEY";
+
 /// The routes, relative to a replica's base URL.
 pub mod paths {
     pub const HEALTH: &str = "/health";
@@ -23,6 +27,30 @@ pub mod paths {
     pub const MERGE_ADAPTER: &str = "/v1/merge_lora_adapter";
     pub const UNMERGE_ADAPTER: &str = "/v1/unmerge_lora_adapter";
     pub const LOAD_MODEL_VERSION: &str = "/v1/load_model_version";
+}
+
+/// A model's files as a replica fetches them itself, where it cannot read the gateway's
+/// artifact store (a pod on another node). The gateway answers a signed `GET
+/// /replica-files/{account}/{model}` with this manifest; each file has its own signed download
+/// URL and its SHA-256, which the replica checks before it loads anything. Engine flags and
+/// requests that take a model's files (`--model`, `--draft-model`, `lora_path`, `model_path`)
+/// take such a manifest URL too.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileManifest {
+    /// `accounts/{a}/models/{m}`.
+    pub model: String,
+    pub files: Vec<ManifestFile>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManifestFile {
+    pub name: String,
+    pub size: u64,
+    /// 64 lowercase hexadecimal digits.
+    pub sha256: String,
+    pub url: String,
 }
 
 /// `GET /health`: 200 once the model is loaded and the replica serves.

@@ -69,6 +69,19 @@ impl UrlSigner {
         )
     }
 
+    /// The URL of a model's file manifest for replicas (`GET /replica-files/...`), for a grant
+    /// of method `LIST` and no file.
+    pub fn manifest_url(&self, grant: &Grant) -> String {
+        format!(
+            "{}/replica-files/{}/{}?expires={}&sig={}",
+            self.base_url,
+            grant.account,
+            grant.model,
+            grant.expires,
+            self.sign(grant)
+        )
+    }
+
     /// Checks a presented signature in constant time, then the expiry.
     pub fn verify(&self, grant: &Grant, sig_hex: &str, now: i64) -> Result<()> {
         let sig = hex::decode(sig_hex)

@@ -548,6 +548,44 @@ impl ArtifactStore {
         Ok(out)
     }
 
+    /// Every file of a sealed model with its size and SHA-256 (hex). A digest is computed once
+    /// and kept beside the file as `.{file}.sha256`: a sealed model's files never change, so it
+    /// stays true, and a replica fetching the model does not make the gateway read it again.
+    pub async fn digests(&self, account: &str, model: &str) -> Result<Vec<(String, u64, String)>> {
+        let dir = self.model_dir(account, model);
+        if !dir.join(SEAL).exists() {
+            return Err(ArtifactError::FailedPrecondition(format!(
+                "the files of {account}/{model} are not sealed yet; they have digests once the model is READY"
+            )));
+        }
+        let mut out = Vec::new();
+        for (file, size) in self.list(account, model).await? {
+            let kept = dir.join(format!(".{file}.sha256"));
+            let known = tokio::fs::read_to_string(&kept).await.ok().and_then(|t| {
+                let (hex, len) = t.trim().split_once(' ')?;
+                (len.parse::<u64>().ok()? == size && hex.len() == 64).then(|| hex.to_string())
+            });
+            let hex = match known {
+                Some(h) => h,
+                None => {
+                    let path = dir.join(&file);
+                    let digest = tokio::task::spawn_blocking(move || sha256_of(&path))
+                        .await
+                        .map_err(ArtifactError::internal)?
+                        .map_err(ArtifactError::internal)?;
+                    let h = hex::encode(digest);
+                    // Through a temporary name: a half-written digest must never be read.
+                    let tmp = dir.join(format!(".{file}.sha256.{:016x}.tmp", rand::random::<u64>()));
+                    tokio::fs::write(&tmp, format!("{h} {size}\n")).await.map_err(ArtifactError::internal)?;
+                    tokio::fs::rename(&tmp, &kept).await.map_err(ArtifactError::internal)?;
+                    h
+                }
+            };
+            out.push((file, size, hex));
+        }
+        Ok(out)
+    }
+
     pub async fn open(&self, account: &str, model: &str, file: &str) -> Result<(tokio::fs::File, u64)> {
         validate_file_name(file)?;
         let path = self.file_path(account, model, file);

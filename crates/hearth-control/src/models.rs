@@ -957,6 +957,45 @@ impl ControlPlane {
         Ok(GetDownloadEndpointResponse { filename_to_signed_urls: urls })
     }
 
+    /// The manifest a replica fetches a model's files by (`GET /replica-files/...`, signed by
+    /// [`ControlPlane::replica_files_url`]): every file with its size, digest and a download
+    /// URL that lasts as long as the manifest's.
+    pub async fn replica_manifest(
+        &self,
+        account: &str,
+        id: &str,
+        expires: i64,
+        sig: &str,
+    ) -> Result<hearth_api::replica::FileManifest> {
+        let grant =
+            Grant { method: "LIST", account: account.into(), model: id.into(), file: String::new(), size: 0, expires };
+        self.signer.verify(&grant, sig, chrono::Utc::now().timestamp())?;
+        let doc = self.load_model(account, id).await?;
+        if doc.value.model.state != Some(ModelState::Ready) {
+            return Err(ControlError::FailedPrecondition(format!(
+                "model accounts/{account}/models/{id} is not READY; its files cannot be served to replicas"
+            )));
+        }
+        let files = self
+            .artifacts
+            .digests(account, id)
+            .await?
+            .into_iter()
+            .map(|(name, size, sha256)| {
+                let grant = Grant {
+                    method: "GET",
+                    account: account.into(),
+                    model: id.into(),
+                    file: name.clone(),
+                    size: 0,
+                    expires,
+                };
+                hearth_api::replica::ManifestFile { url: self.signer.url(&grant), name, size, sha256 }
+            })
+            .collect();
+        Ok(hearth_api::replica::FileManifest { model: format!("accounts/{account}/models/{id}"), files })
+    }
+
     /// Opens a file for a signed download URL.
     pub async fn download_file(
         &self,

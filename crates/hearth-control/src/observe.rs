@@ -196,6 +196,22 @@ impl ControlPlane {
         Some(self.artifacts.model_dir(&rn.account, &rn.id))
     }
 
+    /// A signed URL of a model's file manifest, valid for `ttl`: how a replica that cannot read
+    /// the artifact store (a pod) gets the files `model_files` names.
+    pub fn replica_files_url(&self, model: &str, ttl: std::time::Duration) -> Option<String> {
+        let rn = ResourceName::parse(model, Collection::Models).ok()?;
+        let expires = chrono::Utc::now().timestamp() + ttl.as_secs() as i64;
+        let grant = hearth_artifacts::Grant {
+            method: "LIST",
+            account: rn.account,
+            model: rn.id,
+            file: String::new(),
+            size: 0,
+            expires,
+        };
+        Some(self.signer.manifest_url(&grant))
+    }
+
     /// Signalled when a deployment or a loaded addon changes, so the runtime acts now rather
     /// than at its next resync.
     pub fn changes(&self) -> Arc<tokio::sync::Notify> {

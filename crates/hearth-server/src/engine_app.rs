@@ -55,6 +55,8 @@ struct App {
     /// One version load at a time: a gateway asking again while a load still waits for the
     /// running requests finds it done, instead of reading the weights a second time.
     loading: Arc<tokio::sync::Mutex<()>>,
+    artifact_cache: Option<Arc<std::path::Path>>,
+    fetcher: reqwest::Client,
 }
 
 /// Reads a model's weights and tokenizer as the replica serves them (its precision, its
@@ -90,6 +92,9 @@ pub struct ServerOptions {
     /// How to read a new version of the model (`POST /v1/load_model_version`); without it
     /// the route refuses.
     pub loader: Option<ModelLoader>,
+    /// Where files named by manifest URLs (`lora_path`, `model_path`) are fetched to; without
+    /// it only local paths are accepted.
+    pub artifact_cache: Option<std::path::PathBuf>,
 }
 
 /// The model's own sampling parameters, for requests that do not set them.
@@ -133,6 +138,8 @@ pub fn engine_router(engine: Engine, served_name: String, opts: ServerOptions) -
         metrics: Arc::new(Counters::default()),
         loader: opts.loader,
         loading: Default::default(),
+        artifact_cache: opts.artifact_cache.map(Arc::from),
+        fetcher: reqwest::Client::new(),
     };
     Router::new()
         .route(paths::HEALTH, get(|| async { Json(Health { status: "ok".to_string() }) }))
@@ -232,9 +239,25 @@ fn adapter_body(app: &App, body: Result<Bytes, BytesRejection>) -> ApiResult<Loa
     Ok(req)
 }
 
-/// Loads or reloads an adapter from a local PEFT directory. The reply reports what it patched.
+/// The local directory of files a request names: a path as it is, a manifest URL fetched into
+/// the artifact cache first.
+async fn local_files(app: &App, reference: &str) -> ApiResult<String> {
+    if !hearth_artifacts::replica_files::is_manifest_url(reference) {
+        return Ok(reference.to_string());
+    }
+    let Some(cache) = &app.artifact_cache else {
+        return Err(OpenAiError::bad("this server reads local paths only, not manifest URLs".to_string()));
+    };
+    let dir = hearth_artifacts::replica_files::local_files(&app.fetcher, reference, cache)
+        .await
+        .map_err(|e| OpenAiError::new(e.code(), e.to_string()))?;
+    Ok(dir.to_string_lossy().into_owned())
+}
+
+/// Loads or reloads an adapter from a PEFT directory. The reply reports what it patched.
 async fn load_adapter(State(app): State<App>, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
-    let req = adapter_body(&app, body)?;
+    let mut req = adapter_body(&app, body)?;
+    req.lora_path = local_files(&app, &req.lora_path).await?;
     let engine = app.engine.clone();
     let info = tokio::task::spawn_blocking(move || {
         engine.load_adapter(&req.lora_name, std::path::Path::new(&req.lora_path), req.expected_version.as_deref())
@@ -247,7 +270,8 @@ async fn load_adapter(State(app): State<App>, body: Result<Bytes, BytesRejection
 /// Merges an adapter into the weights (replacing the merged one), once running requests
 /// finish; requests then name it, and the base alone is not served until it is unmerged.
 async fn merge_adapter(State(app): State<App>, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
-    let req = adapter_body(&app, body)?;
+    let mut req = adapter_body(&app, body)?;
+    req.lora_path = local_files(&app, &req.lora_path).await?;
     let engine = app.engine.clone();
     let info = tokio::task::spawn_blocking(move || {
         engine.merge_adapter(&req.lora_name, std::path::Path::new(&req.lora_path), req.expected_version.as_deref())
@@ -262,7 +286,7 @@ async fn merge_adapter(State(app): State<App>, body: Result<Bytes, BytesRejectio
 /// be read, or does not fit the one serving, is refused and the old one goes on serving.
 async fn load_model_version(State(app): State<App>, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
     let body = body.map_err(|e| OpenAiError::bad(format!("could not read the request body: {e}")))?;
-    let req: LoadModelVersionRequest =
+    let mut req: LoadModelVersionRequest =
         serde_json::from_slice(&body).map_err(|e| OpenAiError::bad(format!("invalid request: {e}")))?;
     if req.version.is_empty() || req.version.len() > 256 {
         return Err(OpenAiError::bad("a model version is named by 1 to 256 characters".to_string()));
@@ -275,6 +299,7 @@ async fn load_model_version(State(app): State<App>, body: Result<Bytes, BytesRej
     let Some(loader) = app.loader.clone() else {
         return Err(OpenAiError::new(Code::Unimplemented, "this server does not load model versions"));
     };
+    req.model_path = local_files(&app, &req.model_path).await?;
     let engine = app.engine.clone();
     let version = req.version.clone();
     tokio::task::spawn_blocking(move || {

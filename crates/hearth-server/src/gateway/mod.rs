@@ -110,6 +110,7 @@ pub fn router_with(control: ControlPlane, inference: Inference) -> Router {
     let files = Router::new()
         .route("/upload/{account}/{model}/{file}", put(upload::put))
         .route("/download/{account}/{model}/{file}", get(upload::get))
+        .route("/replica-files/{account}/{model}", get(upload::manifest))
         .layer(DefaultBodyLimit::disable());
     Router::new()
         .merge(api)

@@ -35,7 +35,11 @@ fn signed(q: Option<&str>, with_size: bool) -> ApiResult<Signed> {
             .parse()
             .map_err(|_| ApiError::invalid(format!("the URL's {name} is not a number")))
     };
-    let size = number(p.str("size"), "size")?;
+    // Downloads and manifests may leave the size out: theirs is 0.
+    let size = match p.str("size") {
+        None if !with_size => 0,
+        v => number(v, "size")?,
+    };
     let expires = number(p.str("expires"), "expires")?;
     p.finish()?;
     if size < 0 || (!with_size && size != 0) {
@@ -151,6 +155,17 @@ pub(super) async fn get(
         Body::from_stream(ReaderStream::new(f)),
     )
         .into_response())
+}
+
+/// `GET /replica-files/{account}/{model}`: a model's file manifest for a replica that fetches
+/// the files itself. The URL's signature is the authorisation, as for downloads.
+pub(super) async fn manifest(
+    State(s): State<AppState>,
+    Path((account, model)): Path<(String, String)>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Response> {
+    let sg = signed(q.as_deref(), false)?;
+    Ok(axum::Json(s.control.replica_manifest(&account, &model, sg.expires, &sg.sig).await?).into_response())
 }
 
 #[cfg(test)]
