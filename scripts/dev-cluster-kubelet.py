@@ -3,12 +3,15 @@
 
 It registers a Node, binds every pod that has no node to itself (the cluster runs no
 scheduler), and runs each pod bound to it as local processes: the first container's command
-and args (`$(VAR)` expanded as Kubernetes does), its environment (values, and the pod's
-name, namespace and IP through `fieldRef`), on a loopback address of its own (127.0.0.N, so
+and args (`$(VAR)` expanded as Kubernetes does), its environment (values, the pod's name,
+namespace and IP through `fieldRef`, Secret keys through `secretKeyRef`), its `emptyDir`
+volumes as directories of its own (paths under a mount rewritten in its command and
+environment, there being no mount namespace), on a loopback address of its own (127.0.0.N, so
 every pod has its own IP and the same port, as in a cluster). The `hearth` command runs the
 local hearth binary (HEARTH_BIN). It reports the pod's IP, phase and readiness (from the
 container's HTTP readiness probe) through the status subresource, restarts or fails a pod
-whose process exits as its restartPolicy says, and stops the process when the pod is deleted.
+whose process exits as its restartPolicy says (with the log's tail as the termination message
+under `FallbackToLogsOnError`), and stops the process when the pod is deleted.
 
 Only the standard library: it runs wherever the cluster is started.
 
@@ -18,6 +21,7 @@ Usage: dev-cluster-kubelet.py --kubeconfig PATH --node NAME
 from __future__ import annotations
 
 import argparse
+import base64
 import datetime
 import json
 import os
@@ -157,11 +161,32 @@ class Kubelet:
         fields = {"metadata.name": p.name, "metadata.namespace": p.ns, "status.podIP": p.ip,
                   "spec.nodeName": self.node, "status.hostIP": "127.0.0.1"}
         for e in container.get("env", []):
+            source = e.get("valueFrom") or {}
             if "value" in e:
                 env[e["name"]] = expand(e["value"], env)
-            elif "fieldRef" in (e.get("valueFrom") or {}):
-                env[e["name"]] = fields.get(e["valueFrom"]["fieldRef"]["fieldPath"], "")
+            elif "fieldRef" in source:
+                env[e["name"]] = fields.get(source["fieldRef"]["fieldPath"], "")
+            elif "secretKeyRef" in source:
+                ref = source["secretKeyRef"]
+                secret = self.api.call("GET", f"/api/v1/namespaces/{p.ns}/secrets/{ref['name']}") or {}
+                value = (secret.get("data") or {}).get(ref["key"])
+                if value is None:
+                    raise RuntimeError(f"secret {ref['name']} has no key {ref['key']}")
+                env[e["name"]] = base64.b64decode(value).decode()
         return env
+
+    def mounts(self, p: Pod, pod: dict, container: dict) -> dict:
+        """emptyDir volumes as directories of the pod's own: {mountPath: directory}. With no
+        mount namespace, a path under a mount is rewritten where the container's command and
+        environment name it."""
+        empty = {v["name"] for v in pod["spec"].get("volumes", []) if "emptyDir" in v}
+        out = {}
+        for m in container.get("volumeMounts", []):
+            if m["name"] in empty:
+                d = self.logdir / "volumes" / f"{p.ns}_{p.name}" / m["name"]
+                d.mkdir(parents=True, exist_ok=True)
+                out[m["mountPath"].rstrip("/")] = str(d)
+        return out
 
     def command(self, container: dict, env: dict) -> list:
         argv = [expand(a, env) for a in container.get("command", []) + container.get("args", [])]
@@ -172,8 +197,21 @@ class Kubelet:
     def run(self, p: Pod, pod: dict):
         container = pod["spec"]["containers"][0]
         policy = pod["spec"].get("restartPolicy", "Always")
-        env = self.environment(p, container)
-        argv = self.command(container, env)
+        try:
+            env = self.environment(p, container)
+        except RuntimeError as e:
+            self.status(p, "Failed", now(), terminated=(1, "CreateContainerConfigError", str(e)))
+            return
+        mounts = self.mounts(p, pod, container)
+
+        def mounted(v: str) -> str:
+            for path, d in mounts.items():
+                if v == path or v.startswith(path + "/"):
+                    return d + v[len(path):]
+            return v
+        env = {k: mounted(v) for k, v in env.items()}
+        argv = [mounted(a) for a in self.command(container, env)]
+        fallback = container.get("terminationMessagePolicy") == "FallbackToLogsOnError"
         probe = (container.get("readinessProbe") or {}).get("httpGet")
         started = now()
         while not p.stopping:
@@ -182,7 +220,7 @@ class Kubelet:
                 p.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
                                           stdin=subprocess.DEVNULL, start_new_session=True)
             except OSError as e:
-                self.status(p, "Failed", started, terminated=(127, f"could not start {argv[:1]}: {e}"))
+                self.status(p, "Failed", started, terminated=(127, "StartError", f"could not start {argv[:1]}: {e}"))
                 return
             log("started", p.ns, p.name, "on", p.ip, "pid", p.proc.pid)
             self.status(p, "Running", started)
@@ -201,7 +239,12 @@ class Kubelet:
                 p.restarts += 1
                 time.sleep(min(10, p.restarts))
                 continue
-            self.status(p, "Succeeded" if code == 0 else "Failed", started, terminated=(code, "exited"))
+            message = ""
+            if code != 0 and fallback:
+                # As a kubelet does: the log's tail is the termination message.
+                text = (self.logdir / f"{p.ns}_{p.name}.log").read_bytes()[-2048:].decode(errors="replace")
+                message = "\n".join(text.splitlines()[-80:])
+            self.status(p, "Succeeded" if code == 0 else "Failed", started, terminated=(code, "Error", message))
             return
 
     def probe(self, p: Pod, probe: dict, container: dict) -> bool:
@@ -216,7 +259,8 @@ class Kubelet:
 
     def status(self, p: Pod, phase: str, started: str, terminated=None):
         ready = "True" if p.ready else "False"
-        state = ({"terminated": {"exitCode": terminated[0], "reason": terminated[1], "finishedAt": now()}}
+        state = ({"terminated": {"exitCode": terminated[0], "reason": terminated[1], "message": terminated[2],
+                                 "finishedAt": now()}}
                  if terminated else {"running": {"startedAt": started}})
         body = {"status": {
             "phase": phase, "podIP": p.ip, "podIPs": [{"ip": p.ip}], "hostIP": "127.0.0.1", "startTime": started,

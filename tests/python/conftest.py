@@ -164,11 +164,11 @@ def _start(binary: Path, workdir: Path, attempt: int, runtime: str = "none", ext
 
 def database_url(runtime: str) -> Optional[str]:
     """The store a server gets: ``HEARTH_DATABASE_URL`` when set (the suite's PostgreSQL run),
-    else the server's own SQLite. A ``--runtime local`` server gets a fresh database of its own
+    else the server's own SQLite. A ``--runtime local`` or ``kubernetes`` server gets a fresh database of its own
     on that PostgreSQL: its reconciler manages every deployment in its store, so two of them
     must never share one (hearth runs one local-runtime gateway per store)."""
     url = os.environ.get("HEARTH_DATABASE_URL")
-    if not url or runtime != "local":
+    if not url or runtime not in ("local", "kubernetes"):
         return url
     psql = shutil.which("psql") or next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin/psql"))), None)
     if psql is None:

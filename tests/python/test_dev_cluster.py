@@ -24,6 +24,7 @@ SMOLLM2 = ROOT / "models/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 class Kube:
     def __init__(self, kubeconfig: str):
+        self.kubeconfig = kubeconfig
         text = Path(kubeconfig).read_text()
         self.server = re.search(r"server: (\S+)", text).group(1)
         token = re.search(r"token: (\S+)", text).group(1)

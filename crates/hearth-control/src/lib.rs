@@ -14,6 +14,7 @@ pub mod error;
 pub mod hot_load;
 mod imports;
 mod lease;
+pub use lease::{DeploymentDemand, GatewayDemand};
 pub mod listing;
 mod loras;
 pub mod models;

@@ -10,6 +10,13 @@
 //! Reconciles of different deployments run concurrently (up to `CONCURRENCY`); one
 //! deployment is never reconciled twice at once. So a hung replica or a failing record holds
 //! up its own deployment only.
+//!
+//! Without the lease, a gateway whose runtime shares its replicas with the others (pods)
+//! follows: every period it publishes the ready replicas it sees to its own fleet, so it
+//! routes as the leader does, and its demand (requests waiting, last requests) to the store,
+//! where the leader's autoscaler reads it; and it tries the lease, taking over when the
+//! leader stops renewing it. Replicas are never stopped on losing the lease then: they are
+//! the new leader's.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -28,6 +35,13 @@ pub const BUSY_PERIOD: Duration = Duration::from_millis(50);
 /// How long the runtime lease lasts without a renewal, by default: a resync renews it, so a
 /// gateway that stopped (or died) hands its store over this long after its last resync.
 pub const LEASE_TTL: Duration = Duration::from_secs(30);
+
+/// The same where gateways share replicas (pods): a standby takes over this long after the
+/// leader's last resync at most, plus one period.
+pub const SHARED_LEASE_TTL: Duration = Duration::from_secs(10);
+
+/// How recent another gateway's published demand must be to count.
+const DEMAND_FRESH: Duration = Duration::from_secs(5);
 
 /// Reconciles running at once, at most.
 const CONCURRENCY: usize = 64;
@@ -55,7 +69,9 @@ pub struct Controller {
 }
 
 impl Controller {
-    /// `holder` names this gateway in the store's runtime lease, which it must already hold.
+    /// `holder` names this gateway in the store's runtime lease. The controller takes the
+    /// lease when it is free; with a runtime whose replicas are not shared, the caller should
+    /// have taken it already, so that a second gateway is refused at start.
     pub fn new(ctx: Arc<Context>, holder: String, lease_ttl: Duration, period: Duration) -> Controller {
         Controller { ctx, holder, lease_ttl, period }
     }
@@ -67,10 +83,11 @@ impl Controller {
         let mut schedule: HashMap<DeploymentKey, Scheduled> = HashMap::new();
         let changes = self.ctx.control.changes();
         let mut next_resync = self.ctx.clock.now();
+        let mut leading = false;
         loop {
             let now = self.ctx.clock.now();
             if now >= next_resync {
-                self.resync(&mut schedule, now).await;
+                self.resync(&mut schedule, now, &mut leading).await;
                 next_resync = now + self.period;
             }
             for (key, s) in schedule.iter_mut().filter(|(_, s)| !s.running && s.due <= now) {
@@ -96,17 +113,39 @@ impl Controller {
                     next_resync = self.ctx.clock.now();
                     due_now(&mut schedule, next_resync);
                 }
-                _ = self.ctx.fleet.kicker.notified() => due_now(&mut schedule, self.ctx.clock.now()),
+                // Following, a request waiting here must reach the leader's autoscaler now.
+                _ = self.ctx.fleet.kicker.notified() => if leading {
+                    due_now(&mut schedule, self.ctx.clock.now())
+                } else {
+                    next_resync = self.ctx.clock.now()
+                },
                 _ = tokio::time::sleep(wake.saturating_duration_since(now)) => {}
             }
         }
     }
 
-    /// Renews the lease, lists the deployments, and stops orphaned replicas.
-    async fn resync(&self, schedule: &mut HashMap<DeploymentKey, Scheduled>, now: Instant) {
+    /// Renews the lease, lists the deployments, and stops orphaned replicas; or, without the
+    /// lease and with replicas every gateway shares, follows.
+    async fn resync(&self, schedule: &mut HashMap<DeploymentKey, Scheduled>, now: Instant, leading: &mut bool) {
+        let shared = self.ctx.runtime.shared();
         match self.ctx.control.hold_runtime_lease(&self.holder, self.lease_ttl).await {
-            Ok(()) => {}
+            Ok(()) => {
+                if !*leading {
+                    tracing::info!(holder = %self.holder, "this gateway holds the runtime lease: it runs the reconciler");
+                }
+                *leading = true;
+            }
+            Err(ControlError::FailedPrecondition(why)) if shared => {
+                if *leading {
+                    tracing::warn!(reason = %why, "another gateway runs the reconciler now; following");
+                }
+                *leading = false;
+                schedule.clear();
+                self.follow().await;
+                return;
+            }
             Err(ControlError::FailedPrecondition(why)) => {
+                *leading = false;
                 self.stand_down(&why).await;
                 schedule.clear();
                 return;
@@ -116,6 +155,9 @@ impl Controller {
                 tracing::warn!(error = %e, "could not renew the runtime lease; retrying");
                 return;
             }
+        }
+        if shared {
+            self.read_demand().await;
         }
         let keys = match self.ctx.control.deployment_keys().await {
             Ok(keys) => keys,
@@ -184,6 +226,67 @@ impl Controller {
                 let attempts = s.attempts;
                 s.due = now + error_policy(&self.ctx, &key, &e, attempts).await;
             }
+        }
+    }
+
+    /// Without the lease, replicas shared: route to every ready replica the runtime sees (it
+    /// watches them), and publish this gateway's demand for the leader's autoscaler.
+    async fn follow(&self) {
+        match self.ctx.runtime.replicas().await {
+            Ok(replicas) => {
+                let mut ready: HashMap<String, Vec<String>> = HashMap::new();
+                for r in replicas.into_iter().filter(|r| r.phase == crate::runtime::Phase::Ready) {
+                    ready.entry(r.deployment).or_default().push(r.endpoint);
+                }
+                for gone in self.ctx.fleet.deployments().into_iter().filter(|d| !ready.contains_key(d)) {
+                    self.ctx.fleet.set_ready(&gone, Vec::new());
+                }
+                for (deployment, mut endpoints) in ready {
+                    endpoints.sort();
+                    self.ctx.fleet.set_ready(&deployment, endpoints);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not list replicas to follow"),
+        }
+        let now = self.ctx.clock.now();
+        let demand = hearth_control::GatewayDemand {
+            holder: self.holder.clone(),
+            at_us: chrono::Utc::now().timestamp_micros(),
+            deployments: self
+                .ctx
+                .fleet
+                .demand()
+                .into_iter()
+                .map(|(name, waiting, last)| {
+                    let idle_ms = last.map(|t| now.saturating_duration_since(t).as_millis() as u64);
+                    (name, hearth_control::DeploymentDemand { waiting: waiting as u64, idle_ms })
+                })
+                .collect(),
+        };
+        if let Err(e) = self.ctx.control.publish_demand(&demand).await {
+            tracing::warn!(error = %e, "could not publish this gateway's demand; retrying");
+        }
+    }
+
+    /// The other gateways' demand, as the autoscaler reads it: requests waiting there and
+    /// their last request, from what each published lately.
+    async fn read_demand(&self) {
+        let fresh = DEMAND_FRESH.max(self.period * 3);
+        match self.ctx.control.gateway_demands(&self.holder, fresh).await {
+            Ok(demands) => {
+                let now = self.ctx.clock.now();
+                let mut remote: HashMap<String, (usize, Option<Instant>)> = HashMap::new();
+                for d in demands {
+                    for (name, dd) in d.deployments {
+                        let e = remote.entry(name).or_insert((0, None));
+                        e.0 += dd.waiting as usize;
+                        let last = dd.idle_ms.and_then(|ms| now.checked_sub(Duration::from_millis(ms)));
+                        e.1 = e.1.max(last);
+                    }
+                }
+                self.ctx.fleet.set_remote(remote);
+            }
+            Err(e) => tracing::warn!(error = %e, "could not read the other gateways' demand"),
         }
     }
 

@@ -34,6 +34,14 @@ impl ReplicaCredentials {
         ReplicaCredentials { key: key.into() }
     }
 
+    /// The key itself, in hexadecimal: for replicas that derive their own token from the
+    /// address they are given (pods, whose address is not known when they are made). Such a
+    /// replica could derive another replica's token too; replicas are hearth's own engines,
+    /// and the key keeps out everything else on the network.
+    pub fn key_hex(&self) -> String {
+        hex::encode(&self.key)
+    }
+
     /// The token of the replica at `endpoint` (its base URL, as the fleet knows it).
     pub fn token(&self, endpoint: &str) -> String {
         let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(&self.key) else {

@@ -25,6 +25,9 @@ pub struct Fleet {
     /// Deployment name → tokens its replicas' speculation drafted and accepted, summed over
     /// the replicas it runs now (for the gateway's Prometheus figures).
     speculation: RwLock<HashMap<String, (u64, u64)>>,
+    /// Deployment name → demand seen at the other gateways (requests waiting there, their
+    /// last request), for the autoscaler of the gateway that runs the reconciler.
+    remote: RwLock<HashMap<String, (usize, Option<Instant>)>>,
     /// Wakes the reconciler early (a deployment was woken or changed).
     pub(crate) kicker: Notify,
     /// Signals the router that the ready set changed.
@@ -222,8 +225,44 @@ impl Fleet {
         }
     }
 
+    /// When a request for `deployment` last arrived, here or (as last published) at another
+    /// gateway.
     pub fn last_request(&self, deployment: &str) -> Option<Instant> {
-        self.last_request.read().ok().and_then(|m| m.get(deployment).copied())
+        let here = self.last_request.read().ok().and_then(|m| m.get(deployment).copied());
+        let there = self.remote.read().ok().and_then(|m| m.get(deployment).and_then(|r| r.1));
+        here.max(there)
+    }
+
+    /// Replaces what the other gateways ask: deployment → (requests waiting there, their last
+    /// request).
+    pub fn set_remote(&self, remote: HashMap<String, (usize, Option<Instant>)>) {
+        if let Ok(mut m) = self.remote.write() {
+            *m = remote;
+        }
+    }
+
+    /// Requests waiting for a replica of `deployment` at the other gateways.
+    pub fn remote_waiting(&self, deployment: &str) -> usize {
+        self.remote.read().ok().and_then(|m| m.get(deployment).map(|r| r.0)).unwrap_or(0)
+    }
+
+    /// This gateway's own demand: (deployment, requests waiting here, last request here) for
+    /// every deployment that has had a request here.
+    pub fn demand(&self) -> Vec<(String, usize, Option<Instant>)> {
+        let last = self.last_request.read().map(|m| m.clone()).unwrap_or_default();
+        let waiting: HashMap<String, usize> = self
+            .waiting
+            .read()
+            .map(|m| m.iter().map(|(k, c)| (k.clone(), c.load(Ordering::Relaxed))).collect())
+            .unwrap_or_default();
+        let mut names: Vec<&String> = last.keys().chain(waiting.keys()).collect();
+        names.sort();
+        names.dedup();
+        names
+            .into_iter()
+            .map(|n| (n.clone(), waiting.get(n).copied().unwrap_or(0), last.get(n).copied()))
+            .filter(|(_, w, l)| *w > 0 || l.is_some())
+            .collect()
     }
 
     /// Waits until the ready set changes (or a short while passes).

@@ -1,6 +1,6 @@
 //! hearth's runtime: what makes deployments real. The [`controller`] runs a [`reconcile`] per
 //! deployment that reads its spec through the control plane, drives a [`Runtime`] (the local
-//! backend runs `hearth engine` child processes), loads addons onto replicas through the typed
+//! backend runs `hearth engine` child processes, the [`kubernetes`] one pods), loads addons onto replicas through the typed
 //! replica protocol ([`replica`]), and writes what it observed into the deployment's status.
 //! It publishes each deployment's ready endpoints to the [`fleet`], which the gateway's
 //! inference router reads, and scales deployments from the load it sees ([`autoscale`]).
@@ -12,6 +12,7 @@ pub mod controller;
 pub mod credentials;
 pub mod error;
 pub mod fleet;
+pub mod kubernetes;
 pub mod local;
 pub mod reconcile;
 pub mod replica;

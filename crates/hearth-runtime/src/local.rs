@@ -235,7 +235,7 @@ impl Runtime for LocalRuntime {
 
 /// The engine's own account of why it stopped: its `Error: ...` line and the causes after it
 /// (the binary prints errors that way), else its last log line.
-fn failure_reason(tail: &[String]) -> String {
+pub(crate) fn failure_reason(tail: &[String]) -> String {
     let lines: Vec<String> = tail.iter().map(|l| strip_ansi(l)).collect();
     match lines.iter().position(|l| l.starts_with("Error: ")) {
         Some(i) => lines[i..]

@@ -273,10 +273,11 @@ fn desired(
         _ => (status.desired_replicas.unwrap_or(policy.min), status.applied_scale),
     };
     // The gateway's count (requests in flight here, and waiting for a replica), or what the
-    // replicas report when they hold more (requests from other gateways).
+    // replicas report when they hold more (requests from other gateways), and the requests
+    // waiting at other gateways.
     let reported: u64 = replicas.iter().filter_map(|r| r.load.as_ref()).map(|l| l.running + l.waiting).sum();
     let seen = Observation {
-        load: (ctx.fleet.load(name) + ctx.fleet.waiting(name)).max(reported as usize),
+        load: (ctx.fleet.load(name) + ctx.fleet.waiting(name)).max(reported as usize) + ctx.fleet.remote_waiting(name),
         last_request: ctx.fleet.last_request(name),
     };
     let mut scalers = ctx.scalers.lock().unwrap_or_else(|e| e.into_inner());
@@ -405,13 +406,14 @@ async fn sync_version(
     if let (Some(hot), Some(target), None) = (hot, target, failed) {
         let behind: Vec<usize> = (0..serving.len()).filter(|&i| at[i].as_deref() != Some(target)).collect();
         if !behind.is_empty() {
-            match ctx.control.model_version_files(name, hot, target).await {
-                Err(e) => problem = Some(Problem::from(e)),
-                Ok(dir) => {
-                    let req = LoadModelVersionRequest {
-                        model_path: dir.to_string_lossy().into_owned(),
-                        version: target.to_string(),
-                    };
+            let files =
+                ctx.control.model_version_files(name, hot, target).await.map_err(Problem::from).and_then(|dir| {
+                    ctx.runtime.replica_files(None, &dir).map_err(|e| Problem::new(e.code(), e.public_message()))
+                });
+            match files {
+                Err(p) => problem = Some(p),
+                Ok(model_path) => {
+                    let req = LoadModelVersionRequest { model_path, version: target.to_string() };
                     let answers =
                         join_all(behind.iter().map(|&i| ctx.replicas.load_model_version(serving[i].0, &req))).await;
                     for (&i, answer) in behind.iter().zip(answers) {
@@ -485,8 +487,10 @@ async fn sync_addons(
     endpoints: &[String],
     addons: Vec<Addon>,
 ) -> Result<bool> {
-    let wanted: Vec<(String, String)> =
-        addons.iter().map(|a| (a.model.clone(), a.dir.to_string_lossy().into_owned())).collect();
+    let wanted = addons
+        .iter()
+        .map(|a| Ok((a.model.clone(), ctx.runtime.replica_files(Some(&a.model), &a.dir)?)))
+        .collect::<Result<Vec<(String, String)>>>()?;
     let answers = join_all(endpoints.iter().map(|ep| sync_replica(ctx, deployment, ep, merged_mode, &wanted))).await;
     let mut busy = false;
     for addon in addons {

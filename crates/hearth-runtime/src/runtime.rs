@@ -108,6 +108,22 @@ pub trait Runtime: Send + Sync + 'static {
     /// Every replica this runtime has, with its current phase.
     async fn replicas(&self) -> Result<Vec<Replica>>;
 
+    /// How a replica of this runtime reaches files the gateway has at `dir`: those of the
+    /// model `model`, or (`None`) a directory that is no model's (a hot-loaded version). Where
+    /// replicas share the gateway's filesystem, the path itself (the default); elsewhere what
+    /// the replica fetches them by.
+    fn replica_files(&self, model: Option<&str>, dir: &std::path::Path) -> Result<String> {
+        let _ = model;
+        Ok(dir.to_string_lossy().into_owned())
+    }
+
+    /// Whether every gateway sees this runtime's replicas and they outlive the gateway that
+    /// started them (pods). Then a gateway without the runtime lease follows rather than
+    /// standing down: it routes to the ready replicas it sees and leaves them running.
+    fn shared(&self) -> bool {
+        false
+    }
+
     /// The replicas of one deployment.
     async fn replicas_of(&self, deployment: &str) -> Result<Vec<Replica>> {
         Ok(self.replicas().await?.into_iter().filter(|r| r.deployment == deployment).collect())

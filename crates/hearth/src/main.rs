@@ -40,12 +40,15 @@ enum Command {
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum RuntimeKind {
     Local,
+    Kubernetes,
     None,
 }
 
 #[derive(clap::Args)]
 struct EngineArgs {
-    /// The model: a GGUF file, or a Hugging Face directory (config.json, safetensors, tokenizer.json).
+    /// The model: a GGUF file, or a Hugging Face directory (config.json, safetensors,
+    /// tokenizer.json), or a gateway's signed file-manifest URL (a replica that cannot read the
+    /// artifact store: the files are fetched into --artifact-cache and checked first).
     #[arg(long, env = "HEARTH_MODEL")]
     model: PathBuf,
     /// Address to listen on.
@@ -130,6 +133,16 @@ struct EngineArgs {
     /// Log as JSON lines instead of human-readable text.
     #[arg(long, env = "HEARTH_LOG_JSON")]
     log_json: bool,
+    /// Where models, adapters and versions named by manifest URLs are fetched to (a pod's
+    /// cache volume); one directory per model content, reused by later starts.
+    #[arg(long, env = "HEARTH_ARTIFACT_CACHE", default_value = "/tmp/hearth-artifact-cache")]
+    artifact_cache: PathBuf,
+    /// The base URL gateways reach this replica at (a pod's `http://$(POD_IP):8080`): with
+    /// the key in HEARTH_ENGINE_TOKEN_KEY, the replica's token is derived from it, as the
+    /// gateways derive it, where a replica whose address is known before it starts is given
+    /// its token outright.
+    #[arg(long, env = "HEARTH_ENGINE_ENDPOINT")]
+    endpoint: Option<String>,
     /// The token every request but a health check must carry as `Authorization: Bearer`.
     /// Read from the environment only (a command line is visible to every local user); a
     /// gateway sets it for each replica it starts. Unset, the engine is open to anyone who
@@ -189,15 +202,34 @@ struct ServeArgs {
     #[arg(long, env = "HEARTH_WAKE_TIMEOUT", default_value_t = 120)]
     wake_timeout: u64,
     /// Where deployments run: `local` starts `hearth engine` replicas as child processes;
-    /// `none` runs no replicas (a control-plane-only gateway: deployments are stored and
-    /// answered for, never started).
+    /// `kubernetes` runs them as pods (in-cluster service account or KUBECONFIG; see the
+    /// --kube-* settings and docs/kubernetes.md); `none` runs no replicas (a
+    /// control-plane-only gateway: deployments are stored and answered for, never started).
     #[arg(long, env = "HEARTH_RUNTIME", value_enum, default_value_t = RuntimeKind::Local)]
     runtime: RuntimeKind,
-    /// Seconds the runtime lease (one `--runtime local` gateway per store) lasts without a
-    /// renewal: every resync of the reconciler renews it; a gateway that makes no resync for
-    /// this long hands the store to another, and stops its own replicas when it finds that out.
-    #[arg(long, env = "HEARTH_RUNTIME_LEASE_TTL", default_value_t = hearth_runtime::controller::LEASE_TTL.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
-    runtime_lease_ttl: u64,
+    /// The namespace replica pods are made in; unset, the kubeconfig's or the service
+    /// account's.
+    #[arg(long, env = "HEARTH_KUBE_NAMESPACE", default_value = "")]
+    kube_namespace: String,
+    /// The image replica pods run (one with `hearth` on its PATH; the gateway's own image).
+    #[arg(long, env = "HEARTH_KUBE_IMAGE", default_value = "hearth:latest")]
+    kube_image: String,
+    /// The port the engine listens on in each replica pod.
+    #[arg(long, env = "HEARTH_KUBE_ENGINE_PORT", default_value_t = 8080)]
+    kube_engine_port: u16,
+    /// The CPU each replica pod requests, as a Kubernetes quantity.
+    #[arg(long, env = "HEARTH_KUBE_ENGINE_CPU", default_value = "1")]
+    kube_engine_cpu: String,
+    /// The URL replica pods reach the gateways at to fetch model files (the gateways'
+    /// Service); defaults to --public-url.
+    #[arg(long, env = "HEARTH_KUBE_GATEWAY_URL")]
+    kube_gateway_url: Option<String>,
+    /// Seconds the runtime lease (which gateway runs the reconciler) lasts without a renewal:
+    /// every resync of the reconciler renews it; a gateway that makes no resync for this long
+    /// hands the store to another. A local-runtime gateway then stops its own replicas; a
+    /// kubernetes one follows the new holder. Default 30 (local), 10 (kubernetes).
+    #[arg(long, env = "HEARTH_RUNTIME_LEASE_TTL", value_parser = clap::value_parser!(u64).range(1..))]
+    runtime_lease_ttl: Option<u64>,
     /// Milliseconds between the reconciler's resyncs: an idle deployment is looked at again
     /// this often (one in transition sooner; any change through the API at once).
     #[arg(long, env = "HEARTH_RECONCILE_INTERVAL_MS", default_value_t = 1000)]
@@ -325,28 +357,65 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("{e}"))
         .context("reading the replicas' token key")?;
     let mut lease_holder = None;
-    if args.runtime == RuntimeKind::Local {
-        // One local-runtime gateway manages a store's replicas; it is named by host and data
-        // directory, so this same gateway restarted takes its lease straight back.
+    if args.runtime != RuntimeKind::None {
+        // One gateway manages a store's replicas; it is named by host and data directory, so
+        // this same local-runtime gateway restarted takes its lease straight back.
         let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
         let dir = std::fs::canonicalize(&args.data_dir).unwrap_or_else(|_| args.data_dir.clone());
-        let holder = format!("{}:{}", if host.is_empty() { "localhost" } else { &host }, dir.display());
-        let lease_ttl = Duration::from_secs(args.runtime_lease_ttl);
-        control
-            .hold_runtime_lease(&holder, lease_ttl)
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))
-            .context("taking the store's runtime lease")?;
-        // Replicas are `hearth engine` children of this process, started by the reconciler.
-        let binary = std::env::current_exe().context("locating the hearth binary to run replicas")?;
+        let mut holder = format!("{}:{}", if host.is_empty() { "localhost" } else { &host }, dir.display());
+        if args.runtime == RuntimeKind::Kubernetes {
+            // Gateways of one installation may share a host and a directory: each is its own.
+            holder.push_str(&format!(":{}", std::process::id()));
+        }
+        // Several gateways share pods: one runs the reconciler, another takes over within
+        // about this long of its death; the others follow. Local replicas are one gateway's
+        // children, so a second local-runtime gateway on a store is refused here.
+        let lease_ttl = Duration::from_secs(args.runtime_lease_ttl.unwrap_or(match args.runtime {
+            RuntimeKind::Kubernetes => hearth_runtime::controller::SHARED_LEASE_TTL.as_secs(),
+            _ => hearth_runtime::controller::LEASE_TTL.as_secs(),
+        }));
+        if args.runtime == RuntimeKind::Local {
+            control
+                .hold_runtime_lease(&holder, lease_ttl)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))
+                .context("taking the store's runtime lease")?;
+        }
         let replicas: std::sync::Arc<dyn hearth_runtime::ReplicaApi> =
             std::sync::Arc::new(hearth_runtime::HttpReplicas::new(credentials.clone()));
-        let runtime = std::sync::Arc::new(hearth_runtime::local::LocalRuntime::new(
-            binary,
-            control.clone(),
-            replicas.clone(),
-            credentials.clone(),
-        ));
+        let runtime: std::sync::Arc<dyn hearth_runtime::Runtime> = if args.runtime == RuntimeKind::Kubernetes {
+            let settings = hearth_runtime::kubernetes::KubernetesSettings {
+                namespace: args.kube_namespace.clone(),
+                image: args.kube_image.clone(),
+                port: args.kube_engine_port,
+                gateway_url: args
+                    .kube_gateway_url
+                    .clone()
+                    .or_else(|| args.public_url.clone())
+                    .unwrap_or_else(|| format!("http://{local}")),
+                cpu: args.kube_engine_cpu.clone(),
+            };
+            std::sync::Arc::new(
+                hearth_runtime::kubernetes::KubernetesRuntime::connect(
+                    settings,
+                    control.clone(),
+                    replicas.clone(),
+                    &credentials,
+                )
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))
+                .context("starting the kubernetes runtime")?,
+            )
+        } else {
+            // Replicas are `hearth engine` children of this process, started by the reconciler.
+            let binary = std::env::current_exe().context("locating the hearth binary to run replicas")?;
+            std::sync::Arc::new(hearth_runtime::local::LocalRuntime::new(
+                binary,
+                control.clone(),
+                replicas.clone(),
+                credentials.clone(),
+            ))
+        };
         let ctx = hearth_runtime::Context::new(
             control.clone(),
             runtime,
@@ -370,7 +439,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(
         listen = %local,
         store = if args.database_url.is_some() { "postgres" } else { "sqlite" },
-        runtime = if args.runtime == RuntimeKind::Local { "local" } else { "none" },
+        runtime = match args.runtime {
+            RuntimeKind::Local => "local",
+            RuntimeKind::Kubernetes => "kubernetes",
+            RuntimeKind::None => "none",
+        },
         data_dir = %args.data_dir.display(),
         "hearth gateway ready"
     );
@@ -384,8 +457,39 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     served
 }
 
-async fn engine(args: EngineArgs) -> anyhow::Result<()> {
+async fn engine(mut args: EngineArgs) -> anyhow::Result<()> {
     init_logging(args.log_json);
+    // A replica whose address was not known when it was made (a pod) derives its token from
+    // the replicas' key and the address it was given, as every gateway does.
+    if args.token.is_none() {
+        if let Ok(key) = std::env::var(hearth_api::replica::TOKEN_KEY_ENV) {
+            let endpoint = args.endpoint.as_deref().with_context(|| {
+                format!(
+                    "{} is set: --endpoint must say where gateways reach this replica",
+                    hearth_api::replica::TOKEN_KEY_ENV
+                )
+            })?;
+            let key = hex::decode(key.trim())
+                .with_context(|| format!("{} must be hexadecimal", hearth_api::replica::TOKEN_KEY_ENV))?;
+            args.token = Some(hearth_runtime::ReplicaCredentials::new(key).token(endpoint));
+        }
+    }
+    // Files named by manifest URLs are fetched (once per cache) before anything loads.
+    let fetcher = reqwest::Client::new();
+    let cache = args.artifact_cache.clone();
+    let local = |p: PathBuf| {
+        let (fetcher, cache) = (fetcher.clone(), cache.clone());
+        async move {
+            let shown = p.to_string_lossy().split('?').next().unwrap_or_default().to_string();
+            hearth_artifacts::replica_files::local_files(&fetcher, &p.to_string_lossy(), &cache)
+                .await
+                .with_context(|| format!("fetching the files of {shown}"))
+        }
+    };
+    args.model = local(args.model.clone()).await?;
+    if let Some(d) = args.draft_model.take() {
+        args.draft_model = Some(local(d).await?);
+    }
     let precision = hearth_engine::Precision::parse(args.precision.as_deref().unwrap_or(""))?;
     let served = match args.served_model_name {
         Some(n) => n,
@@ -494,6 +598,7 @@ async fn engine(args: EngineArgs) -> anyhow::Result<()> {
         chat_template,
         system_prompt: args.system_prompt,
         sampling_defaults: hearth_server::SamplingDefaults::from_map(&sampling),
+        artifact_cache: Some(args.artifact_cache.clone()),
         // New versions of the model are read as the model was: same precision, same device.
         loader: Some(std::sync::Arc::new(move |path: &std::path::Path| hearth_engine::load(path, precision, &device))),
     };

@@ -30,6 +30,8 @@ pub struct FakeRuntime {
     pub stopped: AtomicUsize,
     /// Replicas start healthy (for runs of the whole controller).
     pub auto_ready: AtomicBool,
+    /// Every gateway sees these replicas (as pods are).
+    pub shared: AtomicBool,
 }
 
 impl FakeRuntime {
@@ -109,6 +111,10 @@ impl Runtime for FakeRuntime {
 
     async fn replicas(&self) -> Result<Vec<Replica>> {
         Ok(self.all())
+    }
+
+    fn shared(&self) -> bool {
+        self.shared.load(Ordering::SeqCst)
     }
 }
 

@@ -1,0 +1,303 @@
+"""hearth on Kubernetes: ``hearth serve --runtime kubernetes`` against the real kube-apiserver and
+etcd of ``scripts/dev-cluster``, whose test kubelet runs the pods as local processes on their own
+loopback addresses. The gateway talks to the API server only (a watch on its pods, creates and
+deletes), never to the kubelet; the pods fetch their model and adapters through the gateway's
+signed manifest URLs into their own cache volume, never from the gateway's artifact directory,
+and derive their token from their address and the key in a Secret.
+
+Scenarios: a deployment becomes pods that become ready and serve; LoRA addons reach every pod,
+one started later included; a pod whose engine is killed is replaced and requests resume; a model
+that cannot load fails its deployment with the engine's own reason; a hard delete leaves no pod;
+the manifest route refuses an unsigned or altered URL. Two gateways on one store: both serve
+the API and route inference, one runs the reconciler, a request at the other wakes a deployment
+from zero, and when the leader is killed with -9 the other takes over within 15 s with no
+duplicate pod and nothing lost."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import secrets
+import signal
+import subprocess
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import requests
+from openai import OpenAI
+
+import fixtures
+from conftest import _SERVER_ENV_VARS, _free_port, _serve, database_url, hearth_binary, make_client
+from test_dev_cluster import Kube, kube  # noqa: F401 - the cluster fixture
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "crates/hearth-engine/tests/fixtures/tiny_llama"
+TINY_FILES = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+LORA = ROOT / "crates/hearth-engine/tests/fixtures/lora"
+SELECTOR = "labelSelector=app.kubernetes.io%2Fmanaged-by%3Dhearth"
+
+
+@pytest.fixture(scope="module")
+def gateway(kube):  # noqa: F811 - the fixture imported above
+    yield from _serve("kubernetes", {"KUBECONFIG": kube.kubeconfig, "HEARTH_KUBE_IMAGE": "hearth",
+                                     "HEARTH_RECONCILE_INTERVAL_MS": "500"})
+
+
+@pytest.fixture(scope="module")
+def client(gateway):
+    return make_client(gateway)
+
+
+def pods(kube: Kube, deployment: str | None = None) -> list:
+    items = kube.call("GET", f"/api/v1/namespaces/default/pods?{SELECTOR}").json()["items"]
+    return [p for p in items if deployment is None
+            or p["metadata"]["annotations"].get("hearth.dev/deployment") == deployment]
+
+
+def ready_pods(kube: Kube, deployment: str) -> list:
+    return [p for p in pods(kube, deployment) if not p["metadata"].get("deletionTimestamp")
+            and any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))]
+
+
+def wait(check, what: str, timeout: float = 90):
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"never {what}"
+        time.sleep(0.3)
+
+
+def upload_tiny(client, model_id: str) -> str:
+    client.models.create(model_id=model_id, model={"kind": "HF_BASE_MODEL", "baseModelDetails": {}})
+    fixtures.upload_model_files(client, model_id, {f: (TINY / f).read_bytes() for f in TINY_FILES})
+    client.models.validate_upload(model_id)
+    return client.models.get(model_id).name
+
+
+def replica_token(kube: Kube, pod: dict, endpoint: str) -> str:
+    """What a gateway presents to a pod: the HMAC of its endpoint under the key in the Secret."""
+    env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+    name = env["HEARTH_ENGINE_TOKEN_KEY"]["valueFrom"]["secretKeyRef"]["name"]
+    secret = kube.call("GET", f"/api/v1/namespaces/default/secrets/{name}").json()
+    key = bytes.fromhex(base64.b64decode(secret["data"]["key"]).decode())
+    return hmac.new(key, b"hearth replica\n" + endpoint.encode(), hashlib.sha256).hexdigest()
+
+
+def adapters_on(kube: Kube, pod: dict) -> set:
+    endpoint = f"http://{pod['status']['podIP']}:8080"
+    assert requests.get(endpoint + "/v1/lora_adapters", timeout=10).status_code == 401, "a pod requires its token"
+    r = requests.get(endpoint + "/v1/lora_adapters", timeout=10,
+                     headers={"Authorization": f"Bearer {replica_token(kube, pod, endpoint)}"})
+    assert r.status_code == 200, r.text
+    return {a["name"] for a in r.json()["adapters"]}
+
+
+def test_a_deployment_runs_as_pods_that_fetch_their_files_serve_addons_and_are_replaced(gateway, client, kube, uid):
+    base = upload_tiny(client, uid("kube-tiny"))
+    dep_id = uid("kube")
+    dep_name = f"accounts/{gateway.account}/deployments/{dep_id}"
+    client.deployments.create(base_model=base, deployment_id=dep_id, min_replica_count=1, max_replica_count=1,
+                              enable_addons=True)
+    fixtures.wait_deployment(client, dep_id, lambda d: d.state == "READY", "READY", timeout=120)
+    [pod] = wait(lambda: ready_pods(kube, dep_name), "a ready pod")
+    meta, container = pod["metadata"], pod["spec"]["containers"][0]
+    assert meta["labels"]["app.kubernetes.io/managed-by"] == "hearth" and meta["labels"]["hearth.dev/fingerprint"]
+    assert pod["spec"]["restartPolicy"] == "Never" and container["image"] == "hearth"
+    # The model comes through a signed manifest URL, never the gateway's directory, and the
+    # pod's key from a Secret, never the pod spec.
+    args = " ".join(container["args"])
+    assert "/replica-files/" in args and str(gateway.data_dir) not in args, args
+    env = {e["name"]: e for e in container["env"]}
+    secret = env["HEARTH_ENGINE_TOKEN_KEY"]["valueFrom"]["secretKeyRef"]["name"]
+    assert secret == f"hearth-replica-token-key-{meta['labels']['hearth.dev/installation']}"
+    assert "value" not in env["HEARTH_ENGINE_TOKEN_KEY"]
+    assert container["resources"]["requests"]["memory"].endswith("Mi")
+
+    oa = OpenAI(api_key=gateway.api_key, base_url=f"{gateway.base_url}/inference/v1", max_retries=0)
+
+    def complete(model: str) -> str:
+        return oa.completions.create(model=model, prompt="Hello", max_tokens=6, temperature=0, timeout=60).choices[0].text
+
+    base_text = complete(base)
+    chat = oa.chat.completions.create(model=base, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                      temperature=0)
+    assert chat.usage.completion_tokens == 4
+
+    # Two addons, fetched by the pod through manifest URLs too: DEPLOYED, each its own answer.
+    addons = []
+    for fixture in ("attn_only", "all_linear"):
+        addon_id = uid(f"kube-{fixture.replace('_', '-')}")
+        client.models.create(model_id=addon_id, model={"kind": "HF_PEFT_ADDON", "peftDetails": {"baseModel": base}})
+        fixtures.upload_model_files(client, addon_id, {f: (LORA / fixture / f).read_bytes()
+                                                      for f in ("adapter_config.json", "adapter_model.safetensors")})
+        client.models.validate_upload(addon_id)
+        addons.append(f"accounts/{gateway.account}/models/{addon_id}")
+    dms = [client.lora.load(model=a, deployment=dep_name) for a in addons]
+    for dm in dms:
+        wait(lambda: client.lora.get(dm.name.rsplit("/", 1)[1]).state == "DEPLOYED", f"{dm.name} DEPLOYED", 60)
+    texts = [complete(a) for a in addons]
+    assert len({base_text, *texts}) == 3, (base_text, texts)
+    assert adapters_on(kube, pod) == set(addons)
+
+    # A second pod, started later, gets the addons too.
+    client.deployments.update(dep_id, base_model=base, min_replica_count=2, max_replica_count=2)
+    two = wait(lambda: (lambda r: r if len(r) == 2 else None)(ready_pods(kube, dep_name)), "two ready pods", 120)
+    wait(lambda: all(adapters_on(kube, p) == set(addons) for p in two), "the addons on both pods", 60)
+    assert {p["status"]["podIP"] for p in two} == {p["status"]["podIP"] for p in two} and len(
+        {p["status"]["podIP"] for p in two}) == 2
+
+    # A pod's engine killed: the pod fails, a new one replaces it, requests resume within 10 s.
+    victim = two[0]
+    out = subprocess.run(["pgrep", "-f", f"engine --model http://.*/replica-files/{gateway.account}/"],
+                         capture_output=True, text=True)
+    pids = [int(p) for p in out.stdout.split()]
+    assert len(pids) == 2, out
+    for pid in pids:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            if f"HEARTH_ENGINE_ENDPOINT=http://{victim['status']['podIP']}:8080".encode() in f.read():
+                os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    answers = [complete(base) for _ in range(6)]
+    assert answers == [base_text] * 6 and time.monotonic() - killed < 10
+    wait(lambda: victim["metadata"]["name"] not in {p["metadata"]["name"] for p in ready_pods(kube, dep_name)}
+         and len(ready_pods(kube, dep_name)) == 2, "the killed pod replaced", 60)
+    wait(lambda: all(adapters_on(kube, p) == set(addons) for p in ready_pods(kube, dep_name)),
+         "the addons on the replacement", 60)
+    fixtures.wait_deployment(client, dep_id, lambda d: d.state == "READY" and d.replica_count == 2, "READY at 2")
+
+    # A hard delete leaves no pod.
+    client.deployments.delete(dep_id, hard=True, ignore_checks=True)
+    wait(lambda: not pods(kube, dep_name), "every pod gone", 60)
+
+
+def test_a_model_that_cannot_load_fails_its_deployment_with_the_engines_reason(gateway, client, kube, uid):
+    # Damaged on disk after validation, outside any API (as a failing disk would): the pod
+    # fetches what is there, fails to load it, and its last words are the deployment's status.
+    model_id = uid("kube-broken")
+    upload_tiny(client, model_id)
+    weights = gateway.data_dir / "artifacts" / gateway.account / "models" / model_id / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:4096])
+    dep_id = uid("kube-broken")
+    client.deployments.create(base_model=f"accounts/{gateway.account}/models/{model_id}", deployment_id=dep_id,
+                              min_replica_count=1, max_replica_count=1)
+    d = fixtures.wait_deployment(client, dep_id, lambda d: d.state == "FAILED", "FAILED", timeout=120)
+    assert "engine exited" in d.status.message and "model.safetensors" in d.status.message, d.status
+    client.deployments.delete(dep_id, hard=True, ignore_checks=True)
+    wait(lambda: not pods(kube, f"accounts/{gateway.account}/deployments/{dep_id}"), "every pod gone", 60)
+
+
+def test_the_manifest_route_refuses_unsigned_and_altered_urls(gateway, client, uid):
+    base = upload_tiny(client, uid("kube-manifest"))
+    account, model_id = base.split("/")[1], base.split("/")[3]
+    url = f"{gateway.base_url}/replica-files/{account}/{model_id}"
+    assert "signature" in fixtures.assert_rpc_error(requests.get(url, timeout=10), 403, 7)["message"]
+    expires = int(time.time()) + 600
+    r = requests.get(f"{url}?expires={expires}&sig={'0' * 64}", timeout=10)
+    assert "signature" in fixtures.assert_rpc_error(r, 403, 7)["message"]
+
+
+def start_gateway(kube: Kube, workdir: Path, name: str, data: Path, db: str | None, account: str, key: str):
+    port = _free_port()
+    log = workdir / f"{name}.log"
+    cmd = [str(hearth_binary()), "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", str(data),
+           "--api-key", key, "--account", account, "--runtime", "kubernetes", "--reconcile-interval-ms", "500",
+           "--min-scale-to-zero-window", "5"]
+    if db:
+        cmd += ["--database-url", db]
+    env = {k: v for k, v in os.environ.items() if k not in _SERVER_ENV_VARS}
+    env.update(KUBECONFIG=kube.kubeconfig, HEARTH_KUBE_IMAGE="hearth", RUST_BACKTRACE="1")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    g = SimpleNamespace(base_url=f"http://127.0.0.1:{port}", api_key=key, account=account, proc=proc, log=log)
+    wait(lambda: proc.poll() is not None or requests.get(g.base_url + "/health", timeout=2).ok
+         if _listening(port) else proc.poll() is not None, f"gateway {name} healthy", 60)
+    assert proc.poll() is None, log.read_text()[-3000:]
+    return g
+
+
+def _listening(port: int) -> bool:
+    import socket
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def leads(g) -> bool:
+    return "holds the runtime lease" in g.log.read_text()
+
+
+def test_two_gateways_share_the_work_and_one_takes_over_when_the_leader_dies(kube, tmp_path):  # noqa: F811
+    # One store and, as a shared volume would give, one artifact directory.
+    data = tmp_path / "data"
+    data.mkdir()
+    db = database_url("kubernetes")
+    account, key = "kube-pair-" + secrets.token_hex(3), "hk-" + secrets.token_hex(16)
+    a = start_gateway(kube, tmp_path, "a", data, db, account, key)
+    wait(lambda: leads(a), "gateway a leading", 30)
+    b = start_gateway(kube, tmp_path, "b", data, db, account, key)
+    try:
+        ca, cb = make_client(a), make_client(b)
+        base = upload_tiny(ca, "kube-pair-tiny")
+        dep_name = f"accounts/{account}/deployments/pair"
+        ca.deployments.create(base_model=base, deployment_id="pair", min_replica_count=1, max_replica_count=1)
+        fixtures.wait_deployment(cb, "pair", lambda d: d.state == "READY", "READY (read at b)", timeout=120)
+        assert not leads(b)
+
+        def complete(g, model=base) -> str:
+            oa = OpenAI(api_key=g.api_key, base_url=f"{g.base_url}/inference/v1", max_retries=0)
+            return oa.completions.create(model=model, prompt="Hello", max_tokens=4, temperature=0, timeout=90).choices[0].text
+
+        # Both gateways route (b follows the pods it sees).
+        text = complete(a)
+        assert wait(lambda: _try(lambda: complete(b)), "b routing", 20) == text
+
+        # Scaled to zero, woken by a request that arrives at the follower.
+        cb.deployments.create(base_model=base, deployment_id="sleepy", min_replica_count=0, max_replica_count=1)
+        sleepy = f"accounts/{account}/deployments/sleepy"
+        time.sleep(2)
+        assert not pods(kube, sleepy)
+        woke = time.monotonic()
+        assert complete(b, f"{base}#{sleepy}") == text
+        waking = time.monotonic() - woke
+        assert waking < 60
+        assert len(pods(kube, sleepy)) == 1
+
+        # The leader killed with -9: b takes over within 15 s.
+        before = {d.name for d in cb.deployments.list()}
+        models_before = {m.name for m in cb.models.list()}
+        a.proc.kill()
+        killed = time.monotonic()
+        wait(lambda: leads(b), "gateway b leading", 20)
+        took = time.monotonic() - killed
+        assert took < 15, took
+        print(f"\nwoken from zero through the follower in {waking:.1f} s; leader taken over {took:.1f} s after kill -9")
+        # It acts: a change made now is carried out; nothing was duplicated or lost.
+        cb.deployments.update("pair", base_model=base, min_replica_count=2, max_replica_count=2)
+        wait(lambda: len(ready_pods(kube, dep_name)) == 2, "pair at two pods", 120)
+        time.sleep(2)
+        assert len(pods(kube, dep_name)) == 2, [p["metadata"]["name"] for p in pods(kube, dep_name)]
+        assert len(pods(kube, sleepy)) <= 1
+        assert {d.name for d in cb.deployments.list()} == before
+        assert {m.name for m in cb.models.list()} == models_before
+        assert complete(b) == text
+
+        for dep in ("pair", "sleepy"):
+            cb.deployments.delete(dep, hard=True, ignore_checks=True)
+        wait(lambda: not pods(kube, dep_name) and not pods(kube, sleepy), "every pod gone", 60)
+    finally:
+        for g in (a, b):
+            if g.proc.poll() is None:
+                g.proc.terminate()
+                g.proc.wait(timeout=20)
+
+
+def _try(f):
+    try:
+        return f()
+    except Exception:  # noqa: BLE001 - retried until it works or the wait ends
+        return None
