@@ -8,7 +8,9 @@ and derive their token from their address and the key in a Secret.
 Scenarios: a deployment becomes pods that become ready and serve; LoRA addons reach every pod,
 one started later included; a pod whose engine is killed is replaced and requests resume; a model
 that cannot load fails its deployment with the engine's own reason; a hard delete leaves no pod;
-the manifest route refuses an unsigned or altered URL. Two gateways on one store: both serve
+the manifest route refuses an unsigned or altered URL. The manifests in ``deploy/kubernetes`` pass
+the API server's dry run, and a gateway holding only the RBAC they grant runs deployments. Two
+gateways on one store: both serve
 the API and route inference, one runs the reconciler, a request at the other wakes a deployment
 from zero, and when the leader is killed with -9 the other takes over within 15 s with no
 duplicate pod and nothing lost."""
@@ -28,6 +30,7 @@ from types import SimpleNamespace
 
 import pytest
 import requests
+import yaml
 from openai import OpenAI
 
 import fixtures
@@ -267,7 +270,7 @@ def test_two_gateways_share_the_work_and_one_takes_over_when_the_leader_dies(kub
         assert waking < 60
         assert len(pods(kube, sleepy)) == 1
 
-        # The leader killed with -9: b takes over within 15 s.
+        # The leader killed with -9: b takes over (the installation's Lease) within 15 s.
         before = {d.name for d in cb.deployments.list()}
         models_before = {m.name for m in cb.models.list()}
         a.proc.kill()
@@ -275,6 +278,9 @@ def test_two_gateways_share_the_work_and_one_takes_over_when_the_leader_dies(kub
         wait(lambda: leads(b), "gateway b leading", 20)
         took = time.monotonic() - killed
         assert took < 15, took
+        leases = kube.call("GET", "/apis/coordination.k8s.io/v1/namespaces/default/leases").json()["items"]
+        holders = [lease["spec"].get("holderIdentity", "") for lease in leases]
+        assert any(h.endswith(f":{b.proc.pid}") for h in holders), holders
         print(f"\nwoken from zero through the follower in {waking:.1f} s; leader taken over {took:.1f} s after kill -9")
         # It acts: a change made now is carried out; nothing was duplicated or lost.
         cb.deployments.update("pair", base_model=base, min_replica_count=2, max_replica_count=2)
@@ -301,3 +307,79 @@ def _try(f):
         return f()
     except Exception:  # noqa: BLE001 - retried until it works or the wait ends
         return None
+
+
+DEPLOY = ROOT / "deploy/kubernetes"
+COLLECTIONS = {
+    ("v1", "ServiceAccount"): "/api/v1/namespaces/{ns}/serviceaccounts",
+    ("v1", "Service"): "/api/v1/namespaces/{ns}/services",
+    ("v1", "PersistentVolumeClaim"): "/api/v1/namespaces/{ns}/persistentvolumeclaims",
+    ("rbac.authorization.k8s.io/v1", "Role"): "/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles",
+    ("rbac.authorization.k8s.io/v1", "RoleBinding"): "/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings",
+    ("apps/v1", "Deployment"): "/apis/apps/v1/namespaces/{ns}/deployments",
+}
+
+
+def manifests() -> list:
+    """The kustomize base, rendered: its resources with its labels added."""
+    kustomization = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
+    labels = {k: v for entry in kustomization.get("labels", []) for k, v in entry["pairs"].items()}
+    docs = [d for r in kustomization["resources"] for d in yaml.safe_load_all((DEPLOY / r).read_text()) if d]
+    for d in docs:
+        d["metadata"].setdefault("labels", {}).update(labels)
+    return docs
+
+
+def apply(kube: Kube, ns: str, doc: dict, dry_run: bool):
+    path = COLLECTIONS[(doc["apiVersion"], doc["kind"])].format(ns=ns) + ("?dryRun=All" if dry_run else "")
+    r = kube.call("POST", path, doc)
+    assert r.status_code in (200, 201), f"{doc['kind']} {doc['metadata']['name']}: {r.status_code} {r.text[:500]}"
+
+
+def test_the_manifests_apply_and_a_gateway_works_with_only_their_rbac(kube, tmp_path, uid):  # noqa: F811
+    ns = "hearth-rbac"
+    kube.call("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+    docs = manifests()
+    assert {d["kind"] for d in docs} == {"ServiceAccount", "Role", "RoleBinding", "Deployment", "Service",
+                                         "PersistentVolumeClaim"}
+    for d in docs:
+        apply(kube, ns, d, dry_run=True)
+    for d in docs:
+        if d["kind"] in ("ServiceAccount", "Role", "RoleBinding"):
+            apply(kube, ns, d, dry_run=False)
+    r = kube.call("POST", f"/api/v1/namespaces/{ns}/serviceaccounts/hearth-gateway/token",
+                  {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                   "spec": {"expirationSeconds": 3600}})
+    assert r.status_code == 201, r.text
+    token = r.json()["status"]["token"]
+    as_gateway = {"Authorization": f"Bearer {token}"}
+    # Only its namespace, only what the Role names.
+    assert requests.get(f"{kube.server}/api/v1/namespaces/default/pods", headers=as_gateway,
+                        verify=kube.verify, timeout=10).status_code == 403
+    assert requests.get(f"{kube.server}/api/v1/namespaces/{ns}/secrets", headers=as_gateway,
+                        verify=kube.verify, timeout=10).status_code == 403
+    kubeconfig = tmp_path / "gateway.kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "gateway",
+        "clusters": [{"name": "dev", "cluster": {"server": kube.server, "certificate-authority": kube.verify}}],
+        "users": [{"name": "gateway", "user": {"token": token}}],
+        "contexts": [{"name": "gateway", "context": {"cluster": "dev", "user": "gateway", "namespace": ns}}],
+    }))
+    served = _serve("kubernetes", {"KUBECONFIG": str(kubeconfig), "HEARTH_KUBE_IMAGE": "hearth"})
+    gateway = next(served)
+    try:
+        client = make_client(gateway)
+        base = upload_tiny(client, uid("rbac-tiny"))
+        dep_id = uid("rbac")
+        client.deployments.create(base_model=base, deployment_id=dep_id, min_replica_count=1, max_replica_count=1)
+        fixtures.wait_deployment(client, dep_id, lambda d: d.state == "READY", "READY", timeout=120)
+        listed = kube.call("GET", f"/api/v1/namespaces/{ns}/pods?{SELECTOR}").json()["items"]
+        assert len(listed) == 1, [p["metadata"]["name"] for p in listed]
+        oa = OpenAI(api_key=gateway.api_key, base_url=f"{gateway.base_url}/inference/v1", max_retries=0)
+        assert oa.completions.create(model=base, prompt="Hi", max_tokens=3, temperature=0).usage.completion_tokens == 3
+        client.deployments.delete(dep_id, hard=True, ignore_checks=True)
+        wait(lambda: not kube.call("GET", f"/api/v1/namespaces/{ns}/pods?{SELECTOR}").json()["items"],
+             "every pod gone", 60)
+        assert "forbidden" not in gateway.log_since(0).lower(), gateway.log_since(0)[-3000:]
+    finally:
+        served.close()

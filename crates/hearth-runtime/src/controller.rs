@@ -1,7 +1,7 @@
 //! The controller: runs [`reconcile`] for every deployment, each on its own schedule, side by
 //! side, in the manner of a kube-rs controller.
 //!
-//! Every `period` it renews the store's runtime lease, lists the deployments, and stops
+//! Every `period` it renews its lease (the store's, or its [`Election`]'s), lists the deployments, and stops
 //! replicas whose deployment is no longer listed (a replica is an orphan only when its
 //! deployment is gone, never because its record could not be read). A deployment is
 //! reconciled when it is due: at the next resync when idle, soon after a call that left
@@ -23,9 +23,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hearth_control::observe::DeploymentKey;
-use hearth_control::ControlError;
 use tokio::sync::{mpsc, Semaphore};
 
+use crate::election::{Election, Holding, StoreElection};
 use crate::error::RuntimeError;
 use crate::reconcile::{error_policy, reconcile, Action, Context};
 
@@ -62,6 +62,8 @@ struct Scheduled {
 
 pub struct Controller {
     ctx: Arc<Context>,
+    /// Who runs the reconciler: the store's lease unless told otherwise.
+    election: Arc<dyn Election>,
     /// This gateway's name in the store's runtime lease, renewed every resync.
     holder: String,
     lease_ttl: Duration,
@@ -73,7 +75,14 @@ impl Controller {
     /// lease when it is free; with a runtime whose replicas are not shared, the caller should
     /// have taken it already, so that a second gateway is refused at start.
     pub fn new(ctx: Arc<Context>, holder: String, lease_ttl: Duration, period: Duration) -> Controller {
-        Controller { ctx, holder, lease_ttl, period }
+        let election = Arc::new(StoreElection(ctx.control.clone()));
+        Controller { ctx, election, holder, lease_ttl, period }
+    }
+
+    /// Elects the gateway that runs the reconciler with `election` instead of the store's lease.
+    pub fn with_election(mut self, election: Arc<dyn Election>) -> Controller {
+        self.election = election;
+        self
     }
 
     /// Runs forever.
@@ -128,14 +137,14 @@ impl Controller {
     /// lease and with replicas every gateway shares, follows.
     async fn resync(&self, schedule: &mut HashMap<DeploymentKey, Scheduled>, now: Instant, leading: &mut bool) {
         let shared = self.ctx.runtime.shared();
-        match self.ctx.control.hold_runtime_lease(&self.holder, self.lease_ttl).await {
-            Ok(()) => {
+        match self.election.hold(&self.holder, self.lease_ttl).await {
+            Ok(Holding::Held) => {
                 if !*leading {
                     tracing::info!(holder = %self.holder, "this gateway holds the runtime lease: it runs the reconciler");
                 }
                 *leading = true;
             }
-            Err(ControlError::FailedPrecondition(why)) if shared => {
+            Ok(Holding::Other(why)) if shared => {
                 if *leading {
                     tracing::warn!(reason = %why, "another gateway runs the reconciler now; following");
                 }
@@ -144,7 +153,7 @@ impl Controller {
                 self.follow().await;
                 return;
             }
-            Err(ControlError::FailedPrecondition(why)) => {
+            Ok(Holding::Other(why)) => {
                 *leading = false;
                 self.stand_down(&why).await;
                 schedule.clear();

@@ -87,6 +87,7 @@ struct Prober {
 }
 
 pub struct KubernetesRuntime {
+    client: kube::Client,
     pods: Api<Pod>,
     /// This store's installation label value, and the name of its key Secret.
     installation: String,
@@ -139,7 +140,7 @@ impl KubernetesRuntime {
         };
         let secret = format!("{KEY_SECRET}-{installation}");
         put_key_secret(&Api::namespaced(client.clone(), &ns), &secret, &installation, credentials).await?;
-        let pods: Api<Pod> = Api::namespaced(client, &ns);
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
         let (cache, writer) = reflector::store();
         let selector = format!("app.kubernetes.io/managed-by=hearth,{LABEL_INSTALLATION}={installation}");
         let stream = reflector::reflector(writer, watcher(pods.clone(), watcher::Config::default().labels(&selector)))
@@ -159,6 +160,7 @@ impl KubernetesRuntime {
             .map_err(RuntimeError::backend)?;
         tracing::info!(namespace = %ns, image = %settings.image, "kubernetes runtime watching its pods");
         Ok(KubernetesRuntime {
+            client,
             pods,
             installation,
             secret,
@@ -171,6 +173,15 @@ impl KubernetesRuntime {
             stopping: Mutex::default(),
             watch,
         })
+    }
+
+    /// The election of this installation's reconciler: the Lease `hearth-<installation>` in
+    /// the namespace.
+    pub fn election(&self) -> crate::election::KubernetesElection {
+        crate::election::KubernetesElection::new(
+            Api::namespaced(self.client.clone(), &self.settings.namespace),
+            format!("hearth-{}", self.installation),
+        )
     }
 
     fn manifest_url(&self, model: &str) -> Result<String> {

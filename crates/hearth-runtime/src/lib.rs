@@ -10,6 +10,7 @@
 pub mod autoscale;
 pub mod controller;
 pub mod credentials;
+pub mod election;
 pub mod error;
 pub mod fleet;
 pub mod kubernetes;

@@ -383,6 +383,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         let replicas: std::sync::Arc<dyn hearth_runtime::ReplicaApi> =
             std::sync::Arc::new(hearth_runtime::HttpReplicas::new(credentials.clone()));
+        // The store's lease elects the reconciler's gateway, or on Kubernetes a Lease object.
+        let mut election: std::sync::Arc<dyn hearth_runtime::election::Election> =
+            std::sync::Arc::new(hearth_runtime::election::StoreElection(control.clone()));
         let runtime: std::sync::Arc<dyn hearth_runtime::Runtime> = if args.runtime == RuntimeKind::Kubernetes {
             let settings = hearth_runtime::kubernetes::KubernetesSettings {
                 namespace: args.kube_namespace.clone(),
@@ -395,17 +398,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     .unwrap_or_else(|| format!("http://{local}")),
                 cpu: args.kube_engine_cpu.clone(),
             };
-            std::sync::Arc::new(
-                hearth_runtime::kubernetes::KubernetesRuntime::connect(
-                    settings,
-                    control.clone(),
-                    replicas.clone(),
-                    &credentials,
-                )
-                .await
-                .map_err(|e| anyhow::anyhow!("{e}"))
-                .context("starting the kubernetes runtime")?,
+            let kube = hearth_runtime::kubernetes::KubernetesRuntime::connect(
+                settings,
+                control.clone(),
+                replicas.clone(),
+                &credentials,
             )
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .context("starting the kubernetes runtime")?;
+            election = std::sync::Arc::new(kube.election());
+            std::sync::Arc::new(kube)
         } else {
             // Replicas are `hearth engine` children of this process, started by the reconciler.
             let binary = std::env::current_exe().context("locating the hearth binary to run replicas")?;
@@ -428,9 +431,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             holder.clone(),
             lease_ttl,
             Duration::from_millis(args.reconcile_interval_ms),
-        );
+        )
+        .with_election(election.clone());
         tokio::spawn(controller.run());
-        lease_holder = Some(holder);
+        lease_holder = Some((holder, election));
     }
 
     let inference = hearth_server::Inference::new(fleet, credentials, Duration::from_secs(args.wake_timeout));
@@ -448,9 +452,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         "hearth gateway ready"
     );
     let served = axum_serve(listener, app).await;
-    if let Some(holder) = lease_holder {
+    if let Some((holder, election)) = lease_holder {
         // A clean stop hands the store over at once rather than when the lease expires.
-        if let Err(e) = control.release_runtime_lease(&holder).await {
+        if let Err(e) = election.release(&holder).await {
             tracing::warn!(error = %e, "could not release the runtime lease; it expires on its own");
         }
     }
