@@ -47,7 +47,8 @@ SELECTOR = "labelSelector=app.kubernetes.io%2Fmanaged-by%3Dhearth"
 @pytest.fixture(scope="module")
 def gateway(kube):  # noqa: F811 - the fixture imported above
     yield from _serve("kubernetes", {"KUBECONFIG": kube.kubeconfig, "HEARTH_KUBE_IMAGE": "hearth",
-                                     "HEARTH_RECONCILE_INTERVAL_MS": "500"})
+                                     "HEARTH_RECONCILE_INTERVAL_MS": "500",
+                                     "HEARTH_KUBE_NODE_SELECTORS": "NVIDIA_H100_80GB=hearth.dev/gpu=h100"})
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +194,26 @@ def test_a_model_that_cannot_load_fails_its_deployment_with_the_engines_reason(g
     assert "engine exited" in d.status.message and "model.safetensors" in d.status.message, d.status
     client.deployments.delete(dep_id, hard=True, ignore_checks=True)
     wait(lambda: not pods(kube, f"accounts/{gateway.account}/deployments/{dep_id}"), "every pod gone", 60)
+
+
+def test_accelerators_become_gpu_resources_on_the_nodes_of_their_type(gateway, client, kube, uid):
+    base = upload_tiny(client, uid("kube-gpu"))
+    dep_id = uid("kube-gpu")
+    dep_name = f"accounts/{gateway.account}/deployments/{dep_id}"
+    client.deployments.create(base_model=base, deployment_id=dep_id, min_replica_count=1, max_replica_count=1,
+                              accelerator_type="NVIDIA_H100_80GB", accelerator_count=2)
+    [pod] = wait(lambda: pods(kube, dep_name), "a pod")
+    spec = pod["spec"]
+    resources = spec["containers"][0]["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == "2" and resources["requests"]["nvidia.com/gpu"] == "2"
+    assert spec["nodeSelector"] == {"hearth.dev/gpu": "h100"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+    # Another count is another replica spec: the pod is replaced.
+    client.deployments.update(dep_id, base_model=base, accelerator_count=1)
+    wait(lambda: [p for p in pods(kube, dep_name) if not p["metadata"].get("deletionTimestamp")
+                  and p["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"], "a pod with 1 GPU")
+    client.deployments.delete(dep_id, hard=True, ignore_checks=True)
+    wait(lambda: not pods(kube, dep_name), "every pod gone", 60)
 
 
 def test_the_manifest_route_refuses_unsigned_and_altered_urls(gateway, client, uid):

@@ -260,7 +260,7 @@ impl ControlPlane {
     /// stored (`id` is left out of the usage, so an update counts only its new figures).
     pub(crate) async fn check_deployment_quotas(&self, account: &str, id: &str, spec: &DeploymentSpec) -> Result<()> {
         self.check_quota(account, QuotaId::Replicas, reserved(spec, QuotaId::Replicas), Some(id)).await?;
-        if let Some(t) = accelerator(spec).0 {
+        if let Some(t) = spec.accelerator().0 {
             let q = QuotaId::Accelerators(t);
             self.check_quota(account, q, reserved(spec, q), Some(id)).await?;
         }
@@ -330,19 +330,12 @@ impl ControlPlane {
     }
 }
 
-/// `(acceleratorType, acceleratorCount)` of a deployment; a count defaults to 1.
-fn accelerator(spec: &DeploymentSpec) -> (Option<AcceleratorType>, i64) {
-    let wire = spec.to_wire();
-    let t = wire.accelerator_type.filter(|t| *t != AcceleratorType::Unspecified);
-    (t, wire.accelerator_count.map_or(1, i64::from).max(1))
-}
-
 /// What a deployment reserves of a quota: replicas, or accelerators of the quota's type.
 fn reserved(spec: &DeploymentSpec, q: QuotaId) -> i64 {
     let replicas = i64::from(spec.max_replica_count.max(0));
     match q {
         QuotaId::Replicas => replicas,
-        QuotaId::Accelerators(want) => match accelerator(spec) {
+        QuotaId::Accelerators(want) => match spec.accelerator() {
             (Some(t), n) if t == want => replicas * n,
             _ => 0,
         },

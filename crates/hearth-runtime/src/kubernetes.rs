@@ -32,7 +32,7 @@ use async_trait::async_trait;
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{
     Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, Pod,
-    PodSpec, Probe, ResourceRequirements, Secret, SecretKeySelector, Volume, VolumeMount,
+    PodSpec, Probe, ResourceRequirements, Secret, SecretKeySelector, Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -77,6 +77,10 @@ pub struct KubernetesSettings {
     pub gateway_url: String,
     /// CPU each engine pod requests (Kubernetes quantity, e.g. `2`).
     pub cpu: String,
+    /// The extended resource a deployment's accelerators are counted in (`nvidia.com/gpu`).
+    pub gpu_resource: String,
+    /// Per `acceleratorType` (wire name), the node labels its pods must run on.
+    pub node_selectors: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 /// What the prober learned of a ready pod.
@@ -286,14 +290,27 @@ impl KubernetesRuntime {
             EnvVar { name: "NO_COLOR".into(), value: Some("1".into()), ..Default::default() },
         ];
         let memory = Quantity(format!("{}Mi", self.memory_request(spec) >> 20));
-        let resources = ResourceRequirements {
-            requests: Some(BTreeMap::from([
-                ("cpu".to_string(), Quantity(self.settings.cpu.clone())),
-                ("memory".to_string(), memory.clone()),
-            ])),
-            limits: Some(BTreeMap::from([("memory".to_string(), memory)])),
-            ..Default::default()
-        };
+        let mut requests = BTreeMap::from([
+            ("cpu".to_string(), Quantity(self.settings.cpu.clone())),
+            ("memory".to_string(), memory.clone()),
+        ]);
+        let mut limits = BTreeMap::from([("memory".to_string(), memory)]);
+        let (mut node_selector, mut tolerations) = (None, None);
+        if let Some((kind, count)) = &spec.accelerator {
+            // Extended resources are asked for as limits (requests equal to them).
+            let gpus = Quantity(count.to_string());
+            requests.insert(self.settings.gpu_resource.clone(), gpus.clone());
+            limits.insert(self.settings.gpu_resource.clone(), gpus);
+            node_selector = self.settings.node_selectors.get(kind).cloned();
+            // GPU nodes are commonly tainted with the resource's name, to keep others off.
+            tolerations = Some(vec![Toleration {
+                key: Some(self.settings.gpu_resource.clone()),
+                operator: Some("Exists".into()),
+                effect: Some("NoSchedule".into()),
+                ..Default::default()
+            }]);
+        }
+        let resources = ResourceRequirements { requests: Some(requests), limits: Some(limits), ..Default::default() };
         let labels = BTreeMap::from([
             ("app.kubernetes.io/managed-by".to_string(), "hearth".to_string()),
             ("app.kubernetes.io/name".to_string(), "hearth-engine".to_string()),
@@ -310,6 +327,8 @@ impl KubernetesRuntime {
             },
             spec: Some(PodSpec {
                 restart_policy: Some("Never".into()),
+                node_selector,
+                tolerations,
                 termination_grace_period_seconds: Some(30),
                 automount_service_account_token: Some(false),
                 containers: vec![Container {

@@ -250,6 +250,10 @@ pub fn replica_spec(key: &DeploymentKey, spec: &DeploymentSpec, chat: ChatSettin
         draft_tokens: spec.draft_token_count.unwrap_or(0).max(0) as u32,
         draft_model: spec.draft_model.clone(),
         model_version: None,
+        accelerator: match spec.accelerator() {
+            (Some(t), n) => Some((t.as_str().to_string(), n.clamp(1, i64::from(u32::MAX)) as u32)),
+            (None, _) => None,
+        },
     }
 }
 

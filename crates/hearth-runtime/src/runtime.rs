@@ -44,6 +44,10 @@ pub struct ReplicaSpec {
     /// (a deployment's `activeModelVersion`). Not part of the fingerprint: replicas change
     /// version in place, so replicas on different versions are still interchangeable.
     pub model_version: Option<(String, std::path::PathBuf)>,
+    /// The accelerators each replica asks for (`acceleratorType`'s wire name, and
+    /// `acceleratorCount`), where the deployment names a type. The local runtime runs on this
+    /// machine's devices whatever they are; the Kubernetes runtime asks the scheduler.
+    pub accelerator: Option<(String, u32)>,
 }
 
 impl ReplicaSpec {
@@ -69,6 +73,9 @@ impl ReplicaSpec {
         }
         if let Some(d) = &self.draft_model {
             h.update(format!("|draft:{d}:{}", self.draft_tokens).as_bytes());
+        }
+        if let Some((t, n)) = &self.accelerator {
+            h.update(format!("|accelerator:{t}:{n}").as_bytes());
         }
         hex::encode(&h.finalize()[..6])
     }

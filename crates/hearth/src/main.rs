@@ -220,6 +220,19 @@ struct ServeArgs {
     /// The CPU each replica pod requests, as a Kubernetes quantity.
     #[arg(long, env = "HEARTH_KUBE_ENGINE_CPU", default_value = "1")]
     kube_engine_cpu: String,
+    /// The extended resource a deployment's acceleratorCount is asked for in.
+    #[arg(long, env = "HEARTH_KUBE_GPU_RESOURCE", default_value = "nvidia.com/gpu")]
+    kube_gpu_resource: String,
+    /// The node labels the pods of an acceleratorType must run on, as TYPE=KEY=VALUE (e.g.
+    /// NVIDIA_H100_80GB=cloud.google.com/gke-accelerator=nvidia-h100-80gb); repeatable, one
+    /// label each.
+    #[arg(
+        long = "kube-node-selector",
+        env = "HEARTH_KUBE_NODE_SELECTORS",
+        value_delimiter = ',',
+        value_name = "TYPE=KEY=VALUE"
+    )]
+    kube_node_selectors: Vec<String>,
     /// The URL replica pods reach the gateways at to fetch model files (the gateways'
     /// Service); defaults to --public-url.
     #[arg(long, env = "HEARTH_KUBE_GATEWAY_URL")]
@@ -397,6 +410,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     .or_else(|| args.public_url.clone())
                     .unwrap_or_else(|| format!("http://{local}")),
                 cpu: args.kube_engine_cpu.clone(),
+                gpu_resource: args.kube_gpu_resource.clone(),
+                node_selectors: node_selectors(&args.kube_node_selectors)?,
             };
             let kube = hearth_runtime::kubernetes::KubernetesRuntime::connect(
                 settings,
@@ -459,6 +474,25 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     }
     served
+}
+
+/// `--kube-node-selector TYPE=KEY=VALUE`s, by accelerator type; a type that hearth does not
+/// know is refused rather than never matched.
+fn node_selectors(
+    given: &[String],
+) -> anyhow::Result<std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>> {
+    let mut out: std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>> = Default::default();
+    for s in given {
+        let mut parts = s.splitn(3, '=');
+        let (Some(kind), Some(key), Some(value)) = (parts.next(), parts.next(), parts.next()) else {
+            bail!("--kube-node-selector expects TYPE=KEY=VALUE, got {s:?}");
+        };
+        if !hearth_api::resources::AcceleratorType::ALL.iter().any(|t| t.as_str() == kind) {
+            bail!("--kube-node-selector {s:?}: {kind:?} is not an acceleratorType");
+        }
+        out.entry(kind.to_string()).or_default().insert(key.to_string(), value.to_string());
+    }
+    Ok(out)
 }
 
 async fn engine(mut args: EngineArgs) -> anyhow::Result<()> {

@@ -258,6 +258,15 @@ impl DeploymentSpec {
         with_echo(d, &self.echo)
     }
 
+    /// The accelerators each replica asks for: `acceleratorType` (none when unset or
+    /// unspecified) and `acceleratorCount` (1 when unset). Stored as echo fields; the local
+    /// runtime runs on this machine's devices, the Kubernetes runtime asks for them.
+    pub fn accelerator(&self) -> (Option<hearth_api::resources::AcceleratorType>, i64) {
+        let wire = self.to_wire();
+        let t = wire.accelerator_type.filter(|t| *t != hearth_api::resources::AcceleratorType::Unspecified);
+        (t, wire.accelerator_count.map_or(1, i64::from).max(1))
+    }
+
     /// The minimum replica count in force at `now`: `minReplicaCount`, raised by the active
     /// scaling schedules ("max wins").
     pub fn effective_min_replica_count(&self, now: chrono::DateTime<chrono::Utc>) -> i32 {
