@@ -180,6 +180,47 @@ def test_a_deployment_runs_as_pods_that_fetch_their_files_serve_addons_and_are_r
     wait(lambda: not pods(kube, dep_name), "every pod gone", 60)
 
 
+def test_a_rolling_update_under_load_fails_no_request(gateway, client, kube, uid):
+    import threading
+    base = upload_tiny(client, uid("kube-roll"))
+    dep_id = uid("kube-roll")
+    dep_name = f"accounts/{gateway.account}/deployments/{dep_id}"
+    client.deployments.create(base_model=base, deployment_id=dep_id, min_replica_count=2, max_replica_count=2)
+    fixtures.wait_deployment(client, dep_id, lambda d: d.state == "READY" and d.replica_count == 2, "READY", 120)
+    before = {p["metadata"]["name"] for p in pods(kube, dep_name)}
+    oa = OpenAI(api_key=gateway.api_key, base_url=f"{gateway.base_url}/inference/v1", max_retries=0)
+    results, stop = [], threading.Event()
+
+    def load():
+        while not stop.is_set():
+            try:
+                r = oa.completions.create(model=base, prompt="Hello", max_tokens=8, temperature=0, timeout=60)
+                results.append(("ok", r.choices[0].text))
+            except Exception as e:  # noqa: BLE001 - every failure is reported below
+                results.append(("error", repr(e)))
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1)
+        # Another context length is another replica spec: every pod is replaced, one by one.
+        client.deployments.update(dep_id, base_model=base, max_context_length=1024)
+        wait(lambda: (lambda now: len(now) == 2 and not now & before)(
+            {p["metadata"]["name"] for p in ready_pods(kube, dep_name)}), "both pods replaced", 120)
+        fixtures.wait_deployment(client, dep_id, lambda d: d.state == "READY", "READY after the roll", 60)
+        time.sleep(1)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=90)
+    errors = [r for r in results if r[0] == "error"]
+    assert not errors and len(results) > 10, (len(results), errors[:3])
+    assert len({text for _, text in results}) == 1, "every answer the same model's"
+    client.deployments.delete(dep_id, hard=True, ignore_checks=True)
+    wait(lambda: not pods(kube, dep_name), "every pod gone", 60)
+
+
 def test_a_model_that_cannot_load_fails_its_deployment_with_the_engines_reason(gateway, client, kube, uid):
     # Damaged on disk after validation, outside any API (as a failing disk would): the pod
     # fetches what is there, fails to load it, and its last words are the deployment's status.
