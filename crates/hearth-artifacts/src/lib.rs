@@ -7,6 +7,7 @@
 //! It knows nothing of resources or their states: the control plane decides what a file means.
 
 pub mod error;
+pub mod mirror;
 pub mod replica_files;
 pub mod signing;
 pub mod sources;

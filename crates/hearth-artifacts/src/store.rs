@@ -15,6 +15,9 @@
 //! under the lock that sealing takes, so an upload that was already streaming when its model
 //! was validated is refused at the end instead of replacing a byte of a READY model.
 //!
+//! With a mirror (`mirror.rs`) the complete files live in object storage and this directory
+//! caches them.
+//!
 //! Names starting with '.' (partial files, the seal) are never part of a model: file names
 //! cannot start with '.', listings skip them and model inspection ignores them.
 
@@ -29,6 +32,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncSeekExt, AsyncWriteExt, BufWriter};
 
 use crate::error::{ArtifactError, Result};
+use crate::mirror::Mirror;
 
 /// The largest single file hearth accepts: far above any checkpoint shard in practice, and
 /// low enough that a typo in a size is caught.
@@ -113,6 +117,9 @@ pub struct ArtifactStore {
     /// Model directories a validation holds a `Seal` on now. The lock is also the one every
     /// rename into place takes to check the seal, which makes check and rename one step.
     sealing: Arc<Mutex<HashSet<PathBuf>>>,
+    /// Where complete files live when gateways share no disk (`mirror.rs`); this directory
+    /// then caches them.
+    mirror: Option<Arc<Mirror>>,
 }
 
 /// A validation's hold on a model directory: while it lives, and after `keep`, no file of the
@@ -169,7 +176,91 @@ fn digest_mismatch(file: &str, actual: &[u8], expected: &Sha256Digest) -> Artifa
 
 impl ArtifactStore {
     pub fn new(root: impl Into<PathBuf>) -> ArtifactStore {
-        ArtifactStore { root: root.into(), writing: Arc::default(), sealing: Arc::default() }
+        ArtifactStore { root: root.into(), writing: Arc::default(), sealing: Arc::default(), mirror: None }
+    }
+
+    /// Keeps complete files in object storage too, this directory caching them.
+    pub fn with_mirror(mut self, mirror: Mirror) -> ArtifactStore {
+        self.mirror = Some(Arc::new(mirror));
+        self
+    }
+
+    /// Puts a file just committed here into the mirror before its upload is answered, so the
+    /// next request may reach any gateway; unless the model was validated meanwhile (on
+    /// another gateway), which refuses it as a local seal does. Without a mirror, nothing.
+    async fn publish(&self, account: &str, model: &str, file: &str) -> Result<()> {
+        let Some(m) = &self.mirror else { return Ok(()) };
+        let path = self.file_path(account, model, file);
+        let result = async {
+            if m.sealed(account, model).await? {
+                return Err(ArtifactError::FailedPrecondition(format!(
+                    "{file} was not stored: its model was validated while this upload was in progress, and a \
+                     validated model's files can no longer change"
+                )));
+            }
+            m.put(account, model, file, &path).await
+        }
+        .await;
+        if result.is_err() {
+            let _ = tokio::fs::remove_file(&path).await;
+        }
+        result
+    }
+
+    /// Makes this directory and the mirror hold the same complete files, before a validation
+    /// looks at them: files that arrived here other than by upload (an import) are put in the
+    /// mirror, files uploaded through other gateways are fetched. Without a mirror, nothing.
+    pub async fn sync(&self, account: &str, model: &str) -> Result<()> {
+        let Some(m) = &self.mirror else { return Ok(()) };
+        let remote: std::collections::BTreeMap<String, u64> = m.list(account, model).await?.into_iter().collect();
+        let local: std::collections::BTreeMap<String, u64> =
+            self.list_local(account, model).await?.into_iter().collect();
+        for (file, size) in &local {
+            if remote.get(file) != Some(size) {
+                m.put(account, model, file, &self.file_path(account, model, file)).await?;
+            }
+        }
+        for (file, size) in &remote {
+            if local.get(file) != Some(size) {
+                m.get(account, model, file, *size, &self.file_path(account, model, file)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Records a validated model's seal in the mirror, for the other gateways.
+    pub async fn publish_seal(&self, account: &str, model: &str) -> Result<()> {
+        match &self.mirror {
+            Some(m) => m.seal(account, model).await,
+            None => Ok(()),
+        }
+    }
+
+    /// The model's directory with every file in it: a validated model that this gateway
+    /// has not got whole yet is fetched from the mirror (once: it is sealed here then).
+    pub async fn local_dir(&self, account: &str, model: &str) -> Result<PathBuf> {
+        let dir = self.model_dir(account, model);
+        let Some(m) = &self.mirror else { return Ok(dir) };
+        if dir.join(SEAL).exists() {
+            return Ok(dir);
+        }
+        if !m.sealed(account, model).await? {
+            // Not validated yet: what is here is what this gateway has.
+            return Ok(dir);
+        }
+        tokio::fs::create_dir_all(&dir).await.map_err(ArtifactError::internal)?;
+        let local: std::collections::BTreeMap<String, u64> =
+            self.list_local(account, model).await?.into_iter().collect();
+        let mut fetched = 0u64;
+        for (file, size) in m.list(account, model).await? {
+            if local.get(&file) != Some(&size) {
+                m.get(account, model, &file, size, &self.file_path(account, model, &file)).await?;
+                fetched += size;
+            }
+        }
+        tokio::fs::write(dir.join(SEAL), b"").await.map_err(ArtifactError::internal)?;
+        tracing::info!(account, model, mb = fetched >> 20, "model files fetched from the artifact store");
+        Ok(dir)
     }
 
     /// Seals a model's directory before its files are validated: from the moment this returns,
@@ -314,7 +405,8 @@ impl ArtifactStore {
         if result.is_err() {
             let _ = tokio::fs::remove_file(&tmp).await;
         }
-        result
+        result?;
+        self.publish(account, model, file).await
     }
 
     /// The partial file of a resumable upload: hidden (file names cannot start with '.'), so
@@ -436,6 +528,7 @@ impl ArtifactStore {
         }
         drop(out);
         self.complete(&partial, &dir.join(file), file, sha256).await?;
+        self.publish(account, model, file).await?;
         Ok(UploadProgress::Complete)
     }
 
@@ -460,6 +553,8 @@ impl ArtifactStore {
             Some(stored) if stored == total => {
                 let _claim = self.claim(&partial, file)?;
                 self.complete(&partial, &dir.join(file), file, sha256).await?;
+                self.publish(account, model, file).await?;
+                self.publish(account, model, file).await?;
                 return Ok(UploadProgress::Complete);
             }
             Some(_) => {
@@ -525,8 +620,16 @@ impl ArtifactStore {
         result
     }
 
-    /// The files a model has, with their sizes, by name.
+    /// The files a model has, with their sizes, by name: the mirror's when there is one.
     pub async fn list(&self, account: &str, model: &str) -> Result<Vec<(String, u64)>> {
+        match &self.mirror {
+            Some(m) => m.list(account, model).await,
+            None => self.list_local(account, model).await,
+        }
+    }
+
+    /// The complete files in this directory.
+    async fn list_local(&self, account: &str, model: &str) -> Result<Vec<(String, u64)>> {
         let dir = self.model_dir(account, model);
         let mut out = Vec::new();
         let mut entries = match tokio::fs::read_dir(&dir).await {
@@ -552,7 +655,7 @@ impl ArtifactStore {
     /// and kept beside the file as `.{file}.sha256`: a sealed model's files never change, so it
     /// stays true, and a replica fetching the model does not make the gateway read it again.
     pub async fn digests(&self, account: &str, model: &str) -> Result<Vec<(String, u64, String)>> {
-        let dir = self.model_dir(account, model);
+        let dir = self.local_dir(account, model).await?;
         if !dir.join(SEAL).exists() {
             return Err(ArtifactError::FailedPrecondition(format!(
                 "the files of {account}/{model} are not sealed yet; they have digests once the model is READY"
@@ -588,6 +691,7 @@ impl ArtifactStore {
 
     pub async fn open(&self, account: &str, model: &str, file: &str) -> Result<(tokio::fs::File, u64)> {
         validate_file_name(file)?;
+        self.local_dir(account, model).await?;
         let path = self.file_path(account, model, file);
         let f = tokio::fs::File::open(&path).await.map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => {
@@ -601,6 +705,9 @@ impl ArtifactStore {
 
     /// Removes every file of a model. Missing is fine: deletion is idempotent.
     pub async fn remove_model(&self, account: &str, model: &str) -> Result<()> {
+        if let Some(m) = &self.mirror {
+            m.remove(account, model).await?;
+        }
         match tokio::fs::remove_dir_all(self.model_dir(account, model)).await {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

@@ -798,6 +798,8 @@ impl ControlPlane {
         // From here no upload can change a file (one still streaming is refused when it ends),
         // so what is checked is what becomes READY. Any early return lifts the seal.
         let seal = self.artifacts.seal(account, id)?;
+        // With an object-store artifact store, files may have arrived through other gateways.
+        self.artifacts.sync(account, id).await?;
         let mut problems = Vec::new();
         let present: BTreeMap<String, u64> = self.artifacts.list(account, id).await?.into_iter().collect();
         for (file, size) in &doc.value.announced {
@@ -905,6 +907,7 @@ impl ControlPlane {
         )
         .await?;
         seal.keep();
+        self.artifacts.publish_seal(account, id).await?;
         tracing::info!(account, model = %id, "model validated and READY");
         Ok(ValidateUploadResponse { warnings })
     }

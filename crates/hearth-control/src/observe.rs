@@ -116,7 +116,14 @@ impl ControlPlane {
             .collect();
         let mut out = Vec::with_capacity(specs.len());
         for spec in specs {
-            let Some(dir) = self.model_files(&spec.value.model) else { continue };
+            let dir = match self.model_files(&spec.value.model).await {
+                Ok(dir) => dir,
+                Err(e) => {
+                    // Not synced this time; the addon stays DEPLOYING, and the next pass retries.
+                    tracing::warn!(addon = %spec.value.model, error = %e, "the addon's files are not available here");
+                    continue;
+                }
+            };
             let status = self.load::<DeployedModelStatus>(&key.account, &spec.id).await.ok().flatten().map(|d| d.value);
             out.push(Addon {
                 account: key.account.clone(),
@@ -190,10 +197,19 @@ impl ControlPlane {
         ChatSettings { template: set(c.template), system_prompt: set(c.system) }
     }
 
-    /// Where a model's files are in the artifact store, for `accounts/{a}/models/{m}`.
-    pub fn model_files(&self, model: &str) -> Option<PathBuf> {
-        let rn = ResourceName::parse(model, Collection::Models).ok()?;
-        Some(self.artifacts.model_dir(&rn.account, &rn.id))
+    /// The directory of a model's files on this gateway, for `accounts/{a}/models/{m}`; with
+    /// an object-store artifact store, a validated model is fetched into it first (once).
+    pub async fn model_files(&self, model: &str) -> Result<PathBuf> {
+        let rn = ResourceName::parse(model, Collection::Models)
+            .map_err(|e| ControlError::InvalidArgument(format!("{model} is not a model name: {e}")))?;
+        Ok(self.artifacts.local_dir(&rn.account, &rn.id).await?)
+    }
+
+    /// The bytes of a model's files.
+    pub async fn model_bytes(&self, model: &str) -> Result<u64> {
+        let rn = ResourceName::parse(model, Collection::Models)
+            .map_err(|e| ControlError::InvalidArgument(format!("{model} is not a model name: {e}")))?;
+        Ok(self.artifacts.list(&rn.account, &rn.id).await?.iter().map(|(_, n)| n).sum())
     }
 
     /// A signed URL of a model's file manifest, valid for `ttl`: how a replica that cannot read

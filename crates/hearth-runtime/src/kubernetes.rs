@@ -201,14 +201,16 @@ impl KubernetesRuntime {
     /// The memory a replica of `spec` asks for: its weights as stored (a quantized model is
     /// served quantized; a precision set widens them), the draft model's, the engine's
     /// default KV cache and adapter room, and a margin.
-    fn memory_request(&self, spec: &ReplicaSpec) -> u64 {
-        let size = |model: &str| self.control.model_files(model).map(|d| dir_bytes(&d)).unwrap_or(0);
+    async fn memory_request(&self, spec: &ReplicaSpec) -> Result<u64> {
         let widen = if spec.precision == "FP32" { 4 } else { 1 };
-        let weights = size(&spec.model) * widen + spec.draft_model.as_deref().map_or(0, size);
-        weights + (1 << 30) + (1 << 30) + (512 << 20)
+        let mut weights = self.control.model_bytes(&spec.model).await? * widen;
+        if let Some(d) = &spec.draft_model {
+            weights += self.control.model_bytes(d).await?;
+        }
+        Ok(weights + (1 << 30) + (1 << 30) + (512 << 20))
     }
 
-    fn pod(&self, spec: &ReplicaSpec, name: &str) -> Result<Pod> {
+    fn pod(&self, spec: &ReplicaSpec, name: &str, memory: u64) -> Result<Pod> {
         let port = self.settings.port;
         let mut args: Vec<String> = vec![
             "engine".into(),
@@ -289,7 +291,7 @@ impl KubernetesRuntime {
             EnvVar { name: "RUST_BACKTRACE".into(), value: Some("0".into()), ..Default::default() },
             EnvVar { name: "NO_COLOR".into(), value: Some("1".into()), ..Default::default() },
         ];
-        let memory = Quantity(format!("{}Mi", self.memory_request(spec) >> 20));
+        let memory = Quantity(format!("{}Mi", memory >> 20));
         let mut requests = BTreeMap::from([
             ("cpu".to_string(), Quantity(self.settings.cpu.clone())),
             ("memory".to_string(), memory.clone()),
@@ -431,7 +433,7 @@ impl KubernetesRuntime {
 impl Runtime for KubernetesRuntime {
     async fn start(&self, spec: &ReplicaSpec) -> Result<Replica> {
         let name = pod_name(&spec.deployment);
-        let pod = self.pod(spec, &name)?;
+        let pod = self.pod(spec, &name, self.memory_request(spec).await?)?;
         self.pods.create(&PostParams::default(), &pod).await.map_err(|e| {
             RuntimeError::Backend(format!("creating pod {name} in namespace {}: {e}", self.settings.namespace))
         })?;
@@ -545,14 +547,6 @@ fn pod_name(deployment: &str) -> String {
 fn deployment_hash(deployment: &str) -> String {
     use sha2::{Digest, Sha256};
     hex::encode(&Sha256::digest(deployment.as_bytes())[..10])
-}
-
-fn dir_bytes(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|entries| {
-            entries.flatten().filter_map(|e| e.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum()
-        })
-        .unwrap_or(0)
 }
 
 fn spawn_prober(

@@ -105,10 +105,7 @@ impl Runtime for LocalRuntime {
         let port = free_port()?;
         let model_dir = match &spec.model_version {
             Some((_, dir)) => dir.clone(),
-            None => self
-                .control
-                .model_files(&spec.model)
-                .ok_or_else(|| RuntimeError::Backend(format!("{} is not a model name", spec.model)))?,
+            None => self.control.model_files(&spec.model).await?,
         };
         let endpoint = format!("http://127.0.0.1:{port}");
         let mut cmd = Command::new(&self.binary);
@@ -144,10 +141,7 @@ impl Runtime for LocalRuntime {
             cmd.arg("--ngram-speculation").arg(spec.ngram_speculation.to_string());
         }
         if let Some(draft) = &spec.draft_model {
-            let files = self
-                .control
-                .model_files(draft)
-                .ok_or_else(|| RuntimeError::Backend(format!("draft model {draft} is not a model name")))?;
+            let files = self.control.model_files(draft).await?;
             cmd.arg("--draft-model").arg(files);
         }
         if spec.draft_tokens > 0 && (spec.ngram_speculation > 0 || spec.draft_model.is_some()) {

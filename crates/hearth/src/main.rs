@@ -171,6 +171,12 @@ struct ServeArgs {
     /// Directory for the SQLite database and the artifact store.
     #[arg(long, env = "HEARTH_DATA_DIR", default_value = "./hearth-data")]
     data_dir: PathBuf,
+    /// Where model files live: a local directory (default: artifacts/ in --data-dir), or
+    /// s3://BUCKET/PREFIX (S3 or an S3-compatible store: endpoint, region and credentials
+    /// from the AWS environment variables) for gateways that share no disk, each caching
+    /// files in its --data-dir.
+    #[arg(long, env = "HEARTH_ARTIFACT_STORE")]
+    artifact_store: Option<String>,
     /// A postgres:// URL moves the store to PostgreSQL; unset means SQLite in --data-dir.
     #[arg(long, env = "HEARTH_DATABASE_URL")]
     database_url: Option<String>,
@@ -326,7 +332,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|| "https://huggingface.co".to_string()),
         hot_load_dirs: args.hot_load_dirs.clone(),
     };
-    let artifacts = ArtifactStore::new(args.data_dir.join("artifacts"));
+    let artifacts = match args.artifact_store.as_deref() {
+        None | Some("") => ArtifactStore::new(args.data_dir.join("artifacts")),
+        Some(url) if url.contains("://") => {
+            // The bucket holds the files; this gateway's directory caches them.
+            let mirror = hearth_artifacts::mirror::Mirror::parse(url).map_err(|e| anyhow::anyhow!("{e}"))?;
+            ArtifactStore::new(args.data_dir.join("artifacts")).with_mirror(mirror)
+        }
+        Some(dir) => ArtifactStore::new(dir),
+    };
     let control = ControlPlane::new(store, artifacts, config).await.map_err(|e| anyhow::anyhow!("{e}"))?;
 
     let mut keys: Vec<(String, String)> = Vec::new();
