@@ -181,6 +181,32 @@ def test_a_deployment_runs_as_pods_that_fetch_their_files_serve_addons_and_are_r
     wait(lambda: not pods(kube, dep_name), "every pod gone", 60)
 
 
+def test_merged_mode_merges_the_addon_into_the_pod(gateway, client, kube, uid):
+    base = upload_tiny(client, uid("kube-merge"))
+    dep_id = uid("kube-merge")
+    dep_name = f"accounts/{gateway.account}/deployments/{dep_id}"
+    client.deployments.create(base_model=base, deployment_id=dep_id, min_replica_count=1, max_replica_count=1,
+                              enable_hot_reload_latest_addon=True)
+    fixtures.wait_deployment(client, dep_id, lambda d: d.state == "READY", "READY", timeout=120)
+    addon_id = uid("kube-merge-lora")
+    client.models.create(model_id=addon_id, model={"kind": "HF_PEFT_ADDON", "peftDetails": {"baseModel": base}})
+    fixtures.upload_model_files(client, addon_id, {f: (LORA / "all_linear" / f).read_bytes()
+                                                  for f in ("adapter_config.json", "adapter_model.safetensors")})
+    client.models.validate_upload(addon_id)
+    addon = f"accounts/{gateway.account}/models/{addon_id}"
+    dm = client.lora.load(model=addon, deployment=dep_name, replace_merged_addon=True)
+    wait(lambda: client.lora.get(dm.name.rsplit("/", 1)[1]).state == "DEPLOYED", "merged addon DEPLOYED", 60)
+    [pod] = ready_pods(kube, dep_name)
+    endpoint = f"http://{pod['status']['podIP']}:8080"
+    listed = requests.get(endpoint + "/v1/lora_adapters", timeout=10,
+                          headers={"Authorization": f"Bearer {replica_token(kube, pod, endpoint)}"}).json()
+    assert listed["merged"]["name"] == addon and listed["adapters"] == [], listed
+    oa = OpenAI(api_key=gateway.api_key, base_url=f"{gateway.base_url}/inference/v1", max_retries=0)
+    assert oa.completions.create(model=addon, prompt="Hi", max_tokens=3, temperature=0).usage.completion_tokens == 3
+    client.deployments.delete(dep_id, hard=True, ignore_checks=True)
+    wait(lambda: not pods(kube, dep_name), "every pod gone", 60)
+
+
 def test_a_rolling_update_under_load_fails_no_request(gateway, client, kube, uid):
     import threading
     base = upload_tiny(client, uid("kube-roll"))
