@@ -11,6 +11,7 @@ use serde_json::Value;
 use crate::auth::Principal;
 use crate::error::{ControlError, Result};
 use crate::listing::{paginate, render, ListPage, ListRequest, Listable};
+use crate::observe::DeploymentKey;
 use crate::patch::{Patch, Patchable};
 use crate::quotas::QuotaId;
 use crate::records::deployed_model::{self as record, DeployedModelSpec, DeployedModelStatus};
@@ -187,7 +188,7 @@ impl ControlPlane {
             }
         }
         tracing::info!(account, deployed_model = %doc.id, model = %model_name, deployment = %deployment_name, "addon load requested");
-        self.changed();
+        self.changed(DeploymentKey::from_name(&deployment_name));
         Ok(record::view(account, &doc, None))
     }
 
@@ -270,7 +271,7 @@ impl ControlPlane {
         if let Some(model) = became_default {
             self.clear_other_defaults(account, &model, id).await?;
         }
-        self.changed();
+        self.changed(DeploymentKey::from_name(&doc.value.deployment));
         render(&self.deployed_model_view(account, &doc).await, None)
     }
 
@@ -304,7 +305,7 @@ impl ControlPlane {
             }
         }
         tracing::info!(account, deployed_model = %id, "addon unloaded");
-        self.changed();
+        self.changed(DeploymentKey::from_name(&doc.value.deployment));
         Ok(())
     }
 }

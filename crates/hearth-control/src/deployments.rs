@@ -18,6 +18,7 @@ use serde_json::Value;
 use crate::auth::Principal;
 use crate::error::{ControlError, Result};
 use crate::listing::{paginate, render, ListPage, ListRequest, Listable};
+use crate::observe::DeploymentKey;
 use crate::patch::{Patch, Patchable};
 use crate::quotas::QuotaId;
 use crate::records::deployed_model::{DeployedModelSpec, DeployedModelStatus};
@@ -538,7 +539,7 @@ impl ControlPlane {
         }
         let doc = self.insert_doc(account, &id, &spec).await?;
         tracing::info!(account, deployment = %id, "deployment created");
-        self.changed();
+        self.changed(Some(DeploymentKey::new(account, &id)));
         Ok(record::view(account, &id, &doc, None))
     }
 
@@ -651,7 +652,7 @@ impl ControlPlane {
             },
         )
         .await?;
-        self.changed();
+        self.changed(Some(DeploymentKey::new(account, id)));
         render(&self.deployment_view(account, id).await?, None)
     }
 
@@ -692,12 +693,12 @@ impl ControlPlane {
         if hard {
             self.remove_deployment_rows(account, id, None).await?;
             tracing::info!(account, deployment = %id, "deployment purged");
-            self.changed();
+            self.changed(Some(DeploymentKey::new(account, id)));
             return Ok(());
         }
         self.soft_delete(account, id).await?;
         tracing::info!(account, deployment = %id, "deployment soft-deleted");
-        self.changed();
+        self.changed(Some(DeploymentKey::new(account, id)));
         Ok(())
     }
 
@@ -790,7 +791,7 @@ impl ControlPlane {
         )
         .await?;
         tracing::info!(account, deployment = %id, "deployment undeleted");
-        self.changed();
+        self.changed(Some(DeploymentKey::new(account, id)));
         self.deployment_view(account, id).await
     }
 
@@ -827,7 +828,7 @@ impl ControlPlane {
         )
         .await?;
         tracing::info!(account, deployment = %id, replicas = n, "deployment scaled");
-        self.changed();
+        self.changed(Some(DeploymentKey::new(account, id)));
         Ok(())
     }
 
@@ -851,7 +852,7 @@ impl ControlPlane {
             }
         }
         if expired > 0 {
-            self.changed();
+            self.changed(None);
         }
         Ok(expired)
     }

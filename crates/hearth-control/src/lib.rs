@@ -85,6 +85,8 @@ pub struct ControlPlane {
     /// Signalled when a deployment or a loaded addon changes, so the reconciler acts now
     /// rather than at its next tick.
     pub(crate) changes: Arc<tokio::sync::Notify>,
+    /// What changed since the reconciler last asked ([`ControlPlane::take_changes`]).
+    pub(crate) changed_keys: Arc<std::sync::Mutex<observe::Changed>>,
     /// Inference requests and tokens per account, against the rate quotas.
     pub(crate) rates: Arc<rates::Rates>,
     /// One lock per account, held from a quota's check to the write it guards.
@@ -111,6 +113,7 @@ impl ControlPlane {
             http,
             imports: Arc::default(),
             changes: Arc::default(),
+            changed_keys: Arc::default(),
             rates: Arc::default(),
             admissions: Arc::default(),
         };
@@ -127,9 +130,18 @@ impl ControlPlane {
         &self.artifacts
     }
 
-    /// Wakes the reconciler: desired state changed. A wake with no reconciler waiting is kept
-    /// for its next wait, so none is lost.
-    pub(crate) fn changed(&self) {
+    /// Wakes the reconciler: the desired state of `deployment` changed (`None`: of any
+    /// deployment, as far as the caller knows). A wake with no reconciler waiting is kept for
+    /// its next wait, so none is lost.
+    pub(crate) fn changed(&self, deployment: Option<observe::DeploymentKey>) {
+        if let Ok(mut c) = self.changed_keys.lock() {
+            match deployment {
+                Some(k) => {
+                    c.keys.insert(k);
+                }
+                None => c.all = true,
+            }
+        }
         self.changes.notify_one();
     }
 

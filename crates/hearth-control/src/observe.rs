@@ -18,6 +18,14 @@ use crate::records::model::ModelRecord;
 use crate::records::{decode_body, Doc, DEPLOYMENTS};
 use crate::ControlPlane;
 
+/// The deployments whose desired state changed through the API, for the reconciler to act on
+/// first; `all` when a change may concern any (a batch of expiries, say).
+#[derive(Debug, Default)]
+pub struct Changed {
+    pub all: bool,
+    pub keys: std::collections::HashSet<DeploymentKey>,
+}
+
 /// A deployment's identity: `accounts/{account}/deployments/{id}`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DeploymentKey {
@@ -229,9 +237,17 @@ impl ControlPlane {
     }
 
     /// Signalled when a deployment or a loaded addon changes, so the runtime acts now rather
-    /// than at its next resync.
+    /// than at its next resync; [`ControlPlane::take_changes`] says what changed.
     pub fn changes(&self) -> Arc<tokio::sync::Notify> {
         self.changes.clone()
+    }
+
+    /// What changed since the last call: the deployments named, or (`all`) possibly any.
+    pub fn take_changes(&self) -> Changed {
+        self.changed_keys
+            .lock()
+            .map(|mut c| std::mem::take(&mut *c))
+            .unwrap_or(Changed { all: true, ..Default::default() })
     }
 }
 

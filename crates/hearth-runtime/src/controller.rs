@@ -45,6 +45,8 @@ const DEMAND_FRESH: Duration = Duration::from_secs(5);
 
 /// Reconciles running at once, at most.
 const CONCURRENCY: usize = 64;
+/// The same for reconciles of deployments the API just changed, which have slots of their own.
+const URGENT_CONCURRENCY: usize = 16;
 
 /// Where one deployment stands with the controller.
 #[derive(Debug)]
@@ -58,6 +60,8 @@ struct Scheduled {
     /// It was not listed at the last resync: reconcile it once more (which stops its
     /// replicas if it is gone), then forget it.
     unlisted: bool,
+    /// The API changed it: its next reconcile goes ahead of the idle ones.
+    urgent: bool,
 }
 
 pub struct Controller {
@@ -89,6 +93,9 @@ impl Controller {
     pub async fn run(self) {
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(DeploymentKey, Result<Action, RuntimeError>)>();
         let slots = Arc::new(Semaphore::new(CONCURRENCY));
+        // Reconciles of what the API just changed do not queue behind the idle passes over
+        // every deployment.
+        let urgent_slots = Arc::new(Semaphore::new(URGENT_CONCURRENCY));
         let mut schedule: HashMap<DeploymentKey, Scheduled> = HashMap::new();
         let changes = self.ctx.control.changes();
         let mut next_resync = self.ctx.clock.now();
@@ -101,7 +108,8 @@ impl Controller {
             }
             for (key, s) in schedule.iter_mut().filter(|(_, s)| !s.running && s.due <= now) {
                 s.running = true;
-                let (ctx, key, tx, slots) = (self.ctx.clone(), key.clone(), done_tx.clone(), slots.clone());
+                let slots = if std::mem::take(&mut s.urgent) { urgent_slots.clone() } else { slots.clone() };
+                let (ctx, key, tx) = (self.ctx.clone(), key.clone(), done_tx.clone());
                 tokio::spawn(async move {
                     let _slot = slots.acquire_owned().await;
                     let result = reconcile(&ctx, &key).await;
@@ -117,10 +125,29 @@ impl Controller {
                 .unwrap_or(next_resync);
             tokio::select! {
                 Some((key, result)) = done_rx.recv() => self.finished(&mut schedule, key, result).await,
-                // A change may be a new deployment: list them again now.
+                // The deployments the API changed are reconciled now, ahead of the rest (a
+                // new one is added without listing them all); a change that may concern any
+                // makes every deployment due.
                 _ = changes.notified() => {
-                    next_resync = self.ctx.clock.now();
-                    due_now(&mut schedule, next_resync);
+                    let now = self.ctx.clock.now();
+                    let changed = self.ctx.control.take_changes();
+                    if leading {
+                        for key in changed.keys {
+                            let s = schedule.entry(key).or_insert(Scheduled {
+                                due: now,
+                                running: false,
+                                attempts: 0,
+                                unlisted: false,
+                                urgent: true,
+                            });
+                            s.due = now;
+                            s.urgent = true;
+                        }
+                    }
+                    if changed.all {
+                        next_resync = now;
+                        due_now(&mut schedule, now);
+                    }
                 }
                 // Following, a request waiting here must reach the leader's autoscaler now.
                 _ = self.ctx.fleet.kicker.notified() => if leading {
@@ -141,12 +168,14 @@ impl Controller {
             Ok(Holding::Held) => {
                 if !*leading {
                     tracing::info!(holder = %self.holder, "this gateway holds the runtime lease: it runs the reconciler");
+                    self.ctx.runtime.set_leading(true);
                 }
                 *leading = true;
             }
             Ok(Holding::Other(why)) if shared => {
                 if *leading {
                     tracing::warn!(reason = %why, "another gateway runs the reconciler now; following");
+                    self.ctx.runtime.set_leading(false);
                 }
                 *leading = false;
                 schedule.clear();
@@ -184,6 +213,7 @@ impl Controller {
                 running: false,
                 attempts: 0,
                 unlisted: false,
+                urgent: false,
             });
             s.unlisted = false;
             if s.attempts == 0 {

@@ -101,6 +101,10 @@ pub struct KubernetesRuntime {
     control: ControlPlane,
     replicas: Arc<dyn ReplicaApi>,
     probers: Mutex<HashMap<String, Prober>>,
+    /// Whether this gateway runs the reconciler: only then are pods asked for their load
+    /// (the others route by their own in-flight counts), so 50 gateways do not each probe
+    /// every pod every second.
+    leading: std::sync::atomic::AtomicBool,
     /// Pods seen ready by this gateway: a pod that fails after that crashed, one that fails
     /// before it could not start.
     seen_ready: Mutex<HashSet<String>>,
@@ -173,6 +177,7 @@ impl KubernetesRuntime {
             control,
             replicas,
             probers: Mutex::default(),
+            leading: Default::default(),
             seen_ready: Mutex::default(),
             stopping: Mutex::default(),
             watch,
@@ -403,12 +408,19 @@ impl KubernetesRuntime {
 
     /// Starts a load prober for each ready pod that has none, ends those of pods gone or not
     /// ready, and fills in the figures learned.
-    fn probe(&self, replicas: &mut [Replica]) {
+    /// `all`: `replicas` are every pod, so probers of pods not among them end too; else only
+    /// those of `replicas` that are no longer ready.
+    fn probe(&self, replicas: &mut [Replica], all: bool) {
         let mut probers = self.probers.lock().unwrap_or_else(|e| e.into_inner());
-        let ready: HashMap<&str, &str> =
-            replicas.iter().filter(|r| r.phase == Phase::Ready).map(|r| (r.id.as_str(), r.endpoint.as_str())).collect();
+        let leading = self.leading.load(std::sync::atomic::Ordering::Relaxed);
+        let ready: HashMap<&str, &str> = replicas
+            .iter()
+            .filter(|r| leading && r.phase == Phase::Ready)
+            .map(|r| (r.id.as_str(), r.endpoint.as_str()))
+            .collect();
+        let listed: HashSet<&str> = replicas.iter().map(|r| r.id.as_str()).collect();
         probers.retain(|id, p| {
-            let keep = ready.get(id.as_str()) == Some(&p.endpoint.as_str());
+            let keep = ready.get(id.as_str()) == Some(&p.endpoint.as_str()) || (!all && !listed.contains(id.as_str()));
             if !keep {
                 p.task.abort();
             }
@@ -475,12 +487,32 @@ impl Runtime for KubernetesRuntime {
         self.seen_ready.lock().unwrap_or_else(|e| e.into_inner()).retain(|id| present.contains(id));
         let mut out: Vec<Replica> =
             pods.iter().filter_map(|p| self.replica(p)).filter(|r| !stopping.contains(&r.id)).collect();
-        self.probe(&mut out);
+        self.probe(&mut out, true);
+        Ok(out)
+    }
+
+    /// One deployment's pods, looked at alone: a reconcile reads only its own (thousands of
+    /// pods otherwise make every reconcile as costly as all of them).
+    async fn replicas_of(&self, deployment: &str) -> Result<Vec<Replica>> {
+        let hash = deployment_hash(deployment);
+        let mine = self.cache.state_filter(|p| {
+            p.metadata.labels.as_ref().and_then(|l| l.get(LABEL_DEPLOYMENT)) == Some(&hash)
+                && p.metadata.annotations.as_ref().and_then(|a| a.get(ANNOTATION_DEPLOYMENT)).map(String::as_str)
+                    == Some(deployment)
+        });
+        let stopping = self.stopping.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut out: Vec<Replica> =
+            mine.iter().filter_map(|p| self.replica(p)).filter(|r| !stopping.contains(&r.id)).collect();
+        self.probe(&mut out, false);
         Ok(out)
     }
 
     fn shared(&self) -> bool {
         true
+    }
+
+    fn set_leading(&self, leading: bool) {
+        self.leading.store(leading, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn replica_files(&self, model: Option<&str>, _dir: &Path) -> Result<String> {

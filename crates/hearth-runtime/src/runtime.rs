@@ -131,6 +131,12 @@ pub trait Runtime: Send + Sync + 'static {
         false
     }
 
+    /// Told when this gateway starts or stops running the reconciler (shared runtimes: only
+    /// the leader needs what it learns by asking replicas, their load).
+    fn set_leading(&self, leading: bool) {
+        let _ = leading;
+    }
+
     /// The replicas of one deployment.
     async fn replicas_of(&self, deployment: &str) -> Result<Vec<Replica>> {
         Ok(self.replicas().await?.into_iter().filter(|r| r.deployment == deployment).collect())
