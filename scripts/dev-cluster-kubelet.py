@@ -13,6 +13,10 @@ container's HTTP readiness probe) through the status subresource, restarts or fa
 whose process exits as its restartPolicy says (with the log's tail as the termination message
 under `FallbackToLogsOnError`), and stops the process when the pod is deleted.
 
+With --no-engines (a test double for scale benchmarks only, never for functional tests) a pod
+bound to the node is marked Running and Ready at once, on an address of 127.1/16 where
+nothing listens, and no process runs.
+
 Only the standard library: it runs wherever the cluster is started.
 
 Usage: dev-cluster-kubelet.py --kubeconfig PATH --node NAME
@@ -72,7 +76,7 @@ class Api:
     def watch(self, path: str, rv: str):
         """Yields watch events until the server ends the stream."""
         sep = "&" if "?" in path else "?"
-        url = f"{self.server}{path}{sep}watch=1&resourceVersion={rv}&timeoutSeconds=60&allowWatchBookmarks=false"
+        url = f"{self.server}{path}{sep}watch=1&resourceVersion={rv}&timeoutSeconds=60&allowWatchBookmarks=true"
         req = urllib.request.Request(url)
         req.add_header("Authorization", f"Bearer {self.token}")
         with urllib.request.urlopen(req, context=self.ssl, timeout=90) as r:
@@ -91,10 +95,14 @@ class Pod:
 
 
 class Kubelet:
-    def __init__(self, api: Api, node: str, logdir: Path):
+    def __init__(self, api: Api, node: str, logdir: Path, no_engines: bool = False):
         self.api, self.node, self.logdir = api, node, logdir
+        self.no_engines = no_engines
         self.pods: dict[str, Pod] = {}
-        self.free_ips = [f"127.0.0.{n}" for n in range(2, 255)]
+        # Without engines nothing listens, so addresses come from all of 127.1/16 (a
+        # connection there is refused at once, as to a pod that does not answer).
+        self.free_ips = ([f"127.{1 + n // 65536}.{n // 256 % 256}.{n % 256}" for n in range(1, 60000)]
+                         if no_engines else [f"127.0.0.{n}" for n in range(2, 255)])
         self.lock = threading.Lock()
         self.hearth = os.environ.get("HEARTH_BIN", "hearth")
 
@@ -154,6 +162,11 @@ class Kubelet:
             ip = self.free_ips.pop(0)
             p = Pod(meta["namespace"], meta["name"], ip)
             self.pods[self.key(pod)] = p
+        if self.no_engines:
+            # The scale double: Running and Ready at once, with nothing behind it.
+            p.ready = True
+            self.status(p, "Running", now())
+            return
         threading.Thread(target=self.run, args=(p, pod), daemon=True).start()
 
     def environment(self, p: Pod, container: dict) -> dict:
@@ -295,18 +308,27 @@ class Kubelet:
         for p in list(self.pods.values()):
             self.stop(p)
 
-    # The loops: list, then watch from there; again when the watch ends.
+    # The loops, as an informer runs them: list, then watch from there; when a watch ends,
+    # watch again from the last version seen; list again only when that version is gone.
     def loop(self, path: str, handle):
+        rv = None
         while True:
             try:
-                listed = self.api.call("GET", path)
-                for item in listed["items"]:
-                    handle("ADDED", item)
-                for event in self.api.watch(path, listed["metadata"]["resourceVersion"]):
+                if rv is None:
+                    listed = self.api.call("GET", path)
+                    for item in listed["items"]:
+                        handle("ADDED", item)
+                    rv = listed["metadata"]["resourceVersion"]
+                for event in self.api.watch(path, rv):
+                    if event["type"] == "ERROR":
+                        rv = None  # 410 Gone: too old to resume from
+                        break
+                    rv = event["object"]["metadata"].get("resourceVersion", rv)
                     if event["type"] in ("ADDED", "MODIFIED", "DELETED"):
                         handle(event["type"], event["object"])
             except Exception as e:  # noqa: BLE001 - the loop must outlive any one failure
                 log("watch", path, "ended:", e)
+                rv = None
                 time.sleep(1)
 
 
@@ -320,8 +342,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--kubeconfig", required=True)
     ap.add_argument("--node", required=True)
+    ap.add_argument("--no-engines", action="store_true",
+                    help="a test double for scale only: pods are Ready at once and run nothing")
     args = ap.parse_args()
-    kubelet = Kubelet(Api(args.kubeconfig), args.node, Path(args.kubeconfig).parent)
+    kubelet = Kubelet(Api(args.kubeconfig), args.node, Path(args.kubeconfig).parent, args.no_engines)
 
     def bye(*_):
         kubelet.stop_all()
