@@ -114,6 +114,11 @@ def test_a_deployment_runs_as_pods_that_fetch_their_files_serve_addons_and_are_r
     meta, container = pod["metadata"], pod["spec"]["containers"][0]
     assert meta["labels"]["app.kubernetes.io/managed-by"] == "hearth" and meta["labels"]["hearth.dev/fingerprint"]
     assert pod["spec"]["restartPolicy"] == "Never" and container["image"] == "hearth"
+    # Owned by the installation's Lease: deleting it has the garbage collector remove the pods.
+    [owner] = meta["ownerReferences"]
+    lease = kube.call("GET", f"/apis/coordination.k8s.io/v1/namespaces/default/leases/{owner['name']}").json()
+    assert owner["kind"] == "Lease" and owner["name"] == f"hearth-{meta['labels']['hearth.dev/installation']}"
+    assert owner["uid"] == lease["metadata"]["uid"]
     # The model comes through a signed manifest URL, never the gateway's directory, and the
     # pod's key from a Secret, never the pod spec.
     args = " ".join(container["args"])

@@ -30,12 +30,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_util::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{
     Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, Pod,
     PodSpec, Probe, ResourceRequirements, Secret, SecretKeySelector, Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{DeleteParams, PostParams};
 use kube::runtime::reflector::{self, Store};
@@ -96,6 +97,8 @@ pub struct KubernetesRuntime {
     /// This store's installation label value, and the name of its key Secret.
     installation: String,
     secret: String,
+    /// What every pod is owned by: the installation's Lease (see `installation_lease`).
+    owner: OwnerReference,
     cache: Store<Pod>,
     settings: KubernetesSettings,
     control: ControlPlane,
@@ -148,6 +151,7 @@ impl KubernetesRuntime {
         };
         let secret = format!("{KEY_SECRET}-{installation}");
         put_key_secret(&Api::namespaced(client.clone(), &ns), &secret, &installation, credentials).await?;
+        let owner = installation_lease(&Api::namespaced(client.clone(), &ns), &lease_name(&installation)).await?;
         let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
         let (cache, writer) = reflector::store();
         let selector = format!("app.kubernetes.io/managed-by=hearth,{LABEL_INSTALLATION}={installation}");
@@ -172,6 +176,7 @@ impl KubernetesRuntime {
             pods,
             installation,
             secret,
+            owner,
             cache,
             settings,
             control,
@@ -189,7 +194,7 @@ impl KubernetesRuntime {
     pub fn election(&self) -> crate::election::KubernetesElection {
         crate::election::KubernetesElection::new(
             Api::namespaced(self.client.clone(), &self.settings.namespace),
-            format!("hearth-{}", self.installation),
+            lease_name(&self.installation),
         )
     }
 
@@ -330,6 +335,7 @@ impl KubernetesRuntime {
                 name: Some(name.to_string()),
                 labels: Some(labels),
                 annotations: Some(BTreeMap::from([(ANNOTATION_DEPLOYMENT.to_string(), spec.deployment.clone())])),
+                owner_references: Some(vec![self.owner.clone()]),
                 ..Default::default()
             },
             spec: Some(PodSpec {
@@ -523,6 +529,47 @@ impl Runtime for KubernetesRuntime {
             )),
         }
     }
+}
+
+/// The Lease that elects the installation's reconciler: `hearth-<installation>`.
+fn lease_name(installation: &str) -> String {
+    format!("hearth-{installation}")
+}
+
+/// The installation's Lease, made (with no holder) if it does not exist yet, as the owner of
+/// every pod: Kubernetes' garbage collector removes an installation's pods when its Lease is
+/// deleted (uninstalling: `kubectl delete lease hearth-<installation>` once the gateways are
+/// gone), where no gateway is left to do it.
+async fn installation_lease(leases: &Api<Lease>, name: &str) -> Result<OwnerReference> {
+    let found = match leases.get_opt(name).await {
+        Ok(Some(l)) => l,
+        Ok(None) => {
+            let lease = Lease {
+                metadata: ObjectMeta {
+                    name: Some(name.to_string()),
+                    labels: Some(BTreeMap::from([("app.kubernetes.io/managed-by".to_string(), "hearth".to_string())])),
+                    ..Default::default()
+                },
+                spec: Some(Default::default()),
+            };
+            match leases.create(&PostParams::default(), &lease).await {
+                Ok(l) => l,
+                Err(kube::Error::Api(s)) if s.code == 409 => {
+                    leases.get(name).await.map_err(|e| RuntimeError::Backend(format!("reading lease {name}: {e}")))?
+                }
+                Err(e) => return Err(RuntimeError::Backend(format!("creating lease {name}: {e}"))),
+            }
+        }
+        Err(e) => return Err(RuntimeError::Backend(format!("reading lease {name}: {e}"))),
+    };
+    let uid = found.metadata.uid.ok_or_else(|| RuntimeError::Backend(format!("lease {name} has no uid")))?;
+    Ok(OwnerReference {
+        api_version: "coordination.k8s.io/v1".into(),
+        kind: "Lease".into(),
+        name: name.to_string(),
+        uid,
+        ..Default::default()
+    })
 }
 
 /// Creates the Secret holding the replicas' key, unless it exists.
