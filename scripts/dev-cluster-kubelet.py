@@ -230,8 +230,13 @@ class Kubelet:
         while not p.stopping:
             out = open(self.logdir / f"{p.ns}_{p.name}.log", "ab")
             try:
-                p.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL, start_new_session=True)
+                # Under the lock stop() takes: a pod deleted as it starts either never starts
+                # or has its process seen, and killed, by stop().
+                with self.lock:
+                    if p.stopping:
+                        return
+                    p.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                              stdin=subprocess.DEVNULL, start_new_session=True)
             except OSError as e:
                 self.status(p, "Failed", started, terminated=(127, "StartError", f"could not start {argv[:1]}: {e}"))
                 return
@@ -290,8 +295,9 @@ class Kubelet:
             log("status update failed:", e)
 
     def stop(self, p: Pod):
-        p.stopping = True
-        proc = p.proc
+        with self.lock:
+            p.stopping = True
+            proc = p.proc
         if proc and proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
             try:

@@ -40,15 +40,28 @@ from test_dev_cluster import Kube, kube  # noqa: F401 - the cluster fixture
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "crates/hearth-engine/tests/fixtures/tiny_llama"
+SMOLLM2 = ROOT / "models/SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_FILES = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
 LORA = ROOT / "crates/hearth-engine/tests/fixtures/lora"
 SELECTOR = "labelSelector=app.kubernetes.io%2Fmanaged-by%3Dhearth"
 
 
 @pytest.fixture(scope="module")
-def gateway(kube):  # noqa: F811 - the fixture imported above
+def versions(tmp_path_factory):
+    """A hot-load bucket folder: v1 the default model's GGUF, v2 the same with its attention
+    norms scaled (same shape and tokenizer, other answers)."""
+    root = tmp_path_factory.mktemp("kube-versions")
+    (root / "v1").mkdir()
+    (root / "v1" / "model.gguf").symlink_to(SMOLLM2)
+    (root / "v2").mkdir()
+    (root / "v2" / "model.gguf").write_bytes(fixtures.perturb_gguf_norms(SMOLLM2.read_bytes()))
+    return root
+
+
+@pytest.fixture(scope="module")
+def gateway(kube, versions):  # noqa: F811 - the fixture imported above
     yield from _serve("kubernetes", {"KUBECONFIG": kube.kubeconfig, "HEARTH_KUBE_IMAGE": "hearth",
-                                     "HEARTH_RECONCILE_INTERVAL_MS": "500",
+                                     "HEARTH_RECONCILE_INTERVAL_MS": "500", "HEARTH_HOT_LOAD_DIRS": str(versions),
                                      "HEARTH_KUBE_NODE_SELECTORS": "NVIDIA_H100_80GB=hearth.dev/gpu=h100"})
 
 
@@ -208,6 +221,45 @@ def test_merged_mode_merges_the_addon_into_the_pod(gateway, client, kube, uid):
     assert listed["merged"]["name"] == addon and listed["adapters"] == [], listed
     oa = OpenAI(api_key=gateway.api_key, base_url=f"{gateway.base_url}/inference/v1", max_retries=0)
     assert oa.completions.create(model=addon, prompt="Hi", max_tokens=3, temperature=0).usage.completion_tokens == 3
+    client.deployments.delete(dep_id, hard=True, ignore_checks=True)
+    wait(lambda: not pods(kube, dep_name), "every pod gone", 60)
+
+
+def test_a_hot_loaded_version_reaches_every_pod_and_new_pods_start_on_it(gateway, client, kube, uid, versions):
+    base_id = uid("kube-smol")
+    client.models.create(model_id=base_id, model={"kind": "HF_BASE_MODEL", "baseModelDetails": {}})
+    fixtures.upload_model_files(client, base_id, {"model.gguf": SMOLLM2.read_bytes()})
+    client.models.validate_upload(base_id)
+    base = client.models.get(base_id).name
+    dep_id = uid("kube-hot")
+    dep_name = f"accounts/{gateway.account}/deployments/{dep_id}"
+    client.deployments.create(base_model=base, deployment_id=dep_id, min_replica_count=1, max_replica_count=1,
+                              enable_hot_load=True, hot_load_bucket_url=f"file://{versions}", target_model_version="v1")
+    fixtures.wait_deployment(client, dep_id, lambda d: d.state == "READY" and d.active_model_version == "v1",
+                             "v1 active", 120)
+    oa = OpenAI(api_key=gateway.api_key, base_url=f"{gateway.base_url}/inference/v1", max_retries=0)
+
+    def answer() -> str:
+        r = oa.chat.completions.create(model=f"{base}#{dep_name}", messages=[{"role": "user", "content": "Hi"}],
+                                       max_tokens=12, temperature=0)
+        return r.choices[0].message.content
+
+    v1 = answer()
+    [first] = ready_pods(kube, dep_name)
+    client.deployments.update(dep_id, base_model=base, target_model_version="v2")
+    fixtures.wait_deployment(client, dep_id, lambda d: d.active_model_version == "v2", "v2 active", 120)
+    v2 = answer()
+    assert v2 != v1
+    assert [p["metadata"]["name"] for p in ready_pods(kube, dep_name)] == [first["metadata"]["name"]], "swapped in place"
+    # A pod started now starts on v2, fetched through its version manifest.
+    client.deployments.update(dep_id, base_model=base, min_replica_count=2, max_replica_count=2)
+    two = wait(lambda: (lambda r: r if len(r) == 2 else None)(ready_pods(kube, dep_name)), "two ready pods", 120)
+    new = next(p for p in two if p["metadata"]["name"] != first["metadata"]["name"])
+    args = new["spec"]["containers"][0]["args"]
+    assert "/replica-versions/" in args[args.index("--model") + 1] and args[args.index("--model-version") + 1] == "v2"
+    fixtures.wait_deployment(client, dep_id, lambda d: d.state == "READY" and d.active_model_version == "v2",
+                             "READY on v2 with two pods", 60)
+    assert {answer() for _ in range(4)} == {v2}
     client.deployments.delete(dep_id, hard=True, ignore_checks=True)
     wait(lambda: not pods(kube, dep_name), "every pod gone", 60)
 

@@ -82,6 +82,11 @@ impl UrlSigner {
         )
     }
 
+    /// A URL under this server's base for any other grant: `{base}/{path}?expires=...&sig=...`.
+    pub fn url_for(&self, path: &str, grant: &Grant) -> String {
+        format!("{}/{path}?expires={}&sig={}", self.base_url, grant.expires, self.sign(grant))
+    }
+
     /// Checks a presented signature in constant time, then the expiry.
     pub fn verify(&self, grant: &Grant, sig_hex: &str, now: i64) -> Result<()> {
         let sig = hex::decode(sig_hex)

@@ -180,6 +180,77 @@ impl ControlPlane {
         Ok(dir)
     }
 
+    /// A signed URL of the file manifest of `version` of a deployment's hot load, valid for
+    /// `ttl`: how a replica that cannot read this gateway's disk (a pod) gets a version.
+    pub fn replica_version_url(&self, deployment: &str, version: &str, ttl: std::time::Duration) -> Option<String> {
+        let key = crate::observe::DeploymentKey::from_name(deployment)?;
+        let grant = version_grant("VLIST", &key.account, &key.id, version, "", ttl_expiry(ttl));
+        Some(self.signer.url_for(&format!("replica-versions/{}/{}/{version}", key.account, key.id), &grant))
+    }
+
+    /// The manifest behind [`ControlPlane::replica_version_url`]: every file of the version
+    /// (fetched and checked first, as for a local replica) with its size, SHA-256 and a signed
+    /// download URL lasting as long.
+    pub async fn replica_version_manifest(
+        &self,
+        account: &str,
+        id: &str,
+        version: &str,
+        expires: i64,
+        sig: &str,
+    ) -> Result<hearth_api::replica::FileManifest> {
+        let grant = version_grant("VLIST", account, id, version, "", expires);
+        self.signer.verify(&grant, sig, chrono::Utc::now().timestamp())?;
+        let dir = self.version_dir_of(account, id, version).await?;
+        let listed = tokio::task::spawn_blocking(move || version_files(&dir))
+            .await
+            .map_err(ControlError::internal)?
+            .map_err(ControlError::internal)?;
+        let files = listed
+            .into_iter()
+            .map(|(name, size, sha256)| {
+                let grant = version_grant("VGET", account, id, version, &name, expires);
+                let url = self.signer.url_for(&format!("replica-versions/{account}/{id}/{version}/{name}"), &grant);
+                hearth_api::replica::ManifestFile { name, size, sha256, url }
+            })
+            .collect();
+        Ok(hearth_api::replica::FileManifest { model: format!("accounts/{account}/deployments/{id}@{version}"), files })
+    }
+
+    /// Opens one file of a version for a signed download URL of its manifest.
+    pub async fn replica_version_file(
+        &self,
+        account: &str,
+        id: &str,
+        version: &str,
+        file: &str,
+        expires: i64,
+        sig: &str,
+    ) -> Result<(tokio::fs::File, u64)> {
+        let grant = version_grant("VGET", account, id, version, file, expires);
+        self.signer.verify(&grant, sig, chrono::Utc::now().timestamp())?;
+        hearth_artifacts::store::validate_file_name(file)?;
+        let path = self.version_dir_of(account, id, version).await?.join(file);
+        let f = tokio::fs::File::open(&path)
+            .await
+            .map_err(|_| ControlError::NotFound(format!("version {version} has no file {file}")))?;
+        let len = f.metadata().await.map_err(ControlError::internal)?.len();
+        Ok((f, len))
+    }
+
+    /// The local files of a version of a deployment's hot load, as its spec says where.
+    async fn version_dir_of(&self, account: &str, id: &str, version: &str) -> Result<PathBuf> {
+        let key = crate::observe::DeploymentKey::new(account, id);
+        let (spec, _) = self
+            .deployment_for_runtime(&key)
+            .await?
+            .ok_or_else(|| ControlError::NotFound(format!("deployment {} does not exist", key.name())))?;
+        let hot = spec
+            .hot_load
+            .ok_or_else(|| ControlError::FailedPrecondition(format!("deployment {} has no hot load", key.name())))?;
+        self.model_version_files(&key.name(), &hot, version).await
+    }
+
     /// Removes the versions fetched for `deployment` but those in `keep` (all of them when
     /// the deployment is purged): a fetched version is a whole model's files.
     pub async fn forget_model_versions(&self, deployment: &str, keep: &[&str]) {
@@ -239,6 +310,55 @@ impl ControlPlane {
 
 /// Marks a fetched version folder as whole.
 const COMPLETE: &str = ".complete";
+
+/// What a version URL allows: its method (`VLIST` the manifest, `VGET` a file) on a version of
+/// a deployment. The deployment and version sit in the grant's model field, which no model
+/// name can equal (`@` is not allowed in one).
+fn version_grant(
+    method: &'static str,
+    account: &str,
+    id: &str,
+    version: &str,
+    file: &str,
+    expires: i64,
+) -> hearth_artifacts::Grant {
+    hearth_artifacts::Grant {
+        method,
+        account: account.to_string(),
+        model: format!("{id}@{version}"),
+        file: file.to_string(),
+        size: 0,
+        expires,
+    }
+}
+
+fn ttl_expiry(ttl: std::time::Duration) -> i64 {
+    chrono::Utc::now().timestamp() + ttl.as_secs() as i64
+}
+
+/// A version folder's files (following links; hidden names and subfolders left out), with
+/// their sizes and SHA-256.
+fn version_files(dir: &Path) -> std::io::Result<Vec<(String, u64, String)>> {
+    use sha2::{Digest, Sha256};
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if hearth_artifacts::store::validate_file_name(&name).is_err() {
+            continue;
+        }
+        let meta = std::fs::metadata(entry.path())?;
+        if !meta.is_file() {
+            continue;
+        }
+        let mut h = Sha256::new();
+        let mut f = std::fs::File::open(entry.path())?;
+        std::io::copy(&mut f, &mut h)?;
+        out.push((name, meta.len(), hex::encode(h.finalize())));
+    }
+    out.sort();
+    Ok(out)
+}
 
 #[cfg(test)]
 mod tests {

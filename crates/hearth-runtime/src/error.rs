@@ -19,9 +19,6 @@ pub enum RuntimeError {
     /// The backend could not start, stop or list replicas.
     #[error("{0}")]
     Backend(String),
-    /// The backend cannot do what the deployment asks (yet): the message names it.
-    #[error("{0}")]
-    Unsupported(String),
 }
 
 pub type Result<T> = std::result::Result<T, RuntimeError>;
@@ -33,7 +30,6 @@ impl RuntimeError {
             RuntimeError::Refused { .. } => Code::FailedPrecondition,
             RuntimeError::Unreachable { .. } | RuntimeError::Timeout { .. } => Code::Unavailable,
             RuntimeError::Backend(_) => Code::Internal,
-            RuntimeError::Unsupported(_) => Code::Unimplemented,
         }
     }
 

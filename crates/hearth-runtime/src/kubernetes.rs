@@ -24,7 +24,6 @@
 //! log's tail).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -48,7 +47,7 @@ use hearth_control::ControlPlane;
 use crate::credentials::ReplicaCredentials;
 use crate::error::{Result, RuntimeError};
 use crate::replica::ReplicaApi;
-use crate::runtime::{Phase, Replica, ReplicaSpec, Runtime, REPLICA_BATCH_SIZE};
+use crate::runtime::{Phase, Replica, ReplicaFiles, ReplicaSpec, Runtime, REPLICA_BATCH_SIZE};
 
 const LABEL_INSTALLATION: &str = "hearth.dev/installation";
 const LABEL_DEPLOYMENT: &str = "hearth.dev/deployment-hash";
@@ -203,9 +202,21 @@ impl KubernetesRuntime {
             .control
             .replica_files_url(model, MANIFEST_TTL)
             .ok_or_else(|| RuntimeError::Backend(format!("{model} is not a model name")))?;
-        // The control plane signs for its public URL; pods reach the gateway at theirs.
-        let path = url.find("/replica-files/").map(|i| &url[i..]).unwrap_or(&url);
-        Ok(format!("{}{path}", self.settings.gateway_url.trim_end_matches('/')))
+        Ok(self.rebase(&url, "/replica-files/"))
+    }
+
+    fn version_url(&self, deployment: &str, version: &str) -> Result<String> {
+        let url = self
+            .control
+            .replica_version_url(deployment, version, MANIFEST_TTL)
+            .ok_or_else(|| RuntimeError::Backend(format!("{deployment} is not a deployment name")))?;
+        Ok(self.rebase(&url, "/replica-versions/"))
+    }
+
+    /// The control plane signs for its public URL; pods reach the gateways at theirs.
+    fn rebase(&self, url: &str, route: &str) -> String {
+        let path = url.find(route).map(|i| &url[i..]).unwrap_or(url);
+        format!("{}{path}", self.settings.gateway_url.trim_end_matches('/'))
     }
 
     /// The memory a replica of `spec` asks for: its weights as stored (a quantized model is
@@ -222,10 +233,15 @@ impl KubernetesRuntime {
 
     fn pod(&self, spec: &ReplicaSpec, name: &str, memory: u64) -> Result<Pod> {
         let port = self.settings.port;
+        // A deployment serving a hot-loaded version starts new pods on it.
+        let model = match &spec.model_version {
+            Some((version, _)) => self.version_url(&spec.deployment, version)?,
+            None => self.manifest_url(&spec.model)?,
+        };
         let mut args: Vec<String> = vec![
             "engine".into(),
             "--model".into(),
-            self.manifest_url(&spec.model)?,
+            model,
             "--listen".into(),
             format!("$(POD_IP):{port}"),
             "--served-model-name".into(),
@@ -261,12 +277,8 @@ impl KubernetesRuntime {
         if let Some(p) = &spec.system_prompt {
             flag("system-prompt", p.clone());
         }
-        if spec.model_version.is_some() {
-            // Versions live in the gateway's store, not behind manifest URLs (yet): refused in
-            // the deployment's status rather than started on the wrong weights.
-            return Err(RuntimeError::Unsupported(
-                "hot-loaded model versions are not served by the kubernetes runtime yet".into(),
-            ));
+        if let Some((version, _)) = &spec.model_version {
+            flag("model-version", version.clone());
         }
         // Kubernetes expands `$(VAR)` in args and in later env values, not in the shell sense.
         let escaped: Vec<String> =
@@ -521,12 +533,10 @@ impl Runtime for KubernetesRuntime {
         self.leading.store(leading, std::sync::atomic::Ordering::Relaxed);
     }
 
-    fn replica_files(&self, model: Option<&str>, _dir: &Path) -> Result<String> {
-        match model {
-            Some(m) => self.manifest_url(m),
-            None => Err(RuntimeError::Unsupported(
-                "hot-loaded model versions are not served by the kubernetes runtime yet".into(),
-            )),
+    fn replica_files(&self, files: &ReplicaFiles<'_>) -> Result<String> {
+        match files {
+            ReplicaFiles::Model { name, .. } => self.manifest_url(name),
+            ReplicaFiles::Version { deployment, version, .. } => self.version_url(deployment, version),
         }
     }
 }

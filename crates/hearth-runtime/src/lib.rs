@@ -25,4 +25,4 @@ pub use error::{Result, RuntimeError};
 pub use fleet::Fleet;
 pub use reconcile::{reconcile, Action, Context};
 pub use replica::{HttpReplicas, ReplicaApi};
-pub use runtime::{Clock, Phase, Replica, ReplicaSpec, Runtime, SystemClock};
+pub use runtime::{Clock, Phase, Replica, ReplicaFiles, ReplicaSpec, Runtime, SystemClock};

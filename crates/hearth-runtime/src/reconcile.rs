@@ -27,7 +27,7 @@ use crate::autoscale::{Observation, Policy, Scaler};
 use crate::error::{Result, RuntimeError};
 use crate::fleet::Fleet;
 use crate::replica::ReplicaApi;
-use crate::runtime::{Clock, Phase, Replica, ReplicaSpec, Runtime};
+use crate::runtime::{Clock, Phase, Replica, ReplicaFiles, ReplicaSpec, Runtime};
 
 /// How long a retired replica may take to finish the requests it has before it is stopped
 /// regardless.
@@ -412,7 +412,8 @@ async fn sync_version(
         if !behind.is_empty() {
             let files =
                 ctx.control.model_version_files(name, hot, target).await.map_err(Problem::from).and_then(|dir| {
-                    ctx.runtime.replica_files(None, &dir).map_err(|e| Problem::new(e.code(), e.public_message()))
+                    let files = ReplicaFiles::Version { deployment: name, version: target, dir: &dir };
+                    ctx.runtime.replica_files(&files).map_err(|e| Problem::new(e.code(), e.public_message()))
                 });
             match files {
                 Err(p) => problem = Some(p),
@@ -493,7 +494,9 @@ async fn sync_addons(
 ) -> Result<bool> {
     let wanted = addons
         .iter()
-        .map(|a| Ok((a.model.clone(), ctx.runtime.replica_files(Some(&a.model), &a.dir)?)))
+        .map(|a| {
+            Ok((a.model.clone(), ctx.runtime.replica_files(&ReplicaFiles::Model { name: &a.model, dir: &a.dir })?))
+        })
         .collect::<Result<Vec<(String, String)>>>()?;
     let answers = join_all(endpoints.iter().map(|ep| sync_replica(ctx, deployment, ep, merged_mode, &wanted))).await;
     let mut busy = false;

@@ -81,6 +81,23 @@ impl ReplicaSpec {
     }
 }
 
+/// Files a replica is to load, and where the gateway has them.
+#[derive(Debug, Clone, Copy)]
+pub enum ReplicaFiles<'a> {
+    /// A model's (`accounts/{a}/models/{m}`): an addon's, say.
+    Model { name: &'a str, dir: &'a std::path::Path },
+    /// A hot-load version of a deployment.
+    Version { deployment: &'a str, version: &'a str, dir: &'a std::path::Path },
+}
+
+impl ReplicaFiles<'_> {
+    pub fn dir(&self) -> &std::path::Path {
+        match self {
+            ReplicaFiles::Model { dir, .. } | ReplicaFiles::Version { dir, .. } => dir,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Phase {
     /// Started, not answering its health check yet (loading the model).
@@ -115,13 +132,11 @@ pub trait Runtime: Send + Sync + 'static {
     /// Every replica this runtime has, with its current phase.
     async fn replicas(&self) -> Result<Vec<Replica>>;
 
-    /// How a replica of this runtime reaches files the gateway has at `dir`: those of the
-    /// model `model`, or (`None`) a directory that is no model's (a hot-loaded version). Where
-    /// replicas share the gateway's filesystem, the path itself (the default); elsewhere what
-    /// the replica fetches them by.
-    fn replica_files(&self, model: Option<&str>, dir: &std::path::Path) -> Result<String> {
-        let _ = model;
-        Ok(dir.to_string_lossy().into_owned())
+    /// How a replica of this runtime reaches files the gateway has: where replicas share the
+    /// gateway's filesystem, their directory (the default); elsewhere what the replica fetches
+    /// them by.
+    fn replica_files(&self, files: &ReplicaFiles<'_>) -> Result<String> {
+        Ok(files.dir().to_string_lossy().into_owned())
     }
 
     /// Whether every gateway sees this runtime's replicas and they outlive the gateway that

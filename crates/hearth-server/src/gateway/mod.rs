@@ -111,6 +111,8 @@ pub fn router_with(control: ControlPlane, inference: Inference) -> Router {
         .route("/upload/{account}/{model}/{file}", put(upload::put))
         .route("/download/{account}/{model}/{file}", get(upload::get))
         .route("/replica-files/{account}/{model}", get(upload::manifest))
+        .route("/replica-versions/{account}/{deployment}/{version}", get(upload::version_manifest))
+        .route("/replica-versions/{account}/{deployment}/{version}/{file}", get(upload::version_file))
         .layer(DefaultBodyLimit::disable());
     Router::new()
         .merge(api)

@@ -150,11 +150,16 @@ pub(super) async fn get(
 ) -> ApiResult<Response> {
     let sg = signed(q.as_deref(), false)?;
     let (f, len) = s.control.download_file(&account, &model, &file, sg.expires, &sg.sig).await?;
-    Ok((
+    Ok(file_response(f, len))
+}
+
+/// A file's bytes, streamed.
+fn file_response(f: tokio::fs::File, len: u64) -> Response {
+    (
         [("content-type", "application/octet-stream".to_string()), ("content-length", len.to_string())],
         Body::from_stream(ReaderStream::new(f)),
     )
-        .into_response())
+        .into_response()
 }
 
 /// `GET /replica-files/{account}/{model}`: a model's file manifest for a replica that fetches
@@ -166,6 +171,29 @@ pub(super) async fn manifest(
 ) -> ApiResult<Response> {
     let sg = signed(q.as_deref(), false)?;
     Ok(axum::Json(s.control.replica_manifest(&account, &model, sg.expires, &sg.sig).await?).into_response())
+}
+
+/// `GET /replica-versions/{account}/{deployment}/{version}`: the manifest of a hot-load
+/// version, for a replica that fetches it itself; signed as the model manifests are.
+pub(super) async fn version_manifest(
+    State(s): State<AppState>,
+    Path((account, deployment, version)): Path<(String, String, String)>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Response> {
+    let sg = signed(q.as_deref(), false)?;
+    let manifest = s.control.replica_version_manifest(&account, &deployment, &version, sg.expires, &sg.sig).await?;
+    Ok(axum::Json(manifest).into_response())
+}
+
+/// `GET /replica-versions/{account}/{deployment}/{version}/{file}`: one file of it.
+pub(super) async fn version_file(
+    State(s): State<AppState>,
+    Path((account, deployment, version, file)): Path<(String, String, String, String)>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Response> {
+    let sg = signed(q.as_deref(), false)?;
+    let (f, len) = s.control.replica_version_file(&account, &deployment, &version, &file, sg.expires, &sg.sig).await?;
+    Ok(file_response(f, len))
 }
 
 #[cfg(test)]
