@@ -1,8 +1,8 @@
 //! The controller: runs [`reconcile`] for every deployment, each on its own schedule, side by
 //! side, in the manner of a kube-rs controller.
 //!
-//! Every `period` it renews its lease (the store's, or its [`Election`]'s), lists the deployments, and stops
-//! replicas whose deployment is no longer listed (a replica is an orphan only when its
+//! Every `period` it renews its lease (the store's, or its [`Election`]'s), lists the
+//! deployments, and stops replicas whose deployment is no longer listed (a replica is an orphan only when its
 //! deployment is gone, never because its record could not be read). A deployment is
 //! reconciled when it is due: at the next resync when idle, soon after a call that left
 //! something in transition, at once when the API changed something or a request woke a
@@ -98,6 +98,8 @@ impl Controller {
         let urgent_slots = Arc::new(Semaphore::new(URGENT_CONCURRENCY));
         let mut schedule: HashMap<DeploymentKey, Scheduled> = HashMap::new();
         let changes = self.ctx.control.changes();
+        // What changed before this controller started is read by its first resync anyway.
+        let _ = self.ctx.control.take_changes();
         let mut next_resync = self.ctx.clock.now();
         let mut leading = false;
         loop {
@@ -255,6 +257,11 @@ impl Controller {
             }
             Ok(_) if s.unlisted => {
                 schedule.remove(&key);
+            }
+            // Changed through the API while this reconcile ran: again at once.
+            Ok(_) if s.urgent => {
+                s.attempts = 0;
+                s.due = now;
             }
             Ok(action) => {
                 s.attempts = 0;
