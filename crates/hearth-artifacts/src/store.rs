@@ -554,7 +554,6 @@ impl ArtifactStore {
                 let _claim = self.claim(&partial, file)?;
                 self.complete(&partial, &dir.join(file), file, sha256).await?;
                 self.publish(account, model, file).await?;
-                self.publish(account, model, file).await?;
                 return Ok(UploadProgress::Complete);
             }
             Some(_) => {
