@@ -98,6 +98,26 @@ def upload_tiny(client, model_id: str) -> str:
     return client.models.get(model_id).name
 
 
+def upload_addon(client, base: str, model_id: str, fixture: str) -> str:
+    """The engine's LoRA fixture ``fixture`` as a READY addon of ``base``; returns its name."""
+    client.models.create(model_id=model_id, model={"kind": "HF_PEFT_ADDON", "peftDetails": {"baseModel": base}})
+    fixtures.upload_model_files(client, model_id, {f: (LORA / fixture / f).read_bytes()
+                                                  for f in ("adapter_config.json", "adapter_model.safetensors")})
+    client.models.validate_upload(model_id)
+    return client.models.get(model_id).name
+
+
+def wait_ready_pods(kube: Kube, deployment: str, n: int, timeout: float = 120) -> list:
+    return wait(lambda: (lambda r: r if len(r) == n else None)(ready_pods(kube, deployment)),
+                f"{n} ready pods", timeout)
+
+
+def hard_delete(client, kube: Kube, dep_id: str, deployment: str):
+    """Deletes the deployment for good and waits for its pods to go."""
+    client.deployments.delete(dep_id, hard=True, ignore_checks=True)
+    wait(lambda: not pods(kube, deployment), "every pod gone", 60)
+
+
 def replica_token(kube: Kube, pod: dict, endpoint: str) -> str:
     """What a gateway presents to a pod: the HMAC of its endpoint under the key in the Secret."""
     env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
@@ -153,14 +173,7 @@ def test_a_deployment_runs_as_pods_that_fetch_their_files_serve_addons_and_are_r
     assert chat.usage.completion_tokens == 4
 
     # Two addons, fetched by the pod through manifest URLs too: DEPLOYED, each its own answer.
-    addons = []
-    for fixture in ("attn_only", "all_linear"):
-        addon_id = uid(f"kube-{fixture.replace('_', '-')}")
-        client.models.create(model_id=addon_id, model={"kind": "HF_PEFT_ADDON", "peftDetails": {"baseModel": base}})
-        fixtures.upload_model_files(client, addon_id, {f: (LORA / fixture / f).read_bytes()
-                                                      for f in ("adapter_config.json", "adapter_model.safetensors")})
-        client.models.validate_upload(addon_id)
-        addons.append(f"accounts/{gateway.account}/models/{addon_id}")
+    addons = [upload_addon(client, base, uid(f"kube-{f.replace('_', '-')}"), f) for f in ("attn_only", "all_linear")]
     dms = [client.lora.load(model=a, deployment=dep_name) for a in addons]
     for dm in dms:
         wait(lambda: client.lora.get(dm.name.rsplit("/", 1)[1]).state == "DEPLOYED", f"{dm.name} DEPLOYED", 60)
@@ -170,7 +183,7 @@ def test_a_deployment_runs_as_pods_that_fetch_their_files_serve_addons_and_are_r
 
     # A second pod, started later, gets the addons too.
     client.deployments.update(dep_id, base_model=base, min_replica_count=2, max_replica_count=2)
-    two = wait(lambda: (lambda r: r if len(r) == 2 else None)(ready_pods(kube, dep_name)), "two ready pods", 120)
+    two = wait_ready_pods(kube, dep_name, 2)
     wait(lambda: all(adapters_on(kube, p) == set(addons) for p in two), "the addons on both pods", 60)
     assert {p["status"]["podIP"] for p in two} == {p["status"]["podIP"] for p in two} and len(
         {p["status"]["podIP"] for p in two}) == 2
@@ -195,8 +208,7 @@ def test_a_deployment_runs_as_pods_that_fetch_their_files_serve_addons_and_are_r
     fixtures.wait_deployment(client, dep_id, lambda d: d.state == "READY" and d.replica_count == 2, "READY at 2")
 
     # A hard delete leaves no pod.
-    client.deployments.delete(dep_id, hard=True, ignore_checks=True)
-    wait(lambda: not pods(kube, dep_name), "every pod gone", 60)
+    hard_delete(client, kube, dep_id, dep_name)
 
 
 def test_merged_mode_merges_the_addon_into_the_pod(gateway, client, kube, uid):
@@ -206,12 +218,7 @@ def test_merged_mode_merges_the_addon_into_the_pod(gateway, client, kube, uid):
     client.deployments.create(base_model=base, deployment_id=dep_id, min_replica_count=1, max_replica_count=1,
                               enable_hot_reload_latest_addon=True)
     fixtures.wait_deployment(client, dep_id, lambda d: d.state == "READY", "READY", timeout=120)
-    addon_id = uid("kube-merge-lora")
-    client.models.create(model_id=addon_id, model={"kind": "HF_PEFT_ADDON", "peftDetails": {"baseModel": base}})
-    fixtures.upload_model_files(client, addon_id, {f: (LORA / "all_linear" / f).read_bytes()
-                                                  for f in ("adapter_config.json", "adapter_model.safetensors")})
-    client.models.validate_upload(addon_id)
-    addon = f"accounts/{gateway.account}/models/{addon_id}"
+    addon = upload_addon(client, base, uid("kube-merge-lora"), "all_linear")
     dm = client.lora.load(model=addon, deployment=dep_name, replace_merged_addon=True)
     wait(lambda: client.lora.get(dm.name.rsplit("/", 1)[1]).state == "DEPLOYED", "merged addon DEPLOYED", 60)
     [pod] = ready_pods(kube, dep_name)
@@ -221,8 +228,7 @@ def test_merged_mode_merges_the_addon_into_the_pod(gateway, client, kube, uid):
     assert listed["merged"]["name"] == addon and listed["adapters"] == [], listed
     oa = OpenAI(api_key=gateway.api_key, base_url=f"{gateway.base_url}/inference/v1", max_retries=0)
     assert oa.completions.create(model=addon, prompt="Hi", max_tokens=3, temperature=0).usage.completion_tokens == 3
-    client.deployments.delete(dep_id, hard=True, ignore_checks=True)
-    wait(lambda: not pods(kube, dep_name), "every pod gone", 60)
+    hard_delete(client, kube, dep_id, dep_name)
 
 
 def test_a_hot_loaded_version_reaches_every_pod_and_new_pods_start_on_it(gateway, client, kube, uid, versions):
@@ -253,15 +259,14 @@ def test_a_hot_loaded_version_reaches_every_pod_and_new_pods_start_on_it(gateway
     assert [p["metadata"]["name"] for p in ready_pods(kube, dep_name)] == [first["metadata"]["name"]], "swapped in place"
     # A pod started now starts on v2, fetched through its version manifest.
     client.deployments.update(dep_id, base_model=base, min_replica_count=2, max_replica_count=2)
-    two = wait(lambda: (lambda r: r if len(r) == 2 else None)(ready_pods(kube, dep_name)), "two ready pods", 120)
+    two = wait_ready_pods(kube, dep_name, 2)
     new = next(p for p in two if p["metadata"]["name"] != first["metadata"]["name"])
     args = new["spec"]["containers"][0]["args"]
     assert "/replica-versions/" in args[args.index("--model") + 1] and args[args.index("--model-version") + 1] == "v2"
     fixtures.wait_deployment(client, dep_id, lambda d: d.state == "READY" and d.active_model_version == "v2",
                              "READY on v2 with two pods", 60)
     assert {answer() for _ in range(4)} == {v2}
-    client.deployments.delete(dep_id, hard=True, ignore_checks=True)
-    wait(lambda: not pods(kube, dep_name), "every pod gone", 60)
+    hard_delete(client, kube, dep_id, dep_name)
 
 
 def test_a_rolling_update_under_load_fails_no_request(gateway, client, kube, uid):
@@ -301,8 +306,7 @@ def test_a_rolling_update_under_load_fails_no_request(gateway, client, kube, uid
     errors = [r for r in results if r[0] == "error"]
     assert not errors and len(results) > 10, (len(results), errors[:3])
     assert len({text for _, text in results}) == 1, "every answer the same model's"
-    client.deployments.delete(dep_id, hard=True, ignore_checks=True)
-    wait(lambda: not pods(kube, dep_name), "every pod gone", 60)
+    hard_delete(client, kube, dep_id, dep_name)
 
 
 def test_a_model_that_cannot_load_fails_its_deployment_with_the_engines_reason(gateway, client, kube, uid):
@@ -317,8 +321,7 @@ def test_a_model_that_cannot_load_fails_its_deployment_with_the_engines_reason(g
                               min_replica_count=1, max_replica_count=1)
     d = fixtures.wait_deployment(client, dep_id, lambda d: d.state == "FAILED", "FAILED", timeout=120)
     assert "engine exited" in d.status.message and "model.safetensors" in d.status.message, d.status
-    client.deployments.delete(dep_id, hard=True, ignore_checks=True)
-    wait(lambda: not pods(kube, f"accounts/{gateway.account}/deployments/{dep_id}"), "every pod gone", 60)
+    hard_delete(client, kube, dep_id, f"accounts/{gateway.account}/deployments/{dep_id}")
 
 
 def test_accelerators_become_gpu_resources_on_the_nodes_of_their_type(gateway, client, kube, uid):
@@ -337,8 +340,7 @@ def test_accelerators_become_gpu_resources_on_the_nodes_of_their_type(gateway, c
     client.deployments.update(dep_id, base_model=base, accelerator_count=1)
     wait(lambda: [p for p in pods(kube, dep_name) if not p["metadata"].get("deletionTimestamp")
                   and p["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"], "a pod with 1 GPU")
-    client.deployments.delete(dep_id, hard=True, ignore_checks=True)
-    wait(lambda: not pods(kube, dep_name), "every pod gone", 60)
+    hard_delete(client, kube, dep_id, dep_name)
 
 
 def test_the_manifest_route_refuses_unsigned_and_altered_urls(gateway, client, uid):

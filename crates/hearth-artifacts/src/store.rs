@@ -661,7 +661,9 @@ impl ArtifactStore {
             )));
         }
         let mut out = Vec::new();
-        for (file, size) in self.list(account, model).await? {
+        // Sealed here, the directory holds every file (`local_dir` saw to it): no need to ask
+        // the mirror again.
+        for (file, size) in self.list_local(account, model).await? {
             let kept = dir.join(format!(".{file}.sha256"));
             let known = tokio::fs::read_to_string(&kept).await.ok().and_then(|t| {
                 let (hex, len) = t.trim().split_once(' ')?;
