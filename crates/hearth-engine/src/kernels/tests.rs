@@ -306,3 +306,85 @@ fn activation_quantizers_agree() {
     assert_eq!(want.q[0], i32::from_le_bytes([127, 0, 2, (-2i8) as u8]));
     assert_eq!(want.q[1] & 0xFFFF, i32::from(u16::from_le_bytes([0, 4])));
 }
+
+/// `matmul_lora` (the product and the LoRA step at once, on different threads) gives what the
+/// product followed by `lora::apply` gives: up to float rounding in the rows with an adapter
+/// (the delta is added after it is summed, not into the product's outputs), exactly in the
+/// rows without; whatever the scratch held before, with one thread or several, for decode
+/// batches and prefill chunks (100 tokens: two token chunks).
+#[test]
+fn the_product_with_lora_matches_the_product_then_the_lora_step() {
+    use super::lora::{apply_with, Group, LoraMatrix, LoraPair};
+    let mut rng = StdRng::seed_from_u64(21);
+    for &(rows, cols) in &[(1536, 576), (192, 576)] {
+        let q = qtensor(random_weights(&mut rng, rows, cols), rows, cols, GgmlDType::Q4_1);
+        let m = QMatrix::from_qtensor(&q).unwrap().expect("Q4_1 is handled");
+        let pairs: Vec<LoraPair> = (0..4)
+            .map(|i| {
+                let rank = [16, 8, 3, 16][i];
+                let a: Vec<f32> = (0..rank * cols).map(|_| normal(&mut rng) * 0.05).collect();
+                let b: Vec<f32> = (0..rows * rank).map(|_| normal(&mut rng) * 0.05).collect();
+                LoraPair::new(&LoraMatrix::F32(a), &LoraMatrix::F32(b), rank, cols, rows, 2.0)
+            })
+            .collect();
+        for &tokens in &[1usize, 5, 32, 100] {
+            let x = random_acts(&mut rng, tokens, cols);
+            // Row 0 base, then runs on adapters 0, 1 (long), 2 and 3, the last row base.
+            let cut = |f: f64| ((tokens as f64 * f) as usize).clamp(1, tokens);
+            let bounds = [1, cut(0.2), cut(0.7), cut(0.8), tokens.saturating_sub(1).max(1)];
+            let groups: Vec<Group<'_>> = (0..4)
+                .filter(|&i| bounds[i] < bounds[i + 1])
+                .map(|i| Group { rows: bounds[i]..bounds[i + 1], pair: &pairs[i] })
+                .collect();
+            for kernel in Kernel::available() {
+                let mut want = vec![0f32; tokens * rows];
+                m.matmul_with(kernel, &x, tokens, &mut want);
+                let base = want.clone();
+                apply_with(kernel, &mut want, &x, cols, rows, &groups);
+                for threads in [1, 3] {
+                    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                    let mut got = vec![f32::NAN; tokens * rows];
+                    let mut delta = vec![f32::NAN; 7];
+                    pool.install(|| m.matmul_lora_with(kernel, &x, tokens, &mut got, &groups, &mut delta));
+                    let case = format!("[{rows}, {cols}] × {tokens} tokens, {kernel:?}, {threads} threads");
+                    for t in 0..tokens {
+                        let in_group = groups.iter().any(|g| g.rows.contains(&t));
+                        for o in 0..rows {
+                            let (g, w) = (got[t * rows + o], want[t * rows + o]);
+                            if in_group {
+                                assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "{case}: row {t} output {o}: {g} vs {w}");
+                            } else {
+                                assert_eq!(g.to_bits(), base[t * rows + o].to_bits(), "{case}: base row {t} output {o}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `share_two` runs every item of both lists exactly once, whichever thread takes it.
+#[test]
+fn share_two_runs_every_item_once() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    for threads in [1, 2, 4] {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let counts: Vec<AtomicUsize> = (0..300).map(|_| AtomicUsize::new(0)).collect();
+        pool.install(|| {
+            super::share_two(
+                (0..100).collect(),
+                (100..300).collect(),
+                threads,
+                |i: usize| {
+                    counts[i].fetch_add(1, Ordering::Relaxed);
+                },
+                |i: usize, seen: &mut Vec<usize>| {
+                    seen.push(i);
+                    counts[i].fetch_add(1, Ordering::Relaxed);
+                },
+            )
+        });
+        assert!(counts.iter().all(|c| c.load(Ordering::Relaxed) == 1), "{threads} threads");
+    }
+}

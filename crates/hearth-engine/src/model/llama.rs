@@ -12,7 +12,7 @@ use super::kv::{HostKv, KvCache, KvDtype};
 use super::weights::{Checkpoint, Embedding, Linear, Precision};
 use crate::error::{EngineError, Result};
 use crate::kernels::attention::{attend, Heads, Rows};
-use crate::kernels::lora::{self as lora_kernel, Group};
+use crate::kernels::lora::Group;
 use crate::kernels::ops;
 use crate::lora::{LoraWeights, Target};
 
@@ -490,31 +490,27 @@ impl LlamaModel {
         let total = ids.len();
         let (hs, inter, eps) = (c.hidden_size, c.intermediate_size, c.rms_norm_eps as f32);
         let heads = Heads { nh: c.num_attention_heads, nkv: c.num_key_value_heads, hd: c.head_dim };
-        let (qw, kvw) = (heads.nh * heads.hd, heads.nkv * heads.hd);
-        // Each run of rows with an adapter gets its delta, in one kernel call per projection.
-        let lora = |y: &mut [f32], x: &[f32], layer: usize, target: Target, n_in: usize, n_out: usize| {
-            let groups: Vec<Group<'_>> = segments
+        let kvw = heads.nkv * heads.hd;
+        // Each run of rows with an adapter gets its delta, computed beside the projection's
+        // product (`Linear::forward_host_lora`); `delta` is the scratch both share.
+        let groups = |layer: usize, target: Target| -> Vec<Group<'_>> {
+            segments
                 .iter()
                 .filter_map(|s| {
                     let pair = s.adapter.and_then(|a| a.module(layer, target))?;
                     Some(Group { rows: s.start..s.start + s.len, pair })
                 })
-                .collect();
-            if !groups.is_empty() {
-                lora_kernel::apply(y, x, n_in, n_out, &groups);
-            }
+                .collect()
         };
+        let mut delta = Vec::new();
         let mut x: Vec<f32> = self.embed.lookup(&Tensor::new(ids, &Device::Cpu)?)?.flatten_all()?.to_vec1()?;
         let mut h = vec![0f32; total * hs];
         for (li, layer) in self.layers.iter().enumerate() {
             let (attn_norm, mlp_norm) = &host.norms[li];
             ops::rms_norm(&x, attn_norm, eps, &mut h);
-            let mut q = layer.q.forward_host(&h, total)?;
-            lora(&mut q, &h, li, Target::Q, hs, qw);
-            let mut k = layer.k.forward_host(&h, total)?;
-            lora(&mut k, &h, li, Target::K, hs, kvw);
-            let mut v = layer.v.forward_host(&h, total)?;
-            lora(&mut v, &h, li, Target::V, hs, kvw);
+            let mut q = layer.q.forward_host_lora(&h, total, &groups(li, Target::Q), &mut delta)?;
+            let mut k = layer.k.forward_host_lora(&h, total, &groups(li, Target::K), &mut delta)?;
+            let v = layer.v.forward_host_lora(&h, total, &groups(li, Target::V), &mut delta)?;
             ops::rope(&mut q, heads.nh, heads.hd, positions, &host.cos, &host.sin, self.rope_interleaved);
             ops::rope(&mut k, heads.nkv, heads.hd, positions, &host.cos, &host.sin, self.rope_interleaved);
 
@@ -528,17 +524,13 @@ impl LlamaModel {
             }
             let attn = attend_caches(seqs, li, &q, total, heads)?;
 
-            let mut o = layer.o.forward_host(&attn, total)?;
-            lora(&mut o, &attn, li, Target::O, qw, hs);
+            let o = layer.o.forward_host_lora(&attn, total, &groups(li, Target::O), &mut delta)?;
             ops::add_assign(&mut x, &o, hs);
             ops::rms_norm(&x, mlp_norm, eps, &mut h);
-            let mut gate = layer.gate.forward_host(&h, total)?;
-            lora(&mut gate, &h, li, Target::Gate, hs, inter);
-            let mut up = layer.up.forward_host(&h, total)?;
-            lora(&mut up, &h, li, Target::Up, hs, inter);
+            let mut gate = layer.gate.forward_host_lora(&h, total, &groups(li, Target::Gate), &mut delta)?;
+            let up = layer.up.forward_host_lora(&h, total, &groups(li, Target::Up), &mut delta)?;
             ops::silu_mul(&mut gate, &up, inter);
-            let mut down = layer.down.forward_host(&gate, total)?;
-            lora(&mut down, &gate, li, Target::Down, inter, hs);
+            let down = layer.down.forward_host_lora(&gate, total, &groups(li, Target::Down), &mut delta)?;
             ops::add_assign(&mut x, &down, hs);
         }
         if rows.is_empty() {

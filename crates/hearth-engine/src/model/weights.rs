@@ -8,7 +8,7 @@ use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{EngineError, Result};
-use crate::kernels::QMatrix;
+use crate::kernels::{lora, QMatrix};
 
 /// The precision weights are served in. `Native` keeps the checkpoint's own: quantized GGUF
 /// stays quantized, safetensors keep their dtype.
@@ -122,6 +122,39 @@ impl Linear {
                 y.flatten_all()?.to_vec1::<f32>()?
             }
         };
+        if let Some(b) = &self.bias {
+            crate::kernels::ops::add_bias(&mut y, &b.to_vec1::<f32>()?);
+        }
+        Ok(y)
+    }
+
+    /// `forward_host` with the LoRA deltas of `groups` (runs of rows, each with an adapter's
+    /// pair for this projection) added. hearth's kernels compute the two together (see
+    /// `QMatrix::matmul_lora`; `delta` is its scratch, kept by the caller between calls);
+    /// other weights get the deltas added after the product.
+    pub fn forward_host_lora(
+        &self,
+        x: &[f32],
+        tokens: usize,
+        groups: &[lora::Group<'_>],
+        delta: &mut Vec<f32>,
+    ) -> Result<Vec<f32>> {
+        let (Weight::Fast(m), false) = (&self.weight, groups.is_empty()) else {
+            let mut y = self.forward_host(x, tokens)?;
+            if !groups.is_empty() {
+                lora::apply(&mut y, x, self.in_features, self.out_features, groups);
+            }
+            return Ok(y);
+        };
+        if x.len() != tokens * self.in_features {
+            return Err(EngineError::Internal(format!(
+                "linear: {} inputs for {tokens} tokens of {}",
+                x.len(),
+                self.in_features
+            )));
+        }
+        let mut y = vec![0f32; tokens * m.rows()];
+        m.matmul_lora(x, tokens, &mut y, groups, delta);
         if let Some(b) = &self.bias {
             crate::kernels::ops::add_bias(&mut y, &b.to_vec1::<f32>()?);
         }
