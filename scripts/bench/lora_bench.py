@@ -10,7 +10,9 @@ Server handling, prompts and load accounting come from engine_vs_llamacpp.py bes
 
 Every throughput row is aggregate decode: --streams clients released together, one request
 each (own 8-token random prompt, --tokens generated, ignore_eos, temperature 0);
-sum(completion_tokens) / (last response - release), the median of --repeats runs.
+sum(completion_tokens) / (last response - release), the median of --repeats runs. The runs of
+(a), (b) and (c), one server's rows, are taken in turn (a, b, c, a, b, c, ...), so that a drift
+in the machine's speed weighs on all three alike.
   (a) hearth, base model only.
   (b) hearth, every stream on the same adapter.
   (c) hearth, one distinct adapter per stream (--max-hot-loras = streams; all of them hot:
@@ -28,8 +30,9 @@ sum(completion_tokens) / (last response - release), the median of --repeats runs
   For (c), the bytes of adapter weights one decode step reads (every stream's adapter, all
   its matrices: streams x adapter size), the bandwidth they were read at (those bytes over
   the time a step of (c) takes beyond one of (a)), and the ceiling on (c)/(a) were they read
-  at the memory's speed: t(a) / (t(a) + bytes / bandwidth), the bandwidth measured by
-  examples/membw with --threads threads.
+  at the memory's speed after the base step's work: t(a) / (t(a) + bytes / bandwidth), the
+  bandwidth measured by examples/membw with --threads threads. hearth reads them on one
+  thread while another computes the base products, so (c) can pass that ceiling.
   (f) load latency of one adapter (as (c)'s) into a warm hearth engine: the time
       POST /v1/load_lora_adapter takes (it answers once the adapter is loaded), and that plus
       one request with max_tokens 1 naming it (its 8-token prefill, preparing the adapter for
@@ -493,21 +496,28 @@ def main():
 
     def measured(row, srv, fn):
         """fn() -> (median, samples, extra dict); retaken if other work was busy meanwhile."""
-        what = f"({row}) on {srv.label}"
+        measured_together([row], srv, lambda: {row: fn()})
+
+    def measured_together(rows, srv, fn):
+        """fn() -> {row: (median, samples, extra dict)}, the rows measured in one stretch (and
+        retaken together) on one server."""
+        what = f"({', '.join(rows)}) on {srv.label}"
         for attempt in range(1, MAX_ATTEMPTS + 1):
             deadline.check(what)
             quiet.wait(what, srv.proc.pid)
             log(f"measuring {what}")
             w = CpuWatch(srv.proc.pid)
             cpu0, t0 = proc_cpu_s(srv.proc.pid), time.monotonic()
-            med, samples, extra = fn()
+            got = fn()
             load = w.other()
             cpus = (proc_cpu_s(srv.proc.pid) - cpu0) / (time.monotonic() - t0)
             if attempt == MAX_ATTEMPTS or not quiet.retry(load, what):
                 break
-        res[row] = {"value": med, "samples": samples, "load": load, "cpus": cpus, "attempts": attempt,
-                    "heavy_beside": quiet.seen.get(what, []), **extra}
-        log(f"({row}) {med:,.1f} (samples {', '.join(f'{s:,.1f}' for s in samples)}), other load {load:.2f} CPUs")
+        for row in rows:
+            med, samples, extra = got[row]
+            res[row] = {"value": med, "samples": samples, "load": load, "cpus": cpus, "attempts": attempt,
+                        "heavy_beside": quiet.seen.get(what, []), **extra}
+            log(f"({row}) {med:,.1f} (samples {', '.join(f'{s:,.1f}' for s in samples)}), other load {load:.2f} CPUs")
 
     def throughput(srv, make_bodies):
         def fn():
@@ -516,6 +526,24 @@ def main():
                 rate, texts = streams_once(srv, make_bodies(r))
                 rates.append(rate)
             return statistics.median(rates), rates, {"texts": texts}
+        return fn
+
+    def interleaved(srv, bodies_by_row):
+        """Like throughput for several rows of one server, their runs taken in turn (a, b, c,
+        a, b, c, ...): the machine's speed drifts over minutes on a shared host, and rows
+        measured one after the other would carry that drift into their ratios."""
+        def fn():
+            rates = {row: [] for row in bodies_by_row}
+            texts = {row: [] for row in bodies_by_row}
+            for r in range(args.repeats):
+                for row, make_bodies in bodies_by_row.items():
+                    rate, got = streams_once(srv, make_bodies(r))
+                    rates[row].append(rate)
+                    texts[row].append(got)
+            # "texts": the last run's, as throughput keeps; "all_texts": every run's, in order.
+            return {row: (statistics.median(rates[row]), rates[row],
+                          {"texts": texts[row][-1], "all_texts": [t for run in texts[row] for t in run]})
+                    for row in rates}
         return fn
 
     prompts = lambda r: [prompt_ids(10_000 * (r + 1) + i, SHORT_PROMPT) for i in range(n)]  # noqa: E731
@@ -531,17 +559,19 @@ def main():
             try:
                 started(srv)
                 request(srv.port, body(srv, prompt_ids(7, SHORT_PROMPT), 8))
+                abc = {}
                 if "a" in rows_wanted:
-                    measured("a", srv, throughput(srv, lambda r: [body(srv, p, args.tokens) for p in prompts(r)]))
+                    abc["a"] = lambda r: [body(srv, p, args.tokens) for p in prompts(r)]
                 if "b" in rows_wanted:
                     request(srv.port, body(srv, prompt_ids(7, SHORT_PROMPT), 8, model=adapters[0][0]))
-                    measured("b", srv, throughput(
-                        srv, lambda r: [body(srv, p, args.tokens, model=adapters[0][0]) for p in prompts(r)]))
+                    abc["b"] = lambda r: [body(srv, p, args.tokens, model=adapters[0][0]) for p in prompts(r)]
                 if "c" in rows_wanted:
                     # Warm: every adapter hot, as in steady serving with --max-hot-loras = streams.
                     streams_once(srv, [body(srv, prompt_ids(7, SHORT_PROMPT), 2, model=a) for a, _ in adapters])
-                    measured("c", srv, throughput(
-                        srv, lambda r: [body(srv, p, args.tokens, model=adapters[i][0]) for i, p in enumerate(prompts(r))]))
+                    abc["c"] = lambda r: [body(srv, p, args.tokens, model=adapters[i][0]) for i, p in enumerate(prompts(r))]
+                if abc:
+                    measured_together(list(abc), srv, interleaved(srv, abc))
+                if "c" in rows_wanted:
                     res["c"]["hot"] = sum(a["hot"] for a in http_json(srv.port, "GET", "/v1/lora_adapters")["adapters"])
                 if "f" in rows_wanted:
                     def load_latency():
@@ -719,19 +749,30 @@ def report(args, res, pool_rank, pool_files, pool_targets):
         if bw:
             ceiling = ta / (ta + step_bytes / (bw * 1e9))
             line += (f" This machine streams {bw:.1f} GB/s from memory with {args.threads} threads "
-                     f"(examples/membw), so (c)/(a) cannot exceed {ceiling:.2f} here; measured "
-                     f"{v('c') / v('a'):.2f}, {v('c') / v('a') / ceiling:.0%} of that ceiling.")
+                     f"(examples/membw): read after the base step's work at that speed, the adapters would "
+                     f"hold (c)/(a) to {ceiling:.2f} here; measured {v('c') / v('a'):.2f} "
+                     f"({v('c') / v('a') / ceiling:.0%} of that), the reads overlapping the base products.")
         print(line)
     if "f" in res:
         f = res["f"]
         print(f"(f) samples, ms: load {', '.join(f'{x:.1f}' for x in f['samples'])}; "
               f"load + first token {', '.join(f'{x:.1f}' for x in f['first_token_samples'])}.")
-    texts = {k: res[k].get("texts") for k in ("a", "b", "c", "d", "e0", "e") if k in res}
+    # Rows measured in turn with (a) compare every run's texts, the others their last run's.
+    texts = {k: res[k].get("all_texts") if k in ("b", "c") and "all_texts" in res.get("a", {}) else res[k].get("texts")
+             for k in ("b", "c", "d", "e0", "e") if k in res}
+    if "a" in res:
+        texts["a"] = res["a"]["texts"]
+        texts["a*"] = res["a"].get("all_texts")
     checks = [f"({k}) {sum(x != y for x, y in zip(texts[k], texts[base]))} of {len(texts[k])}"
-              for k, base in (("b", "a"), ("c", "a"), ("d", "a"), ("e", "e0")) if k in texts and base in texts]
+              for k, base in (("b", "a*"), ("c", "a*"), ("d", "a"), ("e", "e0"))
+              if texts.get(k) and texts.get(base)]
     if checks:
         print(f"Streams whose text differs from the base model's on the same prompt (the adapters do change the "
-              f"output): {', '.join(checks)}.")
+              f"output; (b) and (c) over all their runs): {', '.join(checks)}.")
+    if v("a") and v("c") and len(res["a"]["samples"]) == len(res["c"]["samples"]):
+        paired = [c / a for a, c in zip(res["a"]["samples"], res["c"]["samples"])]
+        print(f"(c)/(a) run by run (each (c) run against the (a) run just before it): "
+              f"{', '.join(f'{x:.2f}' for x in paired)}.")
     print(f"Every throughput figure is the median of {args.repeats} runs. Other load: CPUs that other processes used "
           f"while the figure was measured (retaken, {MAX_ATTEMPTS} times at most, above {Quiet(0).threshold}); server "
           f"CPUs: what the server process itself kept busy.")
