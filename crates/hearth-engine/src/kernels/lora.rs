@@ -330,12 +330,7 @@ impl Ahead {
             }
         };
         let none = (std::ptr::null(), 0);
-        let spans = [
-            bytes(&p.a),
-            bytes(&p.b),
-            next.map_or(none, |n| bytes(&n.a)),
-            next.map_or(none, |n| bytes(&n.b)),
-        ];
+        let spans = [bytes(&p.a), bytes(&p.b), next.map_or(none, |n| bytes(&n.a)), next.map_or(none, |n| bytes(&n.b))];
         let mut ahead = Ahead { spans, span: 0, at: 0 };
         ahead.skip(PREFETCH_DISTANCE);
         ahead

@@ -352,9 +352,16 @@ fn the_product_with_lora_matches_the_product_then_the_lora_step() {
                         for o in 0..rows {
                             let (g, w) = (got[t * rows + o], want[t * rows + o]);
                             if in_group {
-                                assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "{case}: row {t} output {o}: {g} vs {w}");
+                                assert!(
+                                    (g - w).abs() <= 1e-5 * w.abs().max(1.0),
+                                    "{case}: row {t} output {o}: {g} vs {w}"
+                                );
                             } else {
-                                assert_eq!(g.to_bits(), base[t * rows + o].to_bits(), "{case}: base row {t} output {o}");
+                                assert_eq!(
+                                    g.to_bits(),
+                                    base[t * rows + o].to_bits(),
+                                    "{case}: base row {t} output {o}"
+                                );
                             }
                         }
                     }
