@@ -1,6 +1,8 @@
-//! The LoRA step of a mixed batch on the CPU. After a projection's base matmul has run once
-//! for every row of the step, each run of rows that shares an adapter gets that adapter's
-//! delta added in place: `y += scale · (x · Aᵀ) · B`.
+//! The LoRA step of a mixed batch on the CPU: each run of rows of the step that shares an
+//! adapter gets that adapter's delta, `y += scale · (x · Aᵀ) · B`. In a forward pass it runs
+//! beside the projection's base product (`QMatrix::matmul_lora`, which has these items write
+//! their deltas to scratch and adds them to the product's outputs); [`apply`] adds them in
+//! place to outputs already computed.
 //!
 //! Why a kernel of its own: the work is tiny in arithmetic (rank 16 on SmolLM2 is 5 M
 //! multiply-accumulates per token over all seven projections of every layer) but every
@@ -15,7 +17,8 @@
 //! Layout ([`LoraPair`]): A and B are packed at load into panels read front to back (the
 //! shrink takes four rows of A against each load of the input; the expand keeps eight outputs
 //! in a register through every rank). Rows of one run are taken a few at a time, so an
-//! adapter's weights, once loaded, serve them all from cache.
+//! adapter's weights, once loaded, serve them all from cache; the first row's pass prefetches
+//! ahead of itself into the next item's weights ([`Ahead`]).
 
 use std::ops::Range;
 
@@ -357,14 +360,16 @@ impl Ahead {
     /// The next line to prefetch, if any is left.
     #[inline]
     pub(super) fn line(&mut self) -> Option<*const u8> {
-        let (base, len) = *self.spans.get(self.span)?;
-        let line = base.wrapping_add(self.at);
-        self.at += 64;
-        if self.at >= len {
+        loop {
+            let (base, len) = *self.spans.get(self.span)?;
+            if self.at < len {
+                let line = base.wrapping_add(self.at);
+                self.at += 64;
+                return Some(line);
+            }
             self.span += 1;
             self.at = 0;
         }
-        Some(line)
     }
 }
 
@@ -644,6 +649,40 @@ mod tests {
                     assert_eq!(&y[17 * n_out..], &y0[17 * n_out..]);
                 }
             }
+        }
+    }
+
+    /// The prefetch cursor starts [`PREFETCH_DISTANCE`] into the item's bytes, walks the rest
+    /// of its A and B and then the next item's, a line at a time, and names nothing else.
+    #[test]
+    fn the_prefetch_cursor_walks_this_item_then_the_next() {
+        let mut rng = Lcg(5);
+        let (p, q) = (pair(&mut rng, 16, 576, 1536, 1), pair(&mut rng, 8, 576, 192, 0));
+        let span = |m: &LoraMatrix| match m {
+            LoraMatrix::F32(v) => (v.as_ptr() as usize, v.len() * 4),
+            LoraMatrix::F16(v) => (v.as_ptr() as usize, v.len() * 2),
+            LoraMatrix::BF16(v) => (v.as_ptr() as usize, v.len() * 2),
+        };
+        for next in [None, Some(&q)] {
+            let mut spans = vec![span(&p.a), span(&p.b)];
+            if let Some(n) = next {
+                spans.extend([span(&n.a), span(&n.b)]);
+            }
+            // The lines expected: every 64th byte of the spans in turn, the first
+            // PREFETCH_DISTANCE bytes skipped.
+            let mut want = Vec::new();
+            let mut skip = PREFETCH_DISTANCE;
+            for &(base, len) in &spans {
+                let first = skip.min(len);
+                skip -= first;
+                want.extend((first..len).step_by(64).map(|at| base + at));
+            }
+            let mut ahead = Ahead::new(&p, next);
+            let got: Vec<usize> = std::iter::from_fn(|| ahead.line()).map(|l| l as usize).collect();
+            assert_eq!(got, want);
+            let mut stopped = Ahead::new(&p, next);
+            stopped.stop();
+            assert!(stopped.line().is_none());
         }
     }
 

@@ -441,8 +441,9 @@ impl QMatrix {
     /// bandwidth. Here this thread starts on the product and the helpers on the LoRA items,
     /// each turning to the other list when its own runs out ([`share_two`]): one thread reads
     /// adapters at the rate one thread can, while the other computes, and one parallel section
-    /// replaces two. The deltas go to `delta` (scratch the caller keeps between calls, so it
-    /// is neither allocated nor cleared each time) and are added once both are done.
+    /// replaces two. The LoRA items write their deltas to `delta` (scratch the caller keeps
+    /// between calls, so it is neither allocated nor cleared each time), and [`Deltas`] adds
+    /// them to the product's outputs once all are known.
     ///
     /// Panics as `matmul` and `lora::apply` do.
     pub fn matmul_lora(
@@ -661,11 +662,11 @@ impl EagerJob {
 /// The LoRA deltas of one `QMatrix::matmul_lora` call, gathered as its LoRA items finish, and
 /// the product items that finished before all of them had.
 ///
-/// A product item adds the deltas of its rows and columns as soon as it is done, while its
-/// outputs are still in this core's cache, if every LoRA item has finished by then (the
-/// helpers take the LoRA items first, so most product items find them done); the others wait
-/// here and get theirs at the end. A separate pass over every output adding the deltas cost
-/// about 1 ms of a 36 ms decode step with 32 adapters.
+/// A product item that finishes after the last LoRA item adds the deltas of its rows and
+/// columns at once, while its outputs are still in this core's cache. The ones that finished
+/// earlier wait here: the thread that finishes the last LoRA item adds theirs while the others
+/// go on with the product, and the caller adds those of any item that queued itself just
+/// after that. So no thread makes a separate pass over every output once the section is over.
 struct Deltas<'a> {
     items: usize,
     tokens: usize,
