@@ -65,6 +65,8 @@ pub struct Modules {
 }
 
 impl Modules {
+    /// `Target::ALL` lists the targets in declaration order, so `target as usize` is its
+    /// index there, which `iter` maps back (a test pins it).
     fn slot(layer: usize, target: Target) -> usize {
         layer * Target::ALL.len() + target as usize
     }
@@ -293,4 +295,35 @@ pub fn load_peft(
 
 fn hex_prefix(bytes: &[u8]) -> String {
     bytes.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A module stored under every (layer, target) is found there again, and `iter` names each
+    /// by the layer and target it was stored under (what `Modules::slot` relies on).
+    #[test]
+    fn modules_are_found_by_layer_and_target() {
+        let pair = |n: usize| {
+            let m = LoraMatrix::F32(vec![n as f32; 4 * 8]);
+            LoraPair::new(&m, &LoraMatrix::F32(vec![0.0; 8 * 4]), 4, 8, 8, n as f32)
+        };
+        let mut modules = Modules::default();
+        let mut stored = Vec::new();
+        for layer in [0, 2] {
+            for (i, &target) in Target::ALL.iter().enumerate() {
+                let n = layer * 10 + i;
+                modules.insert(layer, target, pair(n));
+                stored.push((layer, target, n as f32));
+            }
+        }
+        assert_eq!(modules.len(), 14);
+        assert!(modules.get(1, Target::Q).is_none() && modules.get(3, Target::Q).is_none());
+        for &(layer, target, scale) in &stored {
+            assert_eq!(modules.get(layer, target).map(|p| p.scale), Some(scale), "{layer} {target:?}");
+        }
+        let listed: Vec<(usize, Target, f32)> = modules.iter().map(|(l, t, p)| (l, t, p.scale)).collect();
+        assert_eq!(listed, stored);
+    }
 }

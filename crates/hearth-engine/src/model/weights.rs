@@ -98,13 +98,7 @@ impl Linear {
     /// `x` is `[tokens, in]` in f32 on the host; the result is `[tokens, out]`. hearth's
     /// kernels read and write the buffers directly; other weights go through a tensor.
     pub fn forward_host(&self, x: &[f32], tokens: usize) -> Result<Vec<f32>> {
-        if x.len() != tokens * self.in_features {
-            return Err(EngineError::Internal(format!(
-                "linear: {} inputs for {tokens} tokens of {}",
-                x.len(),
-                self.in_features
-            )));
-        }
+        self.check_input(x, tokens)?;
         let mut y = match &self.weight {
             Weight::Fast(m) => {
                 let mut out = vec![0f32; tokens * m.rows()];
@@ -146,6 +140,17 @@ impl Linear {
             }
             return Ok(y);
         };
+        self.check_input(x, tokens)?;
+        let mut y = vec![0f32; tokens * m.rows()];
+        m.matmul_lora(x, tokens, &mut y, groups, delta);
+        if let Some(b) = &self.bias {
+            crate::kernels::ops::add_bias(&mut y, &b.to_vec1::<f32>()?);
+        }
+        Ok(y)
+    }
+
+    /// That `x` holds `tokens` rows of this projection's inputs.
+    fn check_input(&self, x: &[f32], tokens: usize) -> Result<()> {
         if x.len() != tokens * self.in_features {
             return Err(EngineError::Internal(format!(
                 "linear: {} inputs for {tokens} tokens of {}",
@@ -153,12 +158,7 @@ impl Linear {
                 self.in_features
             )));
         }
-        let mut y = vec![0f32; tokens * m.rows()];
-        m.matmul_lora(x, tokens, &mut y, groups, delta);
-        if let Some(b) = &self.bias {
-            crate::kernels::ops::add_bias(&mut y, &b.to_vec1::<f32>()?);
-        }
-        Ok(y)
+        Ok(())
     }
 
     /// Whether the weight is a dense f32 matrix.
